@@ -1,0 +1,286 @@
+"""GPTConfig: the architecture as data, the GPT-1/2/3 size presets, and parameter and FLOP counts.
+
+Every difference between GPT-1, GPT-2 and GPT-3 is a field here; the model never branches on a
+model name. The presets come from one table each, citing the paper they come from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional, Sequence
+
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+ATTENTION_KINDS = ("dense", "local")
+ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
+REMAT_POLICIES = ("none", "full", "dots")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the value and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The architecture of a GPT decoder.
+
+    Attributes:
+      vocab_size: number of token embeddings (rows of `wte`).
+      n_ctx: context length, the number of learned positions (rows of `wpe`).
+      n_layer: number of transformer blocks.
+      n_head: attention heads per block.
+      n_embd: model width C.
+      head_dim: width of one head; None means n_embd // n_head (then n_embd must divide).
+      n_inner: MLP hidden width; None means 4 * n_embd.
+      norm_position: 'post' (GPT-1: x = LN(x + f(x))) or 'pre' (GPT-2/3: x = x + f(LN(x))).
+      final_norm: a last LayerNorm `ln_f` before the output head (GPT-2/3: True; GPT-1: False).
+      layer_norm_epsilon: LayerNorm epsilon (1e-5 in the released GPT-1/GPT-2 code).
+      activation: MLP nonlinearity; 'gelu_tanh' is the tanh approximation the originals used.
+      embd_pdrop, attn_pdrop, resid_pdrop: dropout after the embedding sum, on attention
+        probabilities, and on each residual branch.
+      use_bias: biases in the dense layers (all GPTs: True).
+      tie_embeddings: output head shares `wte` (all GPTs: True).
+      init_std: standard deviation of the normal initialiser (0.02 in GPT-1/2).
+      scale_resid_init: scale the init of residual projections (`attn.c_proj`, `mlp.c_proj`) by
+        1/sqrt(2 * n_layer), as GPT-2 section 2.3 describes.
+      attention_pattern: per-layer kinds, cycled over the layers: 'dense' (causal over the whole
+        context) or 'local' (causal and banded: a query attends to the `local_window` most recent
+        positions, itself included). GPT-3 alternates ('dense', 'local').
+      local_window: band width of 'local' layers.
+      attention_impl: which attention kernel computes attention (see gptjax.attention).
+      dtype: compute dtype of activations and matmuls.
+      param_dtype: storage dtype of parameters (fp32 master weights under bf16 compute).
+      scan_layers: build the blocks with `nn.scan` (one compiled block, stacked parameters).
+      remat: rematerialisation policy of each block: 'none', 'full' or 'dots' (save matmul outputs).
+    """
+
+    vocab_size: int = 50257
+    n_ctx: int = 1024
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    head_dim: Optional[int] = None
+    n_inner: Optional[int] = None
+    norm_position: str = "pre"
+    final_norm: bool = True
+    layer_norm_epsilon: float = 1e-5
+    activation: str = "gelu_tanh"
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    resid_pdrop: float = 0.1
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    scale_resid_init: bool = True
+    attention_pattern: tuple = ("dense",)
+    local_window: int = 256
+    attention_impl: str = "xla"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    scan_layers: bool = False
+    remat: str = "none"
+
+    def __post_init__(self):
+        # Lists from configs/JSON become tuples so the config stays hashable (a jit static arg).
+        if not isinstance(self.attention_pattern, tuple):
+            object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raises ConfigError (one line, naming the value) for impossible combinations."""
+        for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}={v!r}: must be a positive integer")
+        if self.head_dim is None:
+            if self.n_embd % self.n_head:
+                raise ConfigError(
+                    f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                    "choose n_embd as a multiple of n_head or set head_dim explicitly")
+        elif not isinstance(self.head_dim, int) or self.head_dim < 1:
+            raise ConfigError(f"head_dim={self.head_dim!r}: must be a positive integer or None")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ConfigError(f"n_inner={self.n_inner!r}: must be a positive integer or None")
+        _check_choice("norm_position", self.norm_position, NORM_POSITIONS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        _check_choice("remat", self.remat, REMAT_POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("param_dtype", self.param_dtype, DTYPES)
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            p = getattr(self, name)
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"{name}={p!r}: dropout rate must be in [0, 1)")
+        if not self.attention_pattern:
+            raise ConfigError("attention_pattern=(): give at least one of 'dense', 'local'")
+        for kind in self.attention_pattern:
+            _check_choice("attention_pattern entry", kind, ATTENTION_KINDS)
+        if "local" in self.attention_pattern and self.local_window < 1:
+            raise ConfigError(f"local_window={self.local_window!r}: must be a positive integer")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError(f"layer_norm_epsilon={self.layer_norm_epsilon!r}: must be > 0")
+        if not self.init_std > 0:
+            raise ConfigError(f"init_std={self.init_std!r}: must be > 0")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def d_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def d_attn(self) -> int:
+        """Total width of the attention projections, n_head * d_head."""
+        return self.n_head * self.d_head
+
+    @property
+    def d_mlp(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def layer_kinds(self) -> tuple:
+        """The attention kind of every layer: `attention_pattern` cycled over n_layer."""
+        p = self.attention_pattern
+        return tuple(p[i % len(p)] for i in range(self.n_layer))
+
+    def layer_windows(self) -> tuple:
+        """Per-layer attention band: `local_window` for local layers, n_ctx (everything) for dense."""
+        return tuple(self.local_window if k == "local" else self.n_ctx for k in self.layer_kinds())
+
+    def replace(self, **changes: Any) -> "GPTConfig":
+        """A copy with some fields changed (validated). Unknown names raise ConfigError."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}; allowed: "
+                              f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["attention_pattern"] = list(self.attention_pattern)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown GPTConfig field(s) {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "GPTConfig":
+        """A published architecture by name (see PRESETS), with optional field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; allowed: {sorted(PRESETS)}")
+        fields = dict(PRESETS[name])
+        fields.update(overrides)
+        return cls(**fields)
+
+    # ------------------------------------------------------------------ counts
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Exact parameter count, from the abstract shapes of the model (nothing is allocated).
+
+        Args:
+          non_embedding: leave out the token and position embeddings (Kaplan et al.'s N). An untied
+            output head is counted as non-embedding, since it is a matmul per token.
+        """
+        from gptjax.model import abstract_params  # local import: config must not need flax
+
+        import jax
+        shapes = abstract_params(self)
+        total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
+        if non_embedding:
+            total -= (self.vocab_size + self.n_ctx) * self.n_embd
+        return int(total)
+
+    def flops_per_token(self, seq_len: Optional[int] = None, training: bool = True) -> float:
+        """Model FLOPs per token, the numerator of MFU.
+
+        Forward FLOPs per token are 2 * N_matmul + 4 * sum_l(d_attn * S_l): a multiply-add per
+        weight of every matmul (N_matmul = non-embedding weights plus the output projection
+        C x V, which is a matmul even when tied), and the two attention matmuls (QK^T and AV),
+        each d_attn * S_l multiply-adds, where S_l is the span a query attends to in layer l: T
+        for dense layers (the usual convention, as in PaLM's 6N + 12 L H Q T, which does not halve
+        for causality) and min(window, T) for banded layers. Training (forward + backward) is
+        3x the forward: 6 * N_matmul + 12 * sum_l(d_attn * S_l).
+
+        Args:
+          seq_len: sequence length T (defaults to n_ctx).
+          training: count forward and backward (x3) rather than forward only.
+        """
+        t = self.n_ctx if seq_len is None else seq_len
+        n_matmul = self.num_params(non_embedding=True)
+        if self.tie_embeddings:
+            n_matmul += self.n_embd * self.vocab_size
+        spans = [min(w, t) for w in self.layer_windows()]
+        fwd = 2 * n_matmul + 4 * self.d_attn * sum(spans)
+        return float(3 * fwd if training else fwd)
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: allowed values are {list(allowed)}")
+
+
+# ---------------------------------------------------------------------------- presets
+# GPT-1 (Radford et al. 2018, section 4.1): 12-layer decoder, 768 wide, 12 heads, 3072 MLP,
+# 512 positions, a 40,478-token BPE vocabulary; post-LN (the original transformer block) and no
+# final LayerNorm; GELU. The finetuning special tokens (start, delimiter, extract) are three
+# further embedding rows, so the preset's vocabulary is 40,478 + 3. No residual init scaling.
+_GPT1 = dict(vocab_size=40478 + 3, n_ctx=512, n_layer=12, n_head=12, n_embd=768,
+             norm_position="post", final_norm=False, scale_resid_init=False)
+
+# GPT-2 (Radford et al. 2019, Table 2; widths and heads from the released hparams.json):
+# pre-LN plus a final LayerNorm, 1024 positions, 50,257-token byte BPE.
+_GPT2 = dict(vocab_size=50257, n_ctx=1024, norm_position="pre", final_norm=True)
+
+# GPT-3 (Brown et al. 2020, Table 2.1): the GPT-2 block with 2048 positions and "alternating
+# dense and locally banded sparse attention patterns in the layers of the transformer, similar to
+# the Sparse Transformer". The paper gives no band width; we use 256, EleutherAI GPT-Neo's
+# `window_size` for its local layers (the open reproduction of GPT-3's alternating pattern).
+# Two rows of Table 2.1 do not multiply out: 1.3B lists 24 heads of 128 for d_model 2048 (we keep
+# d_head 128 and use 16 heads, which gives the listed 1.3B parameters), and 13B lists d_model 5140
+# with 40 heads of 128 (we use 5120 = 40 x 128).
+_GPT3 = dict(vocab_size=50257, n_ctx=2048, norm_position="pre", final_norm=True,
+             attention_pattern=("dense", "local"), local_window=256)
+
+PRESETS: dict = {
+    "gpt1": _GPT1,
+    "gpt2": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),           # 117M in the paper, 124M exact
+    "gpt2-medium": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),   # 345M (355M exact)
+    "gpt2-large": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),    # 762M (774M exact)
+    "gpt2-xl": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),       # 1542M (1558M exact)
+    "gpt3-small": dict(_GPT3, n_layer=12, n_head=12, n_embd=768),
+    "gpt3-medium": dict(_GPT3, n_layer=24, n_head=16, n_embd=1024),
+    "gpt3-large": dict(_GPT3, n_layer=24, n_head=16, n_embd=1536),
+    "gpt3-xl": dict(_GPT3, n_layer=24, n_head=16, n_embd=2048, head_dim=128),
+    "gpt3-2.7b": dict(_GPT3, n_layer=32, n_head=32, n_embd=2560),
+    "gpt3-6.7b": dict(_GPT3, n_layer=32, n_head=32, n_embd=4096),
+    "gpt3-13b": dict(_GPT3, n_layer=40, n_head=40, n_embd=5120),
+    "gpt3-175b": dict(_GPT3, n_layer=96, n_head=96, n_embd=12288),
+    # Tiny models for tests and CPU experiments.
+    "tiny": dict(vocab_size=256, n_ctx=64, n_layer=2, n_head=2, n_embd=32),
+    "tiny-gpt1": dict(_GPT1, vocab_size=256, n_ctx=64, n_layer=2, n_head=2, n_embd=32),
+    "tiny-gpt3": dict(_GPT3, vocab_size=256, n_ctx=64, n_layer=4, n_head=2, n_embd=32,
+                      local_window=8),
+}
+
+# Published sizes (parameters) the presets must reproduce; the test allows the published figure's
+# rounding (2%). GPT-2's paper lists 117M/345M/762M/1542M, counts that the released checkpoints do
+# not have; the counts here are those of the released checkpoints (124M/355M/774M/1558M).
+PUBLISHED_PARAMS: dict = {
+    "gpt1": 117e6,
+    "gpt2": 124.4e6,
+    "gpt2-medium": 355e6,
+    "gpt2-large": 774e6,
+    "gpt2-xl": 1558e6,
+    "gpt3-small": 125e6,
+    "gpt3-medium": 350e6,
+    "gpt3-large": 760e6,
+    "gpt3-xl": 1.3e9,
+    "gpt3-2.7b": 2.7e9,
+    "gpt3-6.7b": 6.7e9,
+    "gpt3-13b": 13.0e9,
+    "gpt3-175b": 175.0e9,
+}

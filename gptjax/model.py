@@ -1,0 +1,381 @@
+"""The GPT decoder as a functional linen module, with an explicit KV cache for decoding.
+
+Einsum letters and shape suffixes: B batch, T query length, S key length (cache slots),
+H heads, D head width, C model width (n_embd), F MLP width, V vocabulary, K the 3 of q/k/v,
+L layers.
+
+Parameter names follow Hugging Face GPT-2 (`wte`, `wpe`, `h_{i}.ln_1`, `h_{i}.attn.c_attn`,
+`h_{i}.attn.c_proj`, `h_{i}.ln_2`, `h_{i}.mlp.c_fc`, `h_{i}.mlp.c_proj`, `ln_f`), so conversion is
+a rename plus a reshape of the attention kernels, which are stored per head ([C, 3, H, D] and
+[H, D, C]) so that tensor parallelism can shard heads. Every parameter carries logical axis names
+(`vocab`, `embed`, `mlp`, `heads`, `head_dim`, `layers`); gptjax.sharding maps them to a mesh.
+
+With `scan_layers` the blocks are built by `nn.scan` over periods of `attention_pattern` (one
+period is one dense block for GPT-2, a dense and a local block for GPT-3), so every block keeps a
+static window; parameters are then `h.block_{j}` stacked over n_layer / period.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from gptjax.attention import attention
+from gptjax.config import ConfigError, GPTConfig
+
+Array = jax.Array
+Cache = dict
+
+
+def _normal(std: float, names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+
+
+def _zeros(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+def _ones(names: tuple):
+    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
+
+
+def _activation(name: str):
+    if name == "gelu_tanh":
+        return lambda x: jax.nn.gelu(x, approximate=True)
+    if name == "gelu":
+        return lambda x: jax.nn.gelu(x, approximate=False)
+    return jax.nn.relu
+
+
+class Linear(nn.Module):
+    """y = einsum(eq, x, kernel) + bias; a Conv1D-like layer with named, shaped parameters."""
+
+    eq: str
+    kernel_shape: tuple
+    kernel_axes: tuple
+    bias_shape: tuple
+    bias_axes: tuple
+    std: float
+    use_bias: bool
+    dtype: Any
+    param_dtype: Any
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape,
+                            self.param_dtype)
+        y = jnp.einsum(self.eq, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", _zeros(self.bias_axes), self.bias_shape, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
+    # flax computes the LayerNorm statistics in fp32 even for bf16 inputs.
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
+                        param_dtype=jnp.dtype(cfg.param_dtype), scale_init=_ones(("embed",)),
+                        bias_init=_zeros(("embed",)), name=name)
+
+
+def _resid_std(cfg: GPTConfig) -> float:
+    return cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scale_resid_init else cfg.init_std
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention over positions, optionally banded, optionally cached."""
+
+    config: GPTConfig
+    window: Optional[int]
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
+                 layer_cache: Optional[dict], cache_index: Optional[Array]):
+        cfg = self.config
+        C, H, D = cfg.n_embd, cfg.n_head, cfg.d_head
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        qkv_BxTxKxHxD = Linear("BTC,CKHD->BTKHD", (C, 3, H, D), ("embed", None, "heads", "head_dim"),
+                               (3, H, D), (None, "heads", "head_dim"), cfg.init_std, cfg.use_bias,
+                               dt, pdt, name="c_attn")(x_BxTxC)
+        q_BxTxHxD = qkv_BxTxKxHxD[:, :, 0]
+        k_BxTxHxD = qkv_BxTxKxHxD[:, :, 1]
+        v_BxTxHxD = qkv_BxTxKxHxD[:, :, 2]
+        q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
+
+        new_cache = None
+        if layer_cache is None:
+            k_BxSxHxD, v_BxSxHxD, k_pos_BxS = k_BxTxHxD, v_BxTxHxD, q_pos_BxT
+        else:
+            # Write this call's keys/values into slots [index, index + T) of the cache.
+            k_BxSxHxD = jax.lax.dynamic_update_slice(
+                layer_cache["k"], k_BxTxHxD.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
+            v_BxSxHxD = jax.lax.dynamic_update_slice(
+                layer_cache["v"], v_BxTxHxD.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_BxSxHxD, "v": v_BxSxHxD}
+            k_BxSxHxD, v_BxSxHxD = k_BxSxHxD.astype(dt), v_BxSxHxD.astype(dt)
+
+        dropout_rng = None
+        if not self.deterministic and cfg.attn_pdrop > 0.0:
+            dropout_rng = self.make_rng("dropout")
+        out_BxTxHxD = attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS,
+                                window=self.window, impl=cfg.attention_impl,
+                                dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng)
+        y_BxTxC = Linear("BTHD,HDC->BTC", (H, D, C), ("heads", "head_dim", "embed"), (C,),
+                         ("embed",), _resid_std(cfg), cfg.use_bias, dt, pdt,
+                         name="c_proj")(out_BxTxHxD)
+        y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
+        return y_BxTxC, new_cache
+
+
+class Mlp(nn.Module):
+    config: GPTConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxC: Array) -> Array:
+        cfg = self.config
+        C, F = cfg.n_embd, cfg.d_mlp
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        h_BxTxF = Linear("BTC,CF->BTF", (C, F), ("embed", "mlp"), (F,), ("mlp",), cfg.init_std,
+                         cfg.use_bias, dt, pdt, name="c_fc")(x_BxTxC)
+        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
+        h_BxTxF = _activation(cfg.activation)(h_BxTxF)
+        y_BxTxC = Linear("BTF,FC->BTC", (F, C), ("mlp", "embed"), (C,), ("embed",),
+                         _resid_std(cfg), cfg.use_bias, dt, pdt, name="c_proj")(h_BxTxF)
+        return nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+    """One transformer block: post-LN (GPT-1) or pre-LN (GPT-2/3), per config.norm_position."""
+
+    config: GPTConfig
+    window: Optional[int]
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
+                 layer_cache: Optional[dict], cache_index: Optional[Array]):
+        cfg = self.config
+        attn = CausalSelfAttention(cfg, self.window, self.deterministic, name="attn")
+        mlp = Mlp(cfg, self.deterministic, name="mlp")
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        if cfg.norm_position == "pre":
+            a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_index)
+            x_BxTxC = x_BxTxC + a
+            x_BxTxC = x_BxTxC + mlp(ln_2(x_BxTxC))
+        else:
+            a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_index)
+            x_BxTxC = ln_1(x_BxTxC + a)
+            x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
+        x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
+        return x_BxTxC, new_cache
+
+
+def _remat_policy(name: str):
+    if name == "dots":
+        return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+    return None  # 'full': save nothing, recompute the block in the backward pass
+
+
+class Period(nn.Module):
+    """One period of the attention pattern (len(attention_pattern) blocks); the unit of nn.scan."""
+
+    config: GPTConfig
+    deterministic: bool
+
+    @nn.compact
+    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_index):
+        cfg = self.config
+        block_cls = Block
+        if cfg.remat != "none":
+            block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False)
+        new_cache = {} if period_cache is not None else None
+        for j, kind in enumerate(cfg.attention_pattern):
+            window = cfg.local_window if kind == "local" else None
+            name = f"block_{j}"
+            c = None if period_cache is None else period_cache[name]
+            x_BxTxC, c = block_cls(cfg, window, self.deterministic, name=name)(
+                x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_index)
+            if new_cache is not None:
+                new_cache[name] = c
+        return x_BxTxC, new_cache
+
+
+class GPT(nn.Module):
+    """GPT-1/2/3 decoder.
+
+    `GPT(config).apply({'params': params}, tokens_BxT)` returns fp32 logits [B, T, V].
+
+    Call arguments:
+      tokens_BxT: int token ids.
+      positions_BxT: position of each token; defaults to 0..T-1 (or continuing the cache).
+        -1 marks padding: such tokens are never attended to.
+      deterministic: disable dropout (pass rngs={'dropout': key} when False).
+      cache: a KV cache from `init_cache`; the call then writes its keys/values at the cache's
+        index and returns (logits, new_cache).
+      return_hidden: also return the final hidden states [B, T, C] (after ln_f when it exists),
+        the features the GPT-1 task heads read.
+      inputs_embeds_BxTxC: token embeddings to use instead of looking up tokens_BxT (which may
+        then be None); positions are still added. Lets jax.grad reach the inputs (causality tests,
+        soft prompts).
+
+    Returns:
+      logits, or a tuple (logits, [hidden], [cache]) with the requested extras in that order.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
+                 deterministic: bool = True, cache: Optional[Cache] = None,
+                 return_hidden: bool = False, inputs_embeds_BxTxC: Optional[Array] = None):
+        cfg = self.config
+        B, T = (tokens_BxT if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC).shape[:2]
+        dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        cache_index = None if cache is None else cache["index"]
+        if positions_BxT is None:
+            start = 0 if cache is None else cache_index
+            positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
+        positions_BxT = positions_BxT.astype(jnp.int32)
+
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dt, param_dtype=pdt,
+                       embedding_init=_normal(cfg.init_std, ("vocab", "embed")), name="wte")
+        wpe = nn.Embed(cfg.n_ctx, cfg.n_embd, dtype=dt, param_dtype=pdt,
+                       embedding_init=_normal(cfg.init_std, ("position", "embed")), name="wpe")
+        tok_BxTxC = wte(tokens_BxT) if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC
+        x_BxTxC = tok_BxTxC.astype(dt) + wpe(jnp.maximum(positions_BxT, 0))
+        x_BxTxC = nn.Dropout(cfg.embd_pdrop)(x_BxTxC, deterministic=deterministic)
+        x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
+
+        if cache is None:
+            k_pos_BxS = positions_BxT
+            layers_cache = None
+        else:
+            k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache_index))
+            layers_cache = cache["layers"]
+
+        if cfg.scan_layers:
+            n_periods = cfg.n_layer // len(cfg.attention_pattern)
+            scanned = nn.scan(
+                Period, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            x_BxTxC, new_layers = scanned(cfg, deterministic, name="h")(
+                x_BxTxC, None if layers_cache is None else layers_cache["h"], positions_BxT,
+                k_pos_BxS, cache_index)
+            new_layers = None if layers_cache is None else {"h": new_layers}
+        else:
+            block_cls = Block
+            if cfg.remat != "none":
+                block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat))
+            new_layers = {} if layers_cache is not None else None
+            for i, window in enumerate(cfg.layer_windows()):
+                name = f"h_{i}"
+                c = None if layers_cache is None else layers_cache[name]
+                w = None if cfg.layer_kinds()[i] == "dense" else window
+                x_BxTxC, c = block_cls(cfg, w, deterministic, name=name)(
+                    x_BxTxC, positions_BxT, k_pos_BxS, c, cache_index)
+                if new_layers is not None:
+                    new_layers[name] = c
+
+        if cfg.final_norm:
+            x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
+
+        if cfg.tie_embeddings:
+            head_VxC = wte.embedding
+            logits_BxTxV = jnp.einsum("BTC,VC->BTV", x_BxTxC.astype(dt), head_VxC.astype(dt),
+                                      preferred_element_type=jnp.float32)
+        else:
+            head_CxV = self.param("lm_head", _normal(cfg.init_std, ("embed", "vocab")),
+                                  (cfg.n_embd, cfg.vocab_size), pdt)
+            logits_BxTxV = jnp.einsum("BTC,CV->BTV", x_BxTxC.astype(dt), head_CxV.astype(dt),
+                                      preferred_element_type=jnp.float32)
+        logits_BxTxV = logits_BxTxV.astype(jnp.float32)
+
+        out = [logits_BxTxV]
+        if return_hidden:
+            out.append(x_BxTxC)
+        if cache is not None:
+            out.append({"layers": new_layers, "pos": k_pos_BxS, "index": cache_index + T})
+        return out[0] if len(out) == 1 else tuple(out)
+
+
+# ---------------------------------------------------------------------------- functional helpers
+def check_scan_config(config: GPTConfig) -> None:
+    if config.scan_layers and config.n_layer % len(config.attention_pattern):
+        raise ConfigError(
+            f"n_layer={config.n_layer} is not a multiple of len(attention_pattern)="
+            f"{len(config.attention_pattern)}, which scan_layers=True requires")
+
+
+def init_boxed(config: GPTConfig, rng: Array) -> dict:
+    """Initialise parameters with their logical-axis metadata (nn.Partitioned boxes)."""
+    check_scan_config(config)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return GPT(config).init({"params": rng}, tokens)["params"]
+
+
+def init_params(config: GPTConfig, rng: Array) -> dict:
+    """Initialise a plain parameter pytree (no metadata boxes)."""
+    return nn.meta.unbox(init_boxed(config, rng))
+
+
+def abstract_params(config: GPTConfig, boxed: bool = False):
+    """Parameter shapes and dtypes (jax.ShapeDtypeStruct), computed without allocating."""
+    shapes = jax.eval_shape(lambda: init_boxed(config, jax.random.key(0)))
+    return shapes if boxed else nn.meta.unbox(shapes)
+
+
+def logical_axes(config: GPTConfig):
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None,
+               dtype: Any = None) -> Cache:
+    """An empty KV cache: keys/values per layer [B, S, H, D], slot positions [B, S] (-1 = empty).
+
+    Its layout mirrors the parameters: `{'h_0': {'k', 'v'}, ...}`, or `{'h': {'block_j': ...}}`
+    stacked over periods when scan_layers is on.
+    """
+    S = config.n_ctx if max_len is None else max_len
+    dtype = jnp.dtype(config.dtype if dtype is None else dtype)
+    shape = (batch_size, S, config.n_head, config.d_head)
+
+    def kv(lead=()):
+        return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}
+
+    if config.scan_layers:
+        check_scan_config(config)
+        n_periods = config.n_layer // len(config.attention_pattern)
+        layers = {"h": {f"block_{j}": kv((n_periods,))
+                        for j in range(len(config.attention_pattern))}}
+    else:
+        layers = {f"h_{i}": kv() for i in range(config.n_layer)}
+    return {"layers": layers, "pos": jnp.full((batch_size, S), -1, jnp.int32),
+            "index": jnp.zeros((), jnp.int32)}
+
+
+def stack_layers(config: GPTConfig, params: dict) -> dict:
+    """Per-layer parameters (`h_{i}`) to the scan layout (`h.block_{j}` stacked over periods)."""
+    P = len(config.attention_pattern)
+    out = {k: v for k, v in params.items() if not k.startswith("h_")}
+    out["h"] = {
+        f"block_{j}": jax.tree_util.tree_map(
+            lambda *xs: jnp.stack(xs), *[params[f"h_{i}"] for i in range(j, config.n_layer, P)])
+        for j in range(P)}
+    return out
+
+
+def unstack_layers(config: GPTConfig, params: dict) -> dict:
+    """The scan layout back to per-layer parameters `h_{i}`."""
+    P = len(config.attention_pattern)
+    out = {k: v for k, v in params.items() if k != "h"}
+    for i in range(config.n_layer):
+        out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i // P], params["h"][f"block_{i % P}"])
+    return out
