@@ -1,0 +1,384 @@
+"""Tests for gptjax.tokenizers: GPT-2 BPE parity with transformers, exact round trips, save/load."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import random
+import shutil
+import sysconfig
+
+import numpy as np
+import pytest
+
+from gptjax import tokenizers as tk
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("GPTJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+KINDS = ("char", "sentencepiece", "gpt2_bpe")
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared data {path} not found; set GPTJAX_SHARED_DATA to the data folder")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# Deterministic varied text.
+# ------------------------------------------------------------------------------------------------
+
+FRAGMENTS = [
+    # words, case, contractions (GPT-2's regex splits 's 't 're 've 'm 'll 'd, lower case only)
+    "Hello", "world", "HELLO", "it's", "we're", "they've", "I'm", "you'll", "she'd", "don't",
+    "IT'S", "rock'n'roll", "'s", "o'clock",
+    # accents, other scripts, right-to-left, combining marks
+    "café", "naïve", "Ångström", "Straße", "e\u0301", "日本語のテキスト", "中文", "한국어",
+    "Привет", "Ελληνικά", "שלום", "مرحبا بالعالم", "हिन्दी", "ไทย",
+    # emoji, with skin tones, ZWJ sequences, flags, variation selectors
+    "😀", "👍🏽", "👨‍👩‍👧‍👦", "🏳️‍🌈", "🇯🇵", "❤️", "🧑🏾‍💻",
+    # digits and numbers
+    "0", "42", "3.14159", "1,000,000", "2024-01-31", "0x1F600", "١٢٣",
+    # punctuation and symbols
+    "!", "?!", "...", "—", "«»", "“quoted”", "(a)", "{}", "[]", "==", "->", "&&", "#", "@user",
+    "$5", "100%", "\\", "~/.bashrc",
+    # code
+    "def f(x):\n    return x ** 2\n", "if (a && b) { c++; }", "\tindented\twith\ttabs",
+    "class A:\n\n    pass\n", "x = [i for i in range(10)]  # comment", "print('hi')",
+    "    \n", "<html><body>", 'json = {"key": [1, 2]}',
+    # unusual whitespace
+    "\u00a0", "\u3000", "\u2028", "\x0b", "\x0c", "\r",
+]
+SEPARATORS = ["", " ", " ", " ", "  ", "   ", "\t", "\n", "\n\n", " \n", "\n    ", "\r\n", "\n\t"]
+EDGE_CASES = ["", " ", "  ", "\n", "\n\n\n", "\t", " leading", "trailing ", "  both  ",
+              "a  b", "a\n\nb", "x\r\ny", "end\n"]
+
+
+def varied_strings(n: int, seed: int = 0) -> list[str]:
+    """`n` strings: the edge cases, fragment mixes, and random code points from many blocks."""
+    rng = random.Random(seed)
+    blocks = [(0x20, 0x7E), (0xA0, 0x24F), (0x300, 0x36F), (0x370, 0x52F), (0x590, 0x6FF),
+              (0x900, 0x97F), (0x3040, 0x30FF), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
+              (0x1F300, 0x1FAFF), (0x10000, 0x1007F)]
+    out = list(EDGE_CASES)
+    while len(out) < n:
+        if rng.random() < 0.2:
+            chars = []
+            for _ in range(rng.randint(1, 20)):
+                lo, hi = rng.choice(blocks)
+                chars.append(chr(rng.randint(lo, hi)))
+            out.append("".join(chars).replace("\u2581", "_"))
+        else:
+            parts = [rng.choice(FRAGMENTS) + rng.choice(SEPARATORS)
+                     for _ in range(rng.randint(1, 8))]
+            out.append("".join(parts))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# GPT-2 byte BPE.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir() -> pathlib.Path:
+    path = shared_path("gpt2_bpe")
+    shared_path("gpt2_bpe", "encoder.json")
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt2(gpt2_dir) -> tk.GPT2BPETokenizer:
+    return tk.GPT2BPETokenizer.from_files(gpt2_dir)
+
+
+def test_gpt2_known_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.encode(" Hello world") == [18435, 995]
+    assert gpt2.vocab_size == 50257
+    assert gpt2.eos_id == 50256
+    assert gpt2.special_ids == {"eos": 50256}
+    assert gpt2.decode([15496, 995]) == "Hello world"
+
+
+def test_gpt2_pattern_is_tiktokens(gpt2):
+    openai_public = pytest.importorskip("tiktoken_ext.openai_public")
+    assert tk.GPT2_PATTERN == openai_public.r50k_pat_str
+
+
+def test_gpt2_matches_transformers_and_round_trips(gpt2, gpt2_dir):
+    transformers = pytest.importorskip("transformers")
+    vocab = json.loads((gpt2_dir / "encoder.json").read_text(encoding="utf-8"))
+    lines = (gpt2_dir / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
+    # transformers 5 builds GPT2Tokenizer from in-memory vocab and merges; passing
+    # vocab_file=/merges_file= instead silently yields an empty tokenizer.
+    hf = transformers.GPT2Tokenizer(vocab=vocab, merges=merges)
+    assert hf.encode("Hello world") == [15496, 995]
+    strings = varied_strings(400)
+    mismatches = [s for s in strings if gpt2.encode(s) != hf.encode(s)]
+    assert not mismatches, f"{len(mismatches)} differ from transformers, e.g. {mismatches[:3]!r}"
+    assert [gpt2.decode(gpt2.encode(s)) for s in strings] == strings
+    # The mixes exercise the regex, not just single bytes.
+    assert sum(len(gpt2.encode(s)) for s in strings) > 4000
+
+
+def test_gpt2_endoftext_is_text_unless_allowed(gpt2, gpt2_dir):
+    text = "a<|endoftext|>b"
+    ids = gpt2.encode(text)
+    assert 50256 not in ids and gpt2.decode(ids) == text
+    allowed = tk.GPT2BPETokenizer.from_files(gpt2_dir, allow_special=True)
+    assert allowed.encode(text) == [64, 50256, 65]
+    assert allowed.decode([64, 50256, 65]) == text
+
+
+def test_gpt2_hf_file_names_and_pair(gpt2, gpt2_dir, tmp_path):
+    # Hugging Face's vocab.json + merges.txt are the same files under other names.
+    (tmp_path / "vocab.json").symlink_to(gpt2_dir / "encoder.json")
+    (tmp_path / "merges.txt").symlink_to(gpt2_dir / "vocab.bpe")
+    text = "Hugging Face's names, same ids: 日本 👍🏽"
+    assert tk.GPT2BPETokenizer.from_files(tmp_path).encode(text) == gpt2.encode(text)
+    pair = (gpt2_dir / "encoder.json", gpt2_dir / "vocab.bpe")
+    assert tk.GPT2BPETokenizer.from_files(pair).encode(text) == gpt2.encode(text)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="holds neither"):
+        tk.GPT2BPETokenizer.from_files(tmp_path / "empty")
+
+
+def test_gpt2_rejects_merges_that_do_not_match_vocabulary(gpt2_dir, tmp_path):
+    lines = (gpt2_dir / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    # Swapping two merges changes the ranks, which tiktoken would silently misuse.
+    lines[1], lines[2] = lines[2], lines[1]
+    (tmp_path / "vocab.bpe").write_text("\n".join(lines), encoding="utf-8")
+    with pytest.raises(ValueError, match="merge order"):
+        tk.GPT2BPETokenizer(gpt2_dir / "encoder.json", tmp_path / "vocab.bpe")
+
+
+def test_decode_accepts_arrays_and_rejects_bad_ids(gpt2):
+    ids = gpt2.encode("Hello world")
+    assert gpt2.decode(np.array(ids, dtype=np.int32)) == "Hello world"
+    assert gpt2.decode(np.array([], dtype=np.int32)) == ""
+    assert gpt2.decode(()) == ""
+    # A sample cut inside a multi-byte character decodes with a replacement character.
+    assert gpt2.decode(gpt2.encode("😀")[:1]) == "\ufffd"
+    with pytest.raises(ValueError, match="50257"):
+        gpt2.decode([50257])
+    with pytest.raises(ValueError, match="-1"):
+        gpt2.decode([-1])
+    with pytest.raises(ValueError, match="1-D"):
+        gpt2.decode(np.zeros((2, 2), dtype=np.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Characters.
+# ------------------------------------------------------------------------------------------------
+
+
+def test_char_tiny_shakespeare():
+    text = shared_path("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
+    tok = tk.CharTokenizer.from_text(text)
+    assert tok.vocab_size == 65
+    assert tok.chars[:2] == ["\n", " "] and tok.special_ids == {} and tok.eos_id is None
+    ids = tok.encode(text)
+    assert len(ids) == len(text) and min(ids) == 0 and max(ids) == 64
+    assert tok.decode(np.array(ids)) == text
+    # The ids nanoGPT's shakespeare_char/prepare.py gives the opening "First Citizen".
+    assert ids[:13] == [18, 47, 56, 57, 58, 1, 15, 47, 58, 47, 64, 43, 52]
+
+
+def test_char_unknown_characters():
+    tok = tk.CharTokenizer.from_text("abc ")
+    with pytest.raises(ValueError, match=r"'é' \(index 2\)") as info:
+        tok.encode("a é 😀")
+    assert "\n" not in str(info.value)
+    skip = tk.CharTokenizer.from_text("abc ", unknown="skip")
+    assert skip.decode(skip.encode("a é 😀 b")) == "a   b"
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        tok.decode([4])
+    with pytest.raises(ValueError, match="'ignore'"):
+        tk.CharTokenizer.from_text("abc", unknown="ignore")
+
+
+# ------------------------------------------------------------------------------------------------
+# SentencePiece.
+# ------------------------------------------------------------------------------------------------
+
+SPM_SYMBOLS = ("<|endoftext|>", "<|fim|>")
+
+
+def stdlib_corpus() -> list[pathlib.Path]:
+    """About 400 KB of Python source: the json and email packages, in sorted order."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(stdlib.glob("json/*.py")) + sorted(stdlib.glob("email/*.py"))
+    if sum(f.stat().st_size for f in files) < 100_000:
+        pytest.skip(f"Python sources not found under {stdlib}")
+    return files
+
+
+def train_spm(directory: pathlib.Path) -> tk.SentencePieceTokenizer:
+    return tk.SentencePieceTokenizer.train(stdlib_corpus(), directory, vocab_size=512,
+                                           user_defined_symbols=SPM_SYMBOLS)
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory) -> pathlib.Path:
+    directory = tmp_path_factory.mktemp("spm")
+    train_spm(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def spm_tok(spm_dir) -> tk.SentencePieceTokenizer:
+    return tk.load_tokenizer(spm_dir)
+
+
+def test_sentencepiece_round_trips_code_and_unicode(spm_tok):
+    assert isinstance(spm_tok, tk.SentencePieceTokenizer) and spm_tok.vocab_size == 512
+    code = (pathlib.Path(sysconfig.get_paths()["stdlib"]) / "textwrap.py").read_text(encoding="utf-8")
+    samples = varied_strings(300, seed=1) + [
+        code[:5000],
+        "def f():\n\tif x:\n\n\t\treturn '日本語'  \n    \n\n",
+        "    indented\n        deeper\n\n\n  trailing  \n",
+        "emoji 👨‍👩‍👧‍👦 🏳️‍🌈 and CJK 中文 via byte fallback",
+    ]
+    failures = [s for s in samples if spm_tok.decode(spm_tok.encode(s)) != s]
+    assert not failures, f"{len(failures)} strings do not round-trip, e.g. {failures[:3]!r}"
+    # Characters absent from the training code come back through byte pieces, not <unk>.
+    ids = spm_tok.encode("中文")
+    assert len(ids) == 6 and all(spm_tok.processor.is_byte(i) for i in ids)
+    assert spm_tok.special_ids["unk"] not in spm_tok.encode(" ".join(samples))
+
+
+def test_sentencepiece_learns_newlines_and_indentation(spm_tok):
+    pieces = [spm_tok.processor.id_to_piece(i) for i in range(spm_tok.vocab_size)]
+    # Trained on whole documents, newlines take part in merges; trained line by line (or from
+    # files) they would only ever be the byte piece <0x0A>.
+    assert "\n" in pieces and any(len(p) > 1 and "\n" in p for p in pieces)
+    assert "▁▁▁▁" in pieces and "▁▁▁▁▁▁▁▁" in pieces
+    code = "def f(x):\n        return x\n"
+    assert len(spm_tok.encode(code)) < len(code) // 2
+
+
+def test_sentencepiece_special_and_user_defined_ids(spm_tok):
+    special = spm_tok.special_ids
+    assert {k: special[k] for k in ("unk", "bos", "eos", "pad")} == {
+        "unk": 0, "bos": 1, "eos": 2, "pad": 3}
+    assert spm_tok.eos_id == 2
+    eot, fim = special["<|endoftext|>"], special["<|fim|>"]
+    assert len({0, 1, 2, 3, eot, fim}) == 6
+    ids = spm_tok.encode("a<|endoftext|>b <|fim|>")
+    assert ids.count(eot) == 1 and ids.count(fim) == 1
+    assert spm_tok.encode("<|endoftext|>") == [eot]
+    # Control symbols are not parsed from text: "</s>" in a document stays text.
+    assert 2 not in spm_tok.encode("</s>")
+
+
+def test_sentencepiece_training_is_deterministic(spm_dir, tmp_path):
+    again = train_spm(tmp_path)
+    assert (tmp_path / "spm.model").read_bytes() == (spm_dir / "spm.model").read_bytes()
+    text = "for key, value in sorted(items):\n    yield key\n"
+    assert again.encode(text) == tk.load_tokenizer(spm_dir).encode(text)
+
+
+def test_training_sentences_cut_documents_before_newlines():
+    text = "line one\n\n    indented line two\n" + "x" * 50 + "\nlast é😀\n"
+    chunks = list(tk._training_sentences([text, "second doc"], max_bytes=24))
+    assert "".join(chunks) == text + "second doc"
+    assert all(len(c.encode("utf-8")) <= 24 for c in chunks)
+    # Cuts fall before newlines, which SentencePiece would strip from the end of a chunk; only
+    # a document's own trailing newline ends a chunk.
+    assert [c for c in chunks if c.endswith("\n")] == ["\nlast é😀\n"]
+    assert chunks[:2] == ["line one", "\n\n    indented line two"]
+    with pytest.raises(TypeError, match="bytes"):
+        list(tk._training_sentences([b"raw"], max_bytes=24))
+
+
+def test_sentencepiece_bad_vocab_size_is_one_line(tmp_path):
+    with pytest.raises(ValueError, match="SentencePiece training") as info:
+        tk.SentencePieceTokenizer.train(["tiny corpus"], tmp_path, vocab_size=100)
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------
+# Save, load, build, errors.
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def any_tokenizer(request):
+    if request.param == "char":
+        return tk.CharTokenizer.from_text("".join(varied_strings(50, seed=2)))
+    # Looked up lazily so that only gpt2_bpe skips when the shared data folder is absent.
+    return request.getfixturevalue({"sentencepiece": "spm_tok", "gpt2_bpe": "gpt2"}[request.param])
+
+
+@pytest.mark.parametrize("any_tokenizer", KINDS, indirect=True)
+def test_save_load_round_trip(any_tokenizer, tmp_path):
+    any_tokenizer.save(tmp_path / "tok")
+    loaded = tk.load_tokenizer(tmp_path / "tok")
+    assert type(loaded) is type(any_tokenizer) and loaded.kind == any_tokenizer.kind
+    assert loaded.vocab_size == any_tokenizer.vocab_size
+    assert loaded.special_ids == any_tokenizer.special_ids
+    for s in varied_strings(50, seed=2):
+        assert loaded.encode(s) == any_tokenizer.encode(s)
+        assert loaded.decode(loaded.encode(s)) == s
+    # The saved directory is self-contained: every file it needs was copied into it.
+    config = json.loads((tmp_path / "tok" / "tokenizer.json").read_text())
+    assert config["kind"] == any_tokenizer.kind
+    for path in (getattr(loaded, "model_path", None), getattr(loaded, "encoder_json", None)):
+        assert path is None or path.parent == tmp_path / "tok"
+
+
+def test_gpt2_saved_copy_is_checked(gpt2, tmp_path):
+    gpt2.save(tmp_path)
+    assert (tmp_path / "vocab.bpe").read_bytes() == gpt2.vocab_bpe.read_bytes()
+    with open(tmp_path / "vocab.bpe", "a", encoding="utf-8") as f:
+        f.write("x y\n")
+    with pytest.raises(ValueError, match="sha256"):
+        tk.load_tokenizer(tmp_path)
+
+
+def test_build_tokenizer_each_kind(gpt2_dir, spm_dir, tmp_path):
+    text_file = shared_path("tinyshakespeare", "input.txt")
+    assert tk.build_tokenizer("char", text_file=text_file).vocab_size == 65
+    assert tk.build_tokenizer("char", text="ba").encode("ab") == [0, 1]
+    assert tk.build_tokenizer("gpt2_bpe", path=gpt2_dir).encode("Hello world") == [15496, 995]
+    loaded = tk.build_tokenizer("sentencepiece", directory=spm_dir)
+    assert loaded.encode("import os\n") == tk.load_tokenizer(spm_dir).encode("import os\n")
+    texts = [path.read_text(encoding="utf-8") for path in stdlib_corpus()[:4]]
+    trained = tk.build_tokenizer("sentencepiece", texts_or_files=texts, directory=tmp_path,
+                                 vocab_size=400)
+    assert trained.vocab_size == 400 and (tmp_path / "tokenizer.json").is_file()
+    with pytest.raises(ValueError, match="vocab_size"):
+        tk.build_tokenizer("sentencepiece", directory=spm_dir, vocab_size=300)
+
+
+def one_line_error(exc_type, fn, *args, **kwargs) -> str:
+    with pytest.raises(exc_type) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_errors_name_the_bad_value(tmp_path):
+    message = one_line_error(ValueError, tk.build_tokenizer, "wordpiece")
+    assert "'wordpiece'" in message and all(repr(k) in message for k in KINDS)
+    missing = tmp_path / "missing"
+    assert str(missing) in one_line_error(FileNotFoundError, tk.load_tokenizer, missing)
+    assert str(tmp_path) in one_line_error(FileNotFoundError, tk.load_tokenizer, tmp_path)
+    config = tmp_path / "tokenizer.json"
+    config.write_text('{"kind": "wordpiece", "settings": {}}')
+    message = one_line_error(ValueError, tk.load_tokenizer, tmp_path)
+    assert "'wordpiece'" in message and str(config) in message
+    config.write_text("{not json")
+    assert str(config) in one_line_error(ValueError, tk.load_tokenizer, tmp_path)
+    config.write_text('{"kind": "sentencepiece", "settings": {"model_file": "spm.model"}}')
+    message = one_line_error(FileNotFoundError, tk.load_tokenizer, tmp_path)
+    assert str(tmp_path / "spm.model") in message
+    config.write_text('{"kind": "char", "settings": {}}')
+    assert "'chars'" in one_line_error(ValueError, tk.load_tokenizer, tmp_path)
+    message = one_line_error(FileNotFoundError, tk.GPT2BPETokenizer.from_files, missing)
+    assert str(missing) in message
