@@ -1,0 +1,502 @@
+"""Pretraining: sharded state, a pure jitted train step, evaluation, checkpoints and the loop.
+
+The experiment config (an ml_collections.ConfigDict, see configs/) drives everything; the model
+architecture itself is a GPTConfig built from `config.model`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Iterable, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gptjax import sharding as shd
+from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from gptjax.config import GPTConfig
+from gptjax.losses import lm_loss
+from gptjax.metrics import mfu, peak_flops
+from gptjax.model import GPT, check_scan_config, init_boxed
+from gptjax.optim import make_optimizer
+
+log = logging.getLogger("gptjax")
+
+
+# ================================================================================ state and steps
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data position is the step)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None
+                      ) -> GPTConfig:
+    """The GPTConfig of an experiment: `config.model.preset` plus every other field as override.
+
+    A `vocab_size` <= 0 in the config means "the tokenizer's", rounded up to
+    `config.model_vocab_multiple` (padding the table to a multiple of 64/128 makes the output
+    matmul faster and lets the vocabulary axis shard evenly).
+    """
+    fields = {k: v for k, v in config.model.items() if k != "preset"}
+    if fields.get("vocab_size", 0) <= 0:
+        if vocab_size is None:
+            raise ValueError("model.vocab_size <= 0 means 'from the tokenizer', but no tokenizer "
+                             "vocabulary size was given")
+        mult = int(config.get("model_vocab_multiple", 1))
+        fields["vocab_size"] = int(math.ceil(vocab_size / mult) * mult)
+    for k in ("attention_pattern",):
+        if k in fields:
+            fields[k] = tuple(fields[k])
+    mc = GPTConfig.preset(config.model.preset, **fields)
+    check_scan_config(mc)
+    return mc
+
+
+def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
+                    schedule: Callable, *, accum_steps: int = 1,
+                    nonfinite: str = "skip") -> Callable:
+    """A pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
+
+    Args:
+      model_cfg: the architecture.
+      optimizer: the optax transformation (clipping + AdamW).
+      schedule: the learning-rate schedule, for logging.
+      accum_steps: microbatches per update; the batch's leading axis is split into this many and
+        gradients are averaged with a `lax.scan` (one update, constant memory in accum_steps).
+      nonfinite: 'skip' (a step with a non-finite loss or gradient leaves params and optimizer
+        state unchanged and reports skipped=1) or 'halt' (the update is applied as is; the host
+        loop stops on the reported non-finite loss).
+
+    The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    """
+    model = GPT(model_cfg)
+    use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop) > 0
+
+    def loss_fn(params, inputs, targets, weights, rng):
+        logits = model.apply({"params": params}, inputs, deterministic=not use_dropout,
+                             rngs={"dropout": rng} if use_dropout else None)
+        return lm_loss(logits, targets, weights)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        weights = batch.get("weights")
+        if accum_steps == 1:
+            loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"], weights, rng)
+        else:
+            def split(x):
+                return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
+
+            micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
+                     jax.random.split(rng, accum_steps))
+
+            def body(acc, mb):
+                inputs, targets, w, r = mb
+                l, g = grad_fn(state.params, inputs, targets, w, r)
+                return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
+
+            zero = (jnp.zeros((), jnp.float32),
+                    jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            (loss, grads), _ = jax.lax.scan(body, zero, micro)
+            loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if nonfinite == "skip":
+            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+                lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "skipped": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: GPTConfig) -> Callable:
+    """`eval_step(params, batch) -> (sum of weighted nll, sum of weights)`, no dropout."""
+    model = GPT(model_cfg)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"])
+        w = batch["weights"].astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    return eval_step
+
+
+# ================================================================================ sharded setup
+class Setup:
+    """The mesh, the shardings and the jitted functions of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model_cfg: GPTConfig, total_steps: int):
+        self.config, self.model_cfg = config, model_cfg
+        mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
+        self.mesh = shd.make_mesh({a: mesh_cfg.get(a, 1 if a != "data" else -1)
+                                   for a in shd.MESH_AXES},
+                                  dcn_shape=mesh_cfg.get("dcn"))
+        self.rules = shd.rules_from_config(mesh_cfg.get("rules"))
+        self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
+
+        def init_fn(rng):
+            params = nn.meta.unbox(init_boxed(model_cfg, rng))
+            return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              opt_state=self.optimizer.init(params))
+
+        self._init_fn = init_fn
+        boxed = jax.eval_shape(lambda: init_boxed(model_cfg, jax.random.key(0)))
+        param_sh = shd.logical_to_shardings(nn.get_partition_spec(boxed), self.mesh, self.rules)
+        self.abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+        shd.check_divisible(self.abstract_state.params, param_sh)
+        repl = shd.replicated(self.mesh)
+        opt_sh = optax.tree_utils.tree_map_params(
+            self.optimizer, lambda _, s: s, self.abstract_state.opt_state, param_sh,
+            transform_non_params=lambda _: repl,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        self.state_shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh)
+        self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
+        self.repl = repl
+
+        train = config.train
+        step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
+                                  accum_steps=train.get("accum_steps", 1),
+                                  nonfinite=train.get("nonfinite", "skip"))
+        self.train_step = jax.jit(
+            self._with_rules(step_fn),
+            in_shardings=(self.state_shardings, self.batch_sharding, repl),
+            out_shardings=(self.state_shardings, repl), donate_argnames=("state",))
+        self.eval_step = jax.jit(self._with_rules(make_eval_step(model_cfg)),
+                                 in_shardings=(param_sh, self.batch_sharding),
+                                 out_shardings=(repl, repl))
+
+    def _with_rules(self, fn):
+        """Trace `fn` with the logical axis rules active, so activation constraints apply."""
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args)
+        return wrapped
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Initialise straight into the sharded layout (no full copy on one device)."""
+        with self.mesh:
+            return jax.jit(self._with_rules(self._init_fn),
+                           out_shardings=self.state_shardings)(rng)
+
+    def abstract_sharded_state(self):
+        return abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """Host-local numpy rows -> one global array sharded over the batch axis."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
+
+
+# ================================================================================ data
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, source) -> Any:
+    """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built."""
+    from gptjax import tokenizers as toks
+
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return toks.load_tokenizer(tok_dir)
+    tc = config.tokenizer
+    if tc.kind == "char":
+        # The character set of every split (as nanoGPT's prepare.py does), so no validation
+        # character is unknown.
+        tok = toks.CharTokenizer.from_text("".join("".join(source.texts(s)) for s in source.splits))
+    elif tc.kind == "sentencepiece":
+        os.makedirs(tok_dir, exist_ok=True)
+        tok = toks.SentencePieceTokenizer.train(
+            list(source.texts("train")), tok_dir, tc.vocab_size,
+            user_defined_symbols=tuple(tc.get("user_defined_symbols", ())))
+    elif tc.kind == "gpt2_bpe":
+        tok = toks.GPT2BPETokenizer.from_files(tc.path)
+    else:
+        raise ValueError(f"tokenizer.kind={tc.kind!r}: allowed values are "
+                         "['char', 'sentencepiece', 'gpt2_bpe']")
+    tok.save(tok_dir)
+    return tok
+
+
+def build_source(config: ml_collections.ConfigDict):
+    """The text dataset named by `config.data` (tfds name, local text files, or the default)."""
+    from gptjax.data import get_source
+
+    dc = config.data
+    kwargs = {}
+    if dc.dataset == "local_text":
+        kwargs["paths"] = dc.path
+        if dc.get("validation_fraction") is not None:
+            kwargs["validation_fraction"] = dc.validation_fraction
+    elif dc.dataset == "python_stdlib":
+        if dc.get("max_train_bytes"):
+            kwargs["max_train_bytes"] = dc.max_train_bytes
+    return get_source(dc.dataset, dc.get("data_dir") or None,
+                      text_key=dc.get("text_key", "text"), **kwargs)
+
+
+# ================================================================================ the loop
+class MetricsWriter:
+    """metrics.jsonl (one JSON object per record) plus TensorBoard scalars."""
+
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional; the JSONL log is the record.
+                self._tb = None
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def evaluate(setup: Setup, params, tokens: np.ndarray, seq_len: int, batch_size: int,
+             max_batches: int = -1) -> float:
+    """Mean next-token loss over non-overlapping windows of a split (all of it when max_batches<0)."""
+    from gptjax.data import eval_batches
+
+    tot, wsum = 0.0, 0.0
+    with setup.mesh:
+        for i, b in enumerate(eval_batches(tokens, seq_len, batch_size,
+                                           process_index=jax.process_index(),
+                                           process_count=jax.process_count())):
+            if 0 <= max_batches <= i:
+                break
+            s, w = setup.eval_step(params, setup.put_batch(b))
+            tot += float(s)
+            wsum += float(w)
+    return tot / max(wsum, 1.0)
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """On resume, drop records after the restored step so the log reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as fh:
+        lines = [ln for ln in fh if ln.strip()]
+    kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= step]
+    with open(path, "w") as fh:
+        fh.writelines(kept)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       progress: bool = True) -> dict:
+    """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
+
+    Returns:
+      A summary dict: final step, final train loss, final validation loss (whole split), wall time.
+    """
+    from gptjax.data import LMBatcher, load_tokens
+    from gptjax.plotting import plot_metrics
+
+    t_start = time.time()
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    tc = config.train
+
+    source = build_source(config)
+    tokenizer = build_tokenizer(config, workdir, source)
+    cache_dir = config.data.get("cache_dir") or None
+    train_tokens = load_tokens(source, "train", tokenizer, cache_dir=cache_dir)
+    val_split = config.data.get("val_split", "validation")
+    val_tokens = load_tokens(source, val_split, tokenizer, cache_dir=cache_dir)
+    model_cfg = model_config_from(config, tokenizer.vocab_size)
+    seq_len = config.data.get("seq_len", 0) or model_cfg.n_ctx
+    if seq_len > model_cfg.n_ctx:
+        raise ValueError(f"data.seq_len={seq_len} is longer than the model context "
+                         f"n_ctx={model_cfg.n_ctx}")
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "model_config.json"), "w") as fh:
+            json.dump(model_cfg.to_dict(), fh, indent=2)
+
+    total_steps = tc.steps
+    setup = Setup(config, model_cfg, total_steps)
+    gbs = tc.batch_size
+    dp = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+    if gbs % (dp * tc.get("accum_steps", 1)):
+        raise ValueError(f"train.batch_size={gbs} is not divisible by the data-parallel size "
+                         f"{dp} x accum_steps {tc.get('accum_steps', 1)}")
+    batcher = LMBatcher(train_tokens, seq_len, gbs, config.seed,
+                        mode=config.data.get("sampling", "packed"),
+                        process_index=jax.process_index(), process_count=jax.process_count())
+
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
+                        keep=tc.get("keep_checkpoints", 3),
+                        async_save=tc.get("async_checkpointing", True))
+    rng = jax.random.key(config.seed)
+    init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        meta = ckpt.restore_meta(latest)
+        if meta.get("model_config") != model_cfg.to_dict():
+            raise CheckpointError(f"checkpoint step {latest} in {workdir} is of another "
+                                  "architecture than this config; use another --workdir")
+        batcher.restore(meta["data"])
+        with setup.mesh:
+            state, _ = ckpt.restore(setup.abstract_sharded_state(), latest)
+        log.info("resumed from step %d", latest)
+        _truncate_log(os.path.join(workdir, "metrics.jsonl"), latest)
+    else:
+        state = setup.init_state(init_rng)
+    start = int(jax.device_get(state.step))
+
+    n_params = model_cfg.num_params()
+    flops_tok = model_cfg.flops_per_token(seq_len)
+    peak, peak_src = peak_flops(model_cfg.dtype)
+    writer = MetricsWriter(workdir, enabled=is_main)
+    tokens_per_step = gbs * seq_len
+    if is_main:
+        print(f"gptjax: {n_params / 1e6:.2f}M parameters, {model_cfg.n_layer} layers x "
+              f"{model_cfg.n_embd}, vocab {model_cfg.vocab_size}, context {seq_len}; "
+              f"{len(train_tokens):,} train / {len(val_tokens):,} val tokens; mesh "
+              f"{dict(setup.mesh.shape)}; steps {start}->{total_steps}", flush=True)
+
+    def meta_for(step: int) -> dict:
+        return {"model_config": model_cfg.to_dict(),
+                "data": dict(batcher.state(), step=step),
+                "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+
+    pbar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+        pbar = tqdm(total=total_steps, initial=start, unit="step", dynamic_ncols=True)
+
+    last_train_loss = float("nan")
+    pending = None  # (step, device metrics) fetched one step late so dispatch runs ahead
+    t_last, steps_since = time.time(), 0
+    halted = None
+
+    def handle(step: int, m: dict) -> None:
+        nonlocal t_last, steps_since, last_train_loss, halted
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        last_train_loss = m["loss"]
+        if not math.isfinite(m["loss"]) and tc.get("nonfinite", "skip") == "halt":
+            halted = step
+        steps_since += 1
+        if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
+            dt = time.time() - t_last
+            tps = steps_since * tokens_per_step / max(dt, 1e-9)
+            rec = dict(step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
+                       tokens_per_sec=tps,
+                       mfu=mfu(tps, flops_tok, jax.device_count(), peak),
+                       skipped=int(m["skipped"]))
+            writer.write(rec)
+            if pbar is not None:
+                pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
+            t_last, steps_since = time.time(), 0
+
+    try:
+        with setup.mesh:
+            for step in range(start, total_steps):
+                batch = setup.put_batch(batcher.batch(step))
+                state, metrics = setup.train_step(state, batch, train_rng)
+                if pending is not None:
+                    handle(*pending)
+                    if step - 1 == start:
+                        # Do not count compilation in the first throughput window.
+                        t_last, steps_since = time.time(), 0
+                pending = (step, metrics)
+                if halted is not None:
+                    break
+                if pbar is not None:
+                    pbar.update(1)
+                done = step + 1
+                if tc.eval_every > 0 and done % tc.eval_every == 0 and done != total_steps:
+                    vl = evaluate(setup, state.params, val_tokens, seq_len, tc.eval_batch_size,
+                                  tc.eval_batches)
+                    writer.write(dict(step=done, val_loss=vl, val_ppl=math.exp(min(vl, 50))))
+                    if pbar is not None:
+                        pbar.write(f"step {done}: val_loss {vl:.4f}")
+                ckpt.save(done, state, meta_for(done))
+            if pending is not None:
+                handle(*pending)
+    finally:
+        if pbar is not None:
+            pbar.close()
+    if halted is not None:
+        ckpt.close()
+        raise FloatingPointError(f"non-finite loss at step {halted + 1}; the last good "
+                                 f"checkpoint is step {ckpt.latest_step()}")
+    final_step = int(jax.device_get(state.step))
+    ckpt.save(final_step, state, meta_for(final_step), force=True)
+    val_loss = evaluate(setup, state.params, val_tokens, seq_len, tc.eval_batch_size, -1)
+    writer.write(dict(step=final_step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
+                      final=True))
+    ckpt.close()
+    writer.close()
+    wall = time.time() - t_start
+    summary = dict(step=final_step, train_loss=last_train_loss, val_loss=val_loss,
+                   wall_time_s=wall, params=n_params, peak_flops=peak, peak_source=peak_src)
+    if is_main:
+        plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
+        with open(os.path.join(workdir, "summary.json"), "w") as fh:
+            json.dump(summary, fh, indent=2)
+        print(f"done: step {final_step}, val_loss {val_loss:.4f} (whole split), "
+              f"wall {wall:.0f}s; plot {os.path.join(workdir, 'loss.png')}", flush=True)
+    summary["state"] = state
+    summary["tokenizer"] = tokenizer
+    summary["model_config"] = model_cfg
+    return summary
+
+
+# ================================================================================ inference loading
+def load_workdir(workdir: str, step: Optional[int] = None):
+    """(GPTConfig, params, tokenizer) from a training work directory's latest checkpoint."""
+    from gptjax import tokenizers as toks
+
+    workdir = os.path.abspath(workdir)
+    cfg_path = os.path.join(workdir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(f"{workdir} is not a gptjax work directory (no config.json)")
+    with open(cfg_path) as fh:
+        config = ml_collections.ConfigDict(json.load(fh))
+    with open(os.path.join(workdir, "model_config.json")) as fh:
+        model_cfg = GPTConfig.from_dict(json.load(fh))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    if ckpt.latest_step() is None:
+        raise CheckpointError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}")
+    config.model = ml_collections.ConfigDict(dict(preset="tiny", **model_cfg.to_dict()))
+    setup = Setup(config, model_cfg, config.train.steps)
+    with setup.mesh:
+        state, _ = ckpt.restore(setup.abstract_sharded_state(), step)
+    ckpt.close()
+    tokenizer = toks.load_tokenizer(os.path.join(workdir, "tokenizer"))
+    return model_cfg, state.params, tokenizer
