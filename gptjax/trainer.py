@@ -456,7 +456,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         raise FloatingPointError(f"non-finite loss at step {halted + 1}; the last good "
                                  f"checkpoint is step {ckpt.latest_step()}")
     final_step = int(jax.device_get(state.step))
-    ckpt.save(final_step, state, meta_for(final_step), force=True)
+    if final_step not in ckpt.all_steps():
+        ckpt.save(final_step, state, meta_for(final_step), force=True)
     val_loss = evaluate(setup, state.params, val_tokens, seq_len, tc.eval_batch_size, -1)
     writer.write(dict(step=final_step, val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50)),
                       final=True))
