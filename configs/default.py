@@ -7,8 +7,10 @@ the train split and saved with the run.
 Run:
   python train.py --workdir runs/default          (this config is the default)
 
-Expected on a 2-core CPU: done in under 5 minutes; the loss falls from ~6.9 (ln 1024) to about
-3 and the final sample looks like Python source (indentation, def/return/self.).
+Expected on a 2-core CPU: done in under 5 minutes (3m40s measured, including preparing the
+corpus and training the tokenizer); the loss falls from ~6.9 (ln 1024) to a validation loss of
+about 3.7 on the whole validation split, and the final sample looks like Python source
+(indentation, `def`, `self.`, `return`).
 """
 
 from configs.common import base_config, model_config
