@@ -14,6 +14,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Experiment config file (a get_config() module).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, logs).")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every parameter's sharding and a per-device "
+                             "memory plan for this config and mesh, then exit (allocates nothing).")
+_COORD = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
+_NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
+_PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def main(argv):
@@ -23,8 +28,12 @@ def main(argv):
 
 
 def _train(config, workdir):
-    from gptjax.cli import sample_after_training
-    from gptjax.trainer import train_and_evaluate
+    from gptjax.cli import maybe_init_distributed, sample_after_training
+    from gptjax.trainer import dry_run, train_and_evaluate
+    maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
+    if _DRY_RUN.value:
+        print(dry_run(config, workdir))
+        return
     summary = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
     sample_after_training(config, summary)
 

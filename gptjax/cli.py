@@ -40,6 +40,28 @@ def run_cli(fn: Callable[[], None]) -> None:
         sys.exit(2)
 
 
+def maybe_init_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
+    """Start JAX's multi-process runtime when flags or the environment ask for it.
+
+    Explicit flags (all three) work anywhere, including several CPU processes on one machine
+    (with gloo collectives). Without flags, `GPTJAX_DISTRIBUTED=1` lets JAX detect the cluster
+    itself (TPU pods, SLURM, Open MPI). Otherwise the run is single-process.
+    """
+    import jax
+
+    given = [x is not None for x in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("multi-process needs all of --coordinator_address, --num_processes and "
+                         "--process_id (or none of them)")
+    if all(given):
+        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    elif os.environ.get("GPTJAX_DISTRIBUTED") == "1":
+        jax.distributed.initialize()
+
+
 def sample_after_training(config, summary: dict) -> None:
     """Print a short sample from the trained model (config.sample), streamed as it decodes."""
     import jax

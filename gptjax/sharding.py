@@ -115,6 +115,33 @@ def logical_to_shardings(logical_tree: Any, mesh: Mesh, rules: Sequence) -> Any:
     return nn.logical_to_mesh_sharding(logical_tree, mesh, rules)
 
 
+def check_rules_cover(logical_specs: Any, rules: Sequence) -> None:
+    """Every logical axis name used by a parameter must have a rule (None = replicate on purpose).
+
+    Without this, a renamed axis would silently fall back to replication.
+    """
+    known = {name for name, _ in rules}
+    for path, spec in jax.tree_util.tree_leaves_with_path(
+            logical_specs, is_leaf=lambda x: isinstance(x, P)):
+        for name in spec:
+            if name is not None and name not in known:
+                raise ShardingError(
+                    f"logical axis {name!r} of parameter {jax.tree_util.keystr(path)} has no "
+                    f"rule in mesh.rules (rules cover {sorted(known)}); add one, with None to "
+                    "replicate it explicitly")
+
+
+def shard_count(sharding: NamedSharding, ndim: int) -> int:
+    """Into how many pieces a NamedSharding cuts an array (1 = replicated)."""
+    n = 1
+    for axes in tuple(sharding.spec)[:ndim]:
+        if axes is None:
+            continue
+        for a in (axes if isinstance(axes, tuple) else (axes,)):
+            n *= sharding.mesh.shape[a]
+    return n
+
+
 def check_divisible(shapes: Any, shardings: Any) -> None:
     """Every sharded dimension must divide evenly by its mesh axes (else a one-line error)."""
     flat_shapes = jax.tree_util.tree_leaves_with_path(shapes)

@@ -148,12 +148,13 @@ def make_eval_step(model_cfg: GPTConfig) -> Callable:
 class Setup:
     """The mesh, the shardings and the jitted functions of one run."""
 
-    def __init__(self, config: ml_collections.ConfigDict, model_cfg: GPTConfig, total_steps: int):
+    def __init__(self, config: ml_collections.ConfigDict, model_cfg: GPTConfig, total_steps: int,
+                 devices=None):
         self.config, self.model_cfg = config, model_cfg
         mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
         self.mesh = shd.make_mesh({a: mesh_cfg.get(a, 1 if a != "data" else -1)
                                    for a in shd.MESH_AXES},
-                                  dcn_shape=mesh_cfg.get("dcn"))
+                                  dcn_shape=mesh_cfg.get("dcn"), devices=devices)
         self.rules = shd.rules_from_config(mesh_cfg.get("rules"))
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
 
@@ -164,7 +165,9 @@ class Setup:
 
         self._init_fn = init_fn
         boxed = jax.eval_shape(lambda: init_boxed(model_cfg, jax.random.key(0)))
-        param_sh = shd.logical_to_shardings(nn.get_partition_spec(boxed), self.mesh, self.rules)
+        self.logical_specs = nn.get_partition_spec(boxed)
+        shd.check_rules_cover(self.logical_specs, self.rules)
+        param_sh = shd.logical_to_shardings(self.logical_specs, self.mesh, self.rules)
         self.abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
         shd.check_divisible(self.abstract_state.params, param_sh)
         repl = shd.replicated(self.mesh)
@@ -212,6 +215,33 @@ class Setup:
 
 
 # ================================================================================ data
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process reaches `name` (no-op in a single-process run).
+
+    Uses the coordination service's barrier, whose timeout we choose, rather than a collective
+    (gloo's CPU collectives give up after 30 s, less than preparing a corpus may take).
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+    client = distributed.global_state.client
+    if client is not None:
+        client.wait_at_barrier(f"gptjax_{name}", timeout_in_ms=timeout_s * 1000)
+    else:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def main_process_first(name: str, fn: Callable[[], Any]) -> Any:
+    """Run `fn` on process 0 first (preparing shared files), then on the others (reading them)."""
+    if jax.process_index() == 0:
+        out = fn()
+        barrier(name)
+        return out
+    barrier(name)
+    return fn()
+
+
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, source) -> Any:
     """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built."""
     from gptjax import tokenizers as toks
@@ -330,12 +360,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     is_main = jax.process_index() == 0
     tc = config.train
 
-    source = build_source(config)
-    tokenizer = build_tokenizer(config, workdir, source)
     cache_dir = config.data.get("cache_dir") or None
-    train_tokens = load_tokens(source, "train", tokenizer, cache_dir=cache_dir)
     val_split = config.data.get("val_split", "validation")
-    val_tokens = load_tokens(source, val_split, tokenizer, cache_dir=cache_dir)
+
+    def prepare_data():
+        source = build_source(config)
+        tokenizer = build_tokenizer(config, workdir, source)
+        return (tokenizer, load_tokens(source, "train", tokenizer, cache_dir=cache_dir),
+                load_tokens(source, val_split, tokenizer, cache_dir=cache_dir))
+
+    # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
+    # other processes then find them ready instead of racing to write the same files.
+    tokenizer, train_tokens, val_tokens = main_process_first("data", prepare_data)
     model_cfg = model_config_from(config, tokenizer.vocab_size)
     seq_len = config.data.get("seq_len", 0) or model_cfg.n_ctx
     if seq_len > model_cfg.n_ctx:
@@ -501,3 +537,41 @@ def load_workdir(workdir: str, step: Optional[int] = None):
     ckpt.close()
     tokenizer = toks.load_tokenizer(os.path.join(workdir, "tokenizer"))
     return model_cfg, state.params, tokenizer
+
+
+# ================================================================================ dry run
+def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool = True) -> str:
+    """The sharding of every parameter and a per-device memory plan, without allocating.
+
+    The vocabulary size comes from the config, or (when it is <= 0) from the run's tokenizer.
+    With `compile_step`, the train step is also compiled for the local devices and XLA's own
+    memory analysis is reported next to the estimate.
+    """
+    from gptjax.memory import compiled_memory, format_bytes, memory_plan, sharding_table
+
+    vocab = None
+    if config.model.get("vocab_size", 0) <= 0:
+        source = build_source(config)
+        vocab = build_tokenizer(config, workdir, source).vocab_size
+    model_cfg = model_config_from(config, vocab)
+    seq_len = config.data.get("seq_len", 0) or model_cfg.n_ctx
+    setup = Setup(config, model_cfg, config.train.steps)
+    lines = [f"model: {model_cfg.num_params():,} parameters; mesh {dict(setup.mesh.shape)} on "
+             f"{setup.mesh.size} {jax.devices()[0].platform} devices; rules {setup.rules}", "",
+             f"{'parameter':56s} {'shape':22s} {'logical axes':44s} {'mesh':28s} per device"]
+    for path, shape, logical, spec, nbytes in sharding_table(setup):
+        lines.append(f"{path:56s} {str(shape):22s} {str(logical):44s} {str(spec):28s} "
+                     f"{format_bytes(nbytes)}")
+    plan = memory_plan(setup, config.train.batch_size, seq_len,
+                       config.train.get("accum_steps", 1))
+    lines += ["", f"memory plan per device (batch {config.train.batch_size}, seq {seq_len}, "
+              f"micro-batch/device {plan['micro_batch_per_device']}, remat {model_cfg.remat}, "
+              f"compute {model_cfg.dtype}, params {model_cfg.param_dtype}):"]
+    for k in ("params", "optimizer_state", "gradients", "activations", "total"):
+        lines.append(f"  {k:16s} {format_bytes(plan[k])}")
+    if compile_step:
+        cm = compiled_memory(setup, config.train.batch_size, seq_len)
+        if cm is not None:
+            lines.append("XLA memory analysis of the compiled step, per device: " + ", ".join(
+                f"{k} {format_bytes(v)}" for k, v in cm.items()))
+    return "\n".join(lines)

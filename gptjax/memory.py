@@ -1,0 +1,104 @@
+"""Memory plans: per-device bytes of parameters, optimizer state, gradients and activations,
+computed without allocating anything, and the sharding of every parameter (`train.py --dry_run`).
+
+Activation estimates follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+Transformer Models", eq. 2), which counts the bytes one transformer layer keeps for the backward
+pass with 16-bit activations: s*b*h*(34 + 5*a*s/h) without tensor parallelism and
+s*b*h*(10 + 24/t + 5*a*s/(h*t)) with t-way tensor parallelism (the 10 are LayerNorm inputs,
+dropout masks and the residual, which stay replicated). We scale by the compute dtype's size / 2.
+Under remat='full' a layer keeps only its input (2*s*b*h bytes at 16 bits) plus one layer's
+activations live during recomputation; under remat='dots' it keeps the outputs of the
+non-batched matmuls (q/k/v, attention projection, both MLP matmuls: (3+1+4)/t + 1 + 1 widths).
+The output layer adds the fp32 logits and their gradient, 2 x 4 bytes x s*b*V/t.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from gptjax import sharding as shd
+
+
+def _nbytes_per_device(shapes: Any, shardings: Any) -> int:
+    total = 0
+    flat_sh = jax.tree_util.tree_leaves(
+        shardings, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    for shp, sh in zip(jax.tree_util.tree_leaves(shapes), flat_sh):
+        n = math.prod(shp.shape) * np.dtype(shp.dtype).itemsize
+        total += n // shd.shard_count(sh, len(shp.shape))
+    return total
+
+
+def activation_bytes(model_cfg, micro_batch_per_device: int, seq_len: int, tensor: int) -> int:
+    """Per-device bytes of activations kept for the backward pass (see the module docstring)."""
+    s, b, h, a, t = seq_len, micro_batch_per_device, model_cfg.n_embd, model_cfg.n_head, tensor
+    scale = np.dtype(model_cfg.dtype).itemsize / 2
+    full_layer = s * b * h * (10 + 24 / t + 5 * a * s / (h * t)) * scale
+    if model_cfg.remat == "none":
+        layers = model_cfg.n_layer * full_layer
+    elif model_cfg.remat == "full":
+        layers = model_cfg.n_layer * 2 * s * b * h * scale + full_layer
+    else:  # dots
+        layers = model_cfg.n_layer * s * b * h * (8 / t + 2) * 2 * scale + full_layer
+    logits = 2 * 4 * s * b * model_cfg.vocab_size / t
+    return int(layers + logits)
+
+
+def memory_plan(setup, batch_size: int, seq_len: int, accum_steps: int = 1) -> dict:
+    """Per-device bytes of a train step on `setup`'s mesh; nothing is allocated."""
+    st, sh = setup.abstract_state, setup.state_shardings
+    mesh = setup.mesh
+    dp = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = max(1, batch_size // (dp * accum_steps))
+    params = _nbytes_per_device(st.params, sh.params)
+    opt = _nbytes_per_device(st.opt_state, sh.opt_state)
+    grads = params  # one gradient per parameter, same layout (fp32 accumulators under accum>1)
+    acts = activation_bytes(setup.model_cfg, micro, seq_len, mesh.shape["tensor"])
+    return dict(params=params, optimizer_state=opt, gradients=grads, activations=acts,
+                total=params + opt + grads + acts, micro_batch_per_device=micro,
+                devices=mesh.size)
+
+
+def compiled_memory(setup, batch_size: int, seq_len: int) -> dict | None:
+    """XLA's own per-device memory analysis of the compiled train step (compiles, no allocation).
+
+    Returns None when the backend does not report it.
+    """
+    abstract_state = setup.abstract_sharded_state()
+    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=setup.batch_sharding)
+             for k in ("inputs", "targets")}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
+    with setup.mesh:
+        compiled = setup.train_step.lower(abstract_state, batch, rng).compile()
+    ma = compiled.memory_analysis()
+    if ma is None:
+        return None
+    return dict(arguments=int(ma.argument_size_in_bytes), outputs=int(ma.output_size_in_bytes),
+                temporaries=int(ma.temp_size_in_bytes), aliased=int(ma.alias_size_in_bytes))
+
+
+def sharding_table(setup) -> list:
+    """(parameter path, shape, logical axes, mesh spec, bytes per device) for every parameter."""
+    rows = []
+    specs = jax.tree_util.tree_leaves(setup.logical_specs,
+                                      is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+    flat = jax.tree_util.tree_leaves_with_path(setup.abstract_state.params)
+    shs = jax.tree_util.tree_leaves(setup.state_shardings.params,
+                                    is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+    for (path, shp), logical, sh in zip(flat, specs, shs):
+        n = math.prod(shp.shape) * np.dtype(shp.dtype).itemsize
+        rows.append((jax.tree_util.keystr(path), tuple(shp.shape), tuple(logical),
+                     tuple(sh.spec), n // shd.shard_count(sh, len(shp.shape))))
+    return rows
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
