@@ -174,3 +174,25 @@ def test_every_config_parses_and_builds(path):
         mc = model_config_from(c, vocab_size=50257)
         assert mc.num_params() > 0  # abstract: a 175B config costs nothing
         assert c.train.batch_size > 0 and c.train.steps > 0
+
+
+def test_bf16_compute_keeps_fp32_master_weights_and_optimizer_state():
+    c = base_config()
+    c.model = model_config("tiny", dtype="bfloat16", param_dtype="float32")
+    c.optim.warmup_steps = 0
+    mc = model_config_from(c)
+    from gptjax.optim import make_optimizer
+    tx, sched = make_optimizer(c.optim, 10)
+    params = init_params(mc, jax.random.key(0))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    x = jax.random.randint(jax.random.key(1), (4, 33), 0, mc.vocab_size)
+    new, m = jax.jit(make_train_step(mc, tx, sched))(
+        state, {"inputs": x[:, :-1], "targets": x[:, 1:]}, jax.random.key(0))
+    assert np.isfinite(float(m["loss"]))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(new.params))
+    assert all(s.dtype in (jnp.float32, jnp.int32)
+               for s in jax.tree_util.tree_leaves(new.opt_state))
+    # The update moved the fp32 weights by less than a bf16 ulp of some entries: master weights
+    # keep precision bf16 storage would lose.
+    d = np.abs(np.asarray(new.params["wte"]["embedding"] - params["wte"]["embedding"]))
+    assert d.max() > 0
