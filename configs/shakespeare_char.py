@@ -2,7 +2,8 @@
 
 4 layers, 4 heads, 128 wide, context 64, batch 12, 2000 iterations, lr 1e-3 with 100 warmup
 steps and cosine decay to 1e-4 at 2000, beta2 0.99, weight decay 0.1, grad clip 1.0, dropout 0,
-no biases, nanoGPT's random-offset batches; characters; the first 90% of the text for training
+no biases (nanoGPT's bias=False: none in Linear or LayerNorm layers), exact-erf GELU (nanoGPT's
+nn.GELU()), nanoGPT's random-offset batches; characters; the first 90% of the text for training
 and the last 10% for validation.
 
 Run:
@@ -20,7 +21,8 @@ from configs.common import base_config, model_config
 def get_config():
     c = base_config()
     c.model = model_config("tiny", vocab_size=0, n_layer=4, n_head=4, n_embd=128, n_ctx=64,
-                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, use_bias=False)
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, use_bias=False,
+                           activation="gelu")  # nanoGPT's nn.GELU() is the exact (erf) GELU
     c.data.dataset = "local_text"
     c.data.path = "../shared/data/tinyshakespeare/input.txt"
     c.data.validation_fraction = 0.1

@@ -40,7 +40,8 @@ class GPTConfig:
       activation: MLP nonlinearity; 'gelu_tanh' is the tanh approximation the originals used.
       embd_pdrop, attn_pdrop, resid_pdrop: dropout after the embedding sum, on attention
         probabilities, and on each residual branch.
-      use_bias: biases in the dense layers (all GPTs: True).
+      use_bias: biases in the dense layers and LayerNorms (all GPTs: True; nanoGPT's `bias`
+        flag, False in its recipes, drops both).
       tie_embeddings: output head shares `wte` (all GPTs: True).
       init_std: standard deviation of the normal initialiser (0.02 in GPT-1/2).
       scale_resid_init: scale the init of residual projections (`attn.c_proj`, `mlp.c_proj`) by

@@ -78,7 +78,8 @@ class Linear(nn.Module):
 def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
     # flax computes the LayerNorm statistics in fp32 even for bf16 inputs.
     return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                        param_dtype=jnp.dtype(cfg.param_dtype), scale_init=_ones(("embed",)),
+                        param_dtype=jnp.dtype(cfg.param_dtype), use_bias=cfg.use_bias,
+                        scale_init=_ones(("embed",)),
                         bias_init=_zeros(("embed",)), name=name)
 
 

@@ -1,0 +1,83 @@
+"""Sample from a trained gptjax run or an imported transformers directory.
+
+  python sample.py --workdir runs/default --prompt "def " --max_new_tokens 200
+  python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
+  echo "Once upon a time" | python sample.py --workdir runs/x
+
+Intentionally thin: gptjax.textgen loads and completes, gptjax.sampling decodes.
+"""
+
+import sys
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir (default: it).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_TEMP = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
+_BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search when > 1.")
+_LP = flags.DEFINE_float("length_penalty", 1.0, "Beam search length penalty.")
+_STOP = flags.DEFINE_multi_string("stop", [], "Stop sequence (repeatable).")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_N = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+
+
+def _prompts():
+    if _PROMPT.value is not None:
+        return [_PROMPT.value.encode().decode("unicode_escape") if "\\" in _PROMPT.value
+                else _PROMPT.value]
+    if _PROMPT_FILE.value is not None:
+        with open(_PROMPT_FILE.value, encoding="utf-8", errors="replace") as fh:
+            return [ln.rstrip("\n").replace("\\n", "\n") for ln in fh if ln.strip()]
+    if not sys.stdin.isatty():
+        return [sys.stdin.buffer.read().decode("utf-8", errors="replace")]
+    return [""]
+
+
+def _run():
+    from gptjax.textgen import complete, load_model
+    if _N.value < 1:
+        raise ValueError(f"--num_samples={_N.value}: must be >= 1")
+    config, params, tok = load_model(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, _STEP.value)
+    prompts = _prompts()
+    for prompt in prompts:
+        for i in range(_N.value):
+            sys.stdout.write(prompt)
+            sys.stdout.flush()
+            ids, printed = [], [""]
+
+            def on_token(row, token):
+                # Print the new suffix of the decoded text; hold back a partial UTF-8 character.
+                if tok.eos_id is not None and token == tok.eos_id:
+                    return
+                ids.append(int(token))
+                text = tok.decode(ids).rstrip("\ufffd")
+                sys.stdout.write(text[len(printed[0]):])
+                sys.stdout.flush()
+                printed[0] = text
+
+            out = complete(config, params, tok, [prompt], max_new_tokens=_MAX_NEW.value,
+                           temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                           num_beams=_BEAMS.value, length_penalty=_LP.value, stop=_STOP.value,
+                           seed=_SEED.value + i, on_token=on_token)[0]
+            # Beam search (and anything the stream held back) prints the final text here.
+            sys.stdout.write(out[len(printed[0]):] + "\n")
+            if _N.value > 1 or len(prompts) > 1:
+                sys.stdout.write("-" * 40 + "\n")
+            sys.stdout.flush()
+
+
+def main(argv):
+    del argv
+    from gptjax.cli import run_cli
+    run_cli(_run)
+
+
+if __name__ == "__main__":
+    app.run(main)
