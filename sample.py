@@ -18,7 +18,7 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
-_TEMP = flags.DEFINE_float("temperature", 0.8, "0 = greedy.")
+_TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default 0.8; beam search: 1).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
 _BEAMS = flags.DEFINE_integer("num_beams", 1, "Beam search when > 1.")
@@ -45,6 +45,7 @@ def _run():
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
     config, params, tok = load_model(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, _STEP.value)
+    temperature = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
     prompts = _prompts()
     for prompt in prompts:
         for i in range(_N.value):
@@ -63,7 +64,7 @@ def _run():
                 printed[0] = text
 
             out = complete(config, params, tok, [prompt], max_new_tokens=_MAX_NEW.value,
-                           temperature=_TEMP.value, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                           temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
                            num_beams=_BEAMS.value, length_penalty=_LP.value, stop=_STOP.value,
                            seed=_SEED.value + i, on_token=on_token)[0]
             # Beam search (and anything the stream held back) prints the final text here.
