@@ -3,7 +3,13 @@
 import os
 import pathlib
 
+import jax
 import pytest
+
+# fp32 parity tests compare against transformers/full-precision references at 1e-4..1e-6. On GPUs
+# XLA's default precision runs fp32 matmuls in TF32 (10-bit mantissa), which is a speed setting,
+# not the model's numerics: tests ask for full fp32 so that they check the same thing everywhere.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
