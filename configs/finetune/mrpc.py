@@ -1,0 +1,17 @@
+"""MRPC (paraphrase): similarity, both orderings <s> a $ b <e> summed; F1 and accuracy.
+
+Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
+or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
+  python finetune.py --config configs/finetune/mrpc.py --workdir runs/ft_mrpc \
+      --config.init.kind=hf --config.init.path=/models/gpt2
+
+Expected: GPT-1 Table 4: 82.3 F1 on the GLUE test set.
+That figure is the paper's, for GPT-1's 117M model pretrained on BooksCorpus; it was not measured
+here; tiny CPU models score far lower (bench/finetune_sst2.py measures one on SST-2).
+"""
+
+from configs.finetune.common import finetune_config
+
+
+def get_config():
+    return finetune_config("mrpc", "../shared/data/glue/MRPC")

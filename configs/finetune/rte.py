@@ -1,0 +1,17 @@
+"""RTE (2-way entailment): entailment, <s> premise $ hypothesis <e>; accuracy.
+
+Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
+or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
+  python finetune.py --config configs/finetune/rte.py --workdir runs/ft_rte \
+      --config.init.kind=hf --config.init.path=/models/gpt2
+
+Expected: GPT-1 Table 2: 56.0% test accuracy.
+That figure is the paper's, for GPT-1's 117M model pretrained on BooksCorpus; it was not measured
+here; tiny CPU models score far lower (bench/finetune_sst2.py measures one on SST-2).
+"""
+
+from configs.finetune.common import finetune_config
+
+
+def get_config():
+    return finetune_config("rte", "../shared/data/glue/RTE")

@@ -1,0 +1,18 @@
+"""SciTail 1.1 (2-way science entailment): entailment; accuracy. Not in ../shared/data: unpack
+SciTailV1.1.zip into data/SciTailV1.1 (tsv_format/ is read).
+
+Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
+or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
+  python finetune.py --config configs/finetune/scitail.py --workdir runs/ft_scitail \
+      --config.init.kind=hf --config.init.path=/models/gpt2
+
+Expected: GPT-1 Table 2: 88.3% test accuracy.
+That figure is the paper's, for GPT-1's 117M model pretrained on BooksCorpus; it was not measured
+here; tiny CPU models score far lower (bench/finetune_sst2.py measures one on SST-2).
+"""
+
+from configs.finetune.common import finetune_config
+
+
+def get_config():
+    return finetune_config("scitail", "data/SciTailV1.1")

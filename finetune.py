@@ -1,0 +1,44 @@
+"""Finetune, or evaluate zero-shot, a GPT on a task.
+
+  python finetune.py --config configs/finetune/<task>.py --workdir DIR [--mode=...] \
+      [--config.a.b=v]
+
+Modes: 'finetune' (GPT-1's heads and L2 + 0.5 L1), 'zero_shot' (the LM alone, GPT-1 section 5),
+'analysis' (GPT-1 Figure 2: dev score against layers transferred, zero-shot across pretraining
+checkpoints). Intentionally thin: flags in, `gptjax.finetune` does the work.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Finetuning config file (configs/finetune/<task>.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, predictions).")
+_MODE = flags.DEFINE_enum("mode", "finetune", ["finetune", "zero_shot", "analysis"],
+                          "What to run.")
+_NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    from gptjax.cli import run_cli
+    run_cli(lambda: _run(_CONFIG.value, _WORKDIR.value, _MODE.value))
+
+
+def _run(config, workdir, mode):
+    from gptjax import finetune
+    if mode == "zero_shot":
+        finetune.zero_shot(config, workdir)
+    elif mode == "analysis":
+        finetune.layer_transfer_analysis(config, workdir, progress=not _NO_PROGRESS.value)
+    else:
+        finetune.finetune(config, workdir, progress=not _NO_PROGRESS.value)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    app.run(main)
