@@ -17,7 +17,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from gptjax import GPTConfig
 from gptjax.metrics import datasheet_peak, measured_peak
