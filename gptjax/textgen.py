@@ -72,7 +72,7 @@ def complete(config, params, tokenizer, prompts: Sequence[str], *, max_new_token
                             eos_id=tokenizer.eos_id, stop_sequences=stop_ids,
                             rng=jax.random.key(seed), **kwargs)
     texts = []
-    for row in range(len(ids) * (1 if num_beams == 1 else 1)):
+    for row in range(len(ids)):
         n = int(out.lengths[row])
         toks = [int(t) for t in out.tokens[row][:n]]
         if toks and tokenizer.eos_id is not None and toks[-1] == tokenizer.eos_id:
