@@ -239,6 +239,7 @@ class GPT(nn.Module):
         B, T = (tokens_BxT if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC).shape[:2]
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         cache_index = None if cache is None else cache["index"]
+        default_pos = positions_BxT is None and cache is None
         if positions_BxT is None:
             start = 0 if cache is None else cache_index
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -253,8 +254,11 @@ class GPT(nn.Module):
         x_BxTxC = nn.Dropout(cfg.embd_pdrop)(x_BxTxC, deterministic=deterministic)
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
 
+        # Positions as attention sees them: None states "0..T-1 in every row, no cache", which
+        # lets slot-masked kernels (cuDNN, splash, the blocked banded path) run.
+        attn_pos_BxT = None if default_pos else positions_BxT
         if cache is None:
-            k_pos_BxS = positions_BxT
+            k_pos_BxS = attn_pos_BxT
             layers_cache = None
         else:
             k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache_index))
@@ -267,7 +271,7 @@ class GPT(nn.Module):
                 in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             x_BxTxC, new_layers = scanned(cfg, deterministic, name="h")(
-                x_BxTxC, None if layers_cache is None else layers_cache["h"], positions_BxT,
+                x_BxTxC, None if layers_cache is None else layers_cache["h"], attn_pos_BxT,
                 k_pos_BxS, cache_index)
             new_layers = None if layers_cache is None else {"h": new_layers}
         else:
@@ -280,7 +284,7 @@ class GPT(nn.Module):
                 c = None if layers_cache is None else layers_cache[name]
                 w = None if cfg.layer_kinds()[i] == "dense" else window
                 x_BxTxC, c = block_cls(cfg, w, deterministic, name=name)(
-                    x_BxTxC, positions_BxT, k_pos_BxS, c, cache_index)
+                    x_BxTxC, attn_pos_BxT, k_pos_BxS, c, cache_index)
                 if new_layers is not None:
                     new_layers[name] = c
 
