@@ -1,0 +1,44 @@
+"""Serve a gptjax model over an OpenAI-style completions API (FastAPI + uvicorn).
+
+  python serve.py --workdir runs/default --port 8000
+  python serve.py --hf_dir path/to/gpt2 --batch_sizes 1,4,8 --prompt_buckets 64,256,1024
+  curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
+       -d '{"prompt": "To be", "max_tokens": 20, "seed": 0}'
+
+Intentionally thin: gptjax.serving batches, decodes and answers; gptjax.textgen loads.
+"""
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
+_HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir (default: it).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
+_NAME = flags.DEFINE_string("model_name", None, "Model id in the API (default: the dir's name).")
+_BATCH = flags.DEFINE_string("batch_sizes", "1,2,4,8",
+                             "Batch buckets (comma-separated); the largest is the most rows a "
+                             "batch decodes together.")
+_PROMPT_BUCKETS = flags.DEFINE_string("prompt_buckets", "",
+                                      "Prompt-length buckets (default 16,64,256,1024,... < n_ctx "
+                                      "and n_ctx).")
+_QUEUE = flags.DEFINE_integer("max_queue", 64, "Most waiting requests; more get HTTP 429.")
+_WINDOW = flags.DEFINE_float("batch_window_ms", 10.0,
+                             "How long a batch waits for more requests after its first.")
+_TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds before a request gets HTTP 503.")
+
+
+def main(argv):
+    del argv
+    from gptjax.cli import run_cli
+    from gptjax.serving import serve
+    run_cli(lambda: serve(
+        workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, tokenizer_path=_TOKENIZER.value,
+        step=_STEP.value, host=_HOST.value, port=_PORT.value, batch_sizes=_BATCH.value,
+        prompt_buckets=_PROMPT_BUCKETS.value, max_queue=_QUEUE.value,
+        batch_window_ms=_WINDOW.value, request_timeout=_TIMEOUT.value, model_name=_NAME.value))
+
+
+if __name__ == "__main__":
+    app.run(main)
