@@ -1,0 +1,99 @@
+"""What eval.py runs: load one or several models, then perplexity or few-shot evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional, Sequence
+
+from gptjax.eval import fewshot
+from gptjax.eval import perplexity as ppl
+
+
+def parse_ints(value: str, name: str, minimum: int = 0) -> list:
+    """'0,1,4' -> [0, 1, 4]; a one-line error naming the flag otherwise."""
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{name}={value!r}: expected comma-separated integers") from None
+    if not out or min(out) < minimum:
+        raise ValueError(f"--{name}={value!r}: expected integers >= {minimum}")
+    return out
+
+
+def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
+                tokenizer_path: Optional[str] = None, steps: Sequence[int] = ()) -> list:
+    """(name, config, params, tokenizer, info) for every model named.
+
+    Args:
+      workdirs: train.py run directories (latest checkpoint, or each of `steps`).
+      hf_dirs: local transformers GPT-2 / OpenAI-GPT directories.
+      tokenizer_path: GPT-2 BPE files for the HF directories (default: each directory).
+      steps: checkpoint steps to evaluate in every workdir (a curve against training step).
+    """
+    from gptjax.textgen import load_model
+
+    if not workdirs and not hf_dirs:
+        raise ValueError("give at least one model: --workdir (a gptjax run) or --hf_dir "
+                         "(a transformers directory); both repeatable")
+    if steps and not workdirs:
+        raise ValueError("--steps applies to --workdir runs only")
+    models = []
+    for wd in workdirs:
+        for step in (steps or [None]):
+            config, params, tok = load_model(wd, None, None, step)
+            name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
+            models.append((name, config, params, tok, {"step": step, "path": wd}))
+    for hd in hf_dirs:
+        config, params, tok = load_model(None, hd, tokenizer_path)
+        models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
+                       {"path": hd}))
+    return models
+
+
+def run_perplexity(models: list, *, text_path: str = "", tfds_name: str = "",
+                   split: str = "validation", data_dir: str = "", text_key: str = "text",
+                   detokenize: str = "none", unk: Optional[str] = None, context: int = 0,
+                   stride: int = 0, prepend_eos: bool = False, max_chars: int = 0,
+                   batch_size: int = 8, out: str = "") -> list:
+    """Sliding-window perplexity of every model on one text; prints a line per model and
+    writes out/perplexity.json when `out` is given. Returns the result dicts."""
+    if detokenize not in ppl.DETOKENIZERS:
+        raise ValueError(f"--detokenize={detokenize!r}: allowed {sorted(ppl.DETOKENIZERS)}")
+    raw = ppl.read_eval_text(text_path, tfds_name=tfds_name, split=split, data_dir=data_dir,
+                             text_key=text_key, max_chars=max_chars)
+    if detokenize == "wikitext":
+        text = ppl.wikitext_detokenize(raw, unk)
+        words = ppl.count_words(raw)   # WikiText's own word count, <eos> per line
+    else:
+        text, words = raw, ppl.count_words(raw, newline_is_word=False)
+    results = []
+    for name, config, params, tok, _ in models:
+        res = ppl.perplexity(config, params, tok, text, context=context or None,
+                             stride=stride or None, num_words=words, prepend_eos=prepend_eos,
+                             batch_size=batch_size).as_dict()
+        res.update(model=name, source=text_path or f"{tfds_name}[{split}]",
+                   detokenize=detokenize)
+        results.append(res)
+        print(f"{name}: token ppl {res['token_perplexity']:.3f} ({res['tokens']:,} tokens), "
+              f"word ppl {res['word_perplexity']:.3f} ({words:,} words), "
+              f"{res['bits_per_byte']:.4f} bits/byte; context {res['context']}, stride "
+              f"{res['stride']}, {res['windows']} windows", flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "perplexity.json"), "w") as fh:
+            json.dump(results, fh, indent=2)
+    return results
+
+
+def run_fewshot(models: list, task_specs: Sequence[str], shots: Sequence[int], *,
+                num_examples: int = 0, seed: int = 0, batch_size: int = 16,
+                out: str = "") -> list:
+    """Every (model, task, K) with gptjax.eval.fewshot; table, JSON and plots in `out`."""
+    tasks = [fewshot.build_task(s, num_examples=num_examples, seed=seed) for s in task_specs]
+    rows = fewshot.run(models, tasks, shots, seed=seed, batch_size=batch_size,
+                       out_dir=out or None)
+    print(fewshot.results_markdown(rows), end="")
+    if out:
+        print(f"results: {os.path.join(out, 'results.md')} (+ results.json, plots)")
+    return rows

@@ -1,0 +1,107 @@
+"""gptjax.sweep: N models trained at once with vmap equal each model trained alone."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs.common import base_config, model_config
+from gptjax import sweep
+from gptjax.trainer import Setup, model_config_from
+
+STEPS = 6
+
+
+def _config(seed=0, lr=3e-3, dropout=0.1):
+    c = base_config()
+    c.seed = seed
+    c.model = model_config("tiny", vocab_size=40, n_ctx=16, embd_pdrop=dropout,
+                           attn_pdrop=dropout, resid_pdrop=dropout)
+    c.optim.learning_rate = lr
+    c.optim.warmup_steps = 2
+    c.optim.min_lr = lr / 10
+    c.train.steps = STEPS
+    c.train.batch_size = 4
+    c.train.eval_batch_size = 4
+    return c
+
+
+def _tokens(n, seed):
+    # A learnable stream: a noisy counter modulo the vocabulary.
+    rng = np.random.default_rng(seed)
+    return ((np.arange(n) + (rng.random(n) < 0.1)) % 40).astype(np.int32)
+
+
+_SETUPS = {}
+
+
+def _alone(config, train_tokens):
+    """The trainer's own sharded, jitted step and init for one seed: losses per step."""
+    from gptjax.data import LMBatcher
+
+    model_cfg = model_config_from(config)
+    # The Setup (mesh, optimizer, jitted step) does not depend on the seed: build it once per
+    # optimizer, so the test compiles the trainer's step once rather than once per seed.
+    key = (config.optim.learning_rate, model_cfg)
+    if key not in _SETUPS:
+        _SETUPS[key] = Setup(config, model_cfg, config.train.steps)
+    setup = _SETUPS[key]
+    init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
+    state = setup.init_state(init_rng)
+    batcher = LMBatcher(train_tokens, model_cfg.n_ctx, config.train.batch_size, config.seed)
+    losses = []
+    with setup.mesh:
+        for step in range(config.train.steps):
+            state, m = setup.train_step(state, setup.put_batch(batcher.batch(step)), train_rng)
+            losses.append(float(m["loss"]))
+    return np.array(losses), state
+
+
+def test_vmap_over_seeds_equals_each_seed_alone():
+    train, val = _tokens(2000, 0), _tokens(400, 1)
+    seeds = [0, 5]
+    out = sweep.train_sweep(_config(), train, val, seeds=seeds)
+    assert out.losses.shape == (2, STEPS) and out.val_loss.shape == (2,)
+    for i, s in enumerate(seeds):
+        losses, state = _alone(_config(seed=s), train)
+        print(f"seed {s}: sweep {out.losses[i]} alone {losses}")
+        np.testing.assert_allclose(out.losses[i], losses, rtol=2e-5, atol=2e-6)
+        got = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x[i]), out.state.params)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
+            a, np.asarray(b), rtol=1e-4, atol=1e-5), got, state.params)
+    # Different seeds are different models (dropout, init and batches differ).
+    assert np.abs(out.losses[0] - out.losses[1]).max() > 1e-3
+
+
+def test_vmap_over_learning_rates_equals_each_rate_alone():
+    train = _tokens(2000, 0)
+    lrs = [1e-3, 1e-2]
+    out = sweep.train_sweep(_config(dropout=0.0), train, seeds=[3], learning_rates=lrs)
+    assert out.seeds == [3, 3] and out.learning_rates == lrs
+    # The second model (not the config's rate) against the trainer run with that rate.
+    losses, _ = _alone(_config(seed=3, lr=lrs[1], dropout=0.0), train)
+    np.testing.assert_allclose(out.losses[1], losses, rtol=2e-5, atol=2e-6)
+    assert np.abs(out.losses[0, -1] - out.losses[1, -1]) > 1e-3
+
+
+def test_sweep_argument_errors():
+    with pytest.raises(ValueError, match="seeds"):
+        sweep._check_models([], None)
+    with pytest.raises(ValueError, match="2 seeds and 3 learning rates"):
+        sweep._check_models([0, 1], [1e-3, 2e-3, 3e-3])
+    with pytest.raises(ValueError, match="learning_rates"):
+        sweep._check_models([0], [-1.0])
+
+
+def test_power_law_fit_recovers_known_law_and_matches_scipy():
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    n = np.array([1e4, 3e4, 1e5, 3e5, 1e6])
+    alpha, n_c = 0.076, 8.8e13  # Kaplan et al.'s L(N)
+    fit = sweep.fit_power_law(n, (n_c / n) ** alpha)
+    assert fit["alpha"] == pytest.approx(alpha, rel=1e-6)
+    assert fit["n_c"] == pytest.approx(n_c, rel=1e-4) and fit["r2"] == pytest.approx(1.0)
+    noisy = (n_c / n) ** alpha * np.exp(np.random.default_rng(0).normal(0, 0.01, len(n)))
+    fit = sweep.fit_power_law(n, noisy)
+    (a, log_nc), _ = scipy_opt.curve_fit(lambda x, a, c: a * (c - x), np.log(n), np.log(noisy),
+                                         p0=(0.1, 30.0))
+    assert fit["alpha"] == pytest.approx(a, rel=1e-5)
+    assert np.log(fit["n_c"]) == pytest.approx(log_nc, rel=1e-5)
