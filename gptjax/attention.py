@@ -200,7 +200,7 @@ def _block_ranges(q_pos_BxT, k_pos_BxS, window, bq, bk):
 
 
 def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref, lse_ref, *,
-                      scale, window, bk):
+                      scale, window, bk, precision):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -213,14 +213,14 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref
         sl = pl.ds(j * bk, bk)
         k, v, kp = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
         # Base-2 scaled scores: exp2(x * log2 e) = exp(x), and exp2 is the fast instruction.
-        s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
         vis = _visible(qp, kp, window)
         m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, _MASK_VALUE), axis=-1))
         # Masked entries are zeroed explicitly, so a tile with no visible key adds nothing.
         p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
         corr = jnp.exp2(m - m_new)
         l = l * corr + jnp.sum(p, axis=-1)
-        o = o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v)
+        o = o * corr[:, None] + plgpu.dot(p.astype(v.dtype), v, precision=precision)
         return o, m_new, l
 
     o = jnp.zeros((bq, d), jnp.float32)
@@ -233,7 +233,7 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref
 
 
 def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, lo_ref,
-                       hi_ref, dk_ref, dv_ref, *, scale, window, bq):
+                       hi_ref, dk_ref, dv_ref, *, scale, window, bq, precision):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -245,12 +245,12 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, del
         sl = pl.ds(i * bq, bq)
         q, qp, do = q_ref[sl, :], qp_ref[sl], do_ref[sl, :]
         lse, delta = lse_ref[sl], delta_ref[sl]
-        s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
         p = jnp.where(_visible(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
-        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
-        dp = plgpu.dot(do, v, trans_b=True)
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
+        dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
-        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
+        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True, precision=precision)
         return dk, dv
 
     zeros = jnp.zeros((bk, d), jnp.float32)
@@ -260,7 +260,7 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, del
 
 
 def _flash_dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, lo_ref,
-                     hi_ref, dq_ref, *, scale, window, bk):
+                     hi_ref, dq_ref, *, scale, window, bk, precision):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -271,14 +271,22 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta
     def body(j, dq):
         sl = pl.ds(j * bk, bk)
         k, v, kp = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
-        s = plgpu.dot(q, k, trans_b=True) * (scale * _LOG2E)
+        s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
         p = jnp.where(_visible(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
-        dp = plgpu.dot(do, v, trans_b=True)
+        dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
-        return dq + plgpu.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
 
     dq = jax.lax.fori_loop(lo_ref[0], hi_ref[0], body, jnp.zeros((bq, d), jnp.float32))
     dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dot_precision(dtype):
+    # fp32 tiles follow jax_default_matmul_precision ('highest' in the tests: no TF32 on GPUs).
+    if jnp.dtype(dtype) == jnp.float32 and str(
+            jax.config.jax_default_matmul_precision).lower() in ("highest", "float32"):
+        return jax.lax.Precision.HIGHEST
+    return None
 
 
 def _compiler_params(d):
@@ -293,7 +301,8 @@ def _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret):
     S = k.shape[1]
     bq, bk = blocks[0], blocks[1]
     lo, hi, _, _ = _block_ranges(q_pos, k_pos, window, bq, bk)
-    kernel = functools.partial(_flash_fwd_kernel, scale=D ** -0.5, window=window, bk=bk)
+    kernel = functools.partial(_flash_fwd_kernel, scale=D ** -0.5, window=window, bk=bk,
+                               precision=_dot_precision(q.dtype))
     o, lse = pl.pallas_call(
         kernel,
         grid=(T // bq, B, H),
@@ -335,7 +344,8 @@ def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret
     blk_q = pl.BlockSpec((None, bq, None, D), lambda i, b, h: (b, i, h, 0))
     blk_k = pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
-        functools.partial(_flash_dkdv_kernel, scale=scale, window=window, bq=bq),
+        functools.partial(_flash_dkdv_kernel, scale=scale, window=window, bq=bq,
+                          precision=_dot_precision(q.dtype)),
         grid=(S // bk, B, H),
         in_specs=[full_q, blk_k, blk_k,
                   pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
@@ -350,7 +360,8 @@ def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret
         compiler_params=params, interpret=interpret, name="gptjax_flash_dkdv",
     )(q, k, v, q_pos, k_pos, do, lse, delta, k_lo, k_hi)
     dq = pl.pallas_call(
-        functools.partial(_flash_dq_kernel, scale=scale, window=window, bk=bk),
+        functools.partial(_flash_dq_kernel, scale=scale, window=window, bk=bk,
+                          precision=_dot_precision(q.dtype)),
         grid=(T // bq, B, H),
         in_specs=[blk_q, full_k, full_k,
                   pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
@@ -468,8 +479,11 @@ def _splash_kernel(T: int, H: int, window: Optional[int], block: int, interpret:
     sizes = sa.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                           block_q_dq=block, block_kv_dq=block)
-    return sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * H), block_sizes=sizes,
-                                            interpret=interpret)
+    # The kernel holds its block-mask tables as arrays: make them concrete even when the first
+    # call happens inside a jit trace, so the cached kernel never captures a tracer.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha_single_device(sa.MultiHeadMask([one] * H), block_sizes=sizes,
+                                                interpret=interpret)
 
 
 def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.Array, *,
