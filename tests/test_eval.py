@@ -253,3 +253,41 @@ def test_glue_task_through_the_same_interface(shared_data):
         fewshot.build_task(f"stsb={shared_data / 'glue' / 'STS-B'}")
     with pytest.raises(ValueError, match="unknown task spec"):
         fewshot.build_task("7D+")
+
+
+# ================================================================================ eval.py
+def test_eval_cli_perplexity_fewshot_and_errors(tmp_path, shared_data):
+    import subprocess
+    import sys
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    bpe = shared_data / "gpt2_bpe"
+    if not bpe.is_dir():
+        pytest.skip(f"{bpe} is absent")
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(tmp_path / "hf")
+    text = tmp_path / "t.txt"
+    text.write_text("The lobster , a well @-@ known animal , is blue . \n" * 20)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(*args):
+        return subprocess.run([sys.executable, os.path.join(repo, "eval.py"), "--hf_dir",
+                               str(tmp_path / "hf"), "--tokenizer", str(bpe), *args],
+                              capture_output=True, text=True, cwd=repo, timeout=600)
+
+    r = run("--text", str(text), "--detokenize", "wikitext", "--stride", "32",
+            "--out", str(tmp_path / "ppl"))
+    assert r.returncode == 0, r.stderr
+    res = json.load(open(tmp_path / "ppl" / "perplexity.json"))[0]
+    # WikiText words: 12 whitespace tokens and one <eos> per line.
+    assert res["words"] == 20 * 13 and res["stride"] == 32 and res["context"] == 64
+    assert "word ppl" in r.stdout
+    r = run("--mode", "fewshot", "--tasks", "2D+,1DC", "--shots", "0,1", "--num_examples", "3",
+            "--out", str(tmp_path / "fs"))
+    assert r.returncode == 0, r.stderr
+    assert "| hf | 1DC | accuracy |" in open(tmp_path / "fs" / "results.md").read()
+    r = run("--text", str(text), "--stride", "64")
+    assert r.returncode == 2 and r.stderr.strip().startswith("error: stride=64")
+    assert len(r.stderr.strip().splitlines()) == 1
