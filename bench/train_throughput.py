@@ -1,46 +1,79 @@
-"""Train-step throughput and MFU of gptjax next to transformers' GPT2LMHeadModel, same machine.
+"""Train-step throughput and MFU of gptjax next to PyTorch (transformers and a nanoGPT-style model).
 
-  python bench/train_throughput.py                         # the three CPU shapes
+  python bench/train_throughput.py                      # the three CPU shapes, every runner
   python bench/train_throughput.py --shapes gpt2_1024 --dtype bfloat16 --batch 16   # a GPU
 
-Both sides run the same architecture (no dropout), AdamW, gradient clipping 1.0, fp32 unless
---dtype says otherwise (bf16 autocast on the torch side). MFU is model FLOPs/s
-(GPTConfig.flops_per_token: 6N + 12 L d_attn T) over the device's peak: the datasheet where the
-device is known, and always over a measured dense-matmul peak on this device.
+Runners (--runners), all on the same architecture (GPT-2: pre-LN, biases, tanh GELU, tied
+embeddings, no dropout), AdamW(3e-4, weight decay 0.1) after global-norm clipping at 1.0, fp32
+unless --dtype says otherwise (bf16 compute with fp32 master weights in gptjax, bf16 autocast in
+torch):
+  gptjax        gptjax.train_step.make_train_step, jitted with the state donated.
+  hf            transformers' GPT2LMHeadModel + torch.optim.AdamW, eager.
+  hf_compile    the same under torch.compile.
+  nano          a minimal nanoGPT-style PyTorch GPT written below (nn.Linear, fused qkv,
+                F.scaled_dot_product_attention(is_causal=True)), eager; nanoGPT's leaner model.
+  nano_compile  the same under torch.compile.
+
+The machine may be shared, so runners take turns: every round times --steps steps of each
+runner in order, and a runner's time is the median of its rounds; ratios are per round
+(peer time / gptjax time) and their median is reported, so load from other processes hits both
+sides of a ratio alike. The load average before and after is printed with the numbers.
+With --torch_threads 0,1 each torch runner also runs with one intra-op thread: on a loaded
+machine torch's OpenMP threads stall whenever another process holds a core, and a ratio against
+that alone would flatter gptjax.
+
+MFU is model FLOPs/s (GPTConfig.flops_per_token: 6N + 12 L d_attn T, backward included) over
+the device's peak: always a measured dense-matmul peak on this device (gptjax.metrics), and the
+datasheet peak where the device is known. Nothing here imports ml_collections or tensorflow
+datasets, so it runs on a machine with only jax, flax, optax, torch and transformers.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
+import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 
-from gptjax import GPTConfig
-from gptjax.metrics import datasheet_peak, measured_peak
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from gptjax import GPTConfig  # noqa: E402
+from gptjax.metrics import datasheet_peak, measured_peak  # noqa: E402
+
+# name: (n_layer, n_embd, n_head, seq_len, default batch, vocab). The two character-level
+# shapes use Tiny Shakespeare's 65 symbols as nanoGPT's shakespeare_char recipes do; GPT-2 uses
+# its vocabulary padded to a multiple of 128 (50304), as nanoGPT does.
 SHAPES = {
-    # name: (n_layer, n_embd, n_head, seq_len, cpu batch)
-    "nano_4x128_T64": (4, 128, 4, 64, 12),       # nanoGPT's shakespeare_char CPU recipe
-    "6x384_T256": (6, 384, 6, 256, 8),
-    "gpt2_T256": (12, 768, 12, 256, 4),
-    "gpt2_1024": (12, 768, 12, 1024, 8),
+    "nano_4x128_T64": (4, 128, 4, 64, 12, 65),       # nanoGPT's shakespeare_char CPU recipe
+    "6x384_T256": (6, 384, 6, 256, 8, 65),          # nanoGPT's shakespeare_char GPU model
+    "gpt2_T256": (12, 768, 12, 256, 4, 50304),      # GPT-2 small at a short context
+    "gpt2_1024": (12, 768, 12, 1024, 8, 50304),     # GPT-2 small at its full context (GPUs)
+    "tiny_smoke": (2, 64, 2, 32, 2, 128),           # device_check.sh --smoke
 }
+RUNNERS = ("gptjax", "hf", "hf_compile", "nano", "nano_compile")
+TORCH_DTYPES = {"float32": None, "bfloat16": "bfloat16"}
 
 
-def model_cfg(name, vocab, dtype):
-    L, C, H, T, _ = SHAPES[name]
-    return GPTConfig.preset("gpt2", n_layer=L, n_embd=C, n_head=H, n_ctx=T, vocab_size=vocab,
-                            embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0, dtype=dtype)
+def model_cfg(name: str, dtype: str, vocab: int = 0, attention_impl: str = "xla") -> GPTConfig:
+    L, C, H, T, _, V = SHAPES[name]
+    return GPTConfig.preset("gpt2", n_layer=L, n_embd=C, n_head=H, n_ctx=T,
+                            vocab_size=vocab or V, embd_pdrop=0.0, attn_pdrop=0.0,
+                            resid_pdrop=0.0, dtype=dtype, attention_impl=attention_impl)
 
 
-def bench_jax(cfg, batch, steps, warmup):
+# ===================================================================================== gptjax
+def jax_runner(cfg: GPTConfig, batch: int):
+    """A closure running one gptjax train step (compiled and warmed up by the caller)."""
     import optax
 
     from gptjax.model import init_params
-    from gptjax.trainer import TrainState, make_train_step
+    from gptjax.train_step import TrainState, make_train_step
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
     params = init_params(cfg, jax.random.key(0))
@@ -49,34 +82,95 @@ def bench_jax(cfg, batch, steps, warmup):
     x = jax.random.randint(jax.random.key(1), (batch, cfg.n_ctx + 1), 0, cfg.vocab_size)
     b = {"inputs": x[:, :-1], "targets": x[:, 1:]}
     rng = jax.random.key(2)
-    for _ in range(warmup):
-        state, m = step(state, b, rng)
-    jax.block_until_ready(m)
-    t = time.perf_counter()
-    for _ in range(steps):
-        state, m = step(state, b, rng)
-    jax.block_until_ready(m)
-    return (time.perf_counter() - t) / steps
+    box = {"state": state}
+
+    def run(n: int) -> float:
+        m = None
+        for _ in range(n):
+            box["state"], m = step(box["state"], b, rng)
+        return float(m["loss"])  # waits for the last step
+
+    return run
 
 
-def bench_torch(cfg, batch, steps, warmup, compile_, dtype):
+# ===================================================================================== torch
+def _nano_gpt(cfg: GPTConfig):
+    """A minimal nanoGPT-style GPT-2 (karpathy/nanoGPT model.py, re-typed here, bias=True)."""
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from torch import nn
+    from torch.nn import functional as F
+
+    C, H = cfg.n_embd, cfg.n_head
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(C), nn.LayerNorm(C)
+            self.c_attn, self.attn_proj = nn.Linear(C, 3 * C), nn.Linear(C, C)
+            self.c_fc, self.mlp_proj = nn.Linear(C, 4 * C), nn.Linear(4 * C, C)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(C, dim=2)
+            q, k, v = (t.view(B, T, H, C // H).transpose(1, 2) for t in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(cfg.vocab_size, C)
+            self.wpe = nn.Embedding(cfg.n_ctx, C)
+            self.h = nn.ModuleList([Block() for _ in range(cfg.n_layer)])
+            self.ln_f = nn.LayerNorm(C)
+            for p in self.parameters():
+                if p.dim() >= 2:
+                    torch.nn.init.normal_(p, std=0.02)
+
+        def forward(self, idx):
+            pos = torch.arange(idx.shape[1], device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.h:
+                x = block(x)
+            return F.linear(self.ln_f(x), self.wte.weight)  # tied head
+
+    return GPT()
+
+
+def torch_runner(kind: str, cfg: GPTConfig, batch: int, dtype: str):
+    """A closure running one PyTorch train step of `kind` (hf / hf_compile / nano / nano_compile)."""
+    import torch
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
-                    n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0, embd_pdrop=0.0,
-                    attn_pdrop=0.0)
-    model = GPT2LMHeadModel(hf).to(dev).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1)
-    fwd = torch.compile(model) if compile_ else model
-    x = torch.randint(0, cfg.vocab_size, (batch, cfg.n_ctx + 1), device=dev)
+    torch.manual_seed(0)
+    if kind.startswith("hf"):
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
+                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        model = GPT2LMHeadModel(hf).to(dev).train()
+
+        def forward(inp):
+            return model(inp).logits
+    else:
+        model = _nano_gpt(cfg).to(dev).train()
+        forward = model
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=3e-4)
+    if kind.endswith("_compile"):
+        forward = torch.compile(forward)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (batch, cfg.n_ctx + 1), generator=g).to(dev)
     inp, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-    amp = dtype == "bfloat16"
+    amp = TORCH_DTYPES[dtype] is not None
 
     def one():
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-            logits = fwd(inp).logits
+            logits = forward(inp)
         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)),
                                                  tgt.view(-1))
         loss.backward()
@@ -85,59 +179,150 @@ def bench_torch(cfg, batch, steps, warmup, compile_, dtype):
         opt.zero_grad(set_to_none=True)
         return loss
 
-    for _ in range(warmup):
-        one()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(steps):
-        loss = one()
-    loss.item()
-    return (time.perf_counter() - t) / steps
+    def run(n: int) -> float:
+        loss = None
+        for _ in range(n):
+            loss = one()
+        return float(loss.item())  # synchronises a GPU
+
+    return run
 
 
-def main():
+# ===================================================================================== timing
+def _label(kind: str, threads: int) -> str:
+    return kind if threads == 0 or kind == "gptjax" else f"{kind}@{threads}t"
+
+
+def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=RUNNERS,
+                torch_threads=(0,), steps: int = 2, warmup: int = 2, rounds: int = 3,
+                vocab: int = 0, attention_impl: str = "xla", peak_measured: float = 0.0,
+                peak_datasheet=None, log=print) -> dict:
+    """Times every runner on one shape in alternating rounds; returns one result row (a dict).
+
+    A runner that fails to build or compile (e.g. torch.compile without a C++ compiler, an
+    attention kernel this device lacks) is reported under `skipped` with its one-line reason.
+    """
+    import torch
+
+    cfg = model_cfg(name, dtype, vocab, attention_impl)
+    batch = batch or SHAPES[name][4]
+    tokens = batch * cfg.n_ctx
+    fpt = cfg.flops_per_token(cfg.n_ctx)
+    default_threads = torch.get_num_threads()
+    plan, skipped = [], {}
+    for kind in runners:
+        for th in ((0,) if kind == "gptjax" else torch_threads):
+            label = _label(kind, th)
+            try:
+                if th:
+                    torch.set_num_threads(th)
+                fn = jax_runner(cfg, batch) if kind == "gptjax" else \
+                    torch_runner(kind, cfg, batch, dtype)
+                t = time.perf_counter()
+                loss = fn(warmup)  # compiles
+                log(f"  {name} {label}: warmup {time.perf_counter() - t:.1f}s, loss {loss:.3f}")
+                plan.append((label, th, fn))
+            except Exception as e:  # noqa: BLE001 - a runner that cannot run is reported
+                skipped[label] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                log(f"  {name} {label}: skipped ({skipped[label]})")
+            finally:
+                torch.set_num_threads(default_threads)
+    times = {label: [] for label, _, _ in plan}
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    for _ in range(rounds):
+        for label, th, fn in plan:
+            if th:
+                torch.set_num_threads(th)
+            t = time.perf_counter()
+            fn(steps)
+            times[label].append((time.perf_counter() - t) / steps)
+            torch.set_num_threads(default_threads)
+    load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    row = dict(shape=name, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
+               seq=cfg.n_ctx, vocab=cfg.vocab_size, batch=batch, dtype=dtype,
+               attention_impl=attention_impl, flops_per_token=fpt, steps_per_round=steps,
+               rounds=rounds, load_before=load_before, load_after=load_after,
+               runners={}, skipped=skipped)
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        r = dict(step_s=t, step_s_rounds=ts, tok_s=tokens / t,
+                 mfu_measured=tokens / t * fpt / peak_measured if peak_measured else None,
+                 mfu_datasheet=tokens / t * fpt / peak_datasheet if peak_datasheet else None)
+        if "gptjax" in times and label != "gptjax":
+            # > 1 means gptjax is faster than this peer.
+            r["gptjax_speedup"] = statistics.median(
+                p / j for p, j in zip(ts, times["gptjax"]))
+        row["runners"][label] = r
+    return row
+
+
+def markdown(rows, peak_measured, peak_datasheet, device) -> str:
+    """A markdown table: one line per shape and runner."""
+    out = [f"device: {device}; measured matmul peak {peak_measured / 1e9:,.1f} GFLOP/s; "
+           f"datasheet peak "
+           f"{'n/a' if not peak_datasheet else f'{peak_datasheet / 1e12:.0f} TFLOP/s'}", "",
+           "| shape | batch x seq | dtype | runner | tok/s | MFU (measured peak) | "
+           "MFU (datasheet) | gptjax speedup | load |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        load = f"{r['load_before']:.1f}-{r['load_after']:.1f}" if r["load_before"] is not None \
+            else "n/a"
+        for label, x in r["runners"].items():
+            mm = f"{100 * x['mfu_measured']:.1f}%" if x["mfu_measured"] else "n/a"
+            md = f"{100 * x['mfu_datasheet']:.1f}%" if x["mfu_datasheet"] else "n/a"
+            sp = f"{x['gptjax_speedup']:.2f}x" if "gptjax_speedup" in x else "-"
+            out.append(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['dtype']} | {label} | "
+                       f"{x['tok_s']:,.0f} | {mm} | {md} | {sp} | {load} |")
+        for label, why in r["skipped"].items():
+            out.append(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['dtype']} | {label} | "
+                       f"skipped: {why} | | | | |")
+    return "\n".join(out)
+
+
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", default="nano_4x128_T64,6x384_T256,gpt2_T256")
+    ap.add_argument("--shapes", default="nano_4x128_T64,6x384_T256,gpt2_T256",
+                    help=f"comma-separated, from {list(SHAPES)}")
     ap.add_argument("--batch", type=int, default=0, help="override every shape's batch")
-    ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--torch", type=int, default=1, help="also run transformers (0/1)")
-    ap.add_argument("--torch_compile", type=int, default=0)
-    ap.add_argument("--json", default="")
-    a = ap.parse_args()
-    peak_meas = measured_peak("float32" if a.dtype == "float32" else a.dtype)
+    ap.add_argument("--vocab", type=int, default=0, help="override every shape's vocabulary")
+    ap.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES))
+    ap.add_argument("--runners", default=",".join(RUNNERS), help=f"subset of {list(RUNNERS)}")
+    ap.add_argument("--torch_threads", default="0",
+                    help="comma-separated torch intra-op thread counts per torch runner "
+                         "(0 = torch's default)")
+    ap.add_argument("--attention_impl", default="xla")
+    ap.add_argument("--steps", type=int, default=2, help="steps per runner per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--json", default="", help="write the results here")
+    a = ap.parse_args(argv)
+    shapes = a.shapes.split(",")
+    runners = a.runners.split(",")
+    for s in shapes:
+        if s not in SHAPES:
+            sys.exit(f"--shapes: {s!r} is not one of {list(SHAPES)}")
+    for r in runners:
+        if r not in RUNNERS:
+            sys.exit(f"--runners: {r!r} is not one of {list(RUNNERS)}")
+    threads = tuple(int(t) for t in a.torch_threads.split(","))
+    peak_meas = measured_peak(a.dtype)
     peak_ds = datasheet_peak()
+    dev = jax.devices()[0]
+    device = f"{dev.device_kind} ({dev.platform}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
     rows = []
-    for name in a.shapes.split(","):
-        cfg = model_cfg(name, a.vocab, a.dtype)
-        batch = a.batch or SHAPES[name][4]
-        tok = batch * cfg.n_ctx
-        fpt = cfg.flops_per_token(cfg.n_ctx)
-        tj = bench_jax(cfg, batch, a.steps, a.warmup)
-        row = dict(shape=name, batch=batch, seq=cfg.n_ctx, dtype=a.dtype,
-                   jax_tok_s=tok / tj, jax_mfu_measured=tok / tj * fpt / peak_meas,
-                   jax_mfu_datasheet=(tok / tj * fpt / peak_ds) if peak_ds else None)
-        if a.torch:
-            tt = bench_torch(cfg, batch, a.steps, a.warmup, bool(a.torch_compile), a.dtype)
-            row.update(torch_tok_s=tok / tt, ratio=tt / tj)
+    for name in shapes:
+        row = bench_shape(name, batch=a.batch, dtype=a.dtype, runners=runners,
+                          torch_threads=threads, steps=a.steps, warmup=a.warmup, rounds=a.rounds,
+                          vocab=a.vocab, attention_impl=a.attention_impl,
+                          peak_measured=peak_meas, peak_datasheet=peak_ds)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    dev = jax.devices()[0]
-    print(f"\ndevice: {dev.device_kind} ({dev.platform}); measured matmul peak "
-          f"{peak_meas / 1e9:,.1f} GFLOP/s ({a.dtype}); datasheet peak "
-          f"{'n/a' if not peak_ds else f'{peak_ds / 1e12:.0f} TFLOP/s'}")
-    print("| shape | batch x seq | gptjax tok/s | MFU (measured peak) | transformers tok/s | ratio |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['batch']} x {r['seq']} | {r['jax_tok_s']:,.0f} | "
-              f"{100 * r['jax_mfu_measured']:.1f}% | "
-              f"{r.get('torch_tok_s', float('nan')):,.0f} | {r.get('ratio', float('nan')):.2f}x |")
+    print()
+    print(markdown(rows, peak_meas, peak_ds, device))
     if a.json:
         with open(a.json, "w") as fh:
-            json.dump(dict(device=dev.device_kind, rows=rows), fh, indent=2)
+            json.dump(dict(device=device, peak_measured=peak_meas, peak_datasheet=peak_ds,
+                           argv=sys.argv, jax=jax.__version__, rows=rows), fh, indent=2)
 
 
 if __name__ == "__main__":

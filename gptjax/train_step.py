@@ -1,0 +1,106 @@
+"""The pure train and eval steps and the state they carry; imports only jax, flax and optax.
+
+Kept apart from gptjax.trainer (which reads ml_collections configs and datasets) so that the step
+the trainer runs can be built and benchmarked on a machine with just the numerical stack.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from gptjax.config import GPTConfig
+from gptjax.losses import lm_loss
+from gptjax.model import GPT
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training (the data position is the step)."""
+
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+
+def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
+                    schedule: Callable, *, accum_steps: int = 1,
+                    nonfinite: str = "skip") -> Callable:
+    """A pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
+
+    Args:
+      model_cfg: the architecture.
+      optimizer: the optax transformation (clipping + AdamW).
+      schedule: the learning-rate schedule, for logging.
+      accum_steps: microbatches per update; the batch's leading axis is split into this many and
+        gradients are averaged with a `lax.scan` (one update, constant memory in accum_steps).
+      nonfinite: 'skip' (a step with a non-finite loss or gradient leaves params and optimizer
+        state unchanged and reports skipped=1) or 'halt' (the update is applied as is; the host
+        loop stops on the reported non-finite loss).
+
+    The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
+    """
+    model = GPT(model_cfg)
+    use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop) > 0
+
+    def loss_fn(params, inputs, targets, weights, rng):
+        logits = model.apply({"params": params}, inputs, deterministic=not use_dropout,
+                             rngs={"dropout": rng} if use_dropout else None)
+        return lm_loss(logits, targets, weights)
+
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        rng = jax.random.fold_in(rng, state.step)
+        weights = batch.get("weights")
+        if accum_steps == 1:
+            loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"], weights, rng)
+        else:
+            def split(x):
+                return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
+
+            micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
+                     jax.random.split(rng, accum_steps))
+
+            def body(acc, mb):
+                inputs, targets, w, r = mb
+                l, g = grad_fn(state.params, inputs, targets, w, r)
+                return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
+
+            zero = (jnp.zeros((), jnp.float32),
+                    jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+            (loss, grads), _ = jax.lax.scan(body, zero, micro)
+            loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if nonfinite == "skip":
+            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+                lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
+                   "skipped": (~finite).astype(jnp.int32)}
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model_cfg: GPTConfig) -> Callable:
+    """`eval_step(params, batch) -> (sum of weighted nll, sum of weights)`, no dropout."""
+    model = GPT(model_cfg)
+
+    def eval_step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"])
+        w = batch["weights"].astype(jnp.float32)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return jnp.sum(nll * w), jnp.sum(w)
+
+    return eval_step
