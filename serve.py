@@ -24,8 +24,9 @@ _PROMPT_BUCKETS = flags.DEFINE_string("prompt_buckets", "",
                                       "Prompt-length buckets (default 16,64,256,1024,... < n_ctx "
                                       "and n_ctx).")
 _QUEUE = flags.DEFINE_integer("max_queue", 64, "Most waiting requests; more get HTTP 429.")
-_WINDOW = flags.DEFINE_float("batch_window_ms", 10.0,
-                             "How long a batch waits for more requests after its first.")
+_WINDOW = flags.DEFINE_float("batch_window_ms", 50.0,
+                             "After a batch's first request, the longest wait for as many "
+                             "as the previous batch had.")
 _TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds before a request gets HTTP 503.")
 
 

@@ -14,8 +14,9 @@ Layers, bottom up:
   * `Engine`: model, tokenizer and plan; `run_wave` decodes one batch of rows step by step on the
     host (one device round trip per token, the next step dispatched before the last one is read),
     which is what makes streaming, stop strings, cancellation and timeouts per row possible.
-  * `Batcher`: a background thread with a bounded queue. Requests that arrive together (within
-    `batch_window_s` of the first, up to the largest batch bucket) are decoded as one wave; a
+  * `Batcher`: a background thread with a bounded queue. Requests that arrive together (up to
+    the largest batch bucket; after the first, it waits up to `batch_window_s` for as many rows
+    as the previous wave had) are decoded as one wave; a
     wave runs until all its rows finish, then the next one starts (static batching: a long
     request holds its wave's batch mates back; rows never join a running wave).
   * `make_app`: the HTTP API: POST /v1/completions (prompt str or list, max_tokens, temperature,
@@ -51,6 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptjax.config import GPTConfig
+from gptjax.model import init_cache
 from gptjax.sampling import decode_step, prefill, warp_logits
 
 Array = jax.Array
@@ -123,12 +125,22 @@ def _prefill_core(params, tokens_BxP, lengths_B, *, config):
     return logits_BxPxV[:, -1].astype(jnp.float32), cache
 
 
-@functools.partial(jax.jit, static_argnames=("slots",))
-def _pad_cache(cache, *, slots):
+@functools.lru_cache(maxsize=None)
+def _slot_axis(config: GPTConfig) -> int:
+    """The slot axis of the model's cached keys/values, read off `init_cache` (layout-agnostic)."""
+    a = jax.tree_util.tree_leaves(jax.eval_shape(lambda: init_cache(config, 1, 2)["layers"]))[0]
+    b = jax.tree_util.tree_leaves(jax.eval_shape(lambda: init_cache(config, 1, 3)["layers"]))[0]
+    return next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "slots"))
+def _pad_cache(cache, *, config, slots):
     """Grow a prefilled cache to `slots` slots: empty slots hold zeros and position -1."""
-    def pad(x):  # keys/values [..., S, H, D]
+    axis = _slot_axis(config)
+
+    def pad(x):
         widths = [(0, 0)] * x.ndim
-        widths[x.ndim - 3] = (0, slots - x.shape[x.ndim - 3])
+        widths[axis] = (0, slots - x.shape[axis])
         return jnp.pad(x, widths)
     S = cache["pos"].shape[1]
     return {"layers": jax.tree_util.tree_map(pad, cache["layers"]),
@@ -298,7 +310,7 @@ class Engine:
                                               np.ones((B,), np.int32), config=cfg)
                 for (P2, S) in sorted(plan.pairs):
                     if P2 == P:
-                        caches[S] = (logits, _pad_cache(cache, slots=S))
+                        caches[S] = (logits, _pad_cache(cache, config=cfg, slots=S))
             for S, (logits, cache) in sorted(caches.items()):
                 out = _step_core(self.params, cache, logits, np.zeros((B, 2), np.uint32),
                                  np.int32(0), np.ones((B,), np.float32),
@@ -340,7 +352,7 @@ class Engine:
             temps[b] = r.temperature
             top_ps[b] = r.top_p
         logits, cache = _prefill_core(self.params, tokens, lengths, config=cfg)
-        cache = _pad_cache(cache, slots=S)
+        cache = _pad_cache(cache, config=cfg, slots=S)
 
         def step(t, logits, cache):
             return _step_core(self.params, cache, logits, key_data, np.int32(t), temps, top_ps,
@@ -440,10 +452,11 @@ class Batcher:
     Args:
       engine: the Engine.
       max_queue: most requests waiting (not yet in a wave); more are refused with QueueFull.
-      batch_window_s: after the first request of a wave arrives, how long to wait for more.
+      batch_window_s: after the first request of a wave arrives, the longest wait for as many
+        rows as the previous wave had.
     """
 
-    def __init__(self, engine: Engine, max_queue: int = 64, batch_window_s: float = 0.01):
+    def __init__(self, engine: Engine, max_queue: int = 64, batch_window_s: float = 0.05):
         self.engine = engine
         self.max_queue = max_queue
         self.batch_window_s = batch_window_s
@@ -451,6 +464,7 @@ class Batcher:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
+        self._last_rows = 1
         self.stats = collections.Counter()
 
     def start(self) -> None:
@@ -489,8 +503,13 @@ class Batcher:
                 self._cv.wait(timeout=0.5)
             if self._stop:
                 return []
+            # Wait (up to the window) until as many rows are queued as the last wave had: clients
+            # that were answered together tend to come back together, and a wave started with
+            # the first of them would hold the rest back for a whole wave. A lone client waits
+            # for nobody (its last wave had one row).
+            target = min(plan.max_rows, max(1, self._last_rows))
             first_at = time.monotonic()
-            while (sum(len(j.rows) for j in self._pending) < plan.max_rows
+            while (sum(len(j.rows) for j in self._pending) < target
                    and time.monotonic() - first_at < self.batch_window_s and not self._stop):
                 self._cv.wait(timeout=self.batch_window_s - (time.monotonic() - first_at))
             wave, rows, keep = [], [], collections.deque()
@@ -522,6 +541,7 @@ class Batcher:
             if not wave:
                 continue
             items = [(job, r) for job in wave for r in job.rows]
+            self._last_rows = len(items)
             try:
                 self.stats["tokens"] += self.engine.run_wave(items)
                 self.stats["waves"] += 1
@@ -782,7 +802,7 @@ def make_app(engine: Engine, batcher: Batcher, *, model_name: str = "gptjax",
 
 # ---------------------------------------------------------------------------- entry point
 def build_server(config, params, tokenizer, *, batch_sizes=(1, 2, 4, 8), prompt_buckets=None,
-                 max_queue: int = 64, batch_window_s: float = 0.01,
+                 max_queue: int = 64, batch_window_s: float = 0.05,
                  request_timeout_s: float = 60.0, model_name: str = "gptjax", warmup=True,
                  start=True, log=print):
     """Engine + warmed-up compiled shapes + batcher + app. Returns (app, batcher, engine)."""
@@ -814,7 +834,7 @@ def _int_list(flag: str, text: str) -> Optional[tuple]:
 
 def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="127.0.0.1",
           port=8000, batch_sizes="1,2,4,8", prompt_buckets="", max_queue=64,
-          batch_window_ms=10.0, request_timeout=60.0, model_name=None) -> None:
+          batch_window_ms=50.0, request_timeout=60.0, model_name=None) -> None:
     """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped."""
     import os
 
