@@ -12,9 +12,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+from gptjax.cli import define_config_file, parse_flags
+
+_CONFIG = define_config_file(
     "config", None, "Finetuning config file (configs/finetune/<task>.py).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, predictions).")
 _MODE = flags.DEFINE_enum("mode", "finetune", ["finetune", "zero_shot", "analysis"],
@@ -41,4 +42,4 @@ def _run(config, workdir, mode):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -81,4 +81,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from gptjax.cli import parse_flags
+    app.run(main, flags_parser=parse_flags)

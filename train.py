@@ -7,9 +7,10 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
+from gptjax.cli import define_config_file, parse_flags
+
+_CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
     "Experiment config file (a get_config() module).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (checkpoints, logs).")
@@ -40,4 +41,4 @@ def _train(config, workdir):
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -1,10 +1,17 @@
-"""Shared plumbing of the entry scripts: one-line errors, and the sample printed after training."""
+"""Shared plumbing of the entry scripts: one-line errors, and the sample printed after training.
+
+Every way a user can get a run wrong ends in one line on stderr, `error: <what, and what is
+allowed>`, and exit status 2: a config flag naming no config key (`define_config_file`), a flag
+value of the wrong type (`parse_flags`), and any user error raised while running (`run_cli`).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
-from typing import Callable
+from typing import Any, Callable, NoReturn, Optional
 
 # Errors a user can cause (bad config, flags, paths, data, checkpoints): one line, no traceback.
 def _user_errors() -> tuple:
@@ -27,17 +34,129 @@ def quiet_libraries() -> None:
         pass
 
 
+def fail(message: str, status: int = 2) -> NoReturn:
+    """Print `error: <message>` as one line on stderr and exit with `status`."""
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
 def run_cli(fn: Callable[[], None]) -> None:
-    """Run `fn`; a user error prints `error: <message>` on one line and exits with status 2."""
+    """Run `fn`; a user error prints `error: <message>` on one line and exits with status 2.
+
+    A second Ctrl-C (the first one stops training cleanly, see gptjax.preemption) exits with
+    status 130 and one line.
+    """
     quiet_libraries()
     try:
         fn()
     except _user_errors() as e:
         if os.environ.get("GPTJAX_DEBUG"):
             raise
-        msg = " ".join(str(e).split()) or type(e).__name__
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(str(e) or type(e).__name__)
+    except KeyboardInterrupt:
+        if os.environ.get("GPTJAX_DEBUG"):
+            raise
+        fail("interrupted", status=130)
+
+
+# ---------------------------------------------------------------------------------------- flags
+def _flag_overrides(name: str, argv: list) -> list:
+    """(path, text) of every `--<name>.a.b=v` / `--<name>.a.b v` override in argv."""
+    out = []
+    for i, arg in enumerate(argv):
+        m = re.match(rf"--{re.escape(name)}\.([\w.]+)(=.*)?$", arg)
+        if m:
+            text = arg if m.group(2) else " ".join(argv[i:i + 2])
+            out.append((m.group(1), text))
+    return out
+
+
+def _load_config_file(spec: str) -> Optional[Any]:
+    """`get_config()` of a config file `path[:arg]`; None if it cannot be loaded."""
+    path, _, arg = spec.partition(":")
+    try:
+        mod_spec = importlib.util.spec_from_file_location("_gptjax_config_check", path)
+        mod = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(mod)
+        return mod.get_config(arg) if arg else mod.get_config()
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return None
+
+
+def _unknown_key_message(name: str, default: Optional[str], argv: list) -> Optional[str]:
+    """Names the override whose config key does not exist, and the keys allowed there."""
+    spec = default
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            spec = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    config = _load_config_file(spec) if spec else None
+    if config is None:
+        return None
+    for path, text in _flag_overrides(name, argv):
+        node, keys = config, path.split(".")
+        for depth, key in enumerate(keys):
+            fields = list(node.keys()) if hasattr(node, "keys") else []
+            if key not in fields:
+                where = ".".join(keys[:depth]) or "the top level"
+                return (f"{text}: {'.'.join(keys[:depth + 1])!r} is not a key of config "
+                        f"{spec}; allowed at {where}: {sorted(fields)}")
+            node = node[key]
+    return None
+
+
+def define_config_file(name: str, default: Optional[str], help_string: str, **kwargs):
+    """`config_flags.DEFINE_config_file`, with one-line errors for bad config files and keys.
+
+    ml_collections reads the config file and resolves every `--config.a.b` override while the
+    flag is defined (at import of the entry script), so an unknown key or a missing file raises
+    there, before absl's own flag-error handling exists.
+    """
+    from ml_collections import config_flags
+
+    try:
+        return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+    except Exception as e:  # noqa: BLE001 - turned into one line naming the bad value
+        if os.environ.get("GPTJAX_DEBUG"):
+            raise
+        if isinstance(e, (KeyError, AttributeError)):
+            msg = _unknown_key_message(name, default, sys.argv)
+            if msg:
+                fail(msg)
+        fail(f"--{name}: cannot load the config: {str(e) or type(e).__name__}")
+
+
+def parse_flags(argv: list) -> list:
+    """The `flags_parser` for `absl.app.run`: a bad flag value is one `error:` line, exit 2."""
+    from absl import flags
+    from ml_collections.config_flags.config_flags import is_config_flag
+
+    try:
+        rest = flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(f"{e}; see --helpshort")
+    except Exception as e:  # noqa: BLE001 - a config file or override that does not load
+        if os.environ.get("GPTJAX_DEBUG"):
+            raise
+        names = [n for n in flags.FLAGS if is_config_flag(flags.FLAGS[n])]
+        for name in names if isinstance(e, (KeyError, AttributeError)) else ():
+            msg = _unknown_key_message(name, None, argv)
+            if msg:
+                fail(msg)
+        fail(f"bad flags ({type(e).__name__}): {str(e) or type(e).__name__}")
+    # ml_collections defers a config file that fails to load to the first use of its value.
+    for name in flags.FLAGS:
+        flag = flags.FLAGS[name]
+        if is_config_flag(flag) and flag.value is not None:
+            try:
+                flag.value.keys()
+            except OSError as e:
+                while e.__cause__ is not None:
+                    e = e.__cause__
+                fail(f"--{name}={flag.config_filename}: cannot load the config file: "
+                     f"{str(e).strip().splitlines()[-1]}")
+    return rest
 
 
 def maybe_init_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
@@ -69,7 +188,7 @@ def sample_after_training(config, summary: dict) -> None:
     from gptjax import sampling
 
     sc = config.sample
-    if sc.max_new_tokens <= 0 or jax.process_index() != 0:
+    if sc.max_new_tokens <= 0 or jax.process_index() != 0 or summary.get("preempted"):
         return
     tok, mc = summary["tokenizer"], summary["model_config"]
     prompt = sc.prompt or "\n"

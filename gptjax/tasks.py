@@ -361,7 +361,8 @@ def _read_race(spec: TaskSpec, path: str, split: str, rep: SplitReport,
                 doc = json.load(fh)
             article, questions = doc["article"], doc["questions"]
             options, answers = doc["options"], doc["answers"]
-            if not (len(questions) == len(options) == len(answers)):
+            if not (len(questions) == len(options) == len(answers)) or not isinstance(
+                    article, str):
                 raise KeyError("lengths")
         except (json.JSONDecodeError, KeyError, TypeError):
             rep.skip("malformed passage JSON", where)
@@ -370,7 +371,9 @@ def _read_race(spec: TaskSpec, path: str, split: str, rep: SplitReport,
         for q, (question, opts, ans) in enumerate(zip(questions, options, answers)):
             qwhere = f"{where} question {q}"
             if (not isinstance(opts, list) or len(opts) != spec.num_choices
-                    or ans not in "ABCD"[:spec.num_choices] or len(ans) != 1):
+                    or not all(isinstance(o, str) for o in opts) or not isinstance(question, str)
+                    or not isinstance(ans, str) or len(ans) != 1
+                    or ans not in "ABCD"[:spec.num_choices]):
                 rep.skip("bad options or answer", qwhere)
                 continue
             # Cloze questions ('... _ ...') become the question filled with each option; others
@@ -391,9 +394,21 @@ _STORY_CLOZE_HEADER = ["InputStoryid", "InputSentence1", "InputSentence2", "Inpu
 STORY_CLOZE_DEV_FRACTION = 0.2  # GPT-1 held out 374 of the 1,871 validation stories
 
 
+def _csv_rows(text: str, name: str, rep: SplitReport) -> list:
+    """The rows of a CSV text; a row the csv module cannot parse is skipped and counted."""
+    reader, rows = csv.reader(io.StringIO(text)), []
+    while True:
+        try:
+            rows.append(next(reader))
+        except StopIteration:
+            return rows
+        except csv.Error:  # e.g. a stray carriage return inside an unquoted field
+            rep.skip("unparseable CSV row", f"{name}:{reader.line_num}")
+
+
 def _read_story_cloze_file(file: str, rep: SplitReport) -> Iterator[Example]:
     with open(_require(file), encoding="utf-8", errors="replace", newline="") as fh:
-        rows = list(csv.reader(io.StringIO(fh.read())))
+        rows = _csv_rows(fh.read(), os.path.basename(file), rep)
     if not rows or [c.strip() for c in rows[0]] != _STORY_CLOZE_HEADER:
         raise ValueError(f"{file}: expected the Story Cloze header {_STORY_CLOZE_HEADER}")
     name = os.path.basename(file)
