@@ -427,8 +427,6 @@ class Engine:
                 row.finish_reason = "stop"
             elif len(row.new_ids) >= row.max_tokens:
                 row.finish_reason = "length"
-        if row.finish_reason is None and len(row.new_ids) >= row.max_tokens:
-            row.finish_reason = "length"
         row.text = text
         if row.finish_reason is not None:
             safe = len(text)
