@@ -7,7 +7,8 @@ Runners (--runners), all on the same architecture (GPT-2: pre-LN, biases, tanh G
 embeddings, no dropout), AdamW(3e-4, weight decay 0.1) after global-norm clipping at 1.0, fp32
 unless --dtype says otherwise (bf16 compute with fp32 master weights in gptjax, bf16 autocast in
 torch):
-  gptjax        gptjax.train_step.make_train_step, jitted with the state donated.
+  gptjax        gptjax.train_step.make_train_step, jitted with the state donated;
+                `gptjax:IMPL` runs it with attention_impl=IMPL (xla, cudnn, pallas, auto, ...).
   hf            transformers' GPT2LMHeadModel + torch.optim.AdamW, eager.
   hf_compile    the same under torch.compile.
   nano          a minimal nanoGPT-style PyTorch GPT written below (nn.Linear, fused qkv,
@@ -57,6 +58,7 @@ SHAPES = {
     "tiny_smoke": (2, 64, 2, 32, 2, 128),           # device_check.sh --smoke
 }
 RUNNERS = ("gptjax", "hf", "hf_compile", "nano", "nano_compile")
+DEFAULT_RUNNERS = RUNNERS
 TORCH_DTYPES = {"float32": None, "bfloat16": "bfloat16"}
 
 
@@ -190,10 +192,16 @@ def torch_runner(kind: str, cfg: GPTConfig, batch: int, dtype: str):
 
 # ===================================================================================== timing
 def _label(kind: str, threads: int) -> str:
-    return kind if threads == 0 or kind == "gptjax" else f"{kind}@{threads}t"
+    return kind if threads == 0 or kind.startswith("gptjax") else f"{kind}@{threads}t"
 
 
-def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=RUNNERS,
+def _check_runner(name: str) -> None:
+    base, _, impl = name.partition(":")
+    if base not in RUNNERS or (impl and base != "gptjax"):
+        raise ValueError(f"runner {name!r}: allowed are {list(RUNNERS)} and gptjax:IMPL")
+
+
+def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=DEFAULT_RUNNERS,
                 torch_threads=(0,), steps: int = 2, warmup: int = 2, rounds: int = 3,
                 vocab: int = 0, attention_impl: str = "xla", peak_measured: float = 0.0,
                 peak_datasheet=None, log=print) -> dict:
@@ -211,13 +219,17 @@ def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=RU
     default_threads = torch.get_num_threads()
     plan, skipped = [], {}
     for kind in runners:
-        for th in ((0,) if kind == "gptjax" else torch_threads):
+        _check_runner(kind)
+        for th in ((0,) if kind.startswith("gptjax") else torch_threads):
             label = _label(kind, th)
             try:
                 if th:
                     torch.set_num_threads(th)
-                fn = jax_runner(cfg, batch) if kind == "gptjax" else \
-                    torch_runner(kind, cfg, batch, dtype)
+                if kind.startswith("gptjax"):
+                    impl = kind.partition(":")[2] or attention_impl
+                    fn = jax_runner(model_cfg(name, dtype, vocab, impl), batch)
+                else:
+                    fn = torch_runner(kind, cfg, batch, dtype)
                 t = time.perf_counter()
                 loss = fn(warmup)  # compiles
                 log(f"  {name} {label}: warmup {time.perf_counter() - t:.1f}s, loss {loss:.3f}")
@@ -248,10 +260,10 @@ def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=RU
         r = dict(step_s=t, step_s_rounds=ts, tok_s=tokens / t,
                  mfu_measured=tokens / t * fpt / peak_measured if peak_measured else None,
                  mfu_datasheet=tokens / t * fpt / peak_datasheet if peak_datasheet else None)
-        if "gptjax" in times and label != "gptjax":
-            # > 1 means gptjax is faster than this peer.
-            r["gptjax_speedup"] = statistics.median(
-                p / j for p, j in zip(ts, times["gptjax"]))
+        ref = next((k for k in times if k.startswith("gptjax")), None)
+        if ref is not None and not label.startswith("gptjax"):
+            # > 1 means gptjax (the first gptjax runner) is faster than this peer.
+            r["gptjax_speedup"] = statistics.median(p / j for p, j in zip(ts, times[ref]))
         row["runners"][label] = r
     return row
 
@@ -302,8 +314,10 @@ def main(argv=None):
         if s not in SHAPES:
             sys.exit(f"--shapes: {s!r} is not one of {list(SHAPES)}")
     for r in runners:
-        if r not in RUNNERS:
-            sys.exit(f"--runners: {r!r} is not one of {list(RUNNERS)}")
+        try:
+            _check_runner(r)
+        except ValueError as e:
+            sys.exit(f"--runners: {e}")
     threads = tuple(int(t) for t in a.torch_threads.split(","))
     peak_meas = measured_peak(a.dtype)
     peak_ds = datasheet_peak()

@@ -25,14 +25,57 @@ DATASHEET_PEAK_BF16 = {
 }
 
 
+# Memory bandwidth in bytes/s from vendor datasheets (the decode roofline), by device_kind substring.
+DATASHEET_BANDWIDTH = {
+    "H200": 4.8e12,
+    "H100": 3.35e12,         # SXM5 (PCIe: 2.0e12)
+    "A100": 2.0e12,          # 80 GB SXM (40 GB: 1.55e12)
+    "L4": 300e9,
+    "A10G": 600e9,
+    "TPU v6": 1640e9,
+    "TPU v5p": 2765e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v4": 1228e9,
+    "TPU v3": 900e9,
+}
+
+
+def _lookup(table: dict, device) -> float | None:
+    kind = getattr(device or jax.devices()[0], "device_kind", "")
+    for key, value in table.items():
+        if key.lower() in kind.lower():
+            return value
+    return None
+
+
+def datasheet_bandwidth(device=None):
+    """The datasheet memory bandwidth (bytes/s) of a device, or None when unknown (e.g. CPU)."""
+    return _lookup(DATASHEET_BANDWIDTH, device)
+
+
+@functools.lru_cache(maxsize=None)
+def measured_bandwidth(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Device-memory bandwidth of device 0 in bytes/s: best of `repeats` x + 1 over n_bytes of fp32.
+
+    Each element is read once and written once, so the bytes moved are 2 * n_bytes (the same
+    convention as a copy benchmark).
+    """
+    x = jnp.zeros((n_bytes // 4,), jnp.float32)
+    nbytes = x.nbytes
+    f = jax.jit(lambda v: v + 1, donate_argnums=0)  # in place: no fresh buffer to fault in
+    x = f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best
+
+
 def datasheet_peak(device=None):
     """The datasheet bf16 peak of a device, or None when the device kind is unknown (e.g. CPU)."""
-    device = device or jax.devices()[0]
-    kind = getattr(device, "device_kind", "")
-    for key, peak in DATASHEET_PEAK_BF16.items():
-        if key.lower() in kind.lower():
-            return peak
-    return None
+    return _lookup(DATASHEET_PEAK_BF16, device)
 
 
 @functools.lru_cache(maxsize=None)
