@@ -38,7 +38,12 @@ import optax
 from gptjax.config import GPTConfig
 from gptjax.model import init_boxed
 from gptjax.optim import make_optimizer
-from gptjax.trainer import TrainState, make_eval_step, make_train_step, model_config_from
+from gptjax.trainer import (
+    TrainState,
+    make_eval_step,
+    make_train_step,
+    model_config_from,
+)
 
 
 @dataclasses.dataclass

@@ -212,7 +212,7 @@ def test_greedy_exact_match_equals_direct_argmax(tiny):
 
 
 def test_demos_that_do_not_fit_are_dropped_furthest_first(tiny):
-    config, _, tok = tiny
+    _, _, tok = tiny
     task = fewshot.build_task("3D+", num_examples=2, seed=0)
     demos = fewshot.draw_demos(task, 0, 8, seed=0)
     ids, used = fewshot.fit_prompt(tok, task, task.test[0], demos, 60)

@@ -28,7 +28,6 @@ from gptjax.config import GPTConfig
 from gptjax.losses import token_nll
 from gptjax.model import GPT
 
-
 # ================================================================================ detokenizers
 # WikiText's tokenized release splits punctuation off and marks in-number separators as @-@, @,@,
 # @.@. GPT-2 scored WikiText with "invertible de-tokenizers" (Radford et al. 2019, section 3.1)

@@ -182,7 +182,7 @@ def first_line(completion: str) -> str:
 def split_pool(items: Sequence[Item], train_fraction: float, seed: int) -> tuple:
     """(demonstration pool, test items): a seeded split of items that have no train split."""
     order = np.random.default_rng(seed).permutation(len(items))
-    k = int(round(train_fraction * len(items)))
+    k = round(train_fraction * len(items))
     return [items[i] for i in sorted(order[:k])], [items[i] for i in sorted(order[k:])]
 
 
