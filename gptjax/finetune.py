@@ -54,7 +54,8 @@ def load_pretrained(init: ml_collections.ConfigDict, step: Optional[int] = None)
     Args:
       init: kind 'workdir' (a train.py work directory at `path`, its latest checkpoint or
         `step`) or 'hf' (a transformers / OpenAI GPT-2 directory at `path`; the tokenizer is the
-        GPT-2 BPE files in `tokenizer_path` or `path`, or a saved gptjax tokenizer directory).
+        GPT-2 or OpenAI GPT BPE files in `tokenizer_path` or `path`, or a saved gptjax tokenizer
+        directory).
       step: a pretraining checkpoint step (workdir only); None = the latest.
     """
     from gptjax import tokenizers as toks
@@ -65,10 +66,9 @@ def load_pretrained(init: ml_collections.ConfigDict, step: Optional[int] = None)
         raise ValueError(f"init.kind={init.kind!r} needs init.path (a train.py work directory "
                          "or a Hugging Face / OpenAI model directory)")
     if init.kind == "workdir":
-        model_cfg, params, tokenizer = load_workdir(init.path, step)
-        # Host copies: arrays restored onto the trainer's mesh would make every jitted function
-        # here compile twice (mesh-typed inputs first, plain ones after the first step).
-        return model_cfg, jax.device_get(params), tokenizer
+        # Parameters only, as uncommitted single-device arrays: the jitted steps here compile
+        # once (arrays placed on the trainer's mesh would make each compile twice).
+        return load_workdir(init.path, step)
     if init.kind != "hf":
         raise ValueError(f"init.kind={init.kind!r}: load_pretrained takes 'workdir' or 'hf'")
     model_cfg, params = from_hf(init.path)
@@ -77,7 +77,7 @@ def load_pretrained(init: ml_collections.ConfigDict, step: Optional[int] = None)
             os.path.join(tok_path, "vocab.json")):
         tokenizer = toks.load_tokenizer(tok_path)  # a gptjax tokenizer saved with .save()
     else:
-        tokenizer = toks.GPT2BPETokenizer.from_files(tok_path)
+        tokenizer = toks.from_hf_files(tok_path)  # GPT-2 byte BPE or GPT-1's BPE
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer in {tok_path!r} has {tokenizer.vocab_size} ids but the model "
                          f"in {init.path!r} only {model_cfg.vocab_size} embeddings")

@@ -212,6 +212,43 @@ def pretrained_vocab(run):
     return json.load(open(run / "model_config.json"))["vocab_size"]
 
 
+def test_load_workdir_restores_params_only_as_plain_arrays(pretrained):
+    """The params-only (Orbax partial) restore gives the checkpoint's exact parameters as
+    uncommitted single-device arrays, so a jitted function fed them and then its own outputs
+    compiles once (mesh-placed arrays from a full train-state restore compiled twice)."""
+    from gptjax.checkpoint import Checkpointer
+    from gptjax.trainer import Setup, load_workdir
+
+    model_cfg, params, _ = load_workdir(str(pretrained), step=2)
+    c = base_config()
+    c.model = model_config("tiny", **model_cfg.to_dict())
+    c.optim.warmup_steps = 1
+    setup = Setup(c, model_cfg, 4)
+    ck = Checkpointer(str(pretrained / "checkpoints"), async_save=False)
+    with setup.mesh:
+        full, _ = ck.restore(setup.abstract_sharded_state(), 2)
+    latest = ck.latest_step()
+    ck.close()
+    leaves = jax.tree_util.tree_leaves(params)
+    want = jax.tree_util.tree_leaves(full.params)
+    assert len(leaves) == len(want)
+    for a, b in zip(leaves, want):
+        assert isinstance(a, jax.Array) and not a.committed and len(a.devices()) == 1
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert latest == 4 and not np.array_equal(
+        np.asarray(load_workdir(str(pretrained))[1]["wte"]["embedding"]),
+        np.asarray(params["wte"]["embedding"]))
+    traces = []
+
+    @jax.jit
+    def decay(p):
+        traces.append(1)
+        return jax.tree_util.tree_map(lambda x: 0.5 * x, p)
+
+    decay(decay(decay(params)))
+    assert len(traces) == 1
+
+
 def test_finetune_refuses_a_used_workdir_and_bad_init(tasks, pretrained, tmp_path):
     c = ft_config("sst2", tasks["sst2"], pretrained)
     (tmp_path / "used" / "checkpoints").mkdir(parents=True)
