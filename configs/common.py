@@ -34,6 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.dataset = "python_stdlib"     # or 'local_text' (with path) or any tfds name (data_dir)
     c.data.data_dir = ""                 # tfds data_dir ('' = gptjax's cache for its builders)
     c.data.path = ""                     # files / glob for local_text
+    c.data.encoding = "utf-8"            # local_text: the files' encoding (e.g. 'latin-1')
     c.data.text_key = "text"
     c.data.val_split = "validation"
     c.data.validation_fraction = config_dict.placeholder(float)

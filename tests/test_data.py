@@ -117,6 +117,29 @@ def test_local_text_documents_and_encoding(tmp_path):
     )
 
 
+def test_config_data_encoding_reaches_local_text(tmp_path):
+    """train.py's `data.encoding` reads Latin-1 books (two of the shared Gutenberg files are);
+    an unknown codec name is a one-line ValueError."""
+    from configs.common import base_config
+    from gptjax.trainer import build_source
+
+    _write(tmp_path / "a.txt", "caf\u00e9 na\u00efve " * 20, encoding="latin-1")
+    _write(tmp_path / "b.txt", "plain ascii " * 20, encoding="latin-1")
+    c = base_config()
+    c.data.dataset = "local_text"
+    c.data.path = str(tmp_path / "*.txt")
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.data.validation_fraction = 0.0
+    with pytest.raises(ValueError, match="a.txt.*not valid utf-8"):
+        build_source(c)
+    c.data.encoding = "latin-1"
+    texts = sorted(build_source(c).texts("train"))
+    assert texts == ["caf\u00e9 na\u00efve " * 20, "plain ascii " * 20]
+    c.data.encoding = "latin-one"
+    with pytest.raises(ValueError, match="encoding='latin-one' is not a Python codec"):
+        build_source(c)
+
+
 def test_python_stdlib_split_is_deterministic_disjoint_and_capped(tmp_path):
     config = data.python_stdlib_config(max_train_bytes=150_000)
     assert config == data.python_stdlib_config(max_train_bytes=150_000)

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import dataclasses
 import difflib
@@ -184,6 +185,11 @@ def local_text_config(
         raise ValueError(f"validation_fraction={validation_fraction}; allowed: 0 <= fraction < 1")
     if document_separator == "":
         raise ValueError("document_separator='' is not allowed; use None for one example per file")
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise ValueError(f"encoding={encoding!r} is not a Python codec; allowed: a codec name "
+                         "such as 'utf-8' or 'latin-1'") from None
     files = _expand_paths(paths)
     stats = [os.stat(f) for f in files]
     if sum(s.st_size for s in stats) == 0:
