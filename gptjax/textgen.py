@@ -19,7 +19,7 @@ def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
         `tokenizer_path`, which defaults to hf_dir itself.
     """
     from gptjax.checkpoint import CheckpointError
-    from gptjax.tokenizers import GPT2BPETokenizer
+    from gptjax.tokenizers import from_hf_files
 
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir (a gptjax run) or --hf_dir "
@@ -31,7 +31,7 @@ def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
         return load_workdir(workdir, step)
     from gptjax.convert import from_hf
     config, params = from_hf(hf_dir)
-    tok = GPT2BPETokenizer.from_files(tokenizer_path or hf_dir)
+    tok = from_hf_files(tokenizer_path or hf_dir)  # GPT-2's byte BPE or GPT-1's BPE
     return config, jax.tree_util.tree_map(jax.numpy.asarray, params), tok
 
 
