@@ -11,10 +11,10 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from typing import Any, Callable, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -22,27 +22,21 @@ import ml_collections
 import numpy as np
 import optax
 
+from gptjax import faults
 from gptjax import sharding as shd
 from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from gptjax.config import GPTConfig
-from gptjax.losses import lm_loss
 from gptjax.metrics import mfu, peak_flops
-from gptjax.model import GPT, check_scan_config, init_boxed
+from gptjax.model import check_scan_config, init_boxed
 from gptjax.optim import make_optimizer
+from gptjax.preemption import PreemptionGuard
+from gptjax.train_step import TrainState, make_eval_step, make_train_step  # noqa: F401
+from gptjax.validation import check_train_config
 
 log = logging.getLogger("gptjax")
 
 
 # ================================================================================ state and steps
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training (the data position is the step)."""
-
-    step: jax.Array
-    params: Any
-    opt_state: Any
-
-
 def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None
                       ) -> GPTConfig:
     """The GPTConfig of an experiment: `config.model.preset` plus every other field as override.
@@ -64,84 +58,6 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[in
     mc = GPTConfig.preset(config.model.preset, **fields)
     check_scan_config(mc)
     return mc
-
-
-def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
-                    schedule: Callable, *, accum_steps: int = 1,
-                    nonfinite: str = "skip") -> Callable:
-    """A pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
-
-    Args:
-      model_cfg: the architecture.
-      optimizer: the optax transformation (clipping + AdamW).
-      schedule: the learning-rate schedule, for logging.
-      accum_steps: microbatches per update; the batch's leading axis is split into this many and
-        gradients are averaged with a `lax.scan` (one update, constant memory in accum_steps).
-      nonfinite: 'skip' (a step with a non-finite loss or gradient leaves params and optimizer
-        state unchanged and reports skipped=1) or 'halt' (the update is applied as is; the host
-        loop stops on the reported non-finite loss).
-
-    The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
-    """
-    model = GPT(model_cfg)
-    use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop) > 0
-
-    def loss_fn(params, inputs, targets, weights, rng):
-        logits = model.apply({"params": params}, inputs, deterministic=not use_dropout,
-                             rngs={"dropout": rng} if use_dropout else None)
-        return lm_loss(logits, targets, weights)
-
-    grad_fn = jax.value_and_grad(loss_fn)
-
-    def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        rng = jax.random.fold_in(rng, state.step)
-        weights = batch.get("weights")
-        if accum_steps == 1:
-            loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"], weights, rng)
-        else:
-            def split(x):
-                return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
-
-            micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
-                     jax.random.split(rng, accum_steps))
-
-            def body(acc, mb):
-                inputs, targets, w, r = mb
-                l, g = grad_fn(state.params, inputs, targets, w, r)
-                return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
-
-            zero = (jnp.zeros((), jnp.float32),
-                    jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-            (loss, grads), _ = jax.lax.scan(body, zero, micro)
-            loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
-            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if nonfinite == "skip":
-            keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-                lambda n, o: jnp.where(finite, n, o), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "skipped": (~finite).astype(jnp.int32)}
-        return new_state, metrics
-
-    return train_step
-
-
-def make_eval_step(model_cfg: GPTConfig) -> Callable:
-    """`eval_step(params, batch) -> (sum of weighted nll, sum of weights)`, no dropout."""
-    model = GPT(model_cfg)
-
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
-        w = batch["weights"].astype(jnp.float32)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return jnp.sum(nll * w), jnp.sum(w)
-
-    return eval_step
 
 
 # ================================================================================ sharded setup
@@ -345,6 +261,61 @@ def _truncate_log(path: str, step: int) -> None:
         fh.writelines(kept)
 
 
+def tokenizer_info(tokenizer) -> dict:
+    """What a checkpoint records of its tokenizer: kind, vocabulary size and a fingerprint.
+
+    The fingerprint hashes the files `tokenizer.save` writes (vocabulary, merges, model), so
+    any change to the vocabulary shows, even one that keeps its size.
+    """
+    import hashlib
+    import tempfile
+
+    def without_sources(x):  # where the files were copied from is not part of the tokenizer
+        if isinstance(x, dict):
+            return {k: without_sources(v) for k, v in x.items() if k != "source"}
+        return [without_sources(v) for v in x] if isinstance(x, list) else x
+
+    h = hashlib.sha256()
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        for root, _, files in sorted(os.walk(d)):
+            for name in sorted(files):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, d).encode())
+                with open(path, "rb") as fh:
+                    data = fh.read()
+                if name == "tokenizer.json":
+                    data = json.dumps(without_sources(json.loads(data)), sort_keys=True).encode()
+                h.update(data)
+    return {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+            "fingerprint": h.hexdigest()[:16]}
+
+
+def check_checkpoint_meta(step: int, meta: dict, *, model_cfg: GPTConfig, tokenizer: dict
+                          ) -> None:
+    """Raises CheckpointError when checkpoint `step` belongs to another run than this one.
+
+    Args:
+      step: the checkpoint's step.
+      meta: its metadata (see `train_and_evaluate`'s `meta_for`).
+      model_cfg: this run's architecture.
+      tokenizer: this run's tokenizer as {kind, vocab_size, fingerprint}.
+    """
+    saved, here = meta.get("model_config") or {}, model_cfg.to_dict()
+    if saved != here:
+        diff = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
+        what = "; ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here" for k in diff[:3])
+        raise CheckpointError(f"checkpoint step {step} is of another architecture than this "
+                              f"config ({what}); use another --workdir")
+    saved_tok = meta.get("tokenizer") or {}
+    for k in ("kind", "vocab_size", "fingerprint"):  # older checkpoints lack the fingerprint
+        if k in saved_tok and saved_tok[k] != tokenizer.get(k):
+            raise CheckpointError(
+                f"checkpoint step {step} was trained with another tokenizer (its {k} is "
+                f"{saved_tok[k]!r}, this run's is {tokenizer.get(k)!r}); put the run's own "
+                "tokenizer/ directory back or use another --workdir")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> dict:
     """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
@@ -360,6 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
     tc = config.train
+    check_train_config(config)  # one-line errors before any data is read or anything compiles
 
     cache_dir = config.data.get("cache_dir") or None
     val_split = config.data.get("val_split", "validation")
@@ -373,24 +345,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
     # other processes then find them ready instead of racing to write the same files.
     tokenizer, train_tokens, val_tokens = main_process_first("data", prepare_data)
+    if config.tokenizer.kind != tokenizer.kind:
+        raise CheckpointError(f"tokenizer.kind={config.tokenizer.kind!r} but {workdir} holds a "
+                              f"{tokenizer.kind!r} tokenizer; use another --workdir")
     model_cfg = model_config_from(config, tokenizer.vocab_size)
     seq_len = config.data.get("seq_len", 0) or model_cfg.n_ctx
-    if seq_len > model_cfg.n_ctx:
-        raise ValueError(f"data.seq_len={seq_len} is longer than the model context "
-                         f"n_ctx={model_cfg.n_ctx}")
-    if is_main:
-        with open(os.path.join(workdir, "config.json"), "w") as fh:
-            fh.write(config.to_json_best_effort(indent=2))
-        with open(os.path.join(workdir, "model_config.json"), "w") as fh:
-            json.dump(model_cfg.to_dict(), fh, indent=2)
+    if len(val_tokens) < seq_len + 1:  # found now, not at the first evaluation
+        raise ValueError(f"the {val_split!r} split has {len(val_tokens)} tokens, shorter than one "
+                         f"sequence (data.seq_len {seq_len} + 1); allowed: more validation text "
+                         "(data.validation_fraction) or a shorter data.seq_len")
 
     total_steps = tc.steps
     setup = Setup(config, model_cfg, total_steps)
     gbs = tc.batch_size
-    dp = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
-    if gbs % (dp * tc.get("accum_steps", 1)):
-        raise ValueError(f"train.batch_size={gbs} is not divisible by the data-parallel size "
-                         f"{dp} x accum_steps {tc.get('accum_steps', 1)}")
     batcher = LMBatcher(train_tokens, seq_len, gbs, config.seed,
                         mode=config.data.get("sampling", "packed"),
                         process_index=jax.process_index(), process_count=jax.process_count())
@@ -400,19 +367,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                         async_save=tc.get("async_checkpointing", True))
     rng = jax.random.key(config.seed)
     init_rng, train_rng, sample_rng = jax.random.split(rng, 3)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        meta = ckpt.restore_meta(latest)
-        if meta.get("model_config") != model_cfg.to_dict():
-            raise CheckpointError(f"checkpoint step {latest} in {workdir} is of another "
-                                  "architecture than this config; use another --workdir")
+    tok_info = tokenizer_info(tokenizer)
+    with setup.mesh:
+        resumed = ckpt.restore_latest(setup.abstract_sharded_state(), functools.partial(
+            check_checkpoint_meta, model_cfg=model_cfg, tokenizer=tok_info))
+    n_skipped = 0  # non-finite steps whose update was skipped, over the whole run
+    if resumed is not None:
+        latest, state, meta = resumed
         batcher.restore(meta["data"])
-        with setup.mesh:
-            state, _ = ckpt.restore(setup.abstract_sharded_state(), latest)
+        n_skipped = int(meta.get("skipped_steps", 0))
         log.info("resumed from step %d", latest)
         _truncate_log(os.path.join(workdir, "metrics.jsonl"), latest)
     else:
         state = setup.init_state(init_rng)
+        _truncate_log(os.path.join(workdir, "metrics.jsonl"), 0)  # no checkpoint: a new run
+    if is_main:  # only now: a run refused above must not overwrite the work directory's files
+        with open(os.path.join(workdir, "config.json"), "w") as fh:
+            fh.write(config.to_json_best_effort(indent=2))
+        with open(os.path.join(workdir, "model_config.json"), "w") as fh:
+            json.dump(model_cfg.to_dict(), fh, indent=2)
     start = int(jax.device_get(state.step))
 
     n_params = model_cfg.num_params()
@@ -429,7 +402,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     def meta_for(step: int) -> dict:
         return {"model_config": model_cfg.to_dict(),
                 "data": dict(batcher.state(), step=step),
-                "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size}}
+                "tokenizer": tok_info, "skipped_steps": n_skipped}
 
     pbar = None
     if progress and is_main:
@@ -440,13 +413,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     pending = None  # (step, device metrics) fetched one step late so dispatch runs ahead
     t_last, steps_since = time.time(), 0
     halted = None
+    halt_mode = tc.get("nonfinite", "skip") == "halt"
 
     def handle(step: int, m: dict) -> None:
-        nonlocal t_last, steps_since, last_train_loss, halted
+        nonlocal t_last, steps_since, last_train_loss, halted, n_skipped
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         last_train_loss = m["loss"]
-        if not math.isfinite(m["loss"]) and tc.get("nonfinite", "skip") == "halt":
-            halted = step
+        if m["skipped"]:  # a non-finite loss or gradient norm
+            n_skipped += 1
+            if halt_mode:
+                halted = step if halted is None else halted  # the first one
+            elif is_main and (n_skipped <= 10 or n_skipped % 100 == 0):
+                print(f"warning: step {step + 1}: non-finite loss or gradients, update skipped "
+                      f"({n_skipped} skipped so far)", file=sys.stderr, flush=True)
         steps_since += 1
         if (step + 1) % tc.log_every == 0 or step + 1 == total_steps:
             dt = time.time() - t_last
@@ -454,16 +433,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             rec = dict(step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
                        tokens_per_sec=tps,
                        mfu=mfu(tps, flops_tok, jax.device_count(), peak),
-                       skipped=int(m["skipped"]))
+                       skipped=int(m["skipped"]), skipped_steps=n_skipped)
             writer.write(rec)
             if pbar is not None:
                 pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
             t_last, steps_since = time.time(), 0
 
+    guard, preempted = PreemptionGuard(), None
     try:
-        with setup.mesh:
+        with setup.mesh, guard:
             for step in range(start, total_steps):
-                batch = setup.put_batch(batcher.batch(step))
+                batch = setup.put_batch(faults.corrupt_batch(step, batcher.batch(step)))
                 state, metrics = setup.train_step(state, batch, train_rng)
                 if pending is not None:
                     handle(*pending)
@@ -476,6 +456,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                 if pbar is not None:
                     pbar.update(1)
                 done = step + 1
+                faults.after_step()
+                stop = guard.should_stop(done)  # SIGTERM/SIGINT: the same step on every host
+                if pending is not None and (stop or ckpt.should_save(done)):
+                    # Metrics of a step about to be saved, now: a 'halt' run never saves a
+                    # non-finite update, and the saved skip count is exact.
+                    handle(*pending)
+                    pending = None
+                    if halted is not None:
+                        break
+                if stop:
+                    ckpt.save(done, state, meta_for(done), force=True)
+                    preempted = guard.signal_name
+                    break
                 if tc.eval_every > 0 and done % tc.eval_every == 0 and done != total_steps:
                     vl = evaluate(setup, state.params, val_tokens, seq_len, tc.eval_batch_size,
                                   tc.eval_batches)
@@ -486,12 +479,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             if pending is not None:
                 handle(*pending)
     finally:
+        ckpt.wait()  # whatever stopped the loop, a save in flight completes
         if pbar is not None:
             pbar.close()
     if halted is not None:
         ckpt.close()
-        raise FloatingPointError(f"non-finite loss at step {halted + 1}; the last good "
-                                 f"checkpoint is step {ckpt.latest_step()}")
+        good = ckpt.latest_step()
+        raise FloatingPointError(
+            f"non-finite loss or gradients at step {halted + 1} (train.nonfinite='halt'); "
+            + (f"the last good checkpoint is step {good}" if good is not None
+               else "no checkpoint was written before it"))
+    if preempted is not None:
+        ckpt.close()
+        writer.close()
+        final_step = int(jax.device_get(state.step))
+        if is_main:
+            print(f"{preempted}: stopped after step {final_step} and saved its checkpoint in "
+                  f"{ckpt.directory}; run the same command to resume", flush=True)
+        return dict(step=final_step, preempted=preempted, skipped_steps=n_skipped, state=state,
+                    tokenizer=tokenizer, model_config=model_cfg)
     final_step = int(jax.device_get(state.step))
     if final_step not in ckpt.all_steps():
         ckpt.save(final_step, state, meta_for(final_step), force=True)
@@ -502,6 +508,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     writer.close()
     wall = time.time() - t_start
     summary = dict(step=final_step, train_loss=last_train_loss, val_loss=val_loss,
+                   skipped_steps=n_skipped,
                    wall_time_s=wall, params=n_params, peak_flops=peak, peak_source=peak_src)
     if is_main:
         plot_metrics(os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "loss.png"))
@@ -533,12 +540,17 @@ def load_workdir(workdir: str, step: Optional[int] = None):
         raise CheckpointError(f"{workdir} is not a gptjax work directory (no config.json)")
     with open(os.path.join(workdir, "model_config.json")) as fh:
         model_cfg = GPTConfig.from_dict(json.load(fh))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+    tokenizer = toks.load_tokenizer(os.path.join(workdir, "tokenizer"))
     try:
+        meta = ckpt.restore_meta(step)
+        step = ckpt.latest_step() if step is None else step
+        # The run's model_config.json and tokenizer/ must be the checkpoint's own.
+        check_checkpoint_meta(step, meta, model_cfg=model_cfg,
+                              tokenizer=tokenizer_info(tokenizer))
         params = ckpt.restore_params(abstract_params(model_cfg), step)
     finally:
         ckpt.close()
-    tokenizer = toks.load_tokenizer(os.path.join(workdir, "tokenizer"))
     return model_cfg, jax.device_put(params), tokenizer
 
 
@@ -552,6 +564,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
     """
     from gptjax.memory import compiled_memory, format_bytes, memory_plan, sharding_table
 
+    check_train_config(config)
     vocab = None
     if config.model.get("vocab_size", 0) <= 0:
         source = build_source(config)
