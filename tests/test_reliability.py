@@ -162,6 +162,33 @@ def test_nonfinite_halt_keeps_last_good_checkpoint_then_skip(env, reference):
     assert json.load(open(wd / "summary.json"))["skipped_steps"] == 1
 
 
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, reference):
+    """JAX's preemption sync point: only process 1 gets SIGTERM; both save the same step."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    wd = env[0] / "two"
+    args = train_flags(env[0], wd, "--config.train.steps=40", f"--coordinator_address=127.0.0.1:"
+                       f"{port}", "--num_processes=2")
+    procs = [subprocess.Popen([sys.executable, "train.py", *args, f"--process_id={i}"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env[1], GPTJAX_FAULT_STEP_SLEEP_S="0.3"))
+             for i in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if (wd / "metrics.jsonl").exists() and len(open(wd / "metrics.jsonl").readlines()) >= 4:
+            break
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    stopped = int(outs[0][0].split("SIGTERM: stopped after step ")[1].split()[0])
+    assert 4 <= stopped < 40 and steps(wd)[-1] == stopped
+
+
 # ============================================================================ restore checks
 def test_damaged_latest_checkpoint(env, reference):
     wd = env[0] / "damaged"
