@@ -17,6 +17,7 @@ static window; parameters are then `h.block_{j}` stacked over n_layer / period.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
@@ -108,25 +109,48 @@ class CausalSelfAttention(nn.Module):
         v_BxTxHxD = qkv_BxTxKxHxD[:, :, 2]
         q_BxTxHxD = nn.with_logical_constraint(q_BxTxHxD, ("batch", "length", "heads", "head_dim"))
 
-        new_cache = None
-        if layer_cache is None:
-            k_BxSxHxD, v_BxSxHxD, k_pos_BxS = k_BxTxHxD, v_BxTxHxD, q_pos_BxT
-        else:
-            # Write this call's keys/values into slots [index, index + T) of the cache.
-            k_BxSxHxD = jax.lax.dynamic_update_slice(
-                layer_cache["k"], k_BxTxHxD.astype(layer_cache["k"].dtype), (0, cache_index, 0, 0))
-            v_BxSxHxD = jax.lax.dynamic_update_slice(
-                layer_cache["v"], v_BxTxHxD.astype(layer_cache["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k_BxSxHxD, "v": v_BxSxHxD}
-            k_BxSxHxD, v_BxSxHxD = k_BxSxHxD.astype(dt), v_BxSxHxD.astype(dt)
-
         dropout_rng = None
         if not self.deterministic and cfg.attn_pdrop > 0.0:
             dropout_rng = self.make_rng("dropout")
-        out_BxTxHxD = attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS,
-                                window=self.window, impl=cfg.attention_impl,
-                                dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng)
-        y_BxTxC = Linear("BTHD,HDC->BTC", (H, D, C), ("heads", "head_dim", "embed"), (C,),
+        attend = functools.partial(attention, window=self.window, impl=cfg.attention_impl,
+                                   dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng)
+        new_cache = None
+        if layer_cache is None:
+            out_BxTxHxD = attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, q_pos_BxT)
+        else:
+            # Cached call: heads are folded into the batch (N = B*H rows, one head each) and the
+            # cache holds each row's keys and values as one [D, S] matrix, the operand layout
+            # XLA:CPU's batched dots want for q.k (contracting D) and p.v (contracting S). A decode
+            # step then reads and updates the cache in place. Keeping [B, S, H, D] made XLA copy
+            # every layer's whole cache into this order on every step, and [B, H, D, S] still
+            # cost copies at batch 1 (XLA drops the unit batch axis from the dots, and the reshape
+            # between the in-place update and the dot defeated the aliasing).
+            B, T = x_BxTxC.shape[:2]
+
+            def rows_NxDxT(x_BxTxHxD):
+                return jnp.transpose(x_BxTxHxD, (0, 2, 3, 1)).reshape(B * H, D, T)
+
+            # Write this call's keys/values into slots [index, index + T).
+            k_NxDxS = jax.lax.dynamic_update_slice(
+                layer_cache["k"], rows_NxDxT(k_BxTxHxD).astype(layer_cache["k"].dtype),
+                (0, 0, cache_index))
+            v_NxDxS = jax.lax.dynamic_update_slice(
+                layer_cache["v"], rows_NxDxT(v_BxTxHxD).astype(layer_cache["v"].dtype),
+                (0, 0, cache_index))
+            new_cache = {"k": k_NxDxS, "v": v_NxDxS}
+            q_NxTx1xD = jnp.transpose(q_BxTxHxD, (0, 2, 1, 3)).reshape(B * H, T, 1, D)
+            # The transposes below fold into the attention dots; nothing is copied.
+            out_NxTx1xD = attend(q_NxTx1xD, jnp.swapaxes(k_NxDxS, 1, 2)[:, :, None].astype(dt),
+                                 jnp.swapaxes(v_NxDxS, 1, 2)[:, :, None].astype(dt),
+                                 jnp.repeat(q_pos_BxT, H, axis=0), jnp.repeat(k_pos_BxS, H, axis=0))
+            out_BxTxHxD = jnp.transpose(out_NxTx1xD.reshape(B, H, T, D), (0, 2, 1, 3))
+        # jnp.einsum contracts its summed letters in sorted order, D before H, and XLA then
+        # transposes this kernel into [D, H, C] on every call; inside the decode loop that copy
+        # (a second read and a write of the kernel per step) is not hoisted. Naming the head
+        # width `d` (sorted after H) keeps the kernel's own order. The training forward keeps the
+        # historical order so its numbers do not move.
+        eq = "BTHD,HDC->BTC" if layer_cache is None else "BTHd,HdC->BTC"
+        y_BxTxC = Linear(eq, (H, D, C), ("heads", "head_dim", "embed"), (C,),
                          ("embed",), _resid_std(cfg), cfg.use_bias, dt, pdt,
                          name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
@@ -224,6 +248,8 @@ class GPT(nn.Module):
       inputs_embeds_BxTxC: token embeddings to use instead of looking up tokens_BxT (which may
         then be None); positions are still added. Lets jax.grad reach the inputs (causality tests,
         soft prompts).
+      last_logits_only: logits [B, 1, V] for the last position only (a prefill needs no more;
+        skips a [B, T, C] x [C, V] matmul and the [B, T, V] buffer).
 
     Returns:
       logits, or a tuple (logits, [hidden], [cache]) with the requested extras in that order.
@@ -234,7 +260,8 @@ class GPT(nn.Module):
     @nn.compact
     def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
                  deterministic: bool = True, cache: Optional[Cache] = None,
-                 return_hidden: bool = False, inputs_embeds_BxTxC: Optional[Array] = None):
+                 return_hidden: bool = False, inputs_embeds_BxTxC: Optional[Array] = None,
+                 last_logits_only: bool = False):
         cfg = self.config
         B, T = (tokens_BxT if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC).shape[:2]
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -291,14 +318,15 @@ class GPT(nn.Module):
         if cfg.final_norm:
             x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
 
+        x_head_BxTxC = x_BxTxC[:, -1:] if last_logits_only else x_BxTxC
         if cfg.tie_embeddings:
             head_VxC = wte.embedding
-            logits_BxTxV = jnp.einsum("BTC,VC->BTV", x_BxTxC.astype(dt), head_VxC.astype(dt),
+            logits_BxTxV = jnp.einsum("BTC,VC->BTV", x_head_BxTxC.astype(dt), head_VxC.astype(dt),
                                       preferred_element_type=jnp.float32)
         else:
             head_CxV = self.param("lm_head", _normal(cfg.init_std, ("embed", "vocab")),
                                   (cfg.n_embd, cfg.vocab_size), pdt)
-            logits_BxTxV = jnp.einsum("BTC,CV->BTV", x_BxTxC.astype(dt), head_CxV.astype(dt),
+            logits_BxTxV = jnp.einsum("BTC,CV->BTV", x_head_BxTxC.astype(dt), head_CxV.astype(dt),
                                       preferred_element_type=jnp.float32)
         logits_BxTxV = logits_BxTxV.astype(jnp.float32)
 
@@ -343,14 +371,17 @@ def logical_axes(config: GPTConfig):
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None,
                dtype: Any = None) -> Cache:
-    """An empty KV cache: keys/values per layer [B, S, H, D], slot positions [B, S] (-1 = empty).
+    """An empty KV cache: keys/values per layer [B*H, D, S], slot positions [B, S] (-1 = empty).
+
+    Row b*H + h of the keys/values is head h of batch row b, stored transposed ([D, S]), the
+    layout that lets a decode step read and update it in place (see CausalSelfAttention).
 
     Its layout mirrors the parameters: `{'h_0': {'k', 'v'}, ...}`, or `{'h': {'block_j': ...}}`
     stacked over periods when scan_layers is on.
     """
     S = config.n_ctx if max_len is None else max_len
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
-    shape = (batch_size, S, config.n_head, config.d_head)
+    shape = (batch_size * config.n_head, config.d_head, S)
 
     def kv(lead=()):
         return {"k": jnp.zeros(lead + shape, dtype), "v": jnp.zeros(lead + shape, dtype)}

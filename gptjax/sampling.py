@@ -213,7 +213,7 @@ def prompt_positions(lengths_B: Array, P: int) -> Array:
 
 
 def prefill(config: GPTConfig, params: Any, tokens_BxP: Array, lengths_B: Array,
-            max_len: int) -> tuple[Array, dict]:
+            max_len: int, *, last_only: bool = False) -> tuple[Array, dict]:
     """Run left-padded prompts through the model, filling a fresh cache of `max_len` slots.
 
     Args:
@@ -222,14 +222,19 @@ def prefill(config: GPTConfig, params: Any, tokens_BxP: Array, lengths_B: Array,
       tokens_BxP: left-padded prompt ids (see `pad_prompts`).
       lengths_B: real prompt lengths.
       max_len: cache slots S (>= P plus the tokens to decode).
+      last_only: return only the last position's logits [B, V] (all a decode needs; skips the
+        [B, P, V] logits).
 
     Returns:
       (logits_BxPxV fp32, cache); logits_BxPxV[:, -1] predicts every row's first new token.
+      With last_only, (logits_BxV, cache).
     """
     B, P = tokens_BxP.shape
     cache = init_cache(config, B, max_len)
-    return GPT(config).apply({"params": params}, jnp.asarray(tokens_BxP, jnp.int32),
-                             prompt_positions(lengths_B, P), cache=cache)
+    logits, cache = GPT(config).apply({"params": params}, jnp.asarray(tokens_BxP, jnp.int32),
+                                      prompt_positions(lengths_B, P), cache=cache,
+                                      last_logits_only=last_only)
+    return (logits[:, -1] if last_only else logits), cache
 
 
 def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Array,
@@ -250,24 +255,31 @@ def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Ar
     return logits_Bx1xV[:, 0], cache
 
 
-def _cache_batch_axis(config: GPTConfig) -> int:
-    # Scanned layers stack their caches over periods in front of the batch axis.
-    return 1 if config.scan_layers else 0
+def _cache_rows(config: GPTConfig, cache: dict, fn: Callable[[Array, int], Array]) -> dict:
+    """Apply fn(array, batch_axis) to every per-row array of the cache.
+
+    Keys/values are stored [B*H, D, S] (gptjax.model.init_cache), so they are viewed as
+    [B, H, D, S] for fn; scanned layers stack them over periods in front.
+    """
+    ax = 1 if config.scan_layers else 0
+    H = config.n_head
+
+    def kv(x):
+        y = fn(x.reshape(x.shape[:ax] + (x.shape[ax] // H, H) + x.shape[ax + 1:]), ax)
+        return y.reshape(y.shape[:ax] + (-1,) + y.shape[ax + 2:])
+
+    return {"layers": jax.tree_util.tree_map(kv, cache["layers"]), "pos": fn(cache["pos"], 0),
+            "index": cache["index"]}
 
 
 def repeat_cache(config: GPTConfig, cache: dict, n: int) -> dict:
     """Each row of the cache repeated n times in place (row b -> rows b*n .. b*n+n-1)."""
-    ax = _cache_batch_axis(config)
-    return {"layers": jax.tree_util.tree_map(lambda x: jnp.repeat(x, n, axis=ax), cache["layers"]),
-            "pos": jnp.repeat(cache["pos"], n, axis=0), "index": cache["index"]}
+    return _cache_rows(config, cache, lambda x, ax: jnp.repeat(x, n, axis=ax))
 
 
 def gather_cache(config: GPTConfig, cache: dict, rows_N: Array) -> dict:
     """The cache rows `rows_N` (beam reordering)."""
-    ax = _cache_batch_axis(config)
-    return {"layers": jax.tree_util.tree_map(lambda x: jnp.take(x, rows_N, axis=ax),
-                                             cache["layers"]),
-            "pos": jnp.take(cache["pos"], rows_N, axis=0), "index": cache["index"]}
+    return _cache_rows(config, cache, lambda x, ax: jnp.take(x, rows_N, axis=ax))
 
 
 # ---------------------------------------------------------------------------- decode loops
@@ -277,8 +289,8 @@ TokensToLogits = Callable[[Array, Array, Any], tuple]
 def sample_loop(tokens_to_logits: TokensToLogits, logits_BxV: Array, state: Any, rng: Array, *,
                 max_new_tokens: int, temperature: Any = 1.0, top_k: int = 0, top_p: Any = 1.0,
                 greedy: bool = False, eos_id: Any = -1, stop_QxL: Optional[Array] = None,
-                pad_id: Any = 0, step_callback: Optional[Callable] = None
-                ) -> tuple[Array, Array, Array, Array]:
+                pad_id: Any = 0, step_callback: Optional[Callable] = None,
+                logprobs: bool = True) -> tuple[Array, Array, Array, Array]:
     """Greedy or sampled decoding as one `lax.while_loop` over a token -> logits function.
 
     Step t draws token t from the current logits with key fold_in(rng, t), records it, and feeds
@@ -298,6 +310,8 @@ def sample_loop(tokens_to_logits: TokensToLogits, logits_BxV: Array, state: Any,
       pad_id: filler after a row stops (traced).
       step_callback: a host function called as step_callback(tokens_B, emitted_B) after every
         step (emitted_B: the rows that produced a token), in order, for streaming; None for none.
+      logprobs: record each token's log-probability (static); False leaves logprobs_BxN zero and
+        spares every step a log_softmax over the vocabulary.
 
     Returns:
       (tokens_BxN int32, lengths_B int32, logprobs_BxN float32 under the raw logits, steps: the
@@ -316,8 +330,9 @@ def sample_loop(tokens_to_logits: TokensToLogits, logits_BxV: Array, state: Any,
         t, logits_BxV, state, tokens_BxN, logprobs_BxN, done_B, lengths_B, window_BxL = carry
         tok_B = sample_logits(jax.random.fold_in(rng, t), logits_BxV, temperature=temperature,
                               top_k=top_k, top_p=top_p, greedy=greedy)
-        logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)),
-                                     tok_B[:, None], axis=-1)[:, 0]
+        if logprobs:
+            logp_B = jnp.take_along_axis(jax.nn.log_softmax(logits_BxV.astype(jnp.float32)),
+                                         tok_B[:, None], axis=-1)[:, 0]
         # Stopped rows still run through the model (fixed shapes); they are fed the sampled id,
         # always a valid embedding row, whereas pad_id may lie outside the vocabulary.
         fed_B = tok_B
@@ -325,8 +340,9 @@ def sample_loop(tokens_to_logits: TokensToLogits, logits_BxV: Array, state: Any,
         if step_callback is not None:
             jax.experimental.io_callback(step_callback, None, tok_B, ~done_B, ordered=True)
         tokens_BxN = jax.lax.dynamic_update_slice(tokens_BxN, tok_B[:, None], (0, t))
-        logprobs_BxN = jax.lax.dynamic_update_slice(
-            logprobs_BxN, jnp.where(done_B, 0.0, logp_B)[:, None], (0, t))
+        if logprobs:
+            logprobs_BxN = jax.lax.dynamic_update_slice(
+                logprobs_BxN, jnp.where(done_B, 0.0, logp_B)[:, None], (0, t))
         lengths_B = jnp.where(done_B, lengths_B, t + 1)
         window_BxL = _push(window_BxL, tok_B)
         hit_B = tok_B == eos_id
@@ -535,26 +551,26 @@ def _stream_to_host(tokens_B, emitted_B) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "greedy", "top_k",
-                                             "use_top_p", "stream"))
+                                             "use_top_p", "stream", "logprobs"))
 def _sample_core(params, tokens_BxP, lengths_B, rng, temperature, top_p, eos_id, stop_QxL,
-                 pad_id, *, config, max_new_tokens, greedy, top_k, use_top_p, stream):
-    logits_BxPxV, cache = prefill(config, params, tokens_BxP, lengths_B,
-                                  tokens_BxP.shape[1] + max_new_tokens)
-    return sample_loop(_model_step_fn(config, params, lengths_B), logits_BxPxV[:, -1], cache, rng,
+                 pad_id, *, config, max_new_tokens, greedy, top_k, use_top_p, stream, logprobs):
+    logits_BxV, cache = prefill(config, params, tokens_BxP, lengths_B,
+                                tokens_BxP.shape[1] + max_new_tokens, last_only=True)
+    return sample_loop(_model_step_fn(config, params, lengths_B), logits_BxV, cache, rng,
                        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                        top_p=top_p if use_top_p else 1.0, greedy=greedy, eos_id=eos_id,
                        stop_QxL=stop_QxL, pad_id=pad_id,
-                       step_callback=_stream_to_host if stream else None)
+                       step_callback=_stream_to_host if stream else None, logprobs=logprobs)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "num_beams"))
 def _beam_core(params, tokens_BxP, lengths_B, eos_id, stop_QxL, pad_id, scoring, *, config,
                max_new_tokens, num_beams):
-    logits_BxPxV, cache = prefill(config, params, tokens_BxP, lengths_B,
-                                  tokens_BxP.shape[1] + max_new_tokens)
+    logits_BxV, cache = prefill(config, params, tokens_BxP, lengths_B,
+                                tokens_BxP.shape[1] + max_new_tokens, last_only=True)
     # The prompt is run once per prompt, then its cache is copied to every beam.
     cache = repeat_cache(config, cache, num_beams)
-    logits_NxV = jnp.repeat(logits_BxPxV[:, -1], num_beams, axis=0)
+    logits_NxV = jnp.repeat(logits_BxV, num_beams, axis=0)
     lengths_N = jnp.repeat(lengths_B, num_beams)
     return beam_search_loop(
         _model_step_fn(config, params, lengths_N), functools.partial(gather_cache, config),
@@ -673,7 +689,7 @@ def generate(config: GPTConfig, params: Any, prompts: Any, *, max_new_tokens: in
             jnp.float32(temperature if not greedy else 1.0), jnp.float32(top_p), eos, stop_QxL,
             jnp.int32(pad_id), config=config, max_new_tokens=max_new_tokens, greedy=greedy,
             top_k=0 if top_k >= V else top_k, use_top_p=top_p < 1.0,
-            stream=stream_callback is not None)
+            stream=stream_callback is not None, logprobs=return_scores)
         if stream_callback is None:
             tokens, lengths, logprobs, _ = jax.device_get(run())
         else:

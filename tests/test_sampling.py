@@ -75,6 +75,33 @@ def test_cached_decoding_equals_full_forward_with_ragged_left_padding(name):
                                    atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_prefill_last_only_matches_full_prefill(scan):
+    # What generate runs: only the last column's logits, from the same cache.
+    cfg, params = _model("tiny-gpt3", scan=scan)
+    tokens_BxP, lengths_B = sampling.pad_prompts(RAGGED, bucket=16)
+    full_BxPxV, cache = prefill(cfg, params, tokens_BxP, lengths_B, 24)
+    last_BxV, last_cache = prefill(cfg, params, tokens_BxP, lengths_B, 24, last_only=True)
+    assert last_BxV.shape == (len(RAGGED), cfg.vocab_size)
+    np.testing.assert_allclose(last_BxV, full_BxPxV[:, -1], atol=1e-6)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, last_cache, cache)
+
+
+def test_cache_rows_follow_batch_rows():
+    # Keys/values are stored [B*H, D, S]; reordering batch rows must move whole head groups.
+    cfg, params = _model("tiny")
+    tokens_BxP, lengths_B = sampling.pad_prompts(RAGGED, bucket=16)
+    _, cache = prefill(cfg, params, tokens_BxP, lengths_B, 20)
+    close = functools.partial(np.testing.assert_allclose, atol=1e-5)
+    rows = jnp.array([2, 0, 0])
+    gathered = sampling.gather_cache(cfg, cache, rows)
+    _, ref = prefill(cfg, params, tokens_BxP[np.asarray(rows)], lengths_B[np.asarray(rows)], 20)
+    jax.tree_util.tree_map(close, gathered, ref)
+    repeated = sampling.repeat_cache(cfg, cache, 2)
+    _, ref = prefill(cfg, params, np.repeat(tokens_BxP, 2, 0), np.repeat(lengths_B, 2), 20)
+    jax.tree_util.tree_map(close, repeated, ref)
+
+
 def test_scan_layers_beam_search_equals_per_layer():
     # Beam search reorders the cache every step: this covers the scan layout's batch axis.
     cfg, params = _model("tiny-gpt3")
