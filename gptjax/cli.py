@@ -40,6 +40,35 @@ def fail(message: str, status: int = 2) -> NoReturn:
     sys.exit(status)
 
 
+def _drop_closed_loop_callbacks() -> None:
+    """Keep a known Orbax/TensorStore race off the terminal.
+
+    When a restore fails (a damaged checkpoint), Orbax's asyncio loop closes while TensorStore
+    still completes the other reads in flight; their done-callbacks call
+    `loop.call_soon_threadsafe` from a C++ thread and TensorStore prints the resulting
+    `RuntimeError('Event loop is closed')` through `sys.excepthook` (`PyErr_Print`). That
+    traceback is noise next to our one-line error, so exactly that exception is dropped (shown
+    with GPTJAX_DEBUG); every other one goes to the previous hooks.
+    """
+    def closed_loop(exc_type, exc) -> bool:
+        return (not os.environ.get("GPTJAX_DEBUG") and exc_type is RuntimeError
+                and str(exc) == "Event loop is closed")
+
+    previous = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+        if not closed_loop(exc_type, exc):
+            previous(exc_type, exc, tb)
+
+    previous_unraisable = sys.unraisablehook
+
+    def unraisablehook(u):
+        if not closed_loop(u.exc_type, u.exc_value):
+            previous_unraisable(u)
+
+    sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+
+
 def run_cli(fn: Callable[[], None]) -> None:
     """Run `fn`; a user error prints `error: <message>` on one line and exits with status 2.
 
@@ -47,6 +76,7 @@ def run_cli(fn: Callable[[], None]) -> None:
     status 130 and one line.
     """
     quiet_libraries()
+    _drop_closed_loop_callbacks()
     try:
         fn()
     except _user_errors() as e:
