@@ -250,6 +250,10 @@ def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=DE
             times[label].append((time.perf_counter() - t) / steps)
             torch.set_num_threads(default_threads)
     load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    shortest = min(min(ts) * steps for ts in times.values())
+    if shortest < 0.5:
+        log(f"  warning: a round took {shortest:.2f} s; rounds under 0.5 s are noisy on a shared "
+            f"CPU, raise --steps (now {steps}) for shape {name}")
     row = dict(shape=name, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head,
                seq=cfg.n_ctx, vocab=cfg.vocab_size, batch=batch, dtype=dtype,
                attention_impl=attention_impl, flops_per_token=fpt, steps_per_round=steps,

@@ -524,7 +524,7 @@ def load_finetuned(workdir: str) -> Finetuned:
         "decoder": abstract_params(model_cfg),
         "head": jax.eval_shape(lambda: heads.init_head(jax.random.key(0), head_cfg,
                                                        model_cfg.n_embd))}}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
     try:
         state, meta = ckpt.restore(abstract)
     finally:
@@ -734,7 +734,8 @@ def layer_transfer_analysis(config: ml_collections.ConfigDict, workdir: str,
     zs = []
     if zs_entries:
         if config.init.kind == "workdir":
-            ck = Checkpointer(os.path.join(config.init.path, "checkpoints"), async_save=False)
+            ck = Checkpointer(os.path.join(config.init.path, "checkpoints"), async_save=False,
+                              read_only=True)
             steps = ck.all_steps()
             ck.close()
         else:
