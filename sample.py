@@ -41,10 +41,12 @@ def _prompts():
 
 
 def _run():
+    from gptjax.sampling import prepare_for_decoding
     from gptjax.textgen import complete, load_model
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
     config, params, tok = load_model(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, _STEP.value)
+    params = prepare_for_decoding(config, params)  # once for every sample
     temperature = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
     prompts = _prompts()
     for prompt in prompts:

@@ -53,7 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptjax.config import GPTConfig
 from gptjax.model import init_cache
-from gptjax.sampling import decode_step, prefill, warp_logits
+from gptjax.sampling import decode_step, prefill, prepare_for_decoding, warp_logits
 
 Array = jax.Array
 
@@ -294,7 +294,7 @@ class Engine:
 
     def __init__(self, config: GPTConfig, params: Any, tokenizer: Any, plan: ShapePlan):
         self.config = config
-        self.params = params
+        self.params = prepare_for_decoding(config, params)  # once, for every wave
         self.tokenizer = tokenizer
         self.plan = plan
         self.eos_id = tokenizer.eos_id

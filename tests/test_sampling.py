@@ -479,3 +479,56 @@ def test_padded_array_prompts_equal_lists():
                  temperature=0)
     b = generate(cfg, params, RAGGED, max_new_tokens=12, temperature=0)
     np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+# ---------------------------------------------------------------------------- prepared params
+@pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny-gpt1", False),
+                                       ("tiny-gpt3", False), ("tiny-gpt3", True)])
+def test_prepared_params_decode_like_plain_params(name, scan):
+    # prepare_for_decoding stores the c_proj kernels [out, in] (model.decode_layout); the
+    # cached, full and generated outputs must not change.
+    from gptjax.model import from_decode_layout
+    cfg, params = _model(name, scan=scan)
+    prepared = sampling.prepare_for_decoding(cfg, params)
+    assert prepared.out_in  # these tests run on CPU
+    lead = 1 if scan else 0
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        keys = jax.tree_util.keystr(path)
+        y = functools.reduce(lambda t, k: t[k.key], path, prepared.params)
+        if "c_proj']['kernel" in keys:
+            n_in = 1 if "mlp" in keys else 2
+            perm = tuple(range(lead)) + tuple(lead + i for i in range(n_in, x.ndim - lead)) + \
+                tuple(lead + i for i in range(n_in))
+            np.testing.assert_array_equal(y, np.transpose(x, perm))
+        else:
+            assert y is x  # nothing else is copied
+    jax.tree_util.tree_map(np.testing.assert_array_equal, from_decode_layout(cfg, prepared.params),
+                           params)
+
+    tokens_BxP, lengths_B = sampling.pad_prompts(RAGGED, bucket=16)
+    cont_BxT = jnp.asarray(np.random.RandomState(2).randint(0, cfg.vocab_size, (3, 10)), jnp.int32)
+
+    @jax.jit
+    def cached(p):
+        logits_BxPxV, cache = prefill(cfg, p, tokens_BxP, lengths_B, 26)
+
+        def step(cache, tok_t):
+            logits_BxV, cache = decode_step(cfg, p, tok_t[0], lengths_B + tok_t[1], cache)
+            return cache, logits_BxV
+        return logits_BxPxV, jax.lax.scan(step, cache, (cont_BxT.T, jnp.arange(10)))[1]
+
+    for a, b in zip(cached(params), cached(prepared)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    full = GPT(cfg).apply({"params": params}, cont_BxT)
+    full_prepared = GPT(cfg, decode_layout=True).apply({"params": prepared.params}, cont_BxT)
+    np.testing.assert_allclose(full, full_prepared, atol=1e-5)
+    for kw in (dict(temperature=0), dict(temperature=0.9, top_k=20, rng=3),
+               dict(num_beams=3, return_scores=True)):
+        a = generate(cfg, params, RAGGED, max_new_tokens=8, **kw)
+        b = generate(cfg, prepared, RAGGED, max_new_tokens=8, **kw)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        if a.scores is not None:
+            np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    assert sampling.prepare_for_decoding(cfg, prepared) is prepared
+    plain = sampling.prepare_for_decoding(cfg, params, out_in=False)
+    assert not plain.out_in and plain.params is params
