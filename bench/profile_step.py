@@ -1,0 +1,113 @@
+"""Where a compiled gptjax train step spends its time, per source op, from a jax.profiler trace.
+
+    python bench/profile_step.py --shape 6x384_T256 [--steps 2] [--out /tmp/prof]
+
+Traces --steps train steps of a bench/train_throughput.py shape with `jax.profiler.trace`, then
+reads the trace with xprof (`pip install xprof`; only this script needs it) and prints the
+thunks' time per step grouped by the JAX op that produced them (from the compiled HLO's
+metadata, layer index dropped: "transpose(jvp(GPT))/mlp/c_fc/.../dot_general" is the MLP
+up-projection's backward over all layers), and how busy each thread was. Op times of
+concurrently running thunks overlap, so the total can exceed the step. XLA_FLAGS set in the
+environment apply, which is how flags were compared (see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from train_throughput import SHAPES, model_cfg  # noqa: E402
+
+_WRAPPERS = ("$", "ThunkExecutor", "ThreadpoolListener", "end:", "PjitFunction", "np.",
+             "Common", "SlinkyThreadPool")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="6x384_T256", help=f"one of {list(SHAPES)}")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--out", default="/tmp/gptjax_profile", help="trace directory")
+    a = p.parse_args(argv)
+    if a.shape not in SHAPES:
+        sys.exit(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
+    try:
+        from xprof.convert import raw_to_tool_data
+    except ImportError:
+        sys.exit("profile_step.py reads traces with xprof: pip install xprof")
+    import optax
+
+    from gptjax.model import init_params
+    from gptjax.train_step import TrainState, make_train_step
+
+    cfg = model_cfg(a.shape, "float32")
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
+    params = init_params(cfg, jax.random.key(0))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    x = jax.random.randint(jax.random.key(1), (SHAPES[a.shape][4], cfg.n_ctx + 1), 0,
+                           cfg.vocab_size)
+    batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
+    step = jax.jit(make_train_step(cfg, tx, lambda s: 3e-4), donate_argnames=("state",))
+    compiled = step.lower(state, batch, jax.random.key(2)).compile()
+    hlo = compiled.as_text()
+
+    def run(n):
+        nonlocal state
+        t = time.perf_counter()
+        for _ in range(n):
+            state, m = compiled(state, batch, jax.random.key(2))
+        float(m["loss"])
+        return (time.perf_counter() - t) / n
+
+    run(2)
+    print(f"{a.shape}: {run(a.steps) * 1e3:.0f} ms/step untraced; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    os.makedirs(a.out, exist_ok=True)
+    with jax.profiler.trace(a.out):
+        traced = run(a.steps)
+    path = max(glob.glob(f"{a.out}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)
+    data, _ = raw_to_tool_data.xspace_to_tool_data([path], "trace_viewer", {})
+    trace = json.loads(data)
+
+    # thunk name -> the JAX op that produced it (its fusion's metadata op_name)
+    op_of = {m.group(1): m.group(2) for m in re.finditer(
+        r"^\s*%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo, re.M)}
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    by_op = collections.defaultdict(float)
+    count = collections.Counter()
+    for e in events:
+        if e["name"].startswith(_WRAPPERS):
+            continue
+        op = op_of.get(e["name"], "(" + re.sub(r"\.\d+$", "", e["name"]) + ")")
+        op = re.sub(r"h_\d+/", "", op.replace("jit(train_step)/", ""))
+        by_op[op] += e["dur"] / 1e3 / a.steps
+        count[op] += 1
+    total = sum(by_op.values())
+    print(f"traced: {traced * 1e3:.0f} ms/step; thunk time {total:.0f} ms/step\n")
+    print(f"{'ms/step':>9} {'share':>6} {'thunks':>6}  op")
+    for op, ms in sorted(by_op.items(), key=lambda kv: -kv[1])[:a.top]:
+        print(f"{ms:9.1f} {ms / total:6.1%} {count[op] // a.steps:6d}  {op[-110:]}")
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in trace["traceEvents"]
+               if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    busy = collections.defaultdict(float)
+    for e in events:
+        if e["name"].startswith("ThreadpoolListener"):
+            busy[threads.get((e["pid"], e["tid"]), "?")] += e["dur"] / 1e3 / a.steps
+    print("\nparallel-region time per thread (ms/step): " + ", ".join(
+        f"{name.split('/')[0]} {ms:.0f}" for name, ms in sorted(busy.items(), key=lambda kv: -kv[1])))
+
+
+if __name__ == "__main__":
+    main()
