@@ -142,12 +142,59 @@ def local_attention_blocked(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHx
     return o_BxNxWxHxD.reshape(B, N * W, H, D)[:, :T]
 
 
+def causal_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.Array, *,
+                     dropout_rate: float = 0.0,
+                     dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+    """Dense causal self-attention at positions 0..T-1: `xla_attention`'s numbers, faster on CPU.
+
+    Three changes from the reference, each the same math: heads are moved in front of the
+    sequence ([B, H, T, D], the batch layout the dots want); the softmax is not normalized
+    before the value product: exp(s - max) multiplies V and the [B, H, T, D] output is divided
+    by the row sums (T x D divisions and no T x S ones, and a shorter backward); and without
+    dropout the queries are split in two halves, the first of which only sees the first half of
+    the keys, so a quarter of the scores (all masked) are never computed. On a 2-core CPU a
+    6-head, 8 x 256 fwd+bwd went from 42 to 23 ms (torch's fused SDPA: 23 ms), see BENCHMARKS.md.
+    """
+    B, T, H, D = q_BxTxHxD.shape
+    dt = v_BxTxHxD.dtype
+    dropout = dropout_rate > 0.0 and dropout_rng is not None
+    q_BxHxTxD = jnp.transpose(q_BxTxHxD * jnp.asarray(D ** -0.5, q_BxTxHxD.dtype), (0, 2, 1, 3))
+    k_BxHxTxD = jnp.transpose(k_BxTxHxD, (0, 2, 1, 3))
+    v_BxHxTxD = jnp.transpose(v_BxTxHxD, (0, 2, 1, 3))
+
+    def block(q_BxHxQxD, first, S):  # queries first..first+Q-1 against keys 0..S-1
+        Q = q_BxHxQxD.shape[2]
+        s_BxHxQxS = jnp.einsum("BHQD,BHSD->BHQS", q_BxHxQxD, k_BxHxTxD[:, :, :S],
+                               preferred_element_type=jnp.float32)
+        visible_QxS = jnp.arange(S)[None, :] <= (first + jnp.arange(Q))[:, None]
+        s_BxHxQxS = jnp.where(visible_QxS, s_BxHxQxS, _MASK_VALUE)
+        # Any shift gives the same softmax; the max keeps exp in range (no gradient needed).
+        m_BxHxQx1 = jax.lax.stop_gradient(jnp.max(s_BxHxQxS, axis=-1, keepdims=True))
+        e_BxHxQxS = jnp.exp(s_BxHxQxS - m_BxHxQx1)
+        total_BxHxQx1 = jnp.sum(e_BxHxQxS, axis=-1, keepdims=True)
+        e_BxHxQxS = _dropout(e_BxHxQxS, dropout_rate, dropout_rng)
+        o_BxHxQxD = jnp.einsum("BHQS,BHSD->BHQD", e_BxHxQxS.astype(dt), v_BxHxTxD[:, :, :S],
+                               preferred_element_type=jnp.float32)
+        return (o_BxHxQxD / total_BxHxQx1).astype(dt)
+
+    if dropout or T < 128 or T % 2:
+        # One block: the dropout mask has the reference's shape, so the same key draws it.
+        o_BxHxTxD = block(q_BxHxTxD, 0, T)
+    else:
+        h = T // 2
+        o_BxHxTxD = jnp.concatenate([block(q_BxHxTxD[:, :, :h], 0, h),
+                                     block(q_BxHxTxD[:, :, h:], h, T)], axis=2)
+    return jnp.transpose(o_BxHxTxD, (0, 2, 1, 3))
+
+
 def _xla(q, k, v, q_pos, k_pos, window, dropout_rate, dropout_rng):
     B, T = q.shape[:2]
     # The blocked path pays 2W scores per query against T for the masked one.
     if q_pos is None and window is not None and T > 2 * window:
         return local_attention_blocked(q, k, v, window, dropout_rate=dropout_rate,
                                        dropout_rng=dropout_rng)
+    if q_pos is None and window is None:
+        return causal_attention(q, k, v, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if q_pos is None:
         q_pos = k_pos = default_positions(B, T)
     mask = attention_mask(q_pos, k_pos, window)

@@ -72,6 +72,33 @@ def test_blocked_local_equals_masked_reference_outputs_and_grads():
                  q, k, v, ct, atol=2e-6)
 
 
+@pytest.mark.parametrize("T", [17, 128, 130])
+def test_causal_fast_path_equals_reference_outputs_and_grads(T):
+    # attention(impl='xla') without positions takes causal_attention: heads first, the softmax
+    # normalized after the value product, and (T >= 128, even) two query halves.
+    q, k, v, ct = _qkv(2, T, 3, 16, seed=T)
+    _assert_same(lambda q, k, v: _reference(q, k, v, None, None, None),
+                 lambda q, k, v: A.attention(q, k, v, None, None, window=None, impl="xla"),
+                 q, k, v, ct, atol=2e-5)
+
+
+def test_causal_fast_path_dropout_and_bf16_match_reference():
+    q, k, v, _ = _qkv(2, 128, 2, 8, seed=3)
+    rng = jax.random.key(7)
+    mask = A.attention_mask(*(A.default_positions(2, 128),) * 2, None)
+    # The same key draws the same keep-mask (one block of the reference's [B, H, T, S] shape).
+    ref = A.xla_attention(q, k, v, mask, dropout_rate=0.3, dropout_rng=rng)
+    got = A.causal_attention(q, k, v, dropout_rate=0.3, dropout_rng=rng)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=0)
+    assert not np.allclose(got, A.causal_attention(q, k, v), atol=1e-3)  # dropout did act
+    qb, kb, vb = (x.astype(jnp.bfloat16) for x in (q, k, v))
+    got_bf16 = A.causal_attention(qb, kb, vb)
+    assert got_bf16.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(got_bf16, np.float32),
+                               np.asarray(A.xla_attention(qb, kb, vb, mask), np.float32),
+                               atol=3e-2, rtol=0)
+
+
 def test_blocked_local_needs_no_txt_buffer():
     # The banded path's largest intermediate is T x 2w per head, never T x T.
     T, w = 2048, 16
@@ -80,7 +107,8 @@ def test_blocked_local_needs_no_txt_buffer():
     biggest = max(np.prod(v.aval.shape) for eq in jaxpr.eqns for v in eq.outvars)
     assert biggest <= T * 2 * w, biggest
     dense = jax.make_jaxpr(lambda q: A.attention(q, q, q, None, None, window=None, impl="xla"))(q)
-    assert max(np.prod(v.aval.shape) for eq in dense.eqns for v in eq.outvars) >= T * T
+    # The dense causal path's biggest is its second query half's scores: T/2 x T.
+    assert max(np.prod(v.aval.shape) for eq in dense.eqns for v in eq.outvars) >= T * T // 2
 
 
 @pytest.mark.parametrize("window", [None, 9])

@@ -110,7 +110,8 @@ def test_banded_equals_dense_when_window_covers_context_and_differs_otherwise():
     x = _tokens(dense)
     ref = GPT(dense).apply({"params": params}, x)
     wide = dense.replace(attention_pattern=("dense", "local"), local_window=dense.n_ctx)
-    np.testing.assert_array_equal(GPT(wide).apply({"params": params}, x), ref)
+    # Equal up to rounding: dense layers take attention.causal_attention, banded the mask.
+    np.testing.assert_allclose(GPT(wide).apply({"params": params}, x), ref, atol=1e-6, rtol=0)
     narrow = wide.replace(local_window=4)
     out = GPT(narrow).apply({"params": params}, x)
     # The first `window` positions see the same keys either way; later ones do not.
