@@ -26,9 +26,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
-from train_throughput import SHAPES, model_cfg  # noqa: E402
+from train_throughput import SHAPES, jax_setup, model_cfg  # noqa: E402
 
 _WRAPPERS = ("$", "ThunkExecutor", "ThreadpoolListener", "end:", "PjitFunction", "np.",
              "Common", "SlinkyThreadPool")
@@ -47,27 +46,16 @@ def main(argv=None):
         from xprof.convert import raw_to_tool_data
     except ImportError:
         sys.exit("profile_step.py reads traces with xprof: pip install xprof")
-    import optax
-
-    from gptjax.model import init_params
-    from gptjax.train_step import TrainState, make_train_step
-
     cfg = model_cfg(a.shape, "float32")
-    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
-    params = init_params(cfg, jax.random.key(0))
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    x = jax.random.randint(jax.random.key(1), (SHAPES[a.shape][4], cfg.n_ctx + 1), 0,
-                           cfg.vocab_size)
-    batch = {"inputs": x[:, :-1], "targets": x[:, 1:]}
-    step = jax.jit(make_train_step(cfg, tx, lambda s: 3e-4), donate_argnames=("state",))
-    compiled = step.lower(state, batch, jax.random.key(2)).compile()
+    step, state, batch, rng = jax_setup(cfg, SHAPES[a.shape][4])
+    compiled = step.lower(state, batch, rng).compile()
     hlo = compiled.as_text()
 
     def run(n):
         nonlocal state
         t = time.perf_counter()
         for _ in range(n):
-            state, m = compiled(state, batch, jax.random.key(2))
+            state, m = compiled(state, batch, rng)
         float(m["loss"])
         return (time.perf_counter() - t) / n
 

@@ -70,8 +70,8 @@ def model_cfg(name: str, dtype: str, vocab: int = 0, attention_impl: str = "xla"
 
 
 # ===================================================================================== gptjax
-def jax_runner(cfg: GPTConfig, batch: int):
-    """A closure running one gptjax train step (compiled and warmed up by the caller)."""
+def jax_setup(cfg: GPTConfig, batch: int):
+    """The benchmarked gptjax train step: (jitted step, initial state, batch, rng)."""
     import optax
 
     from gptjax.model import init_params
@@ -82,8 +82,12 @@ def jax_runner(cfg: GPTConfig, batch: int):
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
     step = jax.jit(make_train_step(cfg, tx, lambda s: 3e-4), donate_argnames=("state",))
     x = jax.random.randint(jax.random.key(1), (batch, cfg.n_ctx + 1), 0, cfg.vocab_size)
-    b = {"inputs": x[:, :-1], "targets": x[:, 1:]}
-    rng = jax.random.key(2)
+    return step, state, {"inputs": x[:, :-1], "targets": x[:, 1:]}, jax.random.key(2)
+
+
+def jax_runner(cfg: GPTConfig, batch: int):
+    """A closure running one gptjax train step (compiled and warmed up by the caller)."""
+    step, state, b, rng = jax_setup(cfg, batch)
     box = {"state": state}
 
     def run(n: int) -> float:

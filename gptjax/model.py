@@ -77,7 +77,8 @@ class Linear(nn.Module):
             k_letters, y_letters = rest.split("->")
             n_in = sum(c in x_letters for c in k_letters)
             perm = _out_in_perm(len(k_letters), n_in)
-            kernel = self.param("kernel", _normal(self.std, tuple(self.kernel_axes[i] for i in perm)),
+            axes = tuple(self.kernel_axes[i] for i in perm)
+            kernel = self.param("kernel", _normal(self.std, axes),
                                 tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
             k_letters = "".join(k_letters[i] for i in perm)
             # The kernel is the dot's first operand, so XLA:CPU streams each output as a dot

@@ -234,9 +234,8 @@ def prefill(config: GPTConfig, params: Any, tokens_BxP: Array, lengths_B: Array,
     cache = init_cache(config, B, max_len)
     params, decode_layout = _unwrap(params)
     logits, cache = GPT(config, decode_layout).apply(
-        {"params": params}, jnp.asarray(tokens_BxP, jnp.int32),
-                                      prompt_positions(lengths_B, P), cache=cache,
-                                      last_logits_only=last_only)
+        {"params": params}, jnp.asarray(tokens_BxP, jnp.int32), prompt_positions(lengths_B, P),
+        cache=cache, last_logits_only=last_only)
     return (logits[:, -1] if last_only else logits), cache
 
 
@@ -568,8 +567,7 @@ def prepare_for_decoding(config: GPTConfig, params: Any, *,
     bench/decode.py). The copy costs memory (about a quarter of the weights, kept while the
     result lives) and a one-off transpose, which is why `generate` does not do it by itself on
     every call. On GPU and TPU params are returned unchanged: the layout is a CPU finding and
-    has not been measured there.
-    Outputs are the same numbers as with the plain params (to fp32 rounding).
+    has not been measured there. Outputs are the same numbers as with the plain params (to fp32 rounding).
     """
     if isinstance(params, DecodeParams):
         return params
