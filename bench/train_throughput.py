@@ -25,8 +25,11 @@ that alone would flatter gptjax.
 
 MFU is model FLOPs/s (GPTConfig.flops_per_token: 6N + 12 L d_attn T, backward included) over
 the device's peak: always a measured dense-matmul peak on this device (gptjax.metrics), and the
-datasheet peak where the device is known. Nothing here imports ml_collections or tensorflow
-datasets, so it runs on a machine with only jax, flax, optax, torch and transformers.
+datasheet peak where the device is known. Like the entry scripts, the bench first calls
+gptjax.hostmem.keep_freed_memory() (glibc keeps freed memory mapped, so XLA:CPU's per-step
+buffer is not page-faulted in again every step); it applies to the whole process, torch
+runners included. --default_malloc leaves malloc alone. Nothing here imports ml_collections or
+tensorflow datasets, so it runs on a machine with only jax, flax, optax, torch and transformers.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax import GPTConfig  # noqa: E402
+from gptjax.hostmem import keep_freed_memory  # noqa: E402
 from gptjax.metrics import datasheet_peak, measured_peak  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, seq_len, default batch, vocab). The two character-level
@@ -315,7 +319,10 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="", help="write the results here")
+    ap.add_argument("--default_malloc", action="store_true",
+                    help="do not call gptjax.hostmem.keep_freed_memory() (every runner sees it)")
     a = ap.parse_args(argv)
+    kept = False if a.default_malloc else keep_freed_memory()
     shapes = a.shapes.split(",")
     runners = a.runners.split(",")
     for s in shapes:
@@ -341,10 +348,12 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
+    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem)' if kept else 'default'}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(device=device, peak_measured=peak_meas, peak_datasheet=peak_ds,
-                           argv=sys.argv, jax=jax.__version__, rows=rows), fh, indent=2)
+                           argv=sys.argv, keep_freed_memory=kept, jax=jax.__version__,
+                           rows=rows), fh, indent=2)
 
 
 if __name__ == "__main__":
