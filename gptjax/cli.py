@@ -73,10 +73,8 @@ def run_cli(fn: Callable[[], None]) -> None:
     """Run `fn`; a user error prints `error: <message>` on one line and exits with status 2.
 
     A second Ctrl-C (the first one stops training cleanly, see gptjax.preemption) exits with
-    status 130 and one line. Also keeps freed host memory mapped (gptjax.hostmem).
+    status 130 and one line.
     """
-    from gptjax.hostmem import keep_freed_memory
-    keep_freed_memory()
     quiet_libraries()
     _drop_closed_loop_callbacks()
     try:
