@@ -13,9 +13,8 @@ recipe shape's faults go to 0 per step and its step from 47 to 33 ms (see BENCHM
 price is that the process keeps its peak heap size mapped, which a training process reaches on
 its first step anyway. Training calls it (`gptjax.trainer.train_and_evaluate`, behind train.py,
 and `gptjax.finetune.finetune`, behind finetune.py); set GPTJAX_KEEP_FREED_MEMORY=0 to leave
-malloc alone. Decoding does not: its per-step buffers are small enough that glibc already
-reuses them: a batch-1 GPT-2 small decode ran at 53.4 tok/s with it and 54.8 without
-(bench/decode.py, which therefore leaves malloc alone).
+malloc alone. Decoding does not: a batch-1 GPT-2 small decode ran at 53.4 tok/s with it and
+54.8 without (bench/decode.py, which therefore leaves malloc alone).
 
 Limit: glibc's per-thread heaps hold at most 64 MB, and an allocation larger than that made by a
 thread other than the main one is still mmapped whatever the options (glibc falls back to mmap
