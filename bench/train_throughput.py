@@ -25,11 +25,12 @@ that alone would flatter gptjax.
 
 MFU is model FLOPs/s (GPTConfig.flops_per_token: 6N + 12 L d_attn T, backward included) over
 the device's peak: always a measured dense-matmul peak on this device (gptjax.metrics), and the
-datasheet peak where the device is known. Like the entry scripts, the bench first calls
-gptjax.hostmem.keep_freed_memory() (glibc keeps freed memory mapped, so XLA:CPU's per-step
-buffer is not page-faulted in again every step); it applies to the whole process, torch
-runners included. --default_malloc leaves malloc alone. Nothing here imports ml_collections or
-tensorflow datasets, so it runs on a machine with only jax, flax, optax, torch and transformers.
+datasheet peak where the device is known. Every runner shares one process and so one malloc:
+by default glibc's, as a PyTorch user runs; --keep_freed_memory first calls
+gptjax.hostmem.keep_freed_memory() (what gptjax's training does: glibc keeps freed memory
+mapped, so XLA:CPU's per-step buffer is not page-faulted in again every step), which then
+applies to the torch runners too. Nothing here imports ml_collections or tensorflow datasets,
+so it runs on a machine with only jax, flax, optax, torch and transformers.
 """
 
 from __future__ import annotations
@@ -319,10 +320,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="", help="write the results here")
-    ap.add_argument("--default_malloc", action="store_true",
-                    help="do not call gptjax.hostmem.keep_freed_memory() (every runner sees it)")
+    ap.add_argument("--keep_freed_memory", action="store_true",
+                    help="call gptjax.hostmem.keep_freed_memory() first, as gptjax's training "
+                         "does (it applies to every runner in the process)")
     a = ap.parse_args(argv)
-    kept = False if a.default_malloc else keep_freed_memory()
+    kept = keep_freed_memory() if a.keep_freed_memory else False
     shapes = a.shapes.split(",")
     runners = a.runners.split(",")
     for s in shapes:
@@ -348,7 +350,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
-    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem)' if kept else 'default'}")
+    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem), every runner' if kept else 'glibc default, every runner'}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(device=device, peak_measured=peak_meas, peak_datasheet=peak_ds,
