@@ -229,3 +229,28 @@ def test_lm_loss_matches_manual_and_weights():
     w = jnp.array([[1, 1, 0, 0, 0], [1, 0, 0, 0, 1]])
     np.testing.assert_allclose(lm_loss(logits, t, w), (nll * w).sum() / 4, rtol=1e-6)
     assert lm_loss(logits.astype(jnp.bfloat16), t).dtype == jnp.float32
+
+
+@pytest.mark.parametrize("eq,x_shape,k_shape,b_shape", [
+    ("BTC,CKHD->BTKHD", (2, 5, 8), (8, 3, 2, 4), (3, 2, 4)),  # c_attn
+    ("BTHD,HDC->BTC", (2, 5, 2, 4), (2, 4, 8), (8,)),         # c_proj: two input axes
+    ("BTC,CF->BTF", (3, 1, 8), (8, 16), (16,)),               # one decode position
+    ("BTC,VC->BTV", (2, 5, 8), (11, 8), (11,)),               # einsum fallback
+])
+def test_flat_dot_equals_einsum_and_its_gradients(eq, x_shape, k_shape, b_shape):
+    from gptjax.model import _flat_dot
+    kx, kk, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape)
+    k = jax.random.normal(kk, k_shape)
+    b = jax.random.normal(kb, b_shape)
+
+    def ref(x, k, b):
+        return jnp.sum(jnp.sin(jnp.einsum(eq, x, k) + b))
+
+    def got(x, k, b):
+        return jnp.sum(jnp.sin(_flat_dot(eq, x, k, b)))
+
+    np.testing.assert_allclose(_flat_dot(eq, x, k, b), jnp.einsum(eq, x, k) + b, rtol=1e-6,
+                               atol=1e-5)
+    for g, r in zip(jax.grad(got, (0, 1, 2))(x, k, b), jax.grad(ref, (0, 1, 2))(x, k, b)):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
