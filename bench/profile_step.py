@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default="/tmp/gptjax_profile", help="trace directory")
     a = p.parse_args(argv)
-    keep_freed_memory()  # as train.py and bench/train_throughput.py run the step
+    keep_freed_memory()  # as train.py runs the step (train_throughput: --keep_freed_memory)
     if a.shape not in SHAPES:
         sys.exit(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
     try:
