@@ -12,17 +12,26 @@ The buffer then comes from a malloc heap and is reused, already mapped, by the n
 recipe shape's faults go to 0 per step and its step from 47 to 33 ms (see BENCHMARKS.md). The
 price is that the process keeps its peak heap size mapped, which a training process reaches on
 its first step anyway. Training calls it (`gptjax.trainer.train_and_evaluate`, behind train.py,
-and `gptjax.finetune.finetune`, behind finetune.py); set GPTJAX_KEEP_FREED_MEMORY=0 to leave
-malloc alone. Decoding does not: a batch-1 GPT-2 small decode ran at 53.4 tok/s with it and
+and `gptjax.finetune.finetune`, behind finetune.py, through `prepare_host_for_training()`); set
+GPTJAX_KEEP_FREED_MEMORY=0 to leave malloc (and dispatch, below) alone. Decoding does not: a batch-1 GPT-2 small decode ran at 53.4 tok/s with it and
 54.8 without (bench/decode.py, which therefore leaves malloc alone).
 
-Limit: glibc's per-thread heaps hold at most 64 MB, and an allocation larger than that made by a
-thread other than the main one is still mmapped whatever the options (glibc falls back to mmap
-there), which is where XLA:CPU allocates a step's buffer. Bigger steps (6 x 384 at T 256 and
-up) therefore still fault theirs in. Setting, before Python starts,
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=2147483647`
-makes those faults fill 2 MiB transparent huge pages instead (6 x 384: 1.11x; measured, not
-applied by gptjax, as a variable read at process start cannot be set from inside it).
+glibc's per-thread heaps hold at most 64 MB, and an allocation larger than that made by a thread
+other than the main one is still mmapped whatever the options (glibc falls back to mmap there).
+JAX dispatches CPU computations asynchronously, to a worker thread, and that thread allocates a
+step's buffer, so on its own `keep_freed_memory()` does not reach steps whose buffer is over
+64 MB: a 6 x 384, T 256 step (555 MB) still took 153,000 minor faults. `inline_cpu_dispatch()`
+sets `jax_cpu_enable_async_dispatch=False` before JAX creates its CPU client, so a single-device
+computation runs on the calling thread, the main one, whose heap has no such limit: with both,
+that step takes 0 faults and 1,040 -> 850 ms, and GPT-2 small at T 256 5.3 -> 4.4 s (neither
+alone changes anything). The price is that Python no longer runs ahead of a CPU step: the next
+batch is made after the step, not during it (a few milliseconds against steps of 30 ms and up).
+Multi-device (sharded) CPU computations are dispatched as before, and GPUs and TPUs are not
+affected. `prepare_host_for_training()` applies both; train.py and finetune.py call it.
+
+Measured and not applied: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:...`
+set before Python starts (6 x 384: 1.11x in one A/B, 0.89x in the bench), and a single malloc
+arena (M_ARENA_MAX=1: no faults either, but the recipe step went 33 -> 41 ms on lock contention).
 """
 
 from __future__ import annotations
@@ -60,3 +69,40 @@ def keep_freed_memory() -> bool:
     # mallopt returns 1 on success.
     _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
     return _applied
+
+
+_inlined = False
+
+
+def inline_cpu_dispatch() -> bool:
+    """Run single-device XLA:CPU computations on the calling thread; True if that is in effect.
+
+    Sets `jax_cpu_enable_async_dispatch=False`, which JAX reads once, when it creates its CPU
+    client; if that has happened already this changes nothing and returns False. A no-op
+    returning False when GPTJAX_KEEP_FREED_MEMORY=0. See the module docstring for why.
+    """
+    global _inlined
+    if _inlined:
+        return True
+    if os.environ.get("GPTJAX_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    import jax
+    try:
+        from jax._src import xla_bridge
+        if xla_bridge.backends_are_initialized():
+            return False
+    except (ImportError, AttributeError):  # private API: if it moves, we cannot tell; go on
+        pass
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    _inlined = True
+    return True
+
+
+def prepare_host_for_training() -> dict:
+    """What a training process calls first: `keep_freed_memory()`, then `inline_cpu_dispatch()`.
+
+    The second only helps with the first, so it is applied only if the first took effect.
+    Returns {"keep_freed_memory": bool, "inline_cpu_dispatch": bool}: what is now in effect.
+    """
+    kept = keep_freed_memory()
+    return {"keep_freed_memory": kept, "inline_cpu_dispatch": kept and inline_cpu_dispatch()}

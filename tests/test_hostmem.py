@@ -1,4 +1,6 @@
-"""gptjax.hostmem: with keep_freed_memory() a freed 44 MB buffer is reused without page faults."""
+"""gptjax.hostmem: with keep_freed_memory() a freed 44 MB buffer is reused without page faults,
+and with prepare_host_for_training() so is an XLA:CPU step's buffer over glibc's 64 MB thread-heap
+limit."""
 
 import os
 import platform
@@ -53,3 +55,63 @@ def test_default_malloc_faults_a_large_buffer_in_again():
     applied, faults = _child(keep=False)
     assert not applied
     assert faults > 2 * (44 << 20) // 4096 // 2, faults
+
+
+# A child process runs a jitted function whose temporary buffer (80 MB) is over glibc's 64 MB
+# per-thread heap limit, and prints its temp size and the minor faults per call after warm-up.
+_XLA_CHILD = r"""
+import resource, sys
+from gptjax import hostmem
+mode = sys.argv[1]
+if mode == "both":
+    print(all(hostmem.prepare_host_for_training().values()))
+else:
+    print(hostmem.keep_freed_memory())
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jnp.sum(jnp.square(jax.lax.optimization_barrier(jnp.sin(x)))))
+x = jnp.ones((20 << 20,), jnp.float32)
+c = f.lower(x).compile()
+print(c.memory_analysis().temp_size_in_bytes >> 20)
+for _ in range(6):
+    c(x).block_until_ready()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    c(x).block_until_ready()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 4)
+"""
+
+
+def _xla_child(mode: str):
+    env = dict(os.environ, GPTJAX_KEEP_FREED_MEMORY="1", JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device: a single-device computation
+    out = subprocess.run([sys.executable, "-c", _XLA_CHILD, mode], env=env, capture_output=True,
+                         text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    applied, temp_mb, faults = out.split()
+    return applied == "True", int(temp_mb), int(faults)
+
+
+@glibc_only
+def test_inline_dispatch_reuses_a_step_buffer_over_the_thread_heap_limit():
+    applied, temp_mb, faults = _xla_child("both")
+    assert applied and temp_mb > 64, (applied, temp_mb)
+    assert faults < 500, faults  # 20,480 pages per call without inline dispatch (below)
+
+
+@glibc_only
+def test_kept_memory_alone_faults_in_a_step_buffer_over_the_limit():
+    # Why inline_cpu_dispatch() exists: XLA:CPU's worker thread gets a fresh mmap every call.
+    applied, temp_mb, faults = _xla_child("keep")
+    assert applied and temp_mb > 64, (applied, temp_mb)
+    assert faults > (temp_mb << 20) // 4096 // 2, faults
+
+
+def test_inline_dispatch_changes_nothing_once_jax_has_its_backend():
+    import jax
+
+    from gptjax import hostmem
+    jax.devices()  # the backend exists from here on
+    before = jax.config.values["jax_cpu_enable_async_dispatch"]
+    if not hostmem._inlined:
+        assert hostmem.inline_cpu_dispatch() is False
+    assert jax.config.values["jax_cpu_enable_async_dispatch"] == before
