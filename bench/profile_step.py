@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from gptjax.hostmem import keep_freed_memory  # noqa: E402
+from gptjax.hostmem import prepare_host_for_training  # noqa: E402
 from train_throughput import SHAPES, jax_setup, model_cfg  # noqa: E402
 
 _WRAPPERS = ("$", "ThunkExecutor", "ThreadpoolListener", "end:", "PjitFunction", "np.",
@@ -41,7 +41,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--out", default="/tmp/gptjax_profile", help="trace directory")
     a = p.parse_args(argv)
-    keep_freed_memory()  # as train.py runs the step (train_throughput: --keep_freed_memory)
+    prepare_host_for_training()  # as train.py runs the step (train_throughput: --keep_freed_memory)
     if a.shape not in SHAPES:
         sys.exit(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
     try:

@@ -27,9 +27,10 @@ MFU is model FLOPs/s (GPTConfig.flops_per_token: 6N + 12 L d_attn T, backward in
 the device's peak: always a measured dense-matmul peak on this device (gptjax.metrics), and the
 datasheet peak where the device is known. Every runner shares one process and so one malloc:
 by default glibc's, as a PyTorch user runs; --keep_freed_memory first calls
-gptjax.hostmem.keep_freed_memory() (what gptjax's training does: glibc keeps freed memory
-mapped, so XLA:CPU's per-step buffer is not page-faulted in again every step), which then
-applies to the torch runners too. Nothing here imports ml_collections or tensorflow datasets,
+gptjax.hostmem.prepare_host_for_training(), as gptjax's training does: glibc keeps freed memory
+mapped, so XLA:CPU's per-step buffer is not page-faulted in again every step (this applies to
+the torch runners too), and JAX runs single-device CPU steps on the main thread, whose heap
+keeps buffers over 64 MB (this one only to gptjax). Nothing here imports ml_collections or tensorflow datasets,
 so it runs on a machine with only jax, flax, optax, torch and transformers.
 """
 
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax import GPTConfig  # noqa: E402
-from gptjax.hostmem import keep_freed_memory  # noqa: E402
+from gptjax.hostmem import prepare_host_for_training  # noqa: E402
 from gptjax.metrics import datasheet_peak, measured_peak  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, seq_len, default batch, vocab). The two character-level
@@ -321,10 +322,13 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--keep_freed_memory", action="store_true",
-                    help="call gptjax.hostmem.keep_freed_memory() first, as gptjax's training "
-                         "does (it applies to every runner in the process)")
+                    help="call gptjax.hostmem.prepare_host_for_training() first, as gptjax's "
+                         "training does (its malloc setting applies to every runner in the "
+                         "process, its inline CPU dispatch to gptjax's)")
     a = ap.parse_args(argv)
-    kept = keep_freed_memory() if a.keep_freed_memory else False
+    host = (prepare_host_for_training() if a.keep_freed_memory else
+            {"keep_freed_memory": False, "inline_cpu_dispatch": False})
+    kept = host["keep_freed_memory"]
     shapes = a.shapes.split(",")
     runners = a.runners.split(",")
     for s in shapes:
@@ -350,11 +354,13 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
-    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem), every runner' if kept else 'glibc default, every runner'}")
+    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem), every runner' if kept else 'glibc default, every runner'}"
+          f"; gptjax's CPU dispatch: {'inline, on the main thread' if host['inline_cpu_dispatch'] else 'asynchronous (JAX default)'}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(device=device, peak_measured=peak_meas, peak_datasheet=peak_ds,
-                           argv=sys.argv, keep_freed_memory=kept, jax=jax.__version__,
+                           argv=sys.argv, keep_freed_memory=kept,
+                           inline_cpu_dispatch=host["inline_cpu_dispatch"], jax=jax.__version__,
                            rows=rows), fh, indent=2)
 
 
