@@ -68,35 +68,29 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if not self.out_in:
-            kernel = self.param("kernel", _normal(self.std, self.kernel_axes), self.kernel_shape,
-                                self.param_dtype)
-            bias = None
-            if self.use_bias:
-                bias = self.param("bias", _zeros(self.bias_axes), self.bias_shape,
-                                  self.param_dtype).astype(self.dtype)
-            return _flat_dot(self.eq, x.astype(self.dtype), kernel.astype(self.dtype), bias)
-        else:
-            x_letters, rest = self.eq.split(",")
-            k_letters, y_letters = rest.split("->")
-            n_in = sum(c in x_letters for c in k_letters)
-            perm = _out_in_perm(len(k_letters), n_in)
-            axes = tuple(self.kernel_axes[i] for i in perm)
-            kernel = self.param("kernel", _normal(self.std, axes),
-                                tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
-            k_letters = "".join(k_letters[i] for i in perm)
-            # The kernel is the dot's first operand, so XLA:CPU streams each output as a dot
-            # with one contiguous kernel row (jnp.einsum would put x first).
-            contract = ([k_letters.index(c) for c in k_letters[-n_in:]],
-                        [x_letters.index(c) for c in k_letters[-n_in:]])
-            y = jax.lax.dot_general(kernel.astype(self.dtype), x.astype(self.dtype),
-                                    (contract, ((), ())))
-            y_got = k_letters[:-n_in] + "".join(c for c in x_letters if c not in k_letters)
-            y = jnp.transpose(y, [y_got.index(c) for c in y_letters])
+        x_letters, rest = self.eq.split(",")
+        k_letters, y_letters = rest.split("->")
+        n_in = sum(c in x_letters for c in k_letters)
+        perm = _out_in_perm(len(k_letters), n_in) if self.out_in else tuple(range(len(k_letters)))
+        # Created kernel first, then bias: flax derives each parameter's init rng from that order.
+        kernel = self.param("kernel", _normal(self.std, tuple(self.kernel_axes[i] for i in perm)),
+                            tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
+        bias = None
         if self.use_bias:
-            bias = self.param("bias", _zeros(self.bias_axes), self.bias_shape, self.param_dtype)
-            y = y + bias.astype(self.dtype)
-        return y
+            bias = self.param("bias", _zeros(self.bias_axes), self.bias_shape,
+                              self.param_dtype).astype(self.dtype)
+        if not self.out_in:
+            return _flat_dot(self.eq, x.astype(self.dtype), kernel.astype(self.dtype), bias)
+        k_letters = "".join(k_letters[i] for i in perm)
+        # The kernel is the dot's first operand, so XLA:CPU streams each output as a dot
+        # with one contiguous kernel row (jnp.einsum would put x first).
+        contract = ([k_letters.index(c) for c in k_letters[-n_in:]],
+                    [x_letters.index(c) for c in k_letters[-n_in:]])
+        y = jax.lax.dot_general(kernel.astype(self.dtype), x.astype(self.dtype),
+                                (contract, ((), ())))
+        y_got = k_letters[:-n_in] + "".join(c for c in x_letters if c not in k_letters)
+        y = jnp.transpose(y, [y_got.index(c) for c in y_letters])
+        return y if bias is None else y + bias
 
 
 def _flat_dot(eq: str, x: Array, kernel: Array, bias: Optional[Array]) -> Array:
