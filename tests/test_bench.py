@@ -1,9 +1,11 @@
-"""bench/device_check.sh --smoke runs end to end on CPU and writes its JSON and markdown summary."""
+"""bench/device_check.sh --smoke runs end to end on CPU and writes its JSON and markdown summary;
+bench/step_faults.py measures a kept step buffer at 0 faults and rejects an unknown setting."""
 
 import json
 import math
 import os
 import pathlib
+import platform
 import subprocess
 import sys
 
@@ -38,3 +40,30 @@ def test_device_check_rejects_unknown_option(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown option --fast" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _step_faults(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", GPTJAX_KEEP_FREED_MEMORY="1")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, str(REPO / "bench" / "step_faults.py"), *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="mallopt is glibc's")
+def test_step_faults_reports_no_faults_for_a_kept_step_buffer():
+    proc = _step_faults("--shape", "nano_4x128_T64", "--host", "kept_inline", "--steps", "3",
+                        "--repeats", "3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "'kept': True, 'inline': True" in proc.stdout, proc.stdout
+    blocks = [line.split() for line in proc.stdout.splitlines() if "faults/step" in line]
+    assert len(blocks) == 3
+    faults, ms = float(blocks[-1][1].replace(",", "")), float(blocks[-1][3].replace(",", ""))
+    assert faults < 200 and ms > 0, proc.stdout  # 12,100 per step under glibc's default
+
+
+def test_step_faults_rejects_an_unknown_setting():
+    proc = _step_faults("--host", "hugepages")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "--host: 'hugepages' is not one of ['default', 'kept', 'inline', 'kept_inline']")

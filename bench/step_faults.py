@@ -1,0 +1,68 @@
+"""Page faults and time per compiled gptjax train step under each host memory setting.
+
+    python bench/step_faults.py --shape 6x384_T256 --host kept_inline [--steps 3] [--repeats 3]
+
+Runs a bench/train_throughput.py shape's compiled train step in a loop, in this process with
+--host applied before JAX creates its CPU client, and prints per block of --steps steps the
+minor page faults per step (`resource.getrusage`), ms per step and resident memory:
+  default      glibc's malloc and JAX's asynchronous dispatch (what a bare JAX program gets);
+  kept         gptjax.hostmem.keep_freed_memory() only;
+  inline       gptjax.hostmem.inline_cpu_dispatch() only;
+  kept_inline  gptjax.hostmem.prepare_host_for_training(), what train.py and finetune.py do.
+The setting is fixed at process start, so compare settings in alternating runs of this script
+(see BENCHMARKS.md); the first block includes warm-up allocations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gptjax import hostmem  # noqa: E402
+
+HOSTS = ("default", "kept", "inline", "kept_inline")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="6x384_T256")
+    p.add_argument("--host", default="kept_inline", help=f"one of {list(HOSTS)}")
+    p.add_argument("--steps", type=int, default=3, help="steps per printed block")
+    p.add_argument("--repeats", type=int, default=3, help="printed blocks")
+    a = p.parse_args(argv)
+    if a.host not in HOSTS:
+        sys.exit(f"--host: {a.host!r} is not one of {list(HOSTS)}")
+    if a.steps < 1 or a.repeats < 1:
+        sys.exit(f"--steps {a.steps}, --repeats {a.repeats}: both must be >= 1")
+    applied = {"kept": hostmem.keep_freed_memory() if "kept" in a.host else False}
+    applied["inline"] = hostmem.inline_cpu_dispatch() if "inline" in a.host else False
+    from train_throughput import SHAPES, jax_setup, model_cfg
+    if a.shape not in SHAPES:
+        sys.exit(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
+    cfg = model_cfg(a.shape, "float32")
+    step, state, batch, rng = jax_setup(cfg, SHAPES[a.shape][4])
+    compiled = step.lower(state, batch, rng).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+    print(f"{a.shape}: host {a.host} (applied: {applied}); step buffer {temp:.0f} MB", flush=True)
+    page = os.sysconf("SC_PAGE_SIZE")
+    for _ in range(a.repeats):
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            state, m = compiled(state, batch, rng)
+        float(m["loss"])  # waits for the last step
+        dt = (time.perf_counter() - t0) / a.steps
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / a.steps
+        rss = int(open("/proc/self/statm").read().split()[1]) * page / 2 ** 20
+        print(f"  faults/step {faults:9,.0f}   ms/step {dt * 1e3:8.1f}   RSS {rss:6,.0f} MB",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
