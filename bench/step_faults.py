@@ -10,7 +10,8 @@ minor page faults per step (`resource.getrusage`), ms per step and resident memo
   inline       gptjax.hostmem.inline_cpu_dispatch() only;
   kept_inline  gptjax.hostmem.prepare_host_for_training(), what train.py and finetune.py do.
 The setting is fixed at process start, so compare settings in alternating runs of this script
-(see BENCHMARKS.md); the first block includes warm-up allocations.
+(see BENCHMARKS.md); the first block includes warm-up allocations. Linux only (it reads
+/proc/self/statm).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax import hostmem  # noqa: E402
+from gptjax.cli import fail  # noqa: E402
 
 HOSTS = ("default", "kept", "inline", "kept_inline")
 
@@ -37,19 +39,23 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="printed blocks")
     a = p.parse_args(argv)
     if a.host not in HOSTS:
-        sys.exit(f"--host: {a.host!r} is not one of {list(HOSTS)}")
+        fail(f"--host: {a.host!r} is not one of {list(HOSTS)}")
     if a.steps < 1 or a.repeats < 1:
-        sys.exit(f"--steps {a.steps}, --repeats {a.repeats}: both must be >= 1")
-    applied = {"kept": hostmem.keep_freed_memory() if "kept" in a.host else False}
-    applied["inline"] = hostmem.inline_cpu_dispatch() if "inline" in a.host else False
+        fail(f"--steps {a.steps}, --repeats {a.repeats}: both must be >= 1")
     from train_throughput import SHAPES, jax_setup, model_cfg
     if a.shape not in SHAPES:
-        sys.exit(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
+        fail(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
+    if a.host == "kept_inline":
+        applied = hostmem.prepare_host_for_training()
+    else:
+        applied = {"keep_freed_memory": a.host == "kept" and hostmem.keep_freed_memory(),
+                   "inline_cpu_dispatch": a.host == "inline" and hostmem.inline_cpu_dispatch()}
     cfg = model_cfg(a.shape, "float32")
     step, state, batch, rng = jax_setup(cfg, SHAPES[a.shape][4])
     compiled = step.lower(state, batch, rng).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
-    print(f"{a.shape}: host {a.host} (applied: {applied}); step buffer {temp:.0f} MB", flush=True)
+    ma = compiled.memory_analysis()
+    temp = f"{ma.temp_size_in_bytes / 2 ** 20:.0f} MB" if ma is not None else "unknown"
+    print(f"{a.shape}: host {a.host} (applied: {applied}); step buffer {temp}", flush=True)
     page = os.sysconf("SC_PAGE_SIZE")
     for _ in range(a.repeats):
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt

@@ -30,8 +30,8 @@ by default glibc's, as a PyTorch user runs; --keep_freed_memory first calls
 gptjax.hostmem.prepare_host_for_training(), as gptjax's training does: glibc keeps freed memory
 mapped, so XLA:CPU's per-step buffer is not page-faulted in again every step (this applies to
 the torch runners too), and JAX runs single-device CPU steps on the main thread, whose heap
-keeps buffers over 64 MB (this one only to gptjax). Nothing here imports ml_collections or tensorflow datasets,
-so it runs on a machine with only jax, flax, optax, torch and transformers.
+keeps buffers over 64 MB (this one only to gptjax). Nothing here imports ml_collections or
+tensorflow datasets, so it runs on a machine with only jax, flax, optax, torch and transformers.
 """
 
 from __future__ import annotations
@@ -354,8 +354,11 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
-    print(f"\nhost malloc: {'freed memory kept mapped (gptjax.hostmem), every runner' if kept else 'glibc default, every runner'}"
-          f"; gptjax's CPU dispatch: {'inline, on the main thread' if host['inline_cpu_dispatch'] else 'asynchronous (JAX default)'}")
+    malloc = ("freed memory kept mapped (gptjax.hostmem), every runner" if kept
+              else "glibc default, every runner")
+    dispatch = ("inline, on the main thread" if host["inline_cpu_dispatch"]
+                else "asynchronous (JAX default)")
+    print(f"\nhost malloc: {malloc}; gptjax's CPU dispatch: {dispatch}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump(dict(device=device, peak_measured=peak_meas, peak_datasheet=peak_ds,

@@ -55,15 +55,18 @@ def test_step_faults_reports_no_faults_for_a_kept_step_buffer():
     proc = _step_faults("--shape", "nano_4x128_T64", "--host", "kept_inline", "--steps", "3",
                         "--repeats", "3")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "'kept': True, 'inline': True" in proc.stdout, proc.stdout
+    assert "'keep_freed_memory': True, 'inline_cpu_dispatch': True" in proc.stdout, proc.stdout
     blocks = [line.split() for line in proc.stdout.splitlines() if "faults/step" in line]
     assert len(blocks) == 3
     faults, ms = float(blocks[-1][1].replace(",", "")), float(blocks[-1][3].replace(",", ""))
-    assert faults < 200 and ms > 0, proc.stdout  # 12,100 per step under glibc's default
+    # 12,100 per step under glibc's default. This 44 MB buffer is under glibc's 64 MB thread-heap
+    # limit, so kept memory alone would do; inline dispatch is tested in test_hostmem.py.
+    assert faults < 200, proc.stdout
+    assert ms > 1, proc.stdout  # a parsed step time (about 33 ms), not a column mix-up
 
 
 def test_step_faults_rejects_an_unknown_setting():
     proc = _step_faults("--host", "hugepages")
-    assert proc.returncode != 0
-    assert proc.stderr.strip().splitlines()[-1] == (
-        "--host: 'hugepages' is not one of ['default', 'kept', 'inline', 'kept_inline']")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --host: 'hugepages' is not one of ['default', 'kept', 'inline', 'kept_inline']"]

@@ -106,12 +106,39 @@ def test_kept_memory_alone_faults_in_a_step_buffer_over_the_limit():
     assert faults > (temp_mb << 20) // 4096 // 2, faults
 
 
-def test_inline_dispatch_changes_nothing_once_jax_has_its_backend():
+def test_inline_dispatch_changes_nothing_once_jax_has_its_backend(monkeypatch):
     import jax
 
     from gptjax import hostmem
+    monkeypatch.setenv("GPTJAX_KEEP_FREED_MEMORY", "1")
+    monkeypatch.delenv("GPTJAX_INLINE_CPU_DISPATCH", raising=False)
+    monkeypatch.setattr(hostmem, "_inlined", False)
     jax.devices()  # the backend exists from here on
     before = jax.config.values["jax_cpu_enable_async_dispatch"]
-    if not hostmem._inlined:
-        assert hostmem.inline_cpu_dispatch() is False
+    assert hostmem.inline_cpu_dispatch() is False
     assert jax.config.values["jax_cpu_enable_async_dispatch"] == before
+
+
+_OFF_CHILD = r"""
+from gptjax import hostmem
+print(hostmem.prepare_host_for_training())
+import jax
+print(jax.config.values["jax_cpu_enable_async_dispatch"])
+"""
+
+
+@pytest.mark.parametrize("var,value", [("GPTJAX_KEEP_FREED_MEMORY", "0"),
+                                       ("GPTJAX_INLINE_CPU_DISPATCH", "0"),
+                                       ("JAX_PLATFORMS", "tpu")])
+def test_the_opt_outs_leave_dispatch_alone(var, value):
+    # The child never asks JAX for a device, so JAX_PLATFORMS=tpu needs no TPU.
+    env = dict(os.environ, GPTJAX_KEEP_FREED_MEMORY="1", GPTJAX_INLINE_CPU_DISPATCH="1",
+               JAX_PLATFORMS="cpu")
+    env[var] = value
+    out = subprocess.run([sys.executable, "-c", _OFF_CHILD], env=env, capture_output=True,
+                         text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.splitlines()
+    assert "'inline_cpu_dispatch': False" in out[0], out
+    assert out[1] == "True", out  # JAX's default, asynchronous dispatch
+    if var != "GPTJAX_KEEP_FREED_MEMORY" and platform.libc_ver()[0] == "glibc":
+        assert "'keep_freed_memory': True" in out[0], out  # the malloc setting stays on
