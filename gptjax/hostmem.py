@@ -106,17 +106,16 @@ def inline_cpu_dispatch() -> bool:
         return False
     try:
         from jax._src import xla_bridge
-        known = not xla_bridge.backends_are_initialized()
+        exists = xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):  # private API moved: set the flag, claim nothing
-        known = False
+        exists = None
         log.warning("gptjax.hostmem: cannot tell whether JAX's CPU client exists yet; "
                     "inline CPU dispatch may not be in effect")
-    else:
-        if not known:
-            return False
+    if exists:
+        return False
     jax.config.update("jax_cpu_enable_async_dispatch", False)
-    _inlined = known
-    return known
+    _inlined = exists is False
+    return _inlined
 
 
 def prepare_host_for_training() -> dict:

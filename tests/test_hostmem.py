@@ -34,10 +34,18 @@ glibc_only = pytest.mark.skipif(
     reason="mallopt is glibc's")
 
 
+def _run_child(code: str, *args: str, drop=(), **env_vars) -> str:
+    """stdout of `python -c code *args` run from the repository with env_vars set, drop unset."""
+    env = dict(os.environ, **env_vars)
+    for name in drop:
+        env.pop(name, None)
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, check=True,
+                          cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+
+
 def _child(keep: bool):
-    env = dict(os.environ, GPTJAX_KEEP_FREED_MEMORY="1" if keep else "0")
-    out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    out = _run_child(_CHILD, GPTJAX_KEEP_FREED_MEMORY="1" if keep else "0")
     applied, faults = out.split()
     return applied == "True", int(faults)
 
@@ -82,11 +90,9 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 4)
 
 
 def _xla_child(mode: str):
-    env = dict(os.environ, GPTJAX_KEEP_FREED_MEMORY="1", JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device: a single-device computation
-    out = subprocess.run([sys.executable, "-c", _XLA_CHILD, mode], env=env, capture_output=True,
-                         text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout
+    # No XLA_FLAGS: one CPU device, so the step is a single-device computation.
+    out = _run_child(_XLA_CHILD, mode, drop=("XLA_FLAGS",), GPTJAX_KEEP_FREED_MEMORY="1",
+                     JAX_PLATFORMS="cpu")
     applied, temp_mb, faults = out.split()
     return applied == "True", int(temp_mb), int(faults)
 
@@ -132,12 +138,9 @@ print(jax.config.values["jax_cpu_enable_async_dispatch"])
                                        ("JAX_PLATFORMS", "tpu")])
 def test_the_opt_outs_leave_dispatch_alone(var, value):
     # The child never asks JAX for a device, so JAX_PLATFORMS=tpu needs no TPU.
-    env = dict(os.environ, GPTJAX_KEEP_FREED_MEMORY="1", GPTJAX_INLINE_CPU_DISPATCH="1",
-               JAX_PLATFORMS="cpu")
+    env = dict(GPTJAX_KEEP_FREED_MEMORY="1", GPTJAX_INLINE_CPU_DISPATCH="1", JAX_PLATFORMS="cpu")
     env[var] = value
-    out = subprocess.run([sys.executable, "-c", _OFF_CHILD], env=env, capture_output=True,
-                         text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(__file__))).stdout.splitlines()
+    out = _run_child(_OFF_CHILD, **env).splitlines()
     assert "'inline_cpu_dispatch': False" in out[0], out
     assert out[1] == "True", out  # JAX's default, asynchronous dispatch
     if var != "GPTJAX_KEEP_FREED_MEMORY" and platform.libc_ver()[0] == "glibc":
