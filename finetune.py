@@ -5,7 +5,7 @@
 
 Modes: 'finetune' (GPT-1's heads and L2 + 0.5 L1), 'zero_shot' (the LM alone, GPT-1 section 5),
 'analysis' (GPT-1 Figure 2: dev score against layers transferred, zero-shot across pretraining
-checkpoints). Intentionally thin: flags in, `gptjax.finetune` does the work.
+checkpoints). Intentionally thin: flags in, `gptjax.finetune.loop` does the work.
 """
 
 import os
@@ -31,7 +31,7 @@ def main(argv):
 
 
 def _run(config, workdir, mode):
-    from gptjax import finetune
+    from gptjax.finetune import loop as finetune
     if mode == "zero_shot":
         finetune.zero_shot(config, workdir)
     elif mode == "analysis":

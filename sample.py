@@ -4,7 +4,7 @@
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x
 
-Intentionally thin: gptjax.textgen loads and completes, gptjax.sampling decodes.
+Intentionally thin: gptjax.inference.textgen loads and completes, gptjax.inference.sampling decodes.
 """
 
 import sys
@@ -41,8 +41,8 @@ def _prompts():
 
 
 def _run():
-    from gptjax.sampling import prepare_for_decoding
-    from gptjax.textgen import complete, load_model
+    from gptjax.inference.sampling import prepare_for_decoding
+    from gptjax.inference.textgen import complete, load_model
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
     config, params, tok = load_model(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, _STEP.value)

@@ -5,7 +5,7 @@
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
        -d '{"prompt": "To be", "max_tokens": 20, "seed": 0}'
 
-Intentionally thin: gptjax.serving batches, decodes and answers; gptjax.textgen loads.
+Intentionally thin: gptjax.inference.serving batches, decodes and answers; gptjax.inference.textgen loads.
 """
 
 from absl import app, flags
@@ -33,7 +33,7 @@ _TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds before a request
 def main(argv):
     del argv
     from gptjax.cli import run_cli
-    from gptjax.serving import serve
+    from gptjax.inference.serving import serve
     run_cli(lambda: serve(
         workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, tokenizer_path=_TOKENIZER.value,
         step=_STEP.value, host=_HOST.value, port=_PORT.value, batch_sizes=_BATCH.value,

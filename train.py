@@ -1,6 +1,6 @@
 """Pretrain a GPT: `python train.py --config configs/<name>.py --workdir DIR [--config.a.b=v]`.
 
-Intentionally thin: flags in, `gptjax.trainer.train_and_evaluate` does the work.
+Intentionally thin: flags in, `gptjax.train.loop.train_and_evaluate` does the work.
 """
 
 import os
@@ -30,7 +30,7 @@ def main(argv):
 
 def _train(config, workdir):
     from gptjax.cli import maybe_init_distributed, sample_after_training
-    from gptjax.trainer import dry_run, train_and_evaluate
+    from gptjax.train.loop import dry_run, train_and_evaluate
     maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
     if _DRY_RUN.value:
         print(dry_run(config, workdir))

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax import attention as A
+from gptjax.nn import attention as A
 
 
 def _impl_fn(impl, window, q_pos=None, k_pos=None):

@@ -1,4 +1,4 @@
-"""Decode throughput: gptjax.sampling.generate against transformers' GPT2LMHeadModel.generate.
+"""Decode throughput: gptjax.inference.sampling.generate against transformers' GPT2LMHeadModel.generate.
 
     python bench/decode.py --batch_sizes 1,8 --prompt_len 32 --new_tokens 128 --repeats 3
 
@@ -17,7 +17,7 @@ a decode step must read every parameter once, so steps/s x parameter bytes / mea
 hardware limit. At batch 8 the same weights serve 8 rows, so the fraction is per step, not per
 token.
 
-gptjax decodes with parameters prepared once by `gptjax.sampling.prepare_for_decoding` (what
+gptjax decodes with parameters prepared once by `gptjax.inference.sampling.prepare_for_decoding` (what
 sample.py and the server do after loading; its one-off cost is printed), and also, as the
 "plain params" column, with the parameters as trained, which is what a bare `generate(config,
 params, ...)` call gets.
@@ -56,7 +56,7 @@ def _timed(fn) -> float:
 
 
 def gptjax_runner(cfg, params, prompts_BxT: np.ndarray, new_tokens: int):
-    from gptjax.sampling import generate
+    from gptjax.inference.sampling import generate
     # params: plain or prepared by prepare_for_decoding; generate takes either.
 
     B = len(prompts_BxT)
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
     prompts = np.random.RandomState(0).randint(0, cfg.vocab_size, (max(batch_sizes),
                                                                    args.prompt_len))
     bandwidth = measure_bandwidth()
-    from gptjax.sampling import prepare_for_decoding
+    from gptjax.inference.sampling import prepare_for_decoding
 
     t0 = time.perf_counter()
     prepared = jax.block_until_ready(prepare_for_decoding(cfg, params))

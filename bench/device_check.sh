@@ -99,7 +99,7 @@ train, decode, attn = load("train.json"), load("decode.json"), load("attention_c
 
 import jax  # after the stages, so none of them shares this process's device
 
-from gptjax.metrics import datasheet_bandwidth, measured_bandwidth
+from gptjax.train.metrics import datasheet_bandwidth, measured_bandwidth
 
 dev = jax.devices()[0]
 bw_meas = measured_bandwidth(1 << 26 if dev.platform == "cpu" else 1 << 30)

@@ -1,7 +1,7 @@
 """Does pretraining help? SST-2 dev accuracy of a small GPT finetuned from pretraining vs from
 random init, the GPT-1 experiment at CPU scale (about 10 minutes on a 2-core CPU).
 
-1. Pretrain with train.py's library (`gptjax.trainer.train_and_evaluate`) on the shared Gutenberg
+1. Pretrain with train.py's library (`gptjax.train.loop.train_and_evaluate`) on the shared Gutenberg
    books and Tiny Shakespeare (about 7 MB, lower-cased like GLUE's SST-2): a 4-layer, 128-wide
    GPT with a 4,096-piece SentencePiece BPE trained on that corpus only (never on SST-2),
    context 64 (SST-2 sentences fit), 600 steps of 64 x 64 tokens (2.5M tokens, ~1.5 passes).
@@ -65,7 +65,7 @@ def _corpus(shared: str, out_dir: str, lowercase: bool) -> str:
 
 
 def pretrain_config(corpus_glob: str, args, cache: str):
-    from configs.common import base_config, model_config
+    from gptjax.defaults import base_config, model_config
 
     c = base_config()
     c.model = model_config("tiny", vocab_size=0, n_layer=args.n_layer, n_head=args.n_head,
@@ -92,7 +92,7 @@ def pretrain_config(corpus_glob: str, args, cache: str):
 
 
 def finetune_config(shared: str, pretrained: str, args, scratch: bool, seed: int):
-    from configs.finetune.common import finetune_config as base
+    from gptjax.defaults import finetune_config as base
 
     c = base("sst2", os.path.join(shared, "glue", "SST-2"))
     c.seed = seed  # the training subset, the fresh weights, the batch order, dropout
@@ -147,10 +147,10 @@ def main() -> None:
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args()
 
-    from gptjax import finetune as ft
+    from gptjax.finetune import loop as ft
     from gptjax.cli import quiet_libraries
-    from gptjax.tasks import get_task, load_task
-    from gptjax.trainer import train_and_evaluate
+    from gptjax.data.tasks import get_task, load_task
+    from gptjax.train.loop import train_and_evaluate
 
     quiet_libraries()
     t0 = time.time()

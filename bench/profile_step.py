@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from gptjax.hostmem import prepare_host_for_training  # noqa: E402
+from gptjax.train.hostmem import prepare_host_for_training  # noqa: E402
 from train_throughput import SHAPES, jax_setup, model_cfg  # noqa: E402
 
 _WRAPPERS = ("$", "ThunkExecutor", "ThreadpoolListener", "end:", "PjitFunction", "np.",

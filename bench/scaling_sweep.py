@@ -27,9 +27,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from configs.common import base_config, model_config  # noqa: E402
+from gptjax.defaults import base_config, model_config  # noqa: E402
 from gptjax import sweep  # noqa: E402
-from gptjax.tokenizers import CharTokenizer  # noqa: E402
+from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                             "shared", "data", "tinyshakespeare", "input.txt")

@@ -3,7 +3,7 @@
   python bench/serve_load.py          # random-init GPT-2-small-shaped body (12x768), char vocab
   python bench/serve_load.py --workdir runs/x --concurrency 1,4,8,16 --duration 30
 
-The server (gptjax.serving, uvicorn in a thread) runs in this process; the clients run in a
+The server (gptjax.inference.serving, uvicorn in a thread) runs in this process; the clients run in a
 separate process (httpx, asyncio) so they do not share the server's GIL. Each client sends
 the next request as soon as the previous one is answered. Reported per concurrency: requests/s,
 completion tokens/s, p50/p99 latency, failed (non-200 or transport error) and lost (sent, never
@@ -85,8 +85,8 @@ def _model(args):
     import jax
 
     from gptjax import GPTConfig, init_params
-    from gptjax.textgen import load_model
-    from gptjax.tokenizers import CharTokenizer
+    from gptjax.inference.textgen import load_model
+    from gptjax.data.tokenizers import CharTokenizer
 
     if args.workdir or args.hf_dir:
         return load_model(args.workdir, args.hf_dir, args.tokenizer)
@@ -124,7 +124,7 @@ def main():
     import jax
     import uvicorn
 
-    from gptjax import serving
+    from gptjax.inference import serving
 
     cfg, params, tok = _model(args)
     t0 = time.perf_counter()

@@ -6,9 +6,9 @@ Runs a bench/train_throughput.py shape's compiled train step in a loop, in this 
 --host applied before JAX creates its CPU client, and prints per block of --steps steps the
 minor page faults per step (`resource.getrusage`), ms per step and resident memory:
   default      glibc's malloc and JAX's asynchronous dispatch (what a bare JAX program gets);
-  kept         gptjax.hostmem.keep_freed_memory() only;
-  inline       gptjax.hostmem.inline_cpu_dispatch() only;
-  kept_inline  gptjax.hostmem.prepare_host_for_training(), what train.py and finetune.py do.
+  kept         gptjax.train.hostmem.keep_freed_memory() only;
+  inline       gptjax.train.hostmem.inline_cpu_dispatch() only;
+  kept_inline  gptjax.train.hostmem.prepare_host_for_training(), what train.py and finetune.py do.
 The setting is fixed at process start, so compare settings in alternating runs of this script
 (see BENCHMARKS.md); the first block includes warm-up allocations. Linux only (it reads
 /proc/self/statm).
@@ -25,7 +25,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from gptjax import hostmem  # noqa: E402
+from gptjax.train import hostmem  # noqa: E402
 from gptjax.cli import fail  # noqa: E402
 
 HOSTS = ("default", "kept", "inline", "kept_inline")

@@ -7,7 +7,7 @@ Runners (--runners), all on the same architecture (GPT-2: pre-LN, biases, tanh G
 embeddings, no dropout), AdamW(3e-4, weight decay 0.1) after global-norm clipping at 1.0, fp32
 unless --dtype says otherwise (bf16 compute with fp32 master weights in gptjax, bf16 autocast in
 torch):
-  gptjax        gptjax.train_step.make_train_step, jitted with the state donated;
+  gptjax        gptjax.train.step.make_train_step, jitted with the state donated;
                 `gptjax:IMPL` runs it with attention_impl=IMPL (xla, cudnn, pallas, auto, ...).
   hf            transformers' GPT2LMHeadModel + torch.optim.AdamW, eager.
   hf_compile    the same under torch.compile.
@@ -24,10 +24,10 @@ machine torch's OpenMP threads stall whenever another process holds a core, and 
 that alone would flatter gptjax.
 
 MFU is model FLOPs/s (GPTConfig.flops_per_token: 6N + 12 L d_attn T, backward included) over
-the device's peak: always a measured dense-matmul peak on this device (gptjax.metrics), and the
+the device's peak: always a measured dense-matmul peak on this device (gptjax.train.metrics), and the
 datasheet peak where the device is known. Every runner shares one process and so one malloc:
 by default glibc's, as a PyTorch user runs; --keep_freed_memory first calls
-gptjax.hostmem.prepare_host_for_training(), as gptjax's training does: glibc keeps freed memory
+gptjax.train.hostmem.prepare_host_for_training(), as gptjax's training does: glibc keeps freed memory
 mapped, so XLA:CPU's per-step buffer is not page-faulted in again every step (this applies to
 the torch runners too), and JAX runs single-device CPU steps on the main thread, whose heap
 keeps buffers over 64 MB (this one only to gptjax). Nothing here imports ml_collections or
@@ -50,8 +50,8 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax import GPTConfig  # noqa: E402
-from gptjax.hostmem import prepare_host_for_training  # noqa: E402
-from gptjax.metrics import datasheet_peak, measured_peak  # noqa: E402
+from gptjax.train.hostmem import prepare_host_for_training  # noqa: E402
+from gptjax.train.metrics import datasheet_peak, measured_peak  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, seq_len, default batch, vocab). The two character-level
 # shapes use Tiny Shakespeare's 65 symbols as nanoGPT's shakespeare_char recipes do; GPT-2 uses
@@ -80,8 +80,8 @@ def jax_setup(cfg: GPTConfig, batch: int):
     """The benchmarked gptjax train step: (jitted step, initial state, batch, rng)."""
     import optax
 
-    from gptjax.model import init_params
-    from gptjax.train_step import TrainState, make_train_step
+    from gptjax.nn.model import init_params
+    from gptjax.train.step import TrainState, make_train_step
 
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
     params = init_params(cfg, jax.random.key(0))
@@ -322,7 +322,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--json", default="", help="write the results here")
     ap.add_argument("--keep_freed_memory", action="store_true",
-                    help="call gptjax.hostmem.prepare_host_for_training() first, as gptjax's "
+                    help="call gptjax.train.hostmem.prepare_host_for_training() first, as gptjax's "
                          "training does (its malloc setting applies to every runner in the "
                          "process, its inline CPU dispatch to gptjax's)")
     a = ap.parse_args(argv)
@@ -354,7 +354,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
-    malloc = ("freed memory kept mapped (gptjax.hostmem), every runner" if kept
+    malloc = ("freed memory kept mapped (gptjax.train.hostmem), every runner" if kept
               else "glibc default, every runner")
     dispatch = ("inline, on the main thread" if host["inline_cpu_dispatch"]
                 else "asynchronous (JAX default)")

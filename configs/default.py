@@ -13,7 +13,7 @@ about 3.7 on the whole validation split, and the final sample looks like Python 
 (indentation, `def`, `self.`, `return`).
 """
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ where N = 100 epochs x corpus tokens / 32,768 tokens per update.
 Expected: the paper reports a BooksCorpus language-modelling perplexity of 18.4.
 """
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 
 
 def get_config():

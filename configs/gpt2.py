@@ -16,7 +16,7 @@ Expected: nanoGPT reaches a validation loss of ~2.85 on OpenWebText for GPT-2 sm
 OpenAI's released checkpoint scores 3.11 on the same split before finetuning.
 """
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 
 
 def get_config(size: str = "gpt2"):

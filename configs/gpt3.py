@@ -17,7 +17,7 @@ Expected: the final validation losses of Figure 3.1 (e.g. ~2.25 nats/token for 1
 paper's mixture; other corpora give other numbers).
 """
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 
 # (learning rate, batch size in tokens) from Table 2.1.
 TABLE_2_1 = {

@@ -15,7 +15,7 @@ windows) after 2000 iterations; nanoGPT's own model scores 1.898 this way on a 2
 (see README, "Benchmarks").
 """
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 
 
 def get_config():

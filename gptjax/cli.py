@@ -15,9 +15,9 @@ from typing import Any, Callable, NoReturn, Optional
 
 # Errors a user can cause (bad config, flags, paths, data, checkpoints): one line, no traceback.
 def _user_errors() -> tuple:
-    from gptjax.checkpoint import CheckpointError
+    from gptjax.train.checkpoint import CheckpointError
     from gptjax.config import ConfigError
-    from gptjax.convert import ConversionError
+    from gptjax.nn.convert import ConversionError
     from gptjax.sharding import ShardingError
     return (ConfigError, CheckpointError, ConversionError, ShardingError, ValueError,
             FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
@@ -72,7 +72,7 @@ def _drop_closed_loop_callbacks() -> None:
 def run_cli(fn: Callable[[], None]) -> None:
     """Run `fn`; a user error prints `error: <message>` on one line and exits with status 2.
 
-    A second Ctrl-C (the first one stops training cleanly, see gptjax.preemption) exits with
+    A second Ctrl-C (the first one stops training cleanly, see gptjax.train.preemption) exits with
     status 130 and one line.
     """
     quiet_libraries()
@@ -215,7 +215,7 @@ def sample_after_training(config, summary: dict) -> None:
     """Print a short sample from the trained model (config.sample), streamed as it decodes."""
     import jax
 
-    from gptjax import sampling
+    from gptjax.inference import sampling
 
     sc = config.sample
     if sc.max_new_tokens <= 0 or jax.process_index() != 0 or summary.get("preempted"):

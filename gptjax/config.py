@@ -50,7 +50,7 @@ class GPTConfig:
         context) or 'local' (causal and banded: a query attends to the `local_window` most recent
         positions, itself included). GPT-3 alternates ('dense', 'local').
       local_window: band width of 'local' layers.
-      attention_impl: which attention kernel computes attention (see gptjax.attention).
+      attention_impl: which attention kernel computes attention (see gptjax.nn.attention).
       dtype: compute dtype of activations and matmuls.
       param_dtype: storage dtype of parameters (fp32 master weights under bf16 compute).
       scan_layers: build the blocks with `nn.scan` (one compiled block, stacked parameters).
@@ -186,7 +186,7 @@ class GPTConfig:
           non_embedding: leave out the token and position embeddings (Kaplan et al.'s N). An untied
             output head is counted as non-embedding, since it is a matmul per token.
         """
-        from gptjax.model import abstract_params  # local import: config must not need flax
+        from gptjax.nn.model import abstract_params  # local import: config must not need flax
 
         import jax
         shapes = abstract_params(self)

@@ -36,9 +36,9 @@ import numpy as np
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.model import init_boxed
-from gptjax.optim import make_optimizer
-from gptjax.trainer import (
+from gptjax.nn.model import init_boxed
+from gptjax.train.optim import make_optimizer
+from gptjax.train.loop import (
     TrainState,
     make_eval_step,
     make_train_step,

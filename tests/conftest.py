@@ -12,7 +12,7 @@ import pytest
 jax.config.update("jax_default_matmul_precision", "highest")
 
 # In-process tests run under JAX's default (asynchronous) dispatch whichever test comes first:
-# with the backend created here, gptjax.hostmem.inline_cpu_dispatch() (which train_and_evaluate
+# with the backend created here, gptjax.train.hostmem.inline_cpu_dispatch() (which train_and_evaluate
 # and finetune call) is a no-op in the test process. Tests that run train.py or finetune.py in a
 # child process get what users get.
 jax.devices()

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 from gptjax import sharding as shd
-from gptjax.checkpoint import Checkpointer
-from gptjax.trainer import Setup, model_config_from
+from gptjax.train.checkpoint import Checkpointer
+from gptjax.train.loop import Setup, model_config_from
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 
@@ -84,8 +84,8 @@ def test_sharded_steps_equal_one_device(mesh, reference):
 
 
 def _grads(setup):
-    from gptjax.losses import lm_loss
-    from gptjax.model import GPT
+    from gptjax.train.losses import lm_loss
+    from gptjax.nn.model import GPT
 
     mc = setup.model_cfg
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax import attention as A
+from gptjax.nn import attention as A
 from gptjax.config import ConfigError, GPTConfig
-from gptjax.model import GPT, init_params
+from gptjax.nn.model import GPT, init_params
 
 
 def _qkv(B, T, H, D, S=None, seed=0):
@@ -188,7 +188,7 @@ def test_auto_is_xla_on_cpu_and_logs_why_once(caplog):
         pytest.skip("checks the CPU choice")
     q, k, v, _ = _qkv(1, 9, 2, 8)
     A._logged.clear()
-    with caplog.at_level(logging.WARNING, logger="gptjax.attention"):
+    with caplog.at_level(logging.WARNING, logger="gptjax.nn.attention"):
         a = A.attention(q, k, v, None, None, window=None, impl="auto")
         A.attention(q, k, v, None, None, window=None, impl="auto")
     np.testing.assert_array_equal(a, A.attention(q, k, v, None, None, window=None, impl="xla"))

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from gptjax import GPT, GPTConfig, init_params  # noqa: E402
-from gptjax.convert import ConversionError, from_hf, to_hf  # noqa: E402
+from gptjax.nn.convert import ConversionError, from_hf, to_hf  # noqa: E402
 
 # Unusual shapes: odd vocabulary, 5 or 3 heads (not a power of two), context 37.
 SHAPES = [dict(vocab_size=101, n_positions=37, n_embd=60, n_layer=3, n_head=5),

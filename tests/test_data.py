@@ -120,8 +120,8 @@ def test_local_text_documents_and_encoding(tmp_path):
 def test_config_data_encoding_reaches_local_text(tmp_path):
     """train.py's `data.encoding` reads Latin-1 books (two of the shared Gutenberg files are);
     an unknown codec name is a one-line ValueError."""
-    from configs.common import base_config
-    from gptjax.trainer import build_source
+    from gptjax.defaults import base_config
+    from gptjax.train.loop import build_source
 
     _write(tmp_path / "a.txt", "caf\u00e9 na\u00efve " * 20, encoding="latin-1")
     _write(tmp_path / "b.txt", "plain ascii " * 20, encoding="latin-1")

@@ -14,7 +14,7 @@ from gptjax import GPT, GPTConfig, init_params
 from gptjax.eval import fewshot
 from gptjax.eval import perplexity as ppl
 from gptjax.eval import templates as T
-from gptjax.tokenizers import CharTokenizer, GPT2BPETokenizer
+from gptjax.data.tokenizers import CharTokenizer, GPT2BPETokenizer
 
 
 # ================================================================================ windows
@@ -61,7 +61,7 @@ def _wikitext_excerpt(shared_data, chars=2400):
 def test_sliding_window_nll_equals_transformers(shared_data):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     bpe = shared_data / "gpt2_bpe"
     if not bpe.is_dir():

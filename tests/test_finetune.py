@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import configs.*)
 
-from configs.common import base_config, model_config
-from configs.finetune.common import finetune_config
-from gptjax import finetune as ft
-from gptjax import heads
-from gptjax.model import unstack_layers
-from gptjax.optim import make_optimizer
-from gptjax.tasks import TASKS, Example, load_task
-from gptjax.tokenizers import CharTokenizer
+from gptjax.defaults import base_config, model_config
+from gptjax.defaults import finetune_config
+from gptjax.finetune import loop as ft
+from gptjax.finetune import heads
+from gptjax.nn.model import unstack_layers
+from gptjax.train.optim import make_optimizer
+from gptjax.data.tasks import TASKS, Example, load_task
+from gptjax.data.tokenizers import CharTokenizer
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
@@ -97,7 +97,7 @@ def tasks(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A train.py work directory: a tiny character-level GPT with checkpoints at steps 2 and 4."""
-    from gptjax.trainer import train_and_evaluate
+    from gptjax.train.loop import train_and_evaluate
 
     d = tmp_path_factory.mktemp("pretrain")
     text = "".join(f"{CHARS} line {i}: the film is good, the plot is bad.\n" for i in range(200))
@@ -216,8 +216,8 @@ def test_load_workdir_restores_params_only_as_plain_arrays(pretrained):
     """The params-only (Orbax partial) restore gives the checkpoint's exact parameters as
     uncommitted single-device arrays, so a jitted function fed them and then its own outputs
     compiles once (mesh-placed arrays from a full train-state restore compiled twice)."""
-    from gptjax.checkpoint import Checkpointer
-    from gptjax.trainer import Setup, load_workdir
+    from gptjax.train.checkpoint import Checkpointer
+    from gptjax.train.loop import Setup, load_workdir
 
     model_cfg, params, _ = load_workdir(str(pretrained), step=2)
     c = base_config()
@@ -273,7 +273,7 @@ def _hf_gpt(seed, family="gpt2", **shape):
 
 @pytest.mark.parametrize("scan", [False, True])
 def test_transfer_layers_mixes_blocks(scan):
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     cfg, pre = from_hf(_hf_gpt(0), scan_layers=scan)
     _, fresh = from_hf(_hf_gpt(1), scan_layers=scan)
@@ -305,7 +305,7 @@ def _torch_logprob(hf, ctx, cont):
 def test_zero_shot_scores_match_transformers(family):
     """Continuation log-likelihoods, batched and right-padded, equal transformers' per-sequence
     ones; contexts longer than n_ctx lose their beginning."""
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     hf = _hf_gpt(3, family, n_positions=24, n_layer=2)
     cfg, params = from_hf(hf)

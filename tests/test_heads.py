@@ -9,9 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax import heads
+from gptjax.finetune import heads
 from gptjax.config import GPTConfig
-from gptjax.model import GPT
+from gptjax.nn.model import GPT
 
 SP = heads.SpecialTokens(start=100, delimiter=101, extract=102)
 
@@ -28,7 +28,7 @@ def _tiny(norm="pre", dropout=0.0):
     import torch
     import transformers
 
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     torch.manual_seed(0)
     shape = dict(vocab_size=61, n_positions=24, n_embd=16, n_layer=1, n_head=2)
@@ -246,7 +246,7 @@ def test_heads_on_weights_imported_from_transformers(family):
     """The features the heads read are transformers' final hidden states (OpenAI-GPT: the last
     block's output; GPT-2: after ln_f), and the gradient of the finetuning loss on imported
     weights reaches the head, every block and the new task-token rows."""
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     torch.manual_seed(0)
     shape = dict(vocab_size=97, n_positions=20, n_embd=24, n_layer=2, n_head=3)

@@ -1,4 +1,4 @@
-"""gptjax.hostmem: with keep_freed_memory() a freed 44 MB buffer is reused without page faults,
+"""gptjax.train.hostmem: with keep_freed_memory() a freed 44 MB buffer is reused without page faults,
 and with prepare_host_for_training() so is an XLA:CPU step's buffer over glibc's 64 MB thread-heap
 limit."""
 
@@ -13,7 +13,7 @@ import pytest
 # times, freeing it in between, and prints the minor page faults of the last two rounds.
 _CHILD = r"""
 import ctypes, resource, sys
-from gptjax.hostmem import keep_freed_memory
+from gptjax.train.hostmem import keep_freed_memory
 print(keep_freed_memory())
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
@@ -69,7 +69,7 @@ def test_default_malloc_faults_a_large_buffer_in_again():
 # per-thread heap limit, and prints its temp size and the minor faults per call after warm-up.
 _XLA_CHILD = r"""
 import resource, sys
-from gptjax import hostmem
+from gptjax.train import hostmem
 mode = sys.argv[1]
 if mode == "both":
     print(all(hostmem.prepare_host_for_training().values()))
@@ -115,7 +115,7 @@ def test_kept_memory_alone_faults_in_a_step_buffer_over_the_limit():
 def test_inline_dispatch_changes_nothing_once_jax_has_its_backend(monkeypatch):
     import jax
 
-    from gptjax import hostmem
+    from gptjax.train import hostmem
     monkeypatch.setenv("GPTJAX_KEEP_FREED_MEMORY", "1")
     monkeypatch.delenv("GPTJAX_INLINE_CPU_DISPATCH", raising=False)
     monkeypatch.setattr(hostmem, "_inlined", False)
@@ -126,7 +126,7 @@ def test_inline_dispatch_changes_nothing_once_jax_has_its_backend(monkeypatch):
 
 
 _OFF_CHILD = r"""
-from gptjax import hostmem
+from gptjax.train import hostmem
 print(hostmem.prepare_host_for_training())
 import jax
 print(jax.config.values["jax_cpu_enable_async_dispatch"])

@@ -7,8 +7,8 @@ import pytest
 
 from gptjax import GPT, GPTConfig, PRESETS, init_params
 from gptjax.config import PUBLISHED_PARAMS, ConfigError
-from gptjax.losses import lm_loss
-from gptjax.model import init_cache, logical_axes, stack_layers, unstack_layers
+from gptjax.train.losses import lm_loss
+from gptjax.nn.model import init_cache, logical_axes, stack_layers, unstack_layers
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -238,7 +238,7 @@ def test_lm_loss_matches_manual_and_weights():
     ("BTC,VC->BTV", (2, 5, 8), (11, 8), (11,)),               # einsum fallback
 ])
 def test_flat_dot_equals_einsum_and_its_gradients(eq, x_shape, k_shape, b_shape):
-    from gptjax.model import _flat_dot
+    from gptjax.nn.model import _flat_dot
     kx, kk, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape)
     k = jax.random.normal(kk, k_shape)

@@ -1,4 +1,4 @@
-"""OpenAI GPT-1's tokenizer (gptjax.tokenizers.OpenAIGPTTokenizer) against transformers'
+"""OpenAI GPT-1's tokenizer (gptjax.data.tokenizers.OpenAIGPTTokenizer) against transformers'
 OpenAIGPTTokenizer, on a tiny vocabulary and merges list this test learns and writes itself."""
 
 import collections
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from gptjax import tokenizers as toks
+from gptjax.data import tokenizers as toks
 
 transformers = pytest.importorskip("transformers")
 

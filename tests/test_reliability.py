@@ -1,7 +1,7 @@
 """Reliability, end to end through the entry scripts: preemption, kill -9 mid-save, non-finite
 steps, damaged or foreign checkpoints, bad config/flags/data, and fuzzed prompts and task rows.
 
-Every case runs train.py / sample.py in a subprocess (faults injected with gptjax.faults'
+Every case runs train.py / sample.py in a subprocess (faults injected with gptjax.train.faults'
 environment variables) and checks the exit status, the one-line `error:` message (never a
 traceback) and, where a run continues, that its losses equal an uninterrupted run's bit for bit.
 """
@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from gptjax.tasks import load_task
+from gptjax.data.tasks import load_task
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 12

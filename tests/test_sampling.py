@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from gptjax import GPT, GPTConfig, init_params, sampling
-from gptjax.model import stack_layers
-from gptjax.sampling import (beam_search_loop, decode_step, generate, prefill, sample_logits,
+from gptjax import GPT, GPTConfig, init_params
+from gptjax.inference import sampling
+from gptjax.nn.model import stack_layers
+from gptjax.inference.sampling import (beam_search_loop, decode_step, generate, prefill, sample_logits,
                              sample_loop, stop_array, warp_logits)
 
 try:  # transformers + torch are the reference (test extras); only the parity tests need them
@@ -123,7 +124,7 @@ def _hf(family, seed):
     Default init (std 0.02) makes every next-token distribution nearly uniform and greedy output one
     repeated token, a comparison that proves little and that float noise could flip.
     """
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
 
     torch.manual_seed(seed)
     shape = dict(vocab_size=VOCAB, n_positions=48, n_embd=40, n_layer=2, n_head=5,
@@ -487,7 +488,7 @@ def test_padded_array_prompts_equal_lists():
 def test_prepared_params_decode_like_plain_params(name, scan):
     # prepare_for_decoding stores the c_proj kernels [out, in] (model.decode_layout); the
     # cached, full and generated outputs must not change.
-    from gptjax.model import from_decode_layout
+    from gptjax.nn.model import from_decode_layout
     cfg, params = _model(name, scan=scan)
     prepared = sampling.prepare_for_decoding(cfg, params)
     assert prepared.out_in  # these tests run on CPU

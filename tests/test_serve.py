@@ -1,6 +1,6 @@
 """The completions server end to end: a real uvicorn server on a loopback port, called with httpx.
 
-Reference: `gptjax.sampling.generate` on the same params and seed (a completion must equal it
+Reference: `gptjax.inference.sampling.generate` on the same params and seed (a completion must equal it
 token for token), and the HTTP/SSE wire format as OpenAI clients read it.
 """
 
@@ -21,9 +21,10 @@ import pytest
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
-from gptjax import GPTConfig, init_params, sampling  # noqa: E402
-from gptjax import serving  # noqa: E402
-from gptjax.tokenizers import CharTokenizer  # noqa: E402
+from gptjax import GPTConfig, init_params
+from gptjax.inference import sampling  # noqa: E402
+from gptjax.inference import serving  # noqa: E402
+from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ,.!?\n"))

@@ -4,9 +4,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs.common import base_config, model_config
+from gptjax.defaults import base_config, model_config
 from gptjax import sweep
-from gptjax.trainer import Setup, model_config_from
+from gptjax.train.loop import Setup, model_config_from
 
 STEPS = 6
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from gptjax import task_metrics as tm
-from gptjax.tasks import TASKS, Example, get_task, load_task, write_predictions
+from gptjax.finetune import metrics as tm
+from gptjax.data.tasks import TASKS, Example, get_task, load_task, write_predictions
 
 scipy_stats = pytest.importorskip("scipy.stats")
 sk_metrics = pytest.importorskip("sklearn.metrics")

@@ -1,4 +1,4 @@
-"""Tests for gptjax.tokenizers: GPT-2 BPE parity with transformers, exact round trips, save/load."""
+"""Tests for gptjax.data.tokenizers: GPT-2 BPE parity with transformers, exact round trips, save/load."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from gptjax import tokenizers as tk
+from gptjax.data import tokenizers as tk
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("GPTJAX_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -12,12 +12,12 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from ml_collections import config_flags  # noqa: F401  (config files import configs.common)
+from ml_collections import config_flags  # noqa: F401  (config files import gptjax.defaults)
 
-from configs.common import base_config, model_config
-from gptjax.model import init_params
-from gptjax.optim import decay_mask, lr_schedule
-from gptjax.trainer import TrainState, make_train_step, model_config_from, train_and_evaluate
+from gptjax.defaults import base_config, model_config
+from gptjax.nn.model import init_params
+from gptjax.train.optim import decay_mask, lr_schedule
+from gptjax.train.loop import TrainState, make_train_step, model_config_from, train_and_evaluate
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -109,7 +109,7 @@ def test_lr_schedule_warmup_and_cosine_floor():
 def test_weight_decay_mask(scan):
     cfg = model_config_from(base_config(), vocab_size=256).replace(scan_layers=scan)
     cfg = cfg.replace(n_layer=2)
-    from gptjax.model import abstract_params
+    from gptjax.nn.model import abstract_params
     mask = decay_mask(abstract_params(cfg))
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     for path, decayed in flat.items():
@@ -125,7 +125,7 @@ def _step_setup(accum):
     c.model = model_config("tiny", embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     c.optim.warmup_steps = 0
     mc = model_config_from(c)
-    from gptjax.optim import make_optimizer
+    from gptjax.train.optim import make_optimizer
     tx, sched = make_optimizer(c.optim, 10)
     params = init_params(mc, jax.random.key(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
@@ -181,7 +181,7 @@ def test_bf16_compute_keeps_fp32_master_weights_and_optimizer_state():
     c.model = model_config("tiny", dtype="bfloat16", param_dtype="float32")
     c.optim.warmup_steps = 0
     mc = model_config_from(c)
-    from gptjax.optim import make_optimizer
+    from gptjax.train.optim import make_optimizer
     tx, sched = make_optimizer(c.optim, 10)
     params = init_params(mc, jax.random.key(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))

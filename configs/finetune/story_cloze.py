@@ -16,7 +16,7 @@ That figure is the paper's, for GPT-1's 117M model pretrained on BooksCorpus; it
 here; tiny CPU models score far lower (bench/finetune_sst2.py measures one on SST-2).
 """
 
-from configs.finetune.common import finetune_config
+from gptjax.defaults import finetune_config
 
 
 def get_config():

@@ -37,7 +37,7 @@ _FLUSH_TOKENS = 1 << 24
 
 
 class Tokenizer(Protocol):
-    """What the pipeline needs from a tokenizer (gptjax.tokenizers implements it)."""
+    """What the pipeline needs from a tokenizer (gptjax.data.tokenizers implements it)."""
 
     vocab_size: int
     eos_id: int | None

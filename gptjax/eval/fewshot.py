@@ -5,7 +5,7 @@ pool and placed before the query, separated by blank lines; the prompt ends wher
 starts. Likelihood tasks (classification by label words, multiple choice) pick the candidate
 completion with the highest log-probability, summed over its tokens ('accuracy') or averaged
 per token ('accuracy_norm', GPT-3's normalisation for most multiple-choice tasks). Generation
-tasks (arithmetic, last-word prediction) decode greedily with gptjax.sampling.generate and score
+tasks (arithmetic, last-word prediction) decode greedily with gptjax.inference.sampling.generate and score
 exact match of the answer. When K demonstrations do not fit the context window, the ones furthest
 from the query are dropped (GPT-3: "K ... up to as many as fit in the context window"); the mean
 number actually used is reported.
@@ -66,7 +66,7 @@ def build_task(spec: str, *, num_examples: int = 0, seed: int = 0) -> FewShotTas
     Specs: an arithmetic task of GPT-3 ('2D+' ... '5D-', '2Dx', '1DC'; problems generated with
     `seed`, the demonstrations from another stream); 'lambada=FILE' or 'lambada_cloze=FILE'
     (last-word prediction on the passages of any text file, 20% of them kept as demonstrations);
-    'TASK=DIR' for a gptjax.tasks task in its file layout ('sst2=../shared/data/glue/SST-2') or
+    'TASK=DIR' for a gptjax.data.tasks task in its file layout ('sst2=../shared/data/glue/SST-2') or
     'glue/TASK=DATA_DIR' for a prepared tfds data_dir. The queries are the task's first dev split.
 
     Args:
@@ -89,7 +89,7 @@ def build_task(spec: str, *, num_examples: int = 0, seed: int = 0) -> FewShotTas
         train, test = T.split_pool(items, 0.2, seed)
         return FewShotTask(name, "generate", tuple(train), _subset(test, num_examples, seed),
                            answer=T.first_word)
-    from gptjax.tasks import get_task, load_task
+    from gptjax.data.tasks import get_task, load_task
     if not path:
         raise ValueError(f"unknown task spec {spec!r}; allowed: {list(T.ARITHMETIC)}, "
                          "lambada=FILE, lambada_cloze=FILE, TASK=DIR or glue/TASK=DATA_DIR with "
@@ -146,7 +146,7 @@ def _max_new_tokens(tokenizer, task: FewShotTask) -> int:
 def choice_scores(config, params, tokenizer, prompts: Sequence[list], items: Sequence[Item],
                   batch_size: int = 16) -> list:
     """Per query, the candidates' (summed log-probability, token count) given its prompt ids."""
-    from gptjax.finetune import score_continuations
+    from gptjax.finetune.loop import score_continuations
 
     pairs, owner = [], []
     for q, (ids, it) in enumerate(zip(prompts, items)):
@@ -164,8 +164,8 @@ def choice_scores(config, params, tokenizer, prompts: Sequence[list], items: Seq
 
 def greedy_completions(config, params, tokenizer, prompts: Sequence[list], max_new_tokens: int,
                        batch_size: int = 16) -> list:
-    """Greedy continuations (text) of token-id prompts, in batches, with gptjax.sampling."""
-    from gptjax import sampling
+    """Greedy continuations (text) of token-id prompts, in batches, with gptjax.inference.sampling."""
+    from gptjax.inference import sampling
 
     texts = []
     for b in range(0, len(prompts), batch_size):

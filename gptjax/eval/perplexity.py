@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.losses import token_nll
-from gptjax.model import GPT
+from gptjax.train.losses import token_nll
+from gptjax.nn.model import GPT
 
 # ================================================================================ detokenizers
 # WikiText's tokenized release splits punctuation off and marks in-number separators as @-@, @,@,

@@ -31,7 +31,7 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
       tokenizer_path: GPT-2 BPE files for the HF directories (default: each directory).
       steps: checkpoint steps to evaluate in every workdir (a curve against training step).
     """
-    from gptjax.textgen import load_model
+    from gptjax.inference.textgen import load_model
 
     if not workdirs and not hf_dirs:
         raise ValueError("give at least one model: --workdir (a gptjax run) or --hf_dir "

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from gptjax.tasks import Example, TaskSpec
+from gptjax.data.tasks import Example, TaskSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class Item:
 # ================================================================================ GLUE-style
 @dataclasses.dataclass(frozen=True)
 class Template:
-    """How a gptjax.tasks Example becomes an Item.
+    """How a gptjax.data.tasks Example becomes an Item.
 
     Attributes:
       context: Example -> the formatted query.
@@ -85,7 +85,7 @@ TEMPLATES: dict = {
 
 
 def example_item(spec: TaskSpec, ex: Example) -> Item:
-    """The Item of a labelled gptjax.tasks example, with the task's template."""
+    """The Item of a labelled gptjax.data.tasks example, with the task's template."""
     if spec.name not in TEMPLATES:
         raise ValueError(f"task {spec.name!r} has no few-shot template (regression tasks are "
                          f"not scored by likelihood); allowed: {sorted(TEMPLATES)}")

@@ -1,6 +1,6 @@
 """The pure train and eval steps and the state they carry; imports only jax, flax and optax.
 
-Kept apart from gptjax.trainer (which reads ml_collections configs and datasets) so that the step
+Kept apart from gptjax.train.loop (which reads ml_collections configs and datasets) so that the step
 the trainer runs can be built and benchmarked on a machine with just the numerical stack.
 """
 
@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.losses import lm_loss
-from gptjax.model import GPT
+from gptjax.train.losses import lm_loss
+from gptjax.nn.model import GPT
 
 
 @flax.struct.dataclass

@@ -14,7 +14,7 @@ import ml_collections
 
 from gptjax.config import ConfigError
 from gptjax.data.lm import MODES as SAMPLING
-from gptjax.optim import SCHEDULES
+from gptjax.train.optim import SCHEDULES
 
 TOKENIZER_KINDS = ("char", "sentencepiece", "gpt2_bpe")
 NONFINITE = ("skip", "halt")
@@ -50,11 +50,11 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     table, the mesh against the device count and the batch against the data-parallel size.
 
     Args:
-      config: the experiment config (see configs/common.py).
+      config: the experiment config (see gptjax/defaults.py).
       num_devices: devices the mesh must cover (default: `jax.device_count()`).
     """
     from gptjax import sharding as shd
-    from gptjax.trainer import model_config_from
+    from gptjax.train.loop import model_config_from
 
     _int("seed", config.get("seed", 0), 0)
     tc = config.train

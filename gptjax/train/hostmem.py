@@ -11,8 +11,8 @@ faults per step on the recipe shape, about a quarter of its 47 ms step on a 2-co
 The buffer then comes from a malloc heap and is reused, already mapped, by the next step: the
 recipe shape's faults go to 0 per step and its step from 47 to 33 ms (see BENCHMARKS.md). The
 price is that the process keeps its peak heap size mapped, which a training process reaches on
-its first step anyway. Training calls it (`gptjax.trainer.train_and_evaluate`, behind train.py,
-and `gptjax.finetune.finetune`, behind finetune.py, through `prepare_host_for_training()`); set
+its first step anyway. Training calls it (`gptjax.train.loop.train_and_evaluate`, behind train.py,
+and `gptjax.finetune.loop.finetune`, behind finetune.py, through `prepare_host_for_training()`); set
 GPTJAX_KEEP_FREED_MEMORY=0 to leave malloc (and dispatch, below) alone. Decoding does not: a
 batch-1 GPT-2 small decode ran at 53.4 tok/s with it and 54.8 without (bench/decode.py, which
 therefore leaves malloc alone).
@@ -109,7 +109,7 @@ def inline_cpu_dispatch() -> bool:
         exists = xla_bridge.backends_are_initialized()
     except (ImportError, AttributeError):  # private API moved: set the flag, claim nothing
         exists = None
-        log.warning("gptjax.hostmem: cannot tell whether JAX's CPU client exists yet; "
+        log.warning("gptjax.train.hostmem: cannot tell whether JAX's CPU client exists yet; "
                     "inline CPU dispatch may not be in effect")
     if exists:
         return False

@@ -1,7 +1,7 @@
 """Finetuning (GPT-1 section 3.2), zero-shot evaluation (section 5) and the layer-transfer analysis.
 
 `finetune(config, workdir)` trains one pretrained decoder plus a linear head on a task with
-L3 = L2 + lambda * L1 (see gptjax.heads), evaluates the dev split(s) after every epoch, keeps the
+L3 = L2 + lambda * L1 (see gptjax.finetune.heads), evaluates the dev split(s) after every epoch, keeps the
 best checkpoint and writes the test predictions in the GLUE submission format. The decoder comes
 from a train.py work directory, an imported Hugging Face / OpenAI directory, or random init
 (`config.init.kind`: 'workdir', 'hf', 'scratch'); `init.transfer_layers` keeps only the first n
@@ -34,15 +34,15 @@ import ml_collections
 import numpy as np
 import optax
 
-from gptjax import heads
-from gptjax.checkpoint import Checkpointer, CheckpointError
+from gptjax.finetune import heads
+from gptjax.train.checkpoint import Checkpointer, CheckpointError
 from gptjax.config import GPTConfig
-from gptjax.losses import token_nll
-from gptjax.model import GPT, abstract_params, init_params, stack_layers, unstack_layers
-from gptjax.optim import make_optimizer
-from gptjax.task_metrics import compute_metrics
-from gptjax.tasks import TASKS, Example, TaskSpec, get_task, load_task, write_predictions
-from gptjax.trainer import MetricsWriter, TrainState
+from gptjax.train.losses import token_nll
+from gptjax.nn.model import GPT, abstract_params, init_params, stack_layers, unstack_layers
+from gptjax.train.optim import make_optimizer
+from gptjax.finetune.metrics import compute_metrics
+from gptjax.data.tasks import TASKS, Example, TaskSpec, get_task, load_task, write_predictions
+from gptjax.train.loop import MetricsWriter, TrainState
 
 INIT_KINDS = ("workdir", "hf", "scratch")
 
@@ -58,9 +58,9 @@ def load_pretrained(init: ml_collections.ConfigDict, step: Optional[int] = None)
         directory).
       step: a pretraining checkpoint step (workdir only); None = the latest.
     """
-    from gptjax import tokenizers as toks
-    from gptjax.convert import from_hf
-    from gptjax.trainer import load_workdir
+    from gptjax.data import tokenizers as toks
+    from gptjax.nn.convert import from_hf
+    from gptjax.train.loop import load_workdir
 
     if not init.path:
         raise ValueError(f"init.kind={init.kind!r} needs init.path (a train.py work directory "
@@ -115,7 +115,7 @@ def transfer_layers(config: GPTConfig, pretrained: dict, fresh: dict, n_layers: 
 
 
 def _scratch_tokenizer(config: ml_collections.ConfigDict, texts: Sequence[str], workdir: str):
-    from gptjax import tokenizers as toks
+    from gptjax.data import tokenizers as toks
 
     tc = config.tokenizer
     if tc.kind == "gpt2_bpe":
@@ -143,7 +143,7 @@ def init_decoder(config: ml_collections.ConfigDict, rng: jax.Array, workdir: str
     Returns:
       (GPTConfig with the finetuning dropout, params, tokenizer).
     """
-    from gptjax.trainer import model_config_from
+    from gptjax.train.loop import model_config_from
 
     init = config.init
     if init.kind not in INIT_KINDS:
@@ -354,17 +354,17 @@ def _write_run_files(workdir: str, config, spec: TaskSpec, model_cfg: GPTConfig,
 
 
 def finetune(config: ml_collections.ConfigDict, workdir: str, progress: bool = True) -> dict:
-    """Finetunes as `config` says (see configs/finetune/common.py) into a new `workdir`.
+    """Finetunes as `config` says (see gptjax/defaults.py (finetune_config)) into a new `workdir`.
 
     Returns:
       The summary (also written to summary.json): best epoch and its dev metrics, per-epoch dev
       metrics, prediction files, wall time; plus 'params', 'model_config', 'head_config',
       'tokenizer' and 'special' of the best epoch for callers in Python.
     """
-    from gptjax.hostmem import prepare_host_for_training
+    from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.plotting import plot_metrics
 
-    # XLA:CPU's step buffers stay mapped between steps (gptjax.hostmem)
+    # XLA:CPU's step buffers stay mapped between steps (gptjax.train.hostmem)
     prepare_host_for_training()
     t0 = time.time()
     workdir = os.path.abspath(workdir)
@@ -512,7 +512,7 @@ class Finetuned:
 
 def load_finetuned(workdir: str) -> Finetuned:
     """The best checkpoint of a `finetune` work directory, with what it needs to predict."""
-    from gptjax import tokenizers as toks
+    from gptjax.data import tokenizers as toks
 
     workdir = os.path.abspath(workdir)
     info_path = os.path.join(workdir, "finetune.json")

@@ -160,7 +160,7 @@ def params_from_state_dict(config: GPTConfig, sd: Mapping[str, np.ndarray]) -> d
 
 def params_to_state_dict(config: GPTConfig, params: Mapping[str, Any]) -> dict:
     """A GPT2LMHeadModel / OpenAIGPTLMHeadModel state dict (numpy, fp32) from gptjax parameters."""
-    from gptjax.model import unstack_layers
+    from gptjax.nn.model import unstack_layers
 
     if "h" in params:
         params = unstack_layers(config, params)
@@ -226,7 +226,7 @@ def from_hf(path_or_model, **config_overrides):
         sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     params = params_from_state_dict(config, sd)
     if config.scan_layers:
-        from gptjax.model import stack_layers
+        from gptjax.nn.model import stack_layers
         params = stack_layers(config, params)
     return config, params
 

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 
 from gptjax.config import ConfigError
 
-log = logging.getLogger("gptjax.attention")
+log = logging.getLogger("gptjax.nn.attention")
 
 # Large negative instead of -inf: a query with no valid key (a padding row) then gets a uniform
 # softmax instead of NaN, and its output is never used.

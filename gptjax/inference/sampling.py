@@ -1,6 +1,6 @@
 """Sampling from a GPT: prefill a KV cache from ragged prompts, then decode in one compiled loop.
 
-Shape suffixes as in gptjax.model: B batch (prompts), P padded prompt length, S cache slots,
+Shape suffixes as in gptjax.nn.model: B batch (prompts), P padded prompt length, S cache slots,
 V vocabulary, N new tokens (max_new_tokens), K beam candidates per prompt (2 x num_beams),
 M beams per prompt (num_beams), Q stop sequences, L longest stop sequence.
 
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.model import GPT, decode_layout as to_decode_layout, init_cache
+from gptjax.nn.model import GPT, decode_layout as to_decode_layout, init_cache
 
 Array = jax.Array
 
@@ -261,7 +261,7 @@ def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Ar
 def _cache_rows(config: GPTConfig, cache: dict, fn: Callable[[Array, int], Array]) -> dict:
     """Apply fn(array, batch_axis) to every per-row array of the cache.
 
-    Keys/values are stored [B*H, D, S] (gptjax.model.init_cache), so they are viewed as
+    Keys/values are stored [B*H, D, S] (gptjax.nn.model.init_cache), so they are viewed as
     [B, H, D, S] for fn; scanned layers stack them over periods in front.
     """
     ax = 1 if config.scan_layers else 0
@@ -544,7 +544,7 @@ def _model_step_fn(config: GPTConfig, params: Any, lengths_N: Array) -> TokensTo
 @flax.struct.dataclass
 class DecodeParams:
     """Parameters prepared by `prepare_for_decoding`; every function here that takes params
-    takes these too. `params` holds the c_proj kernels in `gptjax.model.decode_layout` when
+    takes these too. `params` holds the c_proj kernels in `gptjax.nn.model.decode_layout` when
     `out_in` is set."""
 
     params: Any
@@ -562,7 +562,7 @@ def prepare_for_decoding(config: GPTConfig, params: Any, *,
     """Prepare parameters once for many `generate` calls (sample.py and the server do).
 
     On CPU (`out_in=None` decides by where params live) the c_proj kernels are copied to the
-    [out, in] layout of `gptjax.model.decode_layout`, which XLA:CPU streams faster in a decode
+    [out, in] layout of `gptjax.nn.model.decode_layout`, which XLA:CPU streams faster in a decode
     step: GPT-2 small's batch-1 step went from 24.5 to 22.4 ms (1.07-1.13x tokens/s in
     bench/decode.py). The copy costs memory (about a quarter of the weights, kept while the
     result lives) and a one-off transpose, which is why `generate` does not do it by itself on

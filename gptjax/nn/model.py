@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from gptjax.attention import attention
+from gptjax.nn.attention import attention
 from gptjax.config import ConfigError, GPTConfig
 
 Array = jax.Array
@@ -314,7 +314,7 @@ class GPT(nn.Module):
 
     `GPT(config, decode_layout=True)` takes parameters converted by `decode_layout(config,
     params)`: the same numbers with the c_proj kernels stored [out, in], which a CPU decode step
-    reads faster (see `gptjax.sampling.prepare_for_decoding`).
+    reads faster (see `gptjax.inference.sampling.prepare_for_decoding`).
     """
 
     config: GPTConfig

@@ -4,7 +4,7 @@ Layers, bottom up:
   * `sample_rows` and the jitted `_prefill_core` / `_pad_cache` / `_step_core`: the per-step
     device work. Every row has its own PRNG key, temperature and top_p, so a row's output does
     not depend on which other rows share its batch: row r's token t is drawn exactly as
-    `gptjax.sampling.generate([prompt_r], rng=key_r)` draws it (key fold_in(key_r, t), the
+    `gptjax.inference.sampling.generate([prompt_r], rng=key_r)` draws it (key fold_in(key_r, t), the
     same warping), so a completion equals `generate` with the same seed.
   * `ShapePlan`: the fixed set of compiled shapes. Batches are padded to a batch bucket B,
     prompts left-padded to a prompt bucket P, and the cache has S = next power of two
@@ -52,8 +52,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptjax.config import GPTConfig
-from gptjax.model import init_cache
-from gptjax.sampling import decode_step, prefill, prepare_for_decoding, warp_logits
+from gptjax.nn.model import init_cache
+from gptjax.inference.sampling import decode_step, prefill, prepare_for_decoding, warp_logits
 
 Array = jax.Array
 
@@ -838,7 +838,7 @@ def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="12
 
     import uvicorn
 
-    from gptjax.textgen import load_model
+    from gptjax.inference.textgen import load_model
 
     if not 0 <= port <= 65535:
         raise ValueError(f"--port={port}: must be in [0, 65535]")

@@ -22,16 +22,16 @@ import ml_collections
 import numpy as np
 import optax
 
-from gptjax import faults
+from gptjax.train import faults
 from gptjax import sharding as shd
-from gptjax.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
+from gptjax.train.checkpoint import Checkpointer, CheckpointError, abstract_with_shardings
 from gptjax.config import GPTConfig
-from gptjax.metrics import mfu, peak_flops
-from gptjax.model import check_scan_config, init_boxed
-from gptjax.optim import make_optimizer
-from gptjax.preemption import PreemptionGuard
-from gptjax.train_step import TrainState, make_eval_step, make_train_step  # noqa: F401
-from gptjax.validation import check_train_config
+from gptjax.train.metrics import mfu, peak_flops
+from gptjax.nn.model import check_scan_config, init_boxed
+from gptjax.train.optim import make_optimizer
+from gptjax.train.preemption import PreemptionGuard
+from gptjax.train.step import TrainState, make_eval_step, make_train_step  # noqa: F401
+from gptjax.train.experiment import check_train_config
 
 log = logging.getLogger("gptjax")
 
@@ -160,7 +160,7 @@ def main_process_first(name: str, fn: Callable[[], Any]) -> Any:
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str, source) -> Any:
     """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built."""
-    from gptjax import tokenizers as toks
+    from gptjax.data import tokenizers as toks
 
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
@@ -324,10 +324,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       A summary dict: final step, final train loss, final validation loss (whole split), wall time.
     """
     from gptjax.data import LMBatcher, load_tokens
-    from gptjax.hostmem import prepare_host_for_training
+    from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.plotting import plot_metrics
 
-    # XLA:CPU's step buffers stay mapped between steps (gptjax.hostmem)
+    # XLA:CPU's step buffers stay mapped between steps (gptjax.train.hostmem)
     log.info("host memory settings: %s", prepare_host_for_training())
     t_start = time.time()
     workdir = os.path.abspath(workdir)
@@ -534,8 +534,8 @@ def load_workdir(workdir: str, step: Optional[int] = None):
     they come back as uncommitted single-device arrays, so the jitted functions of inference and
     finetuning compile once whether they are fed these arrays or their own outputs.
     """
-    from gptjax import tokenizers as toks
-    from gptjax.model import abstract_params
+    from gptjax.data import tokenizers as toks
+    from gptjax.nn.model import abstract_params
 
     workdir = os.path.abspath(workdir)
     cfg_path = os.path.join(workdir, "config.json")
@@ -565,7 +565,7 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
     With `compile_step`, the train step is also compiled for the local devices and XLA's own
     memory analysis is reported next to the estimate.
     """
-    from gptjax.memory import compiled_memory, format_bytes, memory_plan, sharding_table
+    from gptjax.train.memory import compiled_memory, format_bytes, memory_plan, sharding_table
 
     check_train_config(config)
     vocab = None

@@ -21,7 +21,7 @@ the number of candidates for multiple choice), so one code path serves every tas
 right-padded: attention is causal, so padding after the extract token never changes the hidden
 state read at it, and the auxiliary LM loss is weighted to the real tokens.
 
-Shape letters as in gptjax.model: B examples, K sequences per example, T length, C width,
+Shape letters as in gptjax.nn.model: B examples, K sequences per example, T length, C width,
 V vocabulary, N head outputs.
 """
 
@@ -36,8 +36,8 @@ import numpy as np
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.losses import lm_loss
-from gptjax.model import GPT
+from gptjax.train.losses import lm_loss
+from gptjax.nn.model import GPT
 
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 

@@ -18,8 +18,8 @@ def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
         BPE read from `vocab.json` + `merges.txt` (or `encoder.json` + `vocab.bpe`) in
         `tokenizer_path`, which defaults to hf_dir itself.
     """
-    from gptjax.checkpoint import CheckpointError
-    from gptjax.tokenizers import from_hf_files
+    from gptjax.train.checkpoint import CheckpointError
+    from gptjax.data.tokenizers import from_hf_files
 
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir (a gptjax run) or --hf_dir "
@@ -27,9 +27,9 @@ def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
     if workdir is not None:
         if not os.path.isdir(workdir):
             raise CheckpointError(f"work directory {workdir!r} does not exist")
-        from gptjax.trainer import load_workdir
+        from gptjax.train.loop import load_workdir
         return load_workdir(workdir, step)
-    from gptjax.convert import from_hf
+    from gptjax.nn.convert import from_hf
     config, params = from_hf(hf_dir)
     tok = from_hf_files(tokenizer_path or hf_dir)  # GPT-2's byte BPE or GPT-1's BPE
     return config, jax.tree_util.tree_map(jax.numpy.asarray, params), tok
@@ -59,7 +59,7 @@ def complete(config, params, tokenizer, prompts: Sequence[str], *, max_new_token
       on_token: called as on_token(row, token_id) for every generated token as it is produced
         (sampling only), to stream output.
     """
-    from gptjax import sampling
+    from gptjax.inference import sampling
 
     ids = encode_prompts(tokenizer, prompts)
     stop_ids = [tokenizer.encode(s) for s in stop if s]

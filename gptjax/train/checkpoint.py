@@ -108,7 +108,7 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts an (async) save; returns whether a checkpoint is being written at this step."""
-        from gptjax import faults
+        from gptjax.train import faults
 
         started = self._mngr.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
@@ -171,7 +171,7 @@ class Checkpointer:
             while os.path.exists(dst):
                 dst, n = f"{src}.damaged.{n}", n + 1
             os.rename(src, dst)
-        from gptjax.trainer import barrier
+        from gptjax.train.loop import barrier
         barrier(f"checkpoint_set_aside_{step}")
         self._mngr.reload()
         return dst

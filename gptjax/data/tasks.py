@@ -40,7 +40,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from gptjax.heads import check_task_type
+from gptjax.finetune.heads import check_task_type
 
 Label = Union[int, float, None]
 
@@ -71,11 +71,11 @@ class TaskSpec:
 
     Attributes:
       name: the key in TASKS ('sst2').
-      task_type: one of gptjax.heads.TASK_TYPES.
+      task_type: one of gptjax.finetune.heads.TASK_TYPES.
       file_labels: the label strings of the files, in class-index order (also written in
         submissions); () for regression and multiple choice.
       num_choices: candidates per question (multiple choice).
-      metrics: metric names (gptjax.task_metrics.METRICS), as the task's leaderboard reports them.
+      metrics: metric names (gptjax.finetune.metrics.METRICS), as the task's leaderboard reports them.
       main_metric: the one that picks the best checkpoint.
       splits: canonical split names this task has ('train', 'dev', 'test', MNLI's
         'dev_matched', ...).

@@ -1,0 +1,222 @@
+"""Every default of an experiment config, written once: configs/ builds on these trees.
+
+`base_config()` is the pretraining experiment (train.py), `finetune_config()` GPT-1's finetuning
+recipe (finetune.py); `model_config()` gives every GPTConfig field of a preset so that each is
+overridable from the command line. The library reads config fields directly (no
+`cfg.get(key, default)`); `complete()` fills a partial config (a test's, a library caller's) from
+the matching tree first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from gptjax.config import PRESETS, GPTConfig
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """Every GPTConfig field of `preset`, so any of them is overridable (--config.model.X=...).
+
+    vocab_size <= 0 means "take it from the tokenizer".
+    """
+    fields = dataclasses.asdict(GPTConfig.preset(preset)) if preset in PRESETS else {}
+    fields.update(overrides)
+    d = ml_collections.ConfigDict()
+    d.preset = preset
+    for k, v in fields.items():
+        if v is None:  # typed placeholders, so the command line can set them
+            v = config_dict.placeholder(int)
+        setattr(d, k, v)
+    return d
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The pretraining experiment (train.py): every field a config may override, with its default."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.model = model_config("tiny", vocab_size=0)
+    c.model_vocab_multiple = 1
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "python_stdlib"     # or 'local_text' (with path) or any tfds name (data_dir)
+    c.data.data_dir = ""                 # tfds data_dir ('' = gptjax's cache for its builders)
+    c.data.path = ""                     # files / glob for local_text
+    c.data.encoding = "utf-8"            # local_text: the files' encoding (e.g. 'latin-1')
+    c.data.text_key = "text"
+    c.data.val_split = "validation"
+    c.data.validation_fraction = config_dict.placeholder(float)
+    c.data.max_train_bytes = 0           # python_stdlib: cap on the train split (0 = builder default)
+    c.data.seq_len = 0                   # 0 = model.n_ctx
+    c.data.sampling = "packed"           # 'packed' windows or nanoGPT's 'random_offset'
+    c.data.cache_dir = ""                # '' = ~/.cache/gptjax
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "sentencepiece"   # 'char' | 'sentencepiece' | 'gpt2_bpe'
+    c.tokenizer.vocab_size = 1024        # sentencepiece only
+    c.tokenizer.path = ""                # gpt2_bpe: directory with encoder.json + vocab.bpe
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 100
+    c.optim.decay_steps = 0              # 0 = train.steps
+    c.optim.schedule = "cosine"
+    c.optim.min_lr = 1e-4
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.1
+    c.optim.grad_clip = 1.0
+    c.optim.decay_embeddings = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.batch_size = 12
+    c.train.accum_steps = 1
+    c.train.log_every = 10
+    c.train.eval_every = 250
+    c.train.eval_batches = 20            # per periodic evaluation; the final one uses the whole split
+    c.train.eval_batch_size = 64
+    c.train.save_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.async_checkpointing = True
+    c.train.nonfinite = "skip"           # 'skip' the update or 'halt' the run
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+    c.mesh.rules = config_dict.placeholder(list)
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.prompt = ""
+    c.sample.max_new_tokens = 200
+    c.sample.temperature = 0.8
+    c.sample.top_k = 40
+    return c
+
+
+def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.ConfigDict:
+    """GPT-1's finetuning recipe for `task` (a gptjax.data.tasks.TASKS name) read from `path`.
+
+    The shared finetuning config: GPT-1's finetuning recipe (Radford et al. 2018, section 4.1).
+
+    "We add dropout to the classifier with a rate of 0.1. For most tasks, we use a learning rate of
+    6.25e-5 and a batchsize of 32. Our model finetunes quickly and 3 epochs of training was
+    sufficient for most cases. We use a linear learning rate decay schedule with warmup over 0.2% of
+    training. lambda was set to 0.5." Adam (b1 0.9, b2 0.999), weight decay 0.01 on all non-bias,
+    non-gain weights, and gradient clipping at norm 1 follow GPT-1's released finetuning code; the
+    decoder keeps its pretraining dropout (GPT-1: 0.1).
+
+    Every task config is `finetune_config(task, path)` plus its own docstring; every field is
+    overridable on the command line, e.g.
+      python finetune.py --config configs/finetune/sst2.py --workdir runs/ft_sst2 \
+          --config.init.kind=workdir --config.init.path=runs/pretrain --config.train.epochs=1
+
+    GPT-1's analysis (Figure 2) of a train.py run: SST-2 dev accuracy for 0..n_layer transferred
+    layers, and zero-shot accuracy at every pretraining checkpoint; writes analysis.md/.png/.json:
+      python finetune.py --config configs/finetune/sst2.py --workdir runs/analysis --mode=analysis \
+          --config.init.path=runs/pretrain --config.task.train_examples=4000 \
+          "--config.analysis.zero_shot_tasks=('sst2=../shared/data/glue/SST-2',
+                                               'story_cloze=../shared/data/story_cloze')"
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.task = ml_collections.ConfigDict()
+    c.task.name = task
+    c.task.path = path                   # directory in the task's standard file layout
+    c.task.data_dir = ""                 # a tfds data_dir holding the task (glue/sst2, ...);
+                                         # when set, it is read instead of path
+    c.task.subset = ""                   # RACE 'high'/'middle', MCTest 'mc160'/'mc500'
+    c.task.max_len = 0                   # longest transformed input; 0 = the model's n_ctx
+    c.task.train_examples = 0            # > 0: a fixed random subset of the training split
+    c.task.eval_examples = 0             # > 0: a fixed random subset of each dev split
+    c.task.update(task_fields)
+
+    # Where the decoder comes from: 'workdir' (a train.py work directory), 'hf' (a transformers
+    # GPT-2 / OpenAI-GPT directory, or OpenAI's TF checkpoint), or 'scratch' (random init).
+    c.init = ml_collections.ConfigDict()
+    c.init.kind = "workdir"
+    c.init.path = ""
+    c.init.tokenizer_path = ""           # hf: GPT-2 BPE files (default: init.path) or a gptjax
+                                         # tokenizer directory
+    c.init.transfer_layers = -1          # pretrained blocks kept (-1 = all; GPT-1 Figure 2)
+    c.init.transfer_embeddings = True
+
+    # Used only by init.kind='scratch' (the architecture and tokenizer of a random-init model).
+    c.model = model_config("tiny", vocab_size=0)
+    c.model_vocab_multiple = 1
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.kind = "gpt2_bpe"        # 'gpt2_bpe' | 'char' | 'sentencepiece' (trained on
+    c.tokenizer.path = "../shared/data/gpt2_bpe"  # the task's training texts)
+    c.tokenizer.vocab_size = 2048
+
+    # Decoder dropout (embd/attn/resid): < 0 keeps the pretrained model's own rates, as GPT-1
+    # finetuned with its pretraining dropout (0.1; HF GPT-2 / OpenAI-GPT configs say 0.1 too).
+    # (A new 0.1 mask on a model pretrained without dropout perturbs the features it learned.)
+    c.model_dropout = -1.0
+
+    c.head = ml_collections.ConfigDict()
+    c.head.lm_coef = 0.5                 # lambda in L3 = L2 + lambda * L1
+    c.head.dropout = 0.1                 # on the extracted features
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 6.25e-5
+    c.optim.warmup_fraction = 0.002      # warmup over 0.2% of training
+    c.optim.warmup_steps = 0             # used when warmup_fraction < 0
+    c.optim.decay_steps = 0              # set to the run's total steps
+    c.optim.schedule = "linear"
+    c.optim.min_lr = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 1.0
+    c.optim.decay_embeddings = True
+
+    c.train = ml_collections.ConfigDict()
+    c.train.epochs = 3
+    c.train.batch_size = 32
+    c.train.max_steps = 0                # > 0 stops early (quick checks)
+    c.train.eval_batch_size = 64
+    c.train.log_every = 10
+    c.train.length_bucket = 16           # batch lengths round up to this (fewer compilations)
+    c.train.predict_test = True          # write the test splits' predictions (GLUE format)
+
+    # finetune.py --mode=zero_shot: the task scored by the LM alone (SST-2, multiple choice).
+    c.zero_shot = ml_collections.ConfigDict()
+    c.zero_shot.split = ""               # '' = the first dev split
+    c.zero_shot.max_examples = 0
+    c.zero_shot.normalize = "mean"       # multiple choice: mean (GPT-1) or sum of token log-probs
+    c.zero_shot.batch_size = 32
+
+    # finetune.py --mode=analysis: GPT-1 Figure 2 for init.path.
+    c.analysis = ml_collections.ConfigDict()
+    c.analysis.layers = config_dict.placeholder(tuple)   # None = 0..n_layer
+    c.analysis.zero_shot_tasks = ()      # 'task=path' or 'glue/sst2=tfds_data_dir' entries
+    c.analysis.zero_shot_examples = 0
+    return c
+
+
+def complete(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
+             ) -> ml_collections.ConfigDict:
+    """`defaults` with every field that `config` sets taken from `config` (a new ConfigDict).
+
+    Fields of `config` that `defaults` lacks are kept too (the experiment checks name unknown
+    keys), so a partial config gets every default and a full one is returned unchanged.
+    """
+    out = ml_collections.ConfigDict(defaults.to_dict(), type_safe=False)
+    _merge(out, config)
+    return out
+
+
+def _merge(into: ml_collections.ConfigDict, src: ml_collections.ConfigDict) -> None:
+    for key, value in src.items():
+        if isinstance(value, ml_collections.ConfigDict) and isinstance(
+                into.get(key), ml_collections.ConfigDict) and key != "model":
+            _merge(into[key], value)
+        else:
+            into[key] = value

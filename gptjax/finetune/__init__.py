@@ -1,0 +1,1 @@
+"""GPT-1 finetuning: task heads, the finetuning loop, GLUE metrics, layer-transfer analysis."""

@@ -1,0 +1,1 @@
+"""The network: layers, attention (masks, XLA path, kernels), the GPT model, parameter layouts, HF interop."""
