@@ -14,6 +14,7 @@ import sys
 from absl import app, flags
 
 from gptjax.cli import define_config_file, parse_flags
+from gptjax.train.hostmem import prepare_host_for_training
 
 _CONFIG = define_config_file(
     "config", None, "Finetuning config file (configs/finetune/<task>.py).", lock_config=True)
@@ -26,12 +27,15 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
+    # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
+    # main thread, before JAX creates its backend (gptjax.train.hostmem).
+    prepare_host_for_training()
     from gptjax.cli import run_cli
     run_cli(lambda: _run(_CONFIG.value, _WORKDIR.value, _MODE.value))
 
 
 def _run(config, workdir, mode):
-    from gptjax.finetune import loop as finetune
+    from gptjax import finetune
     if mode == "zero_shot":
         finetune.zero_shot(config, workdir)
     elif mode == "analysis":

@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 
 from gptjax.cli import define_config_file, parse_flags
+from gptjax.train.hostmem import prepare_host_for_training
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
@@ -24,6 +25,9 @@ _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's i
 
 def main(argv):
     del argv
+    # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
+    # main thread, before JAX creates its backend (gptjax.train.hostmem).
+    prepare_host_for_training()
     from gptjax.cli import run_cli
     run_cli(lambda: _train(_CONFIG.value, _WORKDIR.value))
 

@@ -361,11 +361,8 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
       metrics, prediction files, wall time; plus 'params', 'model_config', 'head_config',
       'tokenizer' and 'special' of the best epoch for callers in Python.
     """
-    from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.plotting import plot_metrics
 
-    # XLA:CPU's step buffers stay mapped between steps (gptjax.train.hostmem)
-    prepare_host_for_training()
     t0 = time.time()
     workdir = os.path.abspath(workdir)
     if os.path.exists(os.path.join(workdir, "summary.json")) or os.path.isdir(

@@ -324,11 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       A summary dict: final step, final train loss, final validation loss (whole split), wall time.
     """
     from gptjax.data import LMBatcher, load_tokens
-    from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.plotting import plot_metrics
 
-    # XLA:CPU's step buffers stay mapped between steps (gptjax.train.hostmem)
-    log.info("host memory settings: %s", prepare_host_for_training())
     t_start = time.time()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
