@@ -14,6 +14,9 @@ import sys
 
 from absl import app, flags
 
+from gptjax.cli import run_cli
+from gptjax.eval import run
+
 _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot"], "What to evaluate.")
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
@@ -42,7 +45,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the demonstrations and generate
 
 
 def _run():
-    from gptjax.eval import run
     steps = run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value else []
     if _MODE.value == "fewshot":
         specs = [s for v in _TASKS.value for s in v.split(",") if s]
@@ -64,7 +66,6 @@ def _run():
 
 def main(argv):
     del argv
-    from gptjax.cli import run_cli
     run_cli(_run)
 
 

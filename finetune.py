@@ -5,7 +5,7 @@
 
 Modes: 'finetune' (GPT-1's heads and L2 + 0.5 L1), 'zero_shot' (the LM alone, GPT-1 section 5),
 'analysis' (GPT-1 Figure 2: dev score against layers transferred, zero-shot across pretraining
-checkpoints). Intentionally thin: flags in, `gptjax.finetune.loop` does the work.
+checkpoints). Intentionally thin: flags in, `gptjax.finetune` does the work.
 """
 
 import os
@@ -13,7 +13,8 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_config_file, parse_flags
+from gptjax import finetune
+from gptjax.cli import define_config_file, parse_flags, run_cli
 from gptjax.train.hostmem import prepare_host_for_training
 
 _CONFIG = define_config_file(
@@ -30,12 +31,10 @@ def main(argv):
     # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
     # main thread, before JAX creates its backend (gptjax.train.hostmem).
     prepare_host_for_training()
-    from gptjax.cli import run_cli
     run_cli(lambda: _run(_CONFIG.value, _WORKDIR.value, _MODE.value))
 
 
 def _run(config, workdir, mode):
-    from gptjax import finetune
     if mode == "zero_shot":
         finetune.zero_shot(config, workdir)
     elif mode == "analysis":

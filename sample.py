@@ -4,12 +4,17 @@
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x
 
-Intentionally thin: gptjax.inference.textgen loads and completes, gptjax.inference.sampling decodes.
+Intentionally thin: gptjax.train.workdir loads, gptjax.inference.textgen completes and streams.
 """
 
 import sys
 
 from absl import app, flags
+
+from gptjax.cli import parse_flags, run_cli
+from gptjax.inference.sampling import prepare_for_decoding
+from gptjax.inference.textgen import complete
+from gptjax.train.workdir import load_pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
@@ -40,48 +45,33 @@ def _prompts():
     return [""]
 
 
+def _write(row, text):
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def _run():
-    from gptjax.inference.sampling import prepare_for_decoding
-    from gptjax.inference.textgen import complete, load_model
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
-    config, params, tok = load_model(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, _STEP.value)
+    config, params, tok = load_pretrained(workdir=_WORKDIR.value, hf_dir=_HF_DIR.value,
+                                          tokenizer_path=_TOKENIZER.value, step=_STEP.value)
     params = prepare_for_decoding(config, params)  # once for every sample
     temperature = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
     prompts = _prompts()
     for prompt in prompts:
         for i in range(_N.value):
-            sys.stdout.write(prompt)
-            sys.stdout.flush()
-            ids, printed = [], [""]
-
-            def on_token(row, token):
-                # Print the new suffix of the decoded text; hold back a partial UTF-8 character.
-                if tok.eos_id is not None and token == tok.eos_id:
-                    return
-                ids.append(int(token))
-                text = tok.decode(ids).rstrip("\ufffd")
-                sys.stdout.write(text[len(printed[0]):])
-                sys.stdout.flush()
-                printed[0] = text
-
-            out = complete(config, params, tok, [prompt], max_new_tokens=_MAX_NEW.value,
-                           temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                           num_beams=_BEAMS.value, length_penalty=_LP.value, stop=_STOP.value,
-                           seed=_SEED.value + i, on_token=on_token)[0]
-            # Beam search (and anything the stream held back) prints the final text here.
-            sys.stdout.write(out[len(printed[0]):] + "\n")
-            if _N.value > 1 or len(prompts) > 1:
-                sys.stdout.write("-" * 40 + "\n")
-            sys.stdout.flush()
+            _write(0, prompt)
+            complete(config, params, tok, [prompt], max_new_tokens=_MAX_NEW.value,
+                     temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                     num_beams=_BEAMS.value, length_penalty=_LP.value, stop=_STOP.value,
+                     seed=_SEED.value + i, on_text=_write)
+            _write(0, "\n" + ("-" * 40 + "\n" if _N.value > 1 or len(prompts) > 1 else ""))
 
 
 def main(argv):
     del argv
-    from gptjax.cli import run_cli
     run_cli(_run)
 
 
 if __name__ == "__main__":
-    from gptjax.cli import parse_flags
     app.run(main, flags_parser=parse_flags)

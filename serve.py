@@ -5,10 +5,14 @@
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
        -d '{"prompt": "To be", "max_tokens": 20, "seed": 0}'
 
-Intentionally thin: gptjax.inference.serving batches, decodes and answers; gptjax.inference.textgen loads.
+Intentionally thin: gptjax.inference.serving loads (gptjax.train.workdir), batches, decodes and
+answers.
 """
 
 from absl import app, flags
+
+from gptjax.cli import run_cli
+from gptjax.inference.serving import serve
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
@@ -32,8 +36,6 @@ _TIMEOUT = flags.DEFINE_float("request_timeout", 60.0, "Seconds before a request
 
 def main(argv):
     del argv
-    from gptjax.cli import run_cli
-    from gptjax.inference.serving import serve
     run_cli(lambda: serve(
         workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, tokenizer_path=_TOKENIZER.value,
         step=_STEP.value, host=_HOST.value, port=_PORT.value, batch_sizes=_BATCH.value,

@@ -8,8 +8,11 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_config_file, parse_flags
+from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
 from gptjax.train.hostmem import prepare_host_for_training
+from gptjax.train.loop import train_and_evaluate
+from gptjax.train.memory import dry_run
+from gptjax.train.multihost import maybe_init_distributed
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),
@@ -28,19 +31,16 @@ def main(argv):
     # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
     # main thread, before JAX creates its backend (gptjax.train.hostmem).
     prepare_host_for_training()
-    from gptjax.cli import run_cli
     run_cli(lambda: _train(_CONFIG.value, _WORKDIR.value))
 
 
 def _train(config, workdir):
-    from gptjax.cli import maybe_init_distributed, sample_after_training
-    from gptjax.train.loop import dry_run, train_and_evaluate
     maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
     if _DRY_RUN.value:
         print(dry_run(config, workdir))
         return
-    summary = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
-    sample_after_training(config, summary)
+    result = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
+    sample_after_training(config, result)
 
 
 if __name__ == "__main__":

@@ -147,11 +147,16 @@ def main() -> None:
     p.add_argument("--no_progress", action="store_true")
     args = p.parse_args()
 
-    from gptjax.finetune import loop as ft
     from gptjax.cli import quiet_libraries
     from gptjax.data.tasks import get_task, load_task
+    from gptjax.eval.zero_shot import zero_shot_accuracy
+    from gptjax.finetune import finetune
+    from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.train.loop import train_and_evaluate
+    from gptjax.train.workdir import load_pretrained
 
+    # The process edge, as train.py and finetune.py do: kept freed memory and inline CPU dispatch.
+    prepare_host_for_training()
     quiet_libraries()
     t0 = time.time()
     wd = os.path.abspath(args.workdir)
@@ -159,10 +164,9 @@ def main() -> None:
     pre_dir = os.path.join(wd, "pretrain")
     if not os.path.exists(os.path.join(pre_dir, "summary.json")):
         corpus = _corpus(shared, os.path.join(wd, "corpus"), lowercase=not args.keep_case)
-        summary = train_and_evaluate(
+        pre_val = train_and_evaluate(
             pretrain_config(corpus, args, os.path.join(wd, "cache")), pre_dir,
-            progress=not args.no_progress)
-        pre_val = summary["val_loss"]
+            progress=not args.no_progress).val_loss
     else:
         pre_val = json.load(open(os.path.join(pre_dir, "summary.json")))["val_loss"]
     t_pre = time.time() - t0
@@ -175,8 +179,8 @@ def main() -> None:
             if os.path.exists(os.path.join(run, "summary.json")):
                 s = json.load(open(os.path.join(run, "summary.json")))
             else:
-                s = ft.finetune(finetune_config(shared, pre_dir, args, scratch, seed), run,
-                                progress=not args.no_progress)
+                s = finetune(finetune_config(shared, pre_dir, args, scratch, seed), run,
+                             progress=not args.no_progress)
             row[name] = s["best"]["dev_accuracy"]      # the best epoch's (GPT-1 reports dev)
             row[f"{name}_last"] = s["history"][-1]["dev_accuracy"]  # no selection on dev
             row[f"{name}_wall_s"] = s["wall_time_s"]
@@ -186,10 +190,9 @@ def main() -> None:
     results["pretrained_wins"] = sum(r["pretrained"] > r["scratch"] for r in results["runs"])
 
     # GPT-1 section 5's zero-shot heuristic with the pretrained LM alone.
-    model_cfg, params, tok = ft.load_pretrained(
-        finetune_config(shared, pre_dir, args, False, args.seed).init)
+    model_cfg, params, tok = load_pretrained(workdir=pre_dir)
     dev = load_task("sst2", os.path.join(shared, "glue", "SST-2"), splits=["dev"]).splits["dev"]
-    results["zero_shot_dev_accuracy"] = ft.zero_shot_accuracy(
+    results["zero_shot_dev_accuracy"] = zero_shot_accuracy(
         get_task("sst2"), model_cfg, params, tok, dev)
     results["args"] = vars(args)
     results["wall_s"] = time.time() - t0

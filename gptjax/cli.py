@@ -13,22 +13,30 @@ import re
 import sys
 from typing import Any, Callable, NoReturn, Optional
 
+import jax
+import ml_collections
+from absl import flags
+from absl import logging as absl_logging
+from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import is_config_flag
+
+from gptjax.config import ConfigError
+from gptjax.inference import sampling
+from gptjax.nn.convert import ConversionError
+from gptjax.sharding import ShardingError
+from gptjax.train.checkpoint import CheckpointError
+from gptjax.train.loop import TrainResult
+
 # Errors a user can cause (bad config, flags, paths, data, checkpoints): one line, no traceback.
-def _user_errors() -> tuple:
-    from gptjax.train.checkpoint import CheckpointError
-    from gptjax.config import ConfigError
-    from gptjax.nn.convert import ConversionError
-    from gptjax.sharding import ShardingError
-    return (ConfigError, CheckpointError, ConversionError, ShardingError, ValueError,
-            FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
+USER_ERRORS = (ConfigError, CheckpointError, ConversionError, ShardingError, ValueError,
+               FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError)
 
 
 def quiet_libraries() -> None:
     """Keep the terminal for our progress bar: silence absl INFO logs and tfds's own bars."""
-    from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.WARNING)
     try:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy: tensorflow_datasets, only to quiet its bars
         tfds.disable_progress_bar()
     except ImportError:
         pass
@@ -79,7 +87,7 @@ def run_cli(fn: Callable[[], None]) -> None:
     _drop_closed_loop_callbacks()
     try:
         fn()
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         if os.environ.get("GPTJAX_DEBUG"):
             raise
         fail(str(e) or type(e).__name__)
@@ -143,8 +151,6 @@ def define_config_file(name: str, default: Optional[str], help_string: str, **kw
     flag is defined (at import of the entry script), so an unknown key or a missing file raises
     there, before absl's own flag-error handling exists.
     """
-    from ml_collections import config_flags
-
     try:
         return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
     except Exception as e:  # noqa: BLE001 - turned into one line naming the bad value
@@ -159,9 +165,6 @@ def define_config_file(name: str, default: Optional[str], help_string: str, **kw
 
 def parse_flags(argv: list) -> list:
     """The `flags_parser` for `absl.app.run`: a bad flag value is one `error:` line, exit 2."""
-    from absl import flags
-    from ml_collections.config_flags.config_flags import is_config_flag
-
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
@@ -189,42 +192,21 @@ def parse_flags(argv: list) -> list:
     return rest
 
 
-def maybe_init_distributed(coordinator_address=None, num_processes=None, process_id=None) -> None:
-    """Start JAX's multi-process runtime when flags or the environment ask for it.
+def sample_after_training(config: ml_collections.ConfigDict, result: TrainResult) -> None:
+    """Print a short sample from the trained model (config.sample), streamed as it decodes.
 
-    Explicit flags (all three) work anywhere, including several CPU processes on one machine
-    (with gloo collectives). Without flags, `GPTJAX_DISTRIBUTED=1` lets JAX detect the cluster
-    itself (TPU pods, SLURM, Open MPI). Otherwise the run is single-process.
+    Args:
+      config: the experiment config (its `sample` and `seed` fields).
+      result: what `train_and_evaluate` returned (nothing is printed for a preempted run).
     """
-    import jax
-
-    given = [x is not None for x in (coordinator_address, num_processes, process_id)]
-    if any(given) and not all(given):
-        raise ValueError("multi-process needs all of --coordinator_address, --num_processes and "
-                         "--process_id (or none of them)")
-    if all(given):
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=coordinator_address,
-                                   num_processes=num_processes, process_id=process_id)
-    elif os.environ.get("GPTJAX_DISTRIBUTED") == "1":
-        jax.distributed.initialize()
-
-
-def sample_after_training(config, summary: dict) -> None:
-    """Print a short sample from the trained model (config.sample), streamed as it decodes."""
-    import jax
-
-    from gptjax.inference import sampling
-
     sc = config.sample
-    if sc.max_new_tokens <= 0 or jax.process_index() != 0 or summary.get("preempted"):
+    if sc.max_new_tokens <= 0 or jax.process_index() != 0 or result.preempted:
         return
-    tok, mc = summary["tokenizer"], summary["model_config"]
+    tok, mc = result.tokenizer, result.model_config
     prompt = sc.prompt or "\n"
     ids = tok.encode(prompt) or [tok.eos_id or 0]
     max_new = min(sc.max_new_tokens, mc.n_ctx - len(ids))
-    out = sampling.generate(mc, summary["state"].params, [ids], max_new_tokens=max_new,
+    out = sampling.generate(mc, result.state.params, [ids], max_new_tokens=max_new,
                             temperature=sc.temperature, top_k=sc.top_k,
                             eos_id=tok.eos_id, rng=jax.random.key(config.seed))
     new_ids = [int(t) for t in out.tokens[0][: int(out.lengths[0])]]

@@ -7,7 +7,6 @@ model name. The presets come from one table each, citing the paper they come fro
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Optional, Sequence
 
 NORM_POSITIONS = ("pre", "post")
@@ -180,20 +179,31 @@ class GPTConfig:
 
     # ------------------------------------------------------------------ counts
     def num_params(self, non_embedding: bool = False) -> int:
-        """Exact parameter count, from the abstract shapes of the model (nothing is allocated).
+        """Exact parameter count, computed from the fields (nothing is built or allocated).
+
+        Per block: two LayerNorms (scale, and bias when use_bias), c_attn [C, 3 * d_attn],
+        c_proj [d_attn, C], c_fc [C, F] and c_proj [F, C], each with a bias when use_bias. Around
+        them: `wte` [V, C], `wpe` [n_ctx, C], `ln_f` when final_norm, and an untied head [C, V].
+        tests/test_model.py checks the count against the initialised model for every preset.
 
         Args:
           non_embedding: leave out the token and position embeddings (Kaplan et al.'s N). An untied
             output head is counted as non-embedding, since it is a matmul per token.
-        """
-        from gptjax.nn.model import abstract_params  # local import: config must not need flax
 
-        import jax
-        shapes = abstract_params(self)
-        total = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes))
-        if non_embedding:
-            total -= (self.vocab_size + self.n_ctx) * self.n_embd
-        return int(total)
+        Returns:
+          The number of parameters.
+        """
+        C, A, F, V = self.n_embd, self.d_attn, self.d_mlp, self.vocab_size
+        b = 1 if self.use_bias else 0
+        layer_norm = C * (1 + b)
+        attn = C * 3 * A + b * 3 * A + A * C + b * C
+        mlp = C * F + b * F + F * C + b * C
+        total = self.n_layer * (2 * layer_norm + attn + mlp)
+        total += layer_norm if self.final_norm else 0
+        total += 0 if self.tie_embeddings else C * V
+        if not non_embedding:
+            total += (V + self.n_ctx) * C
+        return total
 
     def flops_per_token(self, seq_len: Optional[int] = None, training: bool = True) -> float:
         """Model FLOPs per token, the numerator of MFU.
@@ -217,6 +227,23 @@ class GPTConfig:
         spans = [min(w, t) for w in self.layer_windows()]
         fwd = 2 * n_matmul + 4 * self.d_attn * sum(spans)
         return float(3 * fwd if training else fwd)
+
+
+def check_scan_config(config: GPTConfig) -> None:
+    """Raises ConfigError unless the layers can be built with `nn.scan` (when scan_layers is on).
+
+    Scanning repeats one period of `attention_pattern`, so n_layer must be a whole number of
+    periods. Checked where the layers are built (init, the KV cache, experiment configs) rather
+    than in `validate`, so that fields can be changed one `replace` at a time (scan_layers, then
+    n_layer) through combinations that are never built.
+
+    Args:
+      config: the architecture.
+    """
+    if config.scan_layers and config.n_layer % len(config.attention_pattern):
+        raise ConfigError(
+            f"n_layer={config.n_layer} is not a multiple of len(attention_pattern)="
+            f"{len(config.attention_pattern)}, which scan_layers=True requires")
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

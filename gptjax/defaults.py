@@ -33,6 +33,27 @@ def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
     return d
 
 
+def optim_config(*, learning_rate: float, warmup_steps: int, schedule: str, min_lr: float,
+                 b2: float, weight_decay: float) -> ml_collections.ConfigDict:
+    """AdamW with warmup, decay and gradient clipping (gptjax.train.optim.make_optimizer).
+
+    The fields pretraining and finetuning set differently are arguments; the others are shared.
+    """
+    o = ml_collections.ConfigDict()
+    o.learning_rate = learning_rate      # the peak
+    o.warmup_steps = warmup_steps
+    o.decay_steps = 0                    # 0 = the run's total steps
+    o.schedule = schedule                # see gptjax.train.optim.SCHEDULES
+    o.min_lr = min_lr
+    o.b1 = 0.9
+    o.b2 = b2
+    o.eps = 1e-8
+    o.weight_decay = weight_decay
+    o.grad_clip = 1.0                    # global gradient norm
+    o.decay_embeddings = True
+    return o
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The pretraining experiment (train.py): every field a config may override, with its default."""
     c = ml_collections.ConfigDict()
@@ -54,22 +75,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.cache_dir = ""                # '' = ~/.cache/gptjax
 
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "sentencepiece"   # 'char' | 'sentencepiece' | 'gpt2_bpe'
+    c.tokenizer.kind = "sentencepiece"   # a gptjax.data.tokenizers.KINDS name
     c.tokenizer.vocab_size = 1024        # sentencepiece only
     c.tokenizer.path = ""                # gpt2_bpe: directory with encoder.json + vocab.bpe
+    c.tokenizer.user_defined_symbols = ()  # sentencepiece: strings kept as single pieces
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 1e-3
-    c.optim.warmup_steps = 100
-    c.optim.decay_steps = 0              # 0 = train.steps
-    c.optim.schedule = "cosine"
-    c.optim.min_lr = 1e-4
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.99
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.1
-    c.optim.grad_clip = 1.0
-    c.optim.decay_embeddings = True
+    c.optim = optim_config(learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_lr=1e-4,
+                           b2=0.99, weight_decay=0.1)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
@@ -88,7 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = -1
     c.mesh.fsdp = 1
     c.mesh.tensor = 1
-    c.mesh.rules = config_dict.placeholder(list)
+    c.mesh.rules = config_dict.placeholder(list)   # None = gptjax.sharding.DEFAULT_RULES
+    c.mesh.dcn = ml_collections.ConfigDict()       # axis sizes across slices/hosts (DCN);
+    c.mesh.dcn.data = 1                            # all ones = a single slice
+    c.mesh.dcn.fsdp = 1
+    c.mesh.dcn.tensor = 1
 
     c.sample = ml_collections.ConfigDict()
     c.sample.prompt = ""
@@ -125,26 +141,9 @@ def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    c.task = ml_collections.ConfigDict()
-    c.task.name = task
-    c.task.path = path                   # directory in the task's standard file layout
-    c.task.data_dir = ""                 # a tfds data_dir holding the task (glue/sst2, ...);
-                                         # when set, it is read instead of path
-    c.task.subset = ""                   # RACE 'high'/'middle', MCTest 'mc160'/'mc500'
-    c.task.max_len = 0                   # longest transformed input; 0 = the model's n_ctx
-    c.task.train_examples = 0            # > 0: a fixed random subset of the training split
-    c.task.eval_examples = 0             # > 0: a fixed random subset of each dev split
-    c.task.update(task_fields)
+    c.task = _finetune_task(task, path, task_fields)
 
-    # Where the decoder comes from: 'workdir' (a train.py work directory), 'hf' (a transformers
-    # GPT-2 / OpenAI-GPT directory, or OpenAI's TF checkpoint), or 'scratch' (random init).
-    c.init = ml_collections.ConfigDict()
-    c.init.kind = "workdir"
-    c.init.path = ""
-    c.init.tokenizer_path = ""           # hf: GPT-2 BPE files (default: init.path) or a gptjax
-                                         # tokenizer directory
-    c.init.transfer_layers = -1          # pretrained blocks kept (-1 = all; GPT-1 Figure 2)
-    c.init.transfer_embeddings = True
+    c.init = _finetune_init()
 
     # Used only by init.kind='scratch' (the architecture and tokenizer of a random-init model).
     c.model = model_config("tiny", vocab_size=0)
@@ -163,19 +162,9 @@ def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.
     c.head.lm_coef = 0.5                 # lambda in L3 = L2 + lambda * L1
     c.head.dropout = 0.1                 # on the extracted features
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 6.25e-5
-    c.optim.warmup_fraction = 0.002      # warmup over 0.2% of training
-    c.optim.warmup_steps = 0             # used when warmup_fraction < 0
-    c.optim.decay_steps = 0              # set to the run's total steps
-    c.optim.schedule = "linear"
-    c.optim.min_lr = 0.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.01
-    c.optim.grad_clip = 1.0
-    c.optim.decay_embeddings = True
+    c.optim = optim_config(learning_rate=6.25e-5, warmup_steps=0, schedule="linear", min_lr=0.0,
+                           b2=0.999, weight_decay=0.01)
+    c.optim.warmup_fraction = 0.002      # warmup over 0.2% of training (warmup_steps if < 0)
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 3
@@ -199,6 +188,37 @@ def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.
     c.analysis.zero_shot_tasks = ()      # 'task=path' or 'glue/sst2=tfds_data_dir' entries
     c.analysis.zero_shot_examples = 0
     return c
+
+
+def _finetune_task(task: str, path: str, task_fields: dict) -> ml_collections.ConfigDict:
+    """The `task` block of a finetuning config: which task, where its files are, which subset."""
+    t = ml_collections.ConfigDict()
+    t.name = task
+    t.path = path                        # directory in the task's standard file layout
+    t.data_dir = ""                      # a tfds data_dir holding the task (glue/sst2, ...);
+                                         # when set, it is read instead of path
+    t.subset = ""                        # RACE 'high'/'middle', MCTest 'mc160'/'mc500'
+    t.max_len = 0                        # longest transformed input; 0 = the model's n_ctx
+    t.train_examples = 0                 # > 0: a fixed random subset of the training split
+    t.eval_examples = 0                  # > 0: a fixed random subset of each dev split
+    t.update(task_fields)
+    return t
+
+
+def _finetune_init() -> ml_collections.ConfigDict:
+    """The `init` block of a finetuning config: where the decoder comes from.
+
+    kind 'workdir' (a train.py work directory), 'hf' (a transformers GPT-2 / OpenAI-GPT
+    directory, or OpenAI's TF checkpoint), or 'scratch' (random init).
+    """
+    i = ml_collections.ConfigDict()
+    i.kind = "workdir"
+    i.path = ""
+    i.tokenizer_path = ""                # hf: GPT-2 BPE files (default: init.path) or a gptjax
+                                         # tokenizer directory
+    i.transfer_layers = -1               # pretrained blocks kept (-1 = all; GPT-1 Figure 2)
+    i.transfer_embeddings = True
+    return i
 
 
 def complete(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict

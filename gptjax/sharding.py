@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -82,12 +83,10 @@ def make_mesh(shape: Mapping[str, int], dcn_shape: Optional[Mapping[str, int]] =
     ici = resolve_mesh_shape(shape, len(devices) // n_slices)
     ici_shape = [ici[a] for a in MESH_AXES]
     if n_slices > 1:
-        from jax.experimental import mesh_utils
         arr = mesh_utils.create_hybrid_device_mesh(ici_shape, [dcn[a] for a in MESH_AXES],
                                                    devices=devices)
     else:
         try:
-            from jax.experimental import mesh_utils
             arr = mesh_utils.create_device_mesh(ici_shape, devices=devices)
         except (ValueError, NotImplementedError, AssertionError):
             # Topology-unaware fallback (e.g. fake CPU devices): plain row-major order.
@@ -168,4 +167,5 @@ def batch_sharding(mesh: Mesh, rules: Sequence, ndim: int = 2) -> NamedSharding:
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding that keeps a whole copy on every device of `mesh`."""
     return NamedSharding(mesh, P())

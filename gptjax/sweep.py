@@ -35,15 +35,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from gptjax import defaults
 from gptjax.config import GPTConfig
+from gptjax.data import LMBatcher, eval_batches
 from gptjax.nn.model import init_boxed
+from gptjax.train.experiment import model_config_from
 from gptjax.train.optim import make_optimizer
-from gptjax.train.loop import (
-    TrainState,
-    make_eval_step,
-    make_train_step,
-    model_config_from,
-)
+from gptjax.train.step import TrainState, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -121,7 +119,14 @@ def init_sweep(config: ml_collections.ConfigDict, model_cfg: GPTConfig, seeds: S
     """(stacked TrainState, stacked train rngs, train step, optimizer) for N models.
 
     Each model's keys are the trainer's: key(seed) split into (init, train, sample).
+
+    Args:
+      config: a train.py experiment config (missing fields take gptjax.defaults' values).
+      model_cfg: the architecture.
+      seeds: per model.
+      learning_rates: per model peak learning rates (None: the config's optimizer as is).
     """
+    config = defaults.complete(config, defaults.base_config())
     total = config.train.steps
     if learning_rates is None:
         optimizer, schedule = make_optimizer(config.optim, total)
@@ -139,8 +144,8 @@ def init_sweep(config: ml_collections.ConfigDict, model_cfg: GPTConfig, seeds: S
                       jnp.float32)
     state = jax.jit(jax.vmap(init_one))(keys[:, 0], lrs)
     step_fn = make_train_step(model_cfg, optimizer, schedule,
-                              accum_steps=config.train.get("accum_steps", 1),
-                              nonfinite=config.train.get("nonfinite", "skip"))
+                              accum_steps=config.train.accum_steps,
+                              nonfinite=config.train.nonfinite)
     return state, keys[:, 1], step_fn, optimizer
 
 
@@ -148,8 +153,6 @@ def evaluate_sweep(model_cfg: GPTConfig, params, tokens: np.ndarray, seq_len: in
                    batch_size: int) -> np.ndarray:
     """[N] mean loss of every model over a split's non-overlapping windows (the trainer's
     whole-split evaluation, vmapped over the models' parameters)."""
-    from gptjax.data import eval_batches
-
     step = jax.jit(jax.vmap(make_eval_step(model_cfg), in_axes=(0, None)))
     tot = wsum = 0.0
     for b in eval_batches(tokens, seq_len, batch_size):
@@ -177,15 +180,14 @@ def train_sweep(config: ml_collections.ConfigDict, train_tokens: np.ndarray,
     Returns:
       A SweepResult.
     """
-    from gptjax.data import LMBatcher
-
+    config = defaults.complete(config, defaults.base_config())
     seeds, lrs = _check_models(seeds, learning_rates)
     model_cfg = model_config_from(config, vocab_size)
-    seq_len = config.data.get("seq_len", 0) or model_cfg.n_ctx
+    seq_len = config.data.seq_len or model_cfg.n_ctx
     if seq_len > model_cfg.n_ctx:
         raise ValueError(f"data.seq_len={seq_len} is longer than n_ctx={model_cfg.n_ctx}")
     steps, gbs = int(config.train.steps), int(config.train.batch_size)
-    mode = config.data.get("sampling", "packed")
+    mode = config.data.sampling
     batchers = [LMBatcher(train_tokens, seq_len, gbs, s, mode=mode) for s in seeds]
     state, rngs, step_fn, _ = init_sweep(config, model_cfg, seeds,
                                          None if learning_rates is None else lrs)
@@ -205,7 +207,7 @@ def train_sweep(config: ml_collections.ConfigDict, train_tokens: np.ndarray,
     val = None
     if val_tokens is not None:
         val = evaluate_sweep(model_cfg, state.params, val_tokens, seq_len,
-                             int(config.train.get("eval_batch_size", gbs)))
+                             int(config.train.eval_batch_size))
     return SweepResult(seeds, [lr if lr is not None else float(config.optim.learning_rate)
                                for lr in lrs], losses, val, state, model_cfg, wall)
 

@@ -11,10 +11,11 @@ import pytest
 # not the model's numerics: tests ask for full fp32 so that they check the same thing everywhere.
 jax.config.update("jax_default_matmul_precision", "highest")
 
-# In-process tests run under JAX's default (asynchronous) dispatch whichever test comes first:
-# with the backend created here, gptjax.train.hostmem.inline_cpu_dispatch() (which train_and_evaluate
-# and finetune call) is a no-op in the test process. Tests that run train.py or finetune.py in a
-# child process get what users get.
+# In-process tests run under JAX's default (asynchronous) dispatch whichever test comes first: the
+# library never applies gptjax.train.hostmem (the entry scripts do, at their process edge), and
+# with the backend created here a test that calls hostmem.inline_cpu_dispatch() itself changes
+# nothing for the tests after it. Tests that run train.py or finetune.py in a child process get
+# what users get.
 jax.devices()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

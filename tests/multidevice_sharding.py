@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from gptjax.defaults import base_config, model_config
 from gptjax import sharding as shd
 from gptjax.train.checkpoint import Checkpointer
-from gptjax.train.loop import Setup, model_config_from
+from gptjax.train.experiment import model_config_from
+from gptjax.train.setup import Setup
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)]
 

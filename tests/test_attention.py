@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptjax.nn import attention as A
 from gptjax.config import ConfigError, GPTConfig
+from gptjax.nn import attention as A
+from gptjax.nn.kernels.flash_pallas import _block_ranges
 from gptjax.nn.model import GPT, init_params
 
 
@@ -140,12 +141,12 @@ def test_block_ranges_skip_only_invisible_blocks():
     # Plain positions, T = 64 in blocks of 16: causal visits the lower triangle of blocks, a band
     # of 16 visits each block and its predecessor.
     pos = A.default_positions(1, 64)
-    lo, hi, klo, khi = A._block_ranges(pos, pos, None, 16, 16)
+    lo, hi, klo, khi = _block_ranges(pos, pos, None, 16, 16)
     np.testing.assert_array_equal(lo[0], [0, 0, 0, 0])
     np.testing.assert_array_equal(hi[0], [1, 2, 3, 4])
     np.testing.assert_array_equal(klo[0], [0, 1, 2, 3])
     np.testing.assert_array_equal(khi[0], [4, 4, 4, 4])
-    lo, hi, _, _ = A._block_ranges(pos, pos, 16, 16, 16)
+    lo, hi, _, _ = _block_ranges(pos, pos, 16, 16, 16)
     np.testing.assert_array_equal(lo[0], [0, 0, 1, 2])
     np.testing.assert_array_equal(hi[0], [1, 2, 3, 4])
 

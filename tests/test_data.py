@@ -1,5 +1,6 @@
 """Tests for gptjax.data: tfds corpora, the token cache, training and eval batches."""
 
+import json
 import os
 import pathlib
 
@@ -7,13 +8,16 @@ import numpy as np
 import pytest
 
 from gptjax import data
-from gptjax.data import corpora, lm
+from gptjax.data import token_cache, tokenizers
+from gptjax.data.corpora.base import hash_bucket
+from gptjax.defaults import base_config
+from gptjax.train.experiment import build_source
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TFDS = pathlib.Path(os.environ.get("GPTJAX_SHARED_TFDS", REPO.parent / "shared" / "tfds"))
 
 
-class ByteTokenizer:
+class ByteTokenizer(tokenizers.Tokenizer):
     """Stand-in tokenizer: UTF-8 bytes, eos 256; counts encode calls to observe the cache."""
 
     kind = "bytes"
@@ -29,6 +33,17 @@ class ByteTokenizer:
 
     def decode(self, ids):
         return bytes(i for i in ids if i < 256).decode(errors="replace")
+
+    def _save_files(self, directory):
+        return {"vocab_size": self.vocab_size, "eos_id": self.eos_id}
+
+    @classmethod
+    def _from_saved(cls, directory, settings):
+        return cls()
+
+    @classmethod
+    def from_config(cls, **values):
+        return cls()
 
 
 class WideTokenizer(ByteTokenizer):
@@ -69,7 +84,7 @@ def test_local_text_glob_prepares_reads_back_and_splits_by_file(tmp_path):
         rel[len("docs/") :]: t for rel, t in texts.items()
     }
     # The split is a function of the relative path only (the lowest hash when none is below 10%).
-    buckets = {rel: corpora._hash_bucket(rel) for rel in {**train, **val}}
+    buckets = {rel: hash_bucket(rel) for rel in {**train, **val}}
     in_bucket = {rel for rel, h in buckets.items() if h < 0.1}
     assert set(val) == (in_bucket or {min(buckets, key=buckets.get)})
     # Documents come back in file order, through the generic tfds name as well.
@@ -120,9 +135,6 @@ def test_local_text_documents_and_encoding(tmp_path):
 def test_config_data_encoding_reaches_local_text(tmp_path):
     """train.py's `data.encoding` reads Latin-1 books (two of the shared Gutenberg files are);
     an unknown codec name is a one-line ValueError."""
-    from gptjax.defaults import base_config
-    from gptjax.train.loop import build_source
-
     _write(tmp_path / "a.txt", "caf\u00e9 na\u00efve " * 20, encoding="latin-1")
     _write(tmp_path / "b.txt", "plain ascii " * 20, encoding="latin-1")
     c = base_config()
@@ -155,7 +167,7 @@ def test_python_stdlib_split_is_deterministic_disjoint_and_capped(tmp_path):
             "lib2to3",
         } & set(parts)
     for rel in config.validation_files:
-        assert corpora._hash_bucket(rel) < 0.1
+        assert hash_bucket(rel) < 0.1
     assert sum(os.path.getsize(os.path.join(config.root, r)) for r in config.train_files) <= 150_000
     assert data.python_stdlib_config(max_train_bytes=300_000).name != config.name
 
@@ -241,7 +253,7 @@ def test_errors_are_one_line_and_name_the_bad_value(tmp_path):
         "x.txt",
     )
     in_validation = next(
-        f"f{i}.txt" for i in range(1000) if corpora._hash_bucket(f"f{i}.txt") < 0.1
+        f"f{i}.txt" for i in range(1000) if hash_bucket(f"f{i}.txt") < 0.1
     )
     check(
         ValueError,
@@ -288,7 +300,8 @@ def test_errors_are_one_line_and_name_the_bad_value(tmp_path):
 
 
 def test_token_cache_is_reused_and_keyed_by_fingerprints(tmp_path, monkeypatch):
-    monkeypatch.setattr(lm, "_FLUSH_TOKENS", 4)  # Exercise the streaming writes with tiny buffers.
+    # Exercise the streaming writes with tiny buffers.
+    monkeypatch.setattr(token_cache, "_FLUSH_TOKENS", 4)
     docs = ["hello", "", "wörld", "!"]
     tok = ByteTokenizer()
     kwargs = dict(dataset_fingerprint="corpus|1", split="train", cache_dir=str(tmp_path))
@@ -314,8 +327,12 @@ def test_token_cache_is_reused_and_keyed_by_fingerprints(tmp_path, monkeypatch):
 
     wide = data.cached_tokens(lambda: iter(docs), WideTokenizer(), **kwargs)
     assert wide.dtype == np.uint32 and wide.tolist() == list("hellowörld!".encode())
-    assert data.fingerprint_tokenizer(WideTokenizer()) != data.fingerprint_tokenizer(
-        ByteTokenizer()
+    assert tokenizers.fingerprint(WideTokenizer()) != tokenizers.fingerprint(ByteTokenizer())
+    # Without a given fingerprint the key is the tokenizer's file hash.
+    assert os.path.exists(
+        data.token_cache_path(
+            str(tmp_path), "corpus|1", "train", tokenizers.fingerprint(WideTokenizer())
+        )
     )
     # Atomic writes leave no temporary files behind.
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
@@ -331,6 +348,55 @@ def test_load_tokens_from_a_source_uses_its_fingerprint(tmp_path):
     )
     data.load_tokens(source, "train", tok, cache_dir=tmp_path / "cache", tokenizer_fingerprint="b")
     assert tok.calls == 1 and bytes(train.tolist()).decode() == next(source.texts("train"))
+
+
+def test_a_cache_keyed_by_the_probe_hash_is_adopted_not_rebuilt(tmp_path):
+    """Caches written while tokenizers were keyed by a hash of probe encodings keep loading."""
+    docs = ["hello", "wörld"]
+    kwargs = dict(dataset_fingerprint="corpus|1", split="train", cache_dir=str(tmp_path))
+    # The probe hash of ByteTokenizer, as the cache key it wrote under: pinned, so the
+    # migration keeps finding caches on disk.
+    probe_fp = "c61cf08de61a7584"
+    assert token_cache._probe_fingerprint(ByteTokenizer()) == probe_fp
+    old_path = data.token_cache_path(str(tmp_path), "corpus|1", "train", probe_fp)
+    assert os.path.basename(old_path) == "corpus-train-f402243e3279355c1ac6.npy"
+    written = data.cached_tokens(
+        lambda: iter(docs), ByteTokenizer(), tokenizer_fingerprint=probe_fp, **kwargs
+    )
+    assert os.path.exists(old_path)
+
+    def no_texts():
+        raise AssertionError("re-tokenized a cached split")
+
+    tok = ByteTokenizer()
+    adopted = data.cached_tokens(no_texts, tok, **kwargs)
+    assert np.array_equal(adopted, written) and tok.calls == len(token_cache._PROBES)
+    new_fp = tokenizers.fingerprint(tok)
+    new_path = data.token_cache_path(str(tmp_path), "corpus|1", "train", new_fp)
+    assert os.path.exists(new_path) and not os.path.exists(old_path)
+    assert not os.path.exists(old_path[: -len(".npy")] + ".json")
+    with open(new_path[: -len(".npy")] + ".json") as f:
+        meta = json.load(f)
+    assert meta["tokenizer"] == new_fp and meta["num_tokens"] == len(written) == 12
+    # Found under the new key from now on: no probing, no tokenizing.
+    assert np.array_equal(data.cached_tokens(no_texts, tok, **kwargs), written)
+    assert tok.calls == len(token_cache._PROBES)
+    # An explicit fingerprint was the key before as well: nothing to adopt.
+    data.cached_tokens(lambda: iter(docs), tok, tokenizer_fingerprint="given", **kwargs)
+    assert tok.calls == len(token_cache._PROBES) + len(docs)
+
+
+def test_builders_keep_the_names_prepared_data_is_found_under(tmp_path, monkeypatch):
+    """Prepared datasets and token caches in ~/.cache/gptjax are keyed by these names."""
+    assert (data.LocalText.name, data.PythonStdlib.name) == ("local_text", "python_stdlib")
+    assert str(data.LocalText.VERSION) == str(data.PythonStdlib.VERSION) == "1.0.0"
+    source = data.prepare_local_text(_write(tmp_path / "t.txt", "to be or not " * 40),
+                                     tmp_path / "tfds")
+    assert source.name.startswith("local_text/t-") and source.name.endswith(":1.0.0")
+    assert source.fingerprint.startswith("local_text/t-")
+    # Prepared once: opening it again reads the files written, without generating examples.
+    monkeypatch.setattr(data.LocalText, "_generate_examples", None)
+    assert data.prepare_local_text(tmp_path / "t.txt", tmp_path / "tfds") == source
 
 
 # ----------------------------------------------------------------------------------------------

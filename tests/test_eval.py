@@ -4,6 +4,7 @@ import functools
 import json
 import math
 import os
+import string
 
 import jax
 import jax.numpy as jnp
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 
 from gptjax import GPT, GPTConfig, init_params
+from gptjax.data.tasks import Example
+from gptjax.data.tokenizers import CharTokenizer, GPT2BPETokenizer
 from gptjax.eval import fewshot
 from gptjax.eval import perplexity as ppl
+from gptjax.eval import scoring
 from gptjax.eval import templates as T
-from gptjax.data.tokenizers import CharTokenizer, GPT2BPETokenizer
+from gptjax.eval import zero_shot as zs
 
 
 # ================================================================================ windows
@@ -98,15 +102,69 @@ def test_sliding_window_nll_equals_transformers(shared_data):
     rel = abs(res.nll - total) / total
     print(f"gptjax {res.nll:.6f} vs transformers {total:.6f} nats over {n_tok} tokens: "
           f"rel {rel:.2e}")
-    assert rel < 1e-4
+    assert rel <= 1e-6
     d = res.as_dict()
-    assert d["token_perplexity"] == pytest.approx(math.exp(total / n_tok), rel=1e-4)
-    assert d["word_perplexity"] == pytest.approx(math.exp(total / ppl.count_words(raw)), rel=1e-4)
-    assert d["bits_per_byte"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-4)
+    assert d["token_perplexity"] == pytest.approx(math.exp(total / n_tok), rel=1e-6)
+    assert d["word_perplexity"] == pytest.approx(math.exp(total / ppl.count_words(raw)), rel=1e-6)
+    assert d["bits_per_byte"] == pytest.approx(total / math.log(2) / len(text.encode()), rel=1e-6)
     # Batching windows differently gives the same sums.
     again = ppl.perplexity(config, params, tok, text, context=context, stride=stride,
                            batch_size=8)
     assert again.nll == pytest.approx(res.nll, rel=1e-6)
+
+
+# ================================================================================ continuation scores
+def _torch_logprob(torch, hf, ctx, cont):
+    """log p(cont | ctx) by transformers, the context cut from the left to fit n_positions."""
+    ctx = list(ctx)[-(hf.config.n_positions - len(cont)):]
+    ids = torch.tensor([ctx + list(cont)])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
+    return sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))
+
+
+@pytest.mark.parametrize("family", ["openai", "gpt2"])
+def test_continuation_scores_and_zero_shot_match_transformers(family):
+    """Continuation log-likelihoods, batched and right-padded, equal transformers' per-sequence
+    ones; contexts longer than n_ctx lose their beginning. GPT-1's zero-shot heuristics pick
+    what those scores say."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from gptjax.nn.convert import from_hf
+
+    torch.manual_seed(3)
+    shape = dict(vocab_size=80, n_positions=24, n_embd=16, n_layer=2, n_head=2)
+    if family == "openai":
+        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**shape)).eval()
+    else:
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
+    cfg, params = from_hf(hf)
+    rng = np.random.RandomState(0)
+    pairs = [(list(rng.randint(0, 80, n)), list(rng.randint(0, 80, m)))
+             for n, m in [(5, 1), (1, 3), (12, 4), (30, 2), (7, 7)]]
+    logp, count = scoring.score_continuations(cfg, params, pairs)
+    assert list(count) == [1, 3, 4, 2, 7]
+    want = [_torch_logprob(torch, hf, ctx, cont) for ctx, cont in pairs]
+    np.testing.assert_allclose(logp, want, rtol=1e-6)
+    with pytest.raises(ValueError, match="pair 0: context and continuation must be non-empty"):
+        scoring.score_continuations(None, None, [([], [1])])
+    # The zero-shot predictors pick what those scores say.
+    tok = CharTokenizer.from_text(string.ascii_letters + string.digits + " .,?!'\"-:;()")
+    assert tok.vocab_size <= 80
+    examples = [Example(0, "Tom went home.", choices=("He slept.", "Zzq qx!")),
+                Example(1, "It rained all day.", choices=("x", "Wet mud."))]
+    got = zs.zero_shot_choice(cfg, params, tok, examples)
+    for ex, g in zip(examples, got):
+        ctx = tok.encode(ex.text_a)
+        means = [_torch_logprob(torch, hf, ctx, tok.encode(" " + c)) / len(" " + c)
+                 for c in ex.choices]
+        assert g == int(np.argmax(means))
+    reviews = [Example(0, "a good film ."), Example(1, "dull and bad ."), Example(2, "fine")]
+    got = zs.zero_shot_sentiment(cfg, params, tok, reviews)
+    for ex, g in zip(reviews, got):
+        ctx = tok.encode(ex.text_a + " very")
+        s = [_torch_logprob(torch, hf, ctx, tok.encode(w)) for w in (" negative", " positive")]
+        assert g == int(np.argmax(s))
 
 
 # ================================================================================ tiny model

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import configs.*)
 
-from gptjax.defaults import base_config, model_config
-from gptjax.defaults import finetune_config
-from gptjax.finetune import loop as ft
-from gptjax.finetune import heads
-from gptjax.nn.model import unstack_layers
-from gptjax.train.optim import make_optimizer
-from gptjax.data.tasks import TASKS, Example, load_task
+from gptjax.data.tasks import TASKS, load_task
 from gptjax.data.tokenizers import CharTokenizer
+from gptjax.defaults import base_config, finetune_config, model_config
+from gptjax.finetune import analysis, decoder, heads
+from gptjax.finetune import loop as ft
+from gptjax.finetune.batches import encode_examples
+from gptjax.nn.param_layout import unstack_layers
+from gptjax.train.optim import make_optimizer
+from gptjax.train.workdir import load_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
@@ -179,8 +180,8 @@ def test_every_task_type_finetunes_end_to_end(task, tasks, pretrained, tmp_path)
     assert loaded.meta["epoch"] == s["best_epoch"]
     split = spec.dev_splits[0]
     data = load_task(task, tasks[task], splits=[split, *spec.test_splits])
-    enc = ft.encode_examples(data.splits[split], spec, loaded.tokenizer, loaded.special,
-                             loaded.max_len)
+    enc = encode_examples(data.splits[split], spec, loaded.tokenizer, loaded.special,
+                          loaded.max_len)
     _, preds = ft.predict(loaded.model_config, loaded.head_config, loaded.params, enc, 8, 32, 32)
     got = ft.split_metrics(spec, enc, preds)
     for k in keys:
@@ -201,7 +202,7 @@ def test_every_task_type_finetunes_end_to_end(task, tasks, pretrained, tmp_path)
         # The word decides the label: the decoder and head must learn it, and finetuning
         # trains the whole decoder, not just the head.
         assert s["best"]["dev_accuracy"] >= 0.9, s["history"]
-        _, pre, _ = ft.load_pretrained(ft_config(task, "", pretrained).init)
+        _, pre, _ = decoder.pretrained_decoder(ft_config(task, "", pretrained).init)
         dec = loaded.params["decoder"]
         for k in ("wte", "h_0"):
             for a, b in zip(jax.tree_util.tree_leaves(pre[k]), jax.tree_util.tree_leaves(dec[k])):
@@ -212,14 +213,14 @@ def pretrained_vocab(run):
     return json.load(open(run / "model_config.json"))["vocab_size"]
 
 
-def test_load_workdir_restores_params_only_as_plain_arrays(pretrained):
+def test_load_pretrained_restores_params_only_as_plain_arrays(pretrained):
     """The params-only (Orbax partial) restore gives the checkpoint's exact parameters as
     uncommitted single-device arrays, so a jitted function fed them and then its own outputs
     compiles once (mesh-placed arrays from a full train-state restore compiled twice)."""
     from gptjax.train.checkpoint import Checkpointer
-    from gptjax.train.loop import Setup, load_workdir
+    from gptjax.train.setup import Setup
 
-    model_cfg, params, _ = load_workdir(str(pretrained), step=2)
+    model_cfg, params, _ = load_pretrained(workdir=str(pretrained), step=2)
     c = base_config()
     c.model = model_config("tiny", **model_cfg.to_dict())
     c.optim.warmup_steps = 1
@@ -236,7 +237,7 @@ def test_load_workdir_restores_params_only_as_plain_arrays(pretrained):
         assert isinstance(a, jax.Array) and not a.committed and len(a.devices()) == 1
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert latest == 4 and not np.array_equal(
-        np.asarray(load_workdir(str(pretrained))[1]["wte"]["embedding"]),
+        np.asarray(load_pretrained(workdir=str(pretrained))[1]["wte"]["embedding"]),
         np.asarray(params["wte"]["embedding"]))
     traces = []
 
@@ -277,76 +278,31 @@ def test_transfer_layers_mixes_blocks(scan):
 
     cfg, pre = from_hf(_hf_gpt(0), scan_layers=scan)
     _, fresh = from_hf(_hf_gpt(1), scan_layers=scan)
-    mixed = ft.transfer_layers(cfg, pre, fresh, 2)
+    mixed = decoder.transfer_layers(cfg, pre, fresh, 2)
     flat = lambda p: unstack_layers(cfg, p) if scan else p  # noqa: E731
     m, a, b = flat(mixed), flat(pre), flat(fresh)
     same = lambda x, y: all(np.array_equal(u, v) for u, v in zip(  # noqa: E731
         jax.tree_util.tree_leaves(x), jax.tree_util.tree_leaves(y)))
     assert same(m["h_0"], a["h_0"]) and same(m["h_1"], a["h_1"]) and same(m["h_2"], b["h_2"])
     assert same(m["wte"], a["wte"]) and same(m["ln_f"], a["ln_f"])
-    none = flat(ft.transfer_layers(cfg, pre, fresh, 0, embeddings=False))
+    none = flat(decoder.transfer_layers(cfg, pre, fresh, 0, embeddings=False))
     assert same(none, b)
-    assert same(flat(ft.transfer_layers(cfg, pre, fresh, -1)), a)
+    assert same(flat(decoder.transfer_layers(cfg, pre, fresh, -1)), a)
     with pytest.raises(ValueError, match=r"transfer_layers=4: allowed values are -1 \(all\)"):
-        ft.transfer_layers(cfg, pre, fresh, 4)
+        decoder.transfer_layers(cfg, pre, fresh, 4)
 
 
 # ================================================================================ zero-shot
-def _torch_logprob(hf, ctx, cont):
-    """log p(cont | ctx) by transformers, the context cut from the left to fit n_positions."""
-    ctx = list(ctx)[-(hf.config.n_positions - len(cont)):]
-    ids = torch.tensor([ctx + list(cont)])
-    with torch.no_grad():
-        logp = torch.log_softmax(hf(ids).logits[0].double(), -1).numpy()
-    return sum(logp[len(ctx) - 1 + i, t] for i, t in enumerate(cont))
-
-
-@pytest.mark.parametrize("family", ["openai", "gpt2"])
-def test_zero_shot_scores_match_transformers(family):
-    """Continuation log-likelihoods, batched and right-padded, equal transformers' per-sequence
-    ones; contexts longer than n_ctx lose their beginning."""
-    from gptjax.nn.convert import from_hf
-
-    hf = _hf_gpt(3, family, n_positions=24, n_layer=2)
-    cfg, params = from_hf(hf)
-    rng = np.random.RandomState(0)
-    pairs = [(list(rng.randint(0, 80, n)), list(rng.randint(0, 80, m)))
-             for n, m in [(5, 1), (1, 3), (12, 4), (30, 2), (7, 7)]]
-    logp, count = ft.score_continuations(cfg, params, pairs)
-    assert list(count) == [1, 3, 4, 2, 7]
-    want = [_torch_logprob(hf, ctx, cont) for ctx, cont in pairs]
-    np.testing.assert_allclose(logp, want, rtol=1e-4, atol=1e-4)
-    # The zero-shot predictors pick what those scores say.
-    tok = CharTokenizer.from_text(CHARS)
-    assert tok.vocab_size <= 80
-    examples = [Example(0, "Tom went home.", choices=("He slept.", "Zzq qx!")),
-                Example(1, "It rained all day.", choices=("x", "Wet mud."))]
-    got = ft.zero_shot_choice(cfg, params, tok, examples)
-    for ex, g in zip(examples, got):
-        ctx = tok.encode(ex.text_a)
-        means = [_torch_logprob(hf, ctx, tok.encode(" " + c)) / len(" " + c)
-                 for c in ex.choices]
-        assert g == int(np.argmax(means))
-    reviews = [Example(0, "a good film ."), Example(1, "dull and bad ."), Example(2, "fine")]
-    got = ft.zero_shot_sentiment(cfg, params, tok, reviews)
-    for ex, g in zip(reviews, got):
-        ctx = tok.encode(ex.text_a + " very")
-        s = [_torch_logprob(hf, ctx, tok.encode(w)) for w in (" negative", " positive")]
-        assert g == int(np.argmax(s))
-
-
 def test_zero_shot_mode(tasks, pretrained, tmp_path):
     c = ft_config("story_cloze", tasks["story_cloze"], pretrained)
     c.zero_shot.split = "test"
-    r = ft.zero_shot(c, str(tmp_path / "zs"))
+    r = analysis.zero_shot(c, str(tmp_path / "zs"))
     assert r["method"] == "choice" and r["examples"] == 6 and 0.0 <= r["accuracy"] <= 1.0
     assert json.load(open(tmp_path / "zs" / "zero_shot.json")) == r
     c = ft_config("mrpc", tasks["mrpc"], pretrained)
     with pytest.raises(ValueError, match="task 'mrpc' has no zero-shot method; allowed: "
                                          r"\['mctest', 'race', 'sst2', 'story_cloze'\]"):
-        ft.zero_shot(c, str(tmp_path))
-    with pytest.raises(ValueError, match="pair 0: context and continuation must be non-empty"):
-        ft.score_continuations(None, None, [([], [1])])
+        analysis.zero_shot(c, str(tmp_path))
 
 
 # ================================================================================ analysis
@@ -356,7 +312,7 @@ def test_layer_transfer_analysis(tasks, pretrained, tmp_path):
     c = ft_config("sst2", tasks["sst2"], pretrained, epochs=4)
     c.analysis.layers = (0, 1)
     c.analysis.zero_shot_tasks = (f"sst2={tasks['sst2']}", f"story_cloze={tasks['story_cloze']}")
-    r = ft.layer_transfer_analysis(c, str(tmp_path), progress=False)
+    r = analysis.layer_transfer_analysis(c, str(tmp_path), progress=False)
     assert [row["layers"] for row in r["transfer"]] == [0, 1]
     assert all(0.0 <= row["dev_accuracy"] <= 1.0 for row in r["transfer"])
     # Transferring every layer is the end-to-end SST-2 test's run: it learns the task.

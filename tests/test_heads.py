@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.finetune import heads
 from gptjax.config import GPTConfig
+from gptjax.data.tasks import TASK_TYPES
+from gptjax.finetune import heads
 from gptjax.nn.model import GPT
 
 SP = heads.SpecialTokens(start=100, delimiter=101, extract=102)
@@ -138,7 +139,7 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("task_type,norm", [(t, "pre") for t in heads.TASK_TYPES]
+@pytest.mark.parametrize("task_type,norm", [(t, "pre") for t in TASK_TYPES]
                          + [("classification", "post"), ("multiple_choice", "post")])
 def test_head_output_is_independent_of_padding_and_batch(task_type, norm):
     """Right padding is invisible to the extract token: an example scores the same whatever

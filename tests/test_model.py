@@ -8,7 +8,9 @@ import pytest
 from gptjax import GPT, GPTConfig, PRESETS, init_params
 from gptjax.config import PUBLISHED_PARAMS, ConfigError
 from gptjax.train.losses import lm_loss
-from gptjax.nn.model import init_cache, logical_axes, stack_layers, unstack_layers
+from gptjax.nn.layers import _flat_dot
+from gptjax.nn.model import init_cache, logical_axes
+from gptjax.nn.param_layout import stack_layers, unstack_layers
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -18,6 +20,64 @@ def test_every_preset_builds_abstractly(name):
     assert n > 0
     if name in PUBLISHED_PARAMS:
         assert abs(n / PUBLISHED_PARAMS[name] - 1) < 0.02, (name, n, PUBLISHED_PARAMS[name])
+
+
+def _counted(cfg, non_embedding=False):
+    """The parameter count of the initialised model, read from its abstract shapes."""
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    n = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(shapes))
+    return n - (cfg.vocab_size + cfg.n_ctx) * cfg.n_embd if non_embedding else n
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_analytic_num_params_equals_initialised_model(name):
+    cfg = GPTConfig.preset(name)
+    assert cfg.num_params() == _counted(cfg)
+    assert cfg.num_params(non_embedding=True) == _counted(cfg, non_embedding=True)
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(scan_layers=True),
+    dict(tie_embeddings=False),
+    dict(use_bias=False),
+    dict(final_norm=False, n_inner=100, head_dim=8),
+])
+def test_analytic_num_params_equals_initialised_model_for_variants(overrides):
+    cfg = GPTConfig.preset("tiny-gpt3", **overrides)
+    assert cfg.num_params() == _counted(cfg)
+    assert cfg.num_params(non_embedding=True) == _counted(cfg, non_embedding=True)
+
+
+@pytest.mark.parametrize("scale_resid_init", [True, False])
+@pytest.mark.parametrize("scan", [False, True])
+def test_init_gpt2_residual_projections_scaled(scale_resid_init, scan):
+    # GPT-2 section 2.3: the residual projections (attn.c_proj, mlp.c_proj) start at
+    # std 0.02 / sqrt(2 n_layer); every other kernel and embedding at 0.02; biases 0; LN scales 1.
+    # 8 x 128 gives 16k+ draws per kernel: empirical stds within 0.6%, checked to 3%.
+    cfg = GPTConfig.preset("tiny", n_layer=8, n_head=4, n_embd=128, n_ctx=128,
+                           scale_resid_init=scale_resid_init, scan_layers=scan)
+    params = init_params(cfg, jax.random.key(0))
+    resid = 0.02 / np.sqrt(2 * 8) if scale_resid_init else 0.02
+    seen = {"resid": 0, "other": 0, "bias": 0, "scale": 0}
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        names = tuple(getattr(k, "key", None) for k in path)
+        x = np.asarray(x)
+        if names[-1] == "bias":
+            assert np.all(x == 0), names
+            seen["bias"] += 1
+        elif names[-1] == "scale":
+            assert np.all(x == 1), names
+            seen["scale"] += 1
+        elif names[-2:] == ("c_proj", "kernel"):
+            for layer in (x if scan else [x]):  # one std per layer
+                assert abs(layer.std() / resid - 1) < 0.03, (names, layer.std(), resid)
+            seen["resid"] += 1
+        else:
+            assert abs(x.std() / 0.02 - 1) < 0.03, (names, x.std())
+            seen["other"] += 1
+    per_layer = 1 if scan else 8
+    assert seen == {"resid": 2 * per_layer, "other": 2 + 2 * per_layer,
+                    "bias": 6 * per_layer + 1, "scale": 2 * per_layer + 1}, seen
 
 
 def test_gpt2_small_exact_count():
@@ -238,7 +298,6 @@ def test_lm_loss_matches_manual_and_weights():
     ("BTC,VC->BTV", (2, 5, 8), (11, 8), (11,)),               # einsum fallback
 ])
 def test_flat_dot_equals_einsum_and_its_gradients(eq, x_shape, k_shape, b_shape):
-    from gptjax.nn.model import _flat_dot
     kx, kk, kb = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, x_shape)
     k = jax.random.normal(kk, k_shape)

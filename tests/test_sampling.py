@@ -10,9 +10,10 @@ from scipy import stats
 
 from gptjax import GPT, GPTConfig, init_params
 from gptjax.inference import sampling
-from gptjax.nn.model import stack_layers
-from gptjax.inference.sampling import (beam_search_loop, decode_step, generate, prefill, sample_logits,
-                             sample_loop, stop_array, warp_logits)
+from gptjax.inference.sampling import (beam_search_loop, decode_step, generate, prefill,
+                                       sample_logits, sample_loop, stop_array, warp_logits)
+from gptjax.nn.convert import from_hf
+from gptjax.nn.param_layout import from_decode_layout, stack_layers
 
 try:  # transformers + torch are the reference (test extras); only the parity tests need them
     import torch
@@ -124,8 +125,6 @@ def _hf(family, seed):
     Default init (std 0.02) makes every next-token distribution nearly uniform and greedy output one
     repeated token, a comparison that proves little and that float noise could flip.
     """
-    from gptjax.nn.convert import from_hf
-
     torch.manual_seed(seed)
     shape = dict(vocab_size=VOCAB, n_positions=48, n_embd=40, n_layer=2, n_head=5,
                  initializer_range=0.3, pad_token_id=1, eos_token_id=2, bos_token_id=2)
@@ -266,8 +265,8 @@ def _fake_logits(V=24, seed=0):
 
 @needs_hf
 def test_warpers_match_transformers():
-    from transformers.generation.logits_process import (TemperatureLogitsWarper,
-                                                        TopKLogitsWarper, TopPLogitsWarper)
+    from transformers.generation.logits_process import (  # optional: transformers (test extras)
+        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
     logits = np.random.RandomState(3).randn(4, 50).astype(np.float32) * 2
     for temperature, top_k, top_p in [(0.7, 0, 1.0), (1.0, 7, 1.0), (1.0, 0, 0.8), (1.5, 12, 0.6),
                                       (0.5, 3, 0.99), (1.0, 0, 0.05)]:
@@ -486,9 +485,8 @@ def test_padded_array_prompts_equal_lists():
 @pytest.mark.parametrize("name,scan", [("tiny", False), ("tiny-gpt1", False),
                                        ("tiny-gpt3", False), ("tiny-gpt3", True)])
 def test_prepared_params_decode_like_plain_params(name, scan):
-    # prepare_for_decoding stores the c_proj kernels [out, in] (model.decode_layout); the
+    # prepare_for_decoding stores the c_proj kernels [out, in] (param_layout.decode_layout); the
     # cached, full and generated outputs must not change.
-    from gptjax.nn.model import from_decode_layout
     cfg, params = _model(name, scan=scan)
     prepared = sampling.prepare_for_decoding(cfg, params)
     assert prepared.out_in  # these tests run on CPU

@@ -6,7 +6,8 @@ import pytest
 
 from gptjax.defaults import base_config, model_config
 from gptjax import sweep
-from gptjax.train.loop import Setup, model_config_from
+from gptjax.train.experiment import model_config_from
+from gptjax.train.setup import Setup
 
 STEPS = 6
 

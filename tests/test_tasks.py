@@ -7,8 +7,16 @@ import math
 import numpy as np
 import pytest
 
+from gptjax.data.tasks import (
+    TASK_TYPES,
+    TASKS,
+    Example,
+    check_task_type,
+    get_task,
+    load_task,
+    write_predictions,
+)
 from gptjax.finetune import metrics as tm
-from gptjax.data.tasks import TASKS, Example, get_task, load_task, write_predictions
 
 scipy_stats = pytest.importorskip("scipy.stats")
 sk_metrics = pytest.importorskip("sklearn.metrics")
@@ -302,3 +310,13 @@ def test_task_registry_and_errors(tmp_path):
         load_task("sst2", tmp_path, splits=["dev"])
     with pytest.raises(ValueError, match="subset='mc160' applies only to"):
         load_task("sst2", tmp_path, subset="mc160")
+
+
+def test_every_task_has_one_of_gpt1s_task_types():
+    assert TASK_TYPES == ("classification", "entailment", "similarity", "multiple_choice")
+    assert {spec.task_type for spec in TASKS.values()} == set(TASK_TYPES)
+    for task_type in TASK_TYPES:
+        check_task_type(task_type)
+    with pytest.raises(ValueError, match=r"task_type='regression'.*'classification'") as info:
+        check_task_type("regression")
+    assert "\n" not in str(info.value)

@@ -12,7 +12,9 @@ import sysconfig
 import numpy as np
 import pytest
 
+from gptjax.config import ConfigError
 from gptjax.data import tokenizers as tk
+from gptjax.data.tokenizers import sentencepiece as spm_module
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("GPTJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -284,7 +286,7 @@ def test_sentencepiece_training_is_deterministic(spm_dir, tmp_path):
 
 def test_training_sentences_cut_documents_before_newlines():
     text = "line one\n\n    indented line two\n" + "x" * 50 + "\nlast é😀\n"
-    chunks = list(tk._training_sentences([text, "second doc"], max_bytes=24))
+    chunks = list(spm_module._training_sentences([text, "second doc"], max_bytes=24))
     assert "".join(chunks) == text + "second doc"
     assert all(len(c.encode("utf-8")) <= 24 for c in chunks)
     # Cuts fall before newlines, which SentencePiece would strip from the end of a chunk; only
@@ -292,7 +294,7 @@ def test_training_sentences_cut_documents_before_newlines():
     assert [c for c in chunks if c.endswith("\n")] == ["\nlast é😀\n"]
     assert chunks[:2] == ["line one", "\n\n    indented line two"]
     with pytest.raises(TypeError, match="bytes"):
-        list(tk._training_sentences([b"raw"], max_bytes=24))
+        list(spm_module._training_sentences([b"raw"], max_bytes=24))
 
 
 def test_sentencepiece_bad_vocab_size_is_one_line(tmp_path):
@@ -341,18 +343,71 @@ def test_gpt2_saved_copy_is_checked(gpt2, tmp_path):
 
 
 def test_build_tokenizer_each_kind(gpt2_dir, spm_dir, tmp_path):
-    text_file = shared_path("tinyshakespeare", "input.txt")
-    assert tk.build_tokenizer("char", text_file=text_file).vocab_size == 65
-    assert tk.build_tokenizer("char", text="ba").encode("ab") == [0, 1]
-    assert tk.build_tokenizer("gpt2_bpe", path=gpt2_dir).encode("Hello world") == [15496, 995]
+    text = shared_path("tinyshakespeare", "input.txt").read_text(encoding="utf-8")
+    assert tk.build_tokenizer("char", texts=[text]).vocab_size == 65
+    assert tk.build_tokenizer("char", texts=["b", "a"]).encode("ab") == [0, 1]
+    skip = tk.build_tokenizer("char", texts=["ab"], unknown="skip")
+    assert skip.encode("abc") == [0, 1]
+    with pytest.raises(ValueError, match="'c'"):
+        tk.build_tokenizer("char", texts=["ab"]).encode("abc")
+    # Values other kinds need (a path, a vocabulary size) are ignored, as one config carries them.
+    gpt2 = tk.build_tokenizer("gpt2_bpe", path=gpt2_dir, vocab_size=1024, directory=tmp_path)
+    assert gpt2.encode("Hello world") == [15496, 995]
     loaded = tk.build_tokenizer("sentencepiece", directory=spm_dir)
     assert loaded.encode("import os\n") == tk.load_tokenizer(spm_dir).encode("import os\n")
     texts = [path.read_text(encoding="utf-8") for path in stdlib_corpus()[:4]]
-    trained = tk.build_tokenizer("sentencepiece", texts_or_files=texts, directory=tmp_path,
-                                 vocab_size=400)
-    assert trained.vocab_size == 400 and (tmp_path / "tokenizer.json").is_file()
+    trained = tk.build_tokenizer("sentencepiece", texts=iter(texts), directory=tmp_path / "spm",
+                                 vocab_size=400, user_defined_symbols=("<|sep|>",))
+    assert trained.vocab_size == 400 and (tmp_path / "spm" / "tokenizer.json").is_file()
+    assert trained.encode("a<|sep|>b")[1] == trained.special_ids["<|sep|>"]
+    assert tk.load_tokenizer(tmp_path / "spm").special_ids == trained.special_ids
     with pytest.raises(ValueError, match="vocab_size"):
         tk.build_tokenizer("sentencepiece", directory=spm_dir, vocab_size=300)
+
+
+def test_build_tokenizer_names_the_missing_value():
+    assert "texts=" in one_line_error(ConfigError, tk.build_tokenizer, "char")
+    assert "path=" in one_line_error(ConfigError, tk.build_tokenizer, "gpt2_bpe")
+    assert "path=" in one_line_error(ConfigError, tk.build_tokenizer, "openai_gpt")
+    assert "directory=" in one_line_error(ConfigError, tk.build_tokenizer, "sentencepiece",
+                                          texts=["x"], vocab_size=300)
+    assert "'wordpiece'" in one_line_error(ConfigError, tk.build_tokenizer, "wordpiece")
+
+
+def test_kinds_is_the_one_registry():
+    assert list(tk.KINDS) == [*KINDS, "openai_gpt"]
+    assert tk.KINDS == {"char": tk.CharTokenizer, "sentencepiece": tk.SentencePieceTokenizer,
+                        "gpt2_bpe": tk.GPT2BPETokenizer, "openai_gpt": tk.OpenAIGPTTokenizer}
+    assert all(cls.kind == kind for kind, cls in tk.KINDS.items())
+    with pytest.raises(ValueError, match="registered twice"):
+        class Impostor(tk.CharTokenizer):  # noqa: F841 - registering is the point
+            kind = "char"
+
+        tk.register(Impostor)
+
+
+def test_fingerprint_hashes_the_saved_files(gpt2, gpt2_dir, tmp_path):
+    # Pinned: checkpoints and token caches written so far record these values, so the
+    # algorithm must not change.
+    char = tk.CharTokenizer.from_text("hello world")
+    assert tk.tokenizer_info(char) == {"kind": "char", "vocab_size": 8,
+                                       "fingerprint": "3799ebaebbf8fbce"}
+    assert tk.tokenizer_info(gpt2) == {"kind": "gpt2_bpe", "vocab_size": 50257,
+                                       "fingerprint": "26d789d42e507f4a"}
+    # Where the files were copied from is not part of the identity; their content is.
+    shutil.copytree(gpt2_dir, tmp_path / "copy")
+    assert tk.fingerprint(tk.GPT2BPETokenizer.from_files(tmp_path / "copy")) == "26d789d42e507f4a"
+    assert tk.fingerprint(tk.load_tokenizer(_saved(gpt2, tmp_path / "saved"))) == \
+        "26d789d42e507f4a"
+    # A different vocabulary of the same size, or another setting, is another tokenizer.
+    assert tk.fingerprint(tk.CharTokenizer.from_text("hello worle")) != tk.fingerprint(char)
+    assert tk.fingerprint(tk.CharTokenizer.from_text("hello world", unknown="skip")) != \
+        tk.fingerprint(char)
+
+
+def _saved(tokenizer, directory):
+    tokenizer.save(directory)
+    return directory
 
 
 def one_line_error(exc_type, fn, *args, **kwargs) -> str:
@@ -365,7 +420,7 @@ def one_line_error(exc_type, fn, *args, **kwargs) -> str:
 
 def test_errors_name_the_bad_value(tmp_path):
     message = one_line_error(ValueError, tk.build_tokenizer, "wordpiece")
-    assert "'wordpiece'" in message and all(repr(k) in message for k in KINDS)
+    assert "'wordpiece'" in message and all(repr(k) in message for k in tk.KINDS)
     missing = tmp_path / "missing"
     assert str(missing) in one_line_error(FileNotFoundError, tk.load_tokenizer, missing)
     assert str(tmp_path) in one_line_error(FileNotFoundError, tk.load_tokenizer, tmp_path)

@@ -17,7 +17,9 @@ from ml_collections import config_flags  # noqa: F401  (config files import gptj
 from gptjax.defaults import base_config, model_config
 from gptjax.nn.model import init_params
 from gptjax.train.optim import decay_mask, lr_schedule
-from gptjax.train.loop import TrainState, make_train_step, model_config_from, train_and_evaluate
+from gptjax.train.experiment import model_config_from
+from gptjax.train.loop import train_and_evaluate
+from gptjax.train.step import TrainState, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -66,9 +68,10 @@ def test_resume_is_bit_exact(tmp_path):
     assert sorted(a) == sorted(b) == list(range(1, 13))
     for step in a:
         assert a[step] == b[step], f"step {step}: {a[step]} != {b[step]}"
-    assert full["val_loss"] == resumed["val_loss"]
-    for x, y in zip(jax.tree_util.tree_leaves(full["state"].params),
-                    jax.tree_util.tree_leaves(resumed["state"].params)):
+    assert full.val_loss == resumed.val_loss
+    assert full.summary() == json.load(open(tmp_path / "full" / "summary.json"))
+    for x, y in zip(jax.tree_util.tree_leaves(full.state.params),
+                    jax.tree_util.tree_leaves(resumed.state.params)):
         np.testing.assert_array_equal(x, y)
     # The run directory has what users look at.
     for name in ("loss.png", "summary.json", "config.json", "tokenizer/tokenizer.json"):

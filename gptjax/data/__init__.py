@@ -1,4 +1,5 @@
-"""Data for gptjax: text corpora through tensorflow-datasets, and language-modelling batches."""
+"""Data for gptjax: text corpora through tensorflow-datasets, tokenizers, the token cache,
+language-modelling batches, and finetuning tasks (`gptjax.data.tasks`)."""
 
 from gptjax.data.corpora import (
     BUILTIN_DATASETS,
@@ -18,16 +19,8 @@ from gptjax.data.corpora import (
     prepare_python_stdlib,
     python_stdlib_config,
 )
-from gptjax.data.lm import (
-    LMBatcher,
-    cached_tokens,
-    eval_batches,
-    fingerprint_tokenizer,
-    load_tokens,
-    token_cache_path,
-    token_dtype,
-    token_fingerprint,
-)
+from gptjax.data.lm import LMBatcher, eval_batches, token_fingerprint
+from gptjax.data.token_cache import cached_tokens, load_tokens, token_cache_path, token_dtype
 
 __all__ = [
     "BUILTIN_DATASETS",
@@ -41,7 +34,6 @@ __all__ = [
     "default_cache_dir",
     "default_data_dir",
     "eval_batches",
-    "fingerprint_tokenizer",
     "get_source",
     "load_texts",
     "load_tokens",

@@ -24,8 +24,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from gptjax.data.tasks import get_task, load_task
 from gptjax.eval import templates as T
+from gptjax.eval.scoring import score_continuations
 from gptjax.eval.templates import Item
+from gptjax.inference import sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +92,6 @@ def build_task(spec: str, *, num_examples: int = 0, seed: int = 0) -> FewShotTas
         train, test = T.split_pool(items, 0.2, seed)
         return FewShotTask(name, "generate", tuple(train), _subset(test, num_examples, seed),
                            answer=T.first_word)
-    from gptjax.data.tasks import get_task, load_task
     if not path:
         raise ValueError(f"unknown task spec {spec!r}; allowed: {list(T.ARITHMETIC)}, "
                          "lambada=FILE, lambada_cloze=FILE, TASK=DIR or glue/TASK=DATA_DIR with "
@@ -146,13 +148,10 @@ def _max_new_tokens(tokenizer, task: FewShotTask) -> int:
 def choice_scores(config, params, tokenizer, prompts: Sequence[list], items: Sequence[Item],
                   batch_size: int = 16) -> list:
     """Per query, the candidates' (summed log-probability, token count) given its prompt ids."""
-    from gptjax.finetune.loop import score_continuations
-
-    pairs, owner = [], []
-    for q, (ids, it) in enumerate(zip(prompts, items)):
+    pairs = []
+    for ids, it in zip(prompts, items):
         for c in it.choices:
             pairs.append((ids, tokenizer.encode(c)))
-            owner.append(q)
     logp, count = score_continuations(config, params, pairs, batch_size)
     out, k = [], 0
     for it in items:
@@ -165,8 +164,6 @@ def choice_scores(config, params, tokenizer, prompts: Sequence[list], items: Seq
 def greedy_completions(config, params, tokenizer, prompts: Sequence[list], max_new_tokens: int,
                        batch_size: int = 16) -> list:
     """Greedy continuations (text) of token-id prompts, in batches, with gptjax.inference.sampling."""
-    from gptjax.inference import sampling
-
     texts = []
     for b in range(0, len(prompts), batch_size):
         rows = [list(p)[-(config.n_ctx - max_new_tokens):] for p in prompts[b:b + batch_size]]
@@ -244,9 +241,9 @@ def plot_results(rows: Sequence[dict], out_dir: str) -> list:
     """accuracy_vs_k.png (a line per model and task), and accuracy_vs_<x>.png (a line per task
     and K against the models' parameter count, or training step when the models share a size)
     when several models were evaluated. Returns the paths written."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, only when plotting
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib, only when plotting
 
     paths = []
     models = list(dict.fromkeys(r["model"] for r in rows))

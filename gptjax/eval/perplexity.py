@@ -15,18 +15,15 @@ compare across tokenizers, as in GPT-2's Table 3.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import re
 from typing import Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.train.losses import token_nll
-from gptjax.nn.model import GPT
+from gptjax.data import load_texts
+from gptjax.eval.scoring import weighted_nll
 
 # ================================================================================ detokenizers
 # WikiText's tokenized release splits punctuation off and marks in-number separators as @-@, @,@,
@@ -117,14 +114,6 @@ def sliding_windows(num_tokens: int, context: int, stride: int) -> list:
     return windows
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _window_nll(config: GPTConfig, params, tokens_BxT, weights_BxT):
-    logits_BxTxV = GPT(config).apply({"params": params}, tokens_BxT)
-    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], 1)
-    nll_BxT = token_nll(logits_BxTxV, targets_BxT)
-    return jnp.sum(nll_BxT * weights_BxT, -1)
-
-
 def window_nll(config: GPTConfig, params, tokens: Sequence[int], windows: Sequence[Window],
                batch_size: int = 8) -> np.ndarray:
     """Summed NLL (nats, fp32 per window, summed in float64) of the scored targets of each window.
@@ -146,8 +135,8 @@ def window_nll(config: GPTConfig, params, tokens: Sequence[int], windows: Sequen
             x[j, :n] = tokens[win.begin:win.end]
             # Position t predicts token t+1; the scored targets are the window's last n_scored.
             w[j, n - 1 - win.n_scored: n - 1] = 1.0
-        out[b:b + len(chunk)] = np.asarray(_window_nll(config, params, x, w), np.float64)[
-            : len(chunk)]
+        nll, _ = weighted_nll(config, params, x, w)
+        out[b:b + len(chunk)] = np.asarray(nll, np.float64)[: len(chunk)]
     return out
 
 
@@ -225,6 +214,5 @@ def read_eval_text(path: str = "", *, tfds_name: str = "", split: str = "validat
         with open(path, encoding="utf-8", errors="replace") as fh:
             text = fh.read()
     else:
-        from gptjax.data import load_texts
         text = "\n\n".join(load_texts(tfds_name, split, data_dir or None, text_key))
     return text[:max_chars] if max_chars > 0 else text

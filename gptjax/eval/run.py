@@ -8,6 +8,7 @@ from typing import Optional, Sequence
 
 from gptjax.eval import fewshot
 from gptjax.eval import perplexity as ppl
+from gptjax.train.workdir import load_pretrained
 
 
 def parse_ints(value: str, name: str, minimum: int = 0) -> list:
@@ -28,11 +29,13 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
     Args:
       workdirs: train.py run directories (latest checkpoint, or each of `steps`).
       hf_dirs: local transformers GPT-2 / OpenAI-GPT directories.
-      tokenizer_path: GPT-2 BPE files for the HF directories (default: each directory).
+      tokenizer_path: the HF directories' tokenizer (default: each directory): GPT-2's or
+        OpenAI GPT's BPE files, or a saved gptjax tokenizer directory.
       steps: checkpoint steps to evaluate in every workdir (a curve against training step).
-    """
-    from gptjax.inference.textgen import load_model
 
+    Returns:
+      The models, in the order named (each workdir once per step).
+    """
     if not workdirs and not hf_dirs:
         raise ValueError("give at least one model: --workdir (a gptjax run) or --hf_dir "
                          "(a transformers directory); both repeatable")
@@ -41,11 +44,11 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
     models = []
     for wd in workdirs:
         for step in (steps or [None]):
-            config, params, tok = load_model(wd, None, None, step)
+            config, params, tok = load_pretrained(workdir=wd, step=step)
             name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
             models.append((name, config, params, tok, {"step": step, "path": wd}))
     for hd in hf_dirs:
-        config, params, tok = load_model(None, hd, tokenizer_path)
+        config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path)
         models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
                        {"path": hd}))
     return models

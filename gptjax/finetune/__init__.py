@@ -1,5 +1,7 @@
-"""GPT-1 finetuning: task heads, the finetuning loop, GLUE metrics, layer-transfer analysis."""
+"""GPT-1 finetuning: task heads, the decoder to start from, batches, the finetuning loop, GLUE
+metrics, and section 5's analyses (zero-shot runs, layer transfer)."""
 
-from gptjax.finetune.loop import finetune, layer_transfer_analysis, zero_shot
+from gptjax.finetune.analysis import layer_transfer_analysis, zero_shot
+from gptjax.finetune.loop import finetune
 
 __all__ = ["finetune", "layer_transfer_analysis", "zero_shot"]

@@ -36,19 +36,12 @@ import numpy as np
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.train.losses import lm_loss
+from gptjax.data.tasks import check_task_type
 from gptjax.nn.model import GPT
-
-TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
+from gptjax.train.losses import lm_loss
 
 # GPT-1 initialised every new weight (the three token embeddings, the head) from N(0, 0.02).
 INIT_STD = 0.02
-
-
-def check_task_type(task_type: str) -> None:
-    """Raises ValueError naming `task_type` unless it is one of TASK_TYPES."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type={task_type!r}: allowed values are {list(TASK_TYPES)}")
 
 
 # ================================================================================ special tokens
@@ -125,7 +118,7 @@ def transform(task_type: str, special: SpecialTokens, max_len: int, text_a: Sequ
     one question see the same context.
 
     Args:
-      task_type: one of TASK_TYPES.
+      task_type: one of gptjax.data.tasks.TASK_TYPES.
       special: the task token ids.
       max_len: the longest sequence allowed (at most the model's n_ctx).
       text_a: token ids of the text / premise / first sentence / context.
@@ -201,7 +194,7 @@ class HeadConfig:
     """What the head computes and how it is trained.
 
     Attributes:
-      task_type: one of TASK_TYPES.
+      task_type: one of gptjax.data.tasks.TASK_TYPES.
       num_labels: classes for classification/entailment/similarity, 1 for a regression
         (STS-B); the number of candidates for multiple choice.
       lm_coef: lambda, the weight of the auxiliary LM loss (GPT-1: 0.5; 0 turns it off).

@@ -1,1 +1,3 @@
-"""Decoding and serving: sampling and beam search over one KV cache, text completion, the HTTP server."""
+"""Decoding and serving: `decoding` (prompts into a KV cache, one step at a time), `sampling`
+(greedy/sampled decoding and `generate`), `beam_search`, `textgen` (text in, text out) and the
+completions server `serving/`. Nothing here loads the training loop."""

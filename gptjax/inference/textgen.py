@@ -1,42 +1,30 @@
-"""Text in, text out: load a model with its tokenizer, and complete prompts (sample.py, serving)."""
+"""Text in, text out: encode prompts, complete them, and stream the text as it is decoded.
+
+The model and tokenizer come from `gptjax.train.workdir.load_pretrained` (sample.py, the server).
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Optional, Sequence
 
 import jax
 
-
-def load_model(workdir: Optional[str] = None, hf_dir: Optional[str] = None,
-               tokenizer_path: Optional[str] = None, step: Optional[int] = None):
-    """(GPTConfig, params, tokenizer) from a training work directory or an imported HF directory.
-
-    Args:
-      workdir: a train.py run directory (latest checkpoint, or `step`, and its saved tokenizer).
-      hf_dir: a local transformers GPT-2 / OpenAI-GPT directory; its tokenizer is GPT-2's byte
-        BPE read from `vocab.json` + `merges.txt` (or `encoder.json` + `vocab.bpe`) in
-        `tokenizer_path`, which defaults to hf_dir itself.
-    """
-    from gptjax.train.checkpoint import CheckpointError
-    from gptjax.data.tokenizers import from_hf_files
-
-    if (workdir is None) == (hf_dir is None):
-        raise ValueError("give exactly one of --workdir (a gptjax run) or --hf_dir "
-                         "(a transformers model directory)")
-    if workdir is not None:
-        if not os.path.isdir(workdir):
-            raise CheckpointError(f"work directory {workdir!r} does not exist")
-        from gptjax.train.loop import load_workdir
-        return load_workdir(workdir, step)
-    from gptjax.nn.convert import from_hf
-    config, params = from_hf(hf_dir)
-    tok = from_hf_files(tokenizer_path or hf_dir)  # GPT-2's byte BPE or GPT-1's BPE
-    return config, jax.tree_util.tree_map(jax.numpy.asarray, params), tok
+from gptjax.inference import sampling
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> list:
-    """Token ids of each prompt; an empty prompt starts from the end-of-text token when there is one."""
+    """Token ids of each prompt; an empty prompt starts from the end-of-text token when there is one.
+
+    Args:
+      tokenizer: a gptjax tokenizer.
+      prompts: the texts.
+
+    Returns:
+      A list of token-id lists.
+
+    Raises:
+      ValueError: an empty prompt and a tokenizer without an end-of-text token.
+    """
     out = []
     for p in prompts:
         ids = tokenizer.encode(p)
@@ -49,22 +37,54 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list:
     return out
 
 
+class _TextStream:
+    """One row's streamed tokens as text: each call gives the new suffix of the decoded text,
+    holding back a partial UTF-8 character (decoded as U+FFFD) until it is complete."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list = []
+        self.text = ""
+
+    def push(self, token: int) -> str:
+        if self.tokenizer.eos_id is not None and token == self.tokenizer.eos_id:
+            return ""
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids).rstrip("\ufffd")
+        new, self.text = text[len(self.text):], text
+        return new
+
+
 def complete(config, params, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_beams: int = 1,
              length_penalty: float = 1.0, stop: Sequence[str] = (), seed: int = 0,
-             on_token: Optional[Callable[[int, int], Any]] = None) -> list:
+             on_text: Optional[Callable[[int, str], Any]] = None) -> list:
     """Complete each prompt; returns the generated text of each (stop text included).
 
     Args:
-      on_token: called as on_token(row, token_id) for every generated token as it is produced
-        (sampling only), to stream output.
-    """
-    from gptjax.inference import sampling
+      config, params: the model (params plain or from `sampling.prepare_for_decoding`).
+      tokenizer: its tokenizer.
+      prompts: the texts to continue.
+      max_new_tokens, temperature, top_k, top_p, num_beams, length_penalty: see
+        `sampling.generate`.
+      stop: stop strings, encoded to stop sequences.
+      seed: the sampling seed.
+      on_text: called as on_text(row, text) with each new piece of a row's text as it is
+        decoded (sampling), and once at the end with whatever is left (beam search: all of it),
+        so the pieces of a row join to its returned text.
 
+    Returns:
+      The generated text of each prompt, the end-of-text token dropped.
+    """
     ids = encode_prompts(tokenizer, prompts)
     stop_ids = [tokenizer.encode(s) for s in stop if s]
+    streams = [_TextStream(tokenizer) for _ in ids]
     kwargs = {}
-    if on_token is not None and num_beams == 1:
+    if on_text is not None and num_beams == 1:
+        def on_token(row, token):
+            piece = streams[row].push(token)
+            if piece:
+                on_text(row, piece)
         kwargs["stream_callback"] = on_token
     out = sampling.generate(config, params, ids, max_new_tokens=max_new_tokens,
                             temperature=temperature, top_k=top_k, top_p=top_p,
@@ -78,4 +98,7 @@ def complete(config, params, tokenizer, prompts: Sequence[str], *, max_new_token
         if toks and tokenizer.eos_id is not None and toks[-1] == tokenizer.eos_id:
             toks = toks[:-1]
         texts.append(tokenizer.decode(toks))
+        rest = texts[-1][len(streams[row].text):]
+        if on_text is not None and rest:
+            on_text(row, rest)
     return texts

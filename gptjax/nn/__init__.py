@@ -1,1 +1,2 @@
-"""The network: layers, attention (masks, XLA path, kernels), the GPT model, parameter layouts, HF interop."""
+"""The network: layers, masks, attention and its kernels, the GPT model, parameter layouts,
+HF interop."""

@@ -17,8 +17,10 @@ import os
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors.numpy import load_file, save_file
 
 from gptjax.config import GPTConfig
+from gptjax.nn.param_layout import stack_layers, unstack_layers
 
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                      "gelu": "gelu", "relu": "relu"}
@@ -32,7 +34,18 @@ class ConversionError(ValueError):
 
 # ---------------------------------------------------------------------------- configs
 def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
-    """A GPTConfig from a transformers config dict (GPT-2 or OpenAI-GPT)."""
+    """A GPTConfig from a transformers config dict (GPT-2 or OpenAI-GPT).
+
+    Args:
+      hf: the `config.json` contents (`model_type` 'gpt2' or 'openai-gpt').
+      **overrides: GPTConfig fields to change.
+
+    Returns:
+      The GPTConfig.
+
+    Raises:
+      ConversionError: a model type or option gptjax does not implement.
+    """
     model_type = hf.get("model_type")
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -74,7 +87,17 @@ def config_from_hf(hf: Mapping[str, Any], **overrides) -> GPTConfig:
 
 
 def config_to_hf(config: GPTConfig) -> dict:
-    """The transformers config dict (GPT-2 layout for pre-LN, OpenAI-GPT for post-LN)."""
+    """The transformers config dict (GPT-2 layout for pre-LN, OpenAI-GPT for post-LN).
+
+    Args:
+      config: the architecture.
+
+    Returns:
+      The `config.json` contents.
+
+    Raises:
+      ConversionError: the architecture has no transformers equivalent (banded layers, ...).
+    """
     if config.attention_pattern != ("dense",) and set(config.attention_pattern) != {"dense"}:
         raise ConversionError("banded (local) attention layers have no transformers GPT-2 "
                               f"equivalent: attention_pattern={config.attention_pattern}")
@@ -116,7 +139,15 @@ def _strip_prefix(sd: Mapping[str, np.ndarray]) -> dict:
 
 
 def params_from_state_dict(config: GPTConfig, sd: Mapping[str, np.ndarray]) -> dict:
-    """gptjax parameters (per-layer layout) from a GPT-2 or OpenAI-GPT state dict of numpy arrays."""
+    """gptjax parameters (per-layer layout) from a GPT-2 or OpenAI-GPT state dict of numpy arrays.
+
+    Args:
+      config: the architecture the weights belong to.
+      sd: tensor name -> array, with or without the `transformer.` prefix.
+
+    Returns:
+      The parameter pytree (numpy fp32).
+    """
     sd = _strip_prefix(sd)
     C, H, D, L = config.n_embd, config.n_head, config.d_head, config.n_layer
     openai = "tokens_embed.weight" in sd
@@ -159,9 +190,15 @@ def params_from_state_dict(config: GPTConfig, sd: Mapping[str, np.ndarray]) -> d
 
 
 def params_to_state_dict(config: GPTConfig, params: Mapping[str, Any]) -> dict:
-    """A GPT2LMHeadModel / OpenAIGPTLMHeadModel state dict (numpy, fp32) from gptjax parameters."""
-    from gptjax.nn.model import unstack_layers
+    """A GPT2LMHeadModel / OpenAIGPTLMHeadModel state dict (numpy, fp32) from gptjax parameters.
 
+    Args:
+      config: the architecture.
+      params: parameters in the per-layer or the scan layout.
+
+    Returns:
+      Tensor name -> contiguous fp32 numpy array.
+    """
     if "h" in params:
         params = unstack_layers(config, params)
     C = config.n_embd
@@ -226,7 +263,6 @@ def from_hf(path_or_model, **config_overrides):
         sd = {k: v.detach().cpu().float().numpy() for k, v in model.state_dict().items()}
     params = params_from_state_dict(config, sd)
     if config.scan_layers:
-        from gptjax.nn.model import stack_layers
         params = stack_layers(config, params)
     return config, params
 
@@ -234,12 +270,11 @@ def from_hf(path_or_model, **config_overrides):
 def _load_state_dict(path: str) -> dict:
     st = os.path.join(path, "model.safetensors")
     if os.path.exists(st):
-        from safetensors.numpy import load_file
         return load_file(st)
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(pt):
         try:
-            import torch
+            import torch  # optional: only .bin checkpoints need torch
         except ImportError as e:
             raise ConversionError(f"{pt} is a PyTorch file and torch is not installed") from e
         sd = torch.load(pt, map_location="cpu", weights_only=True)
@@ -250,7 +285,7 @@ def _load_state_dict(path: str) -> dict:
 def _from_openai_tf(path: str, **config_overrides):
     """OpenAI's original GPT-2 release: hparams.json + model.ckpt.* read with TensorFlow."""
     try:
-        import tensorflow as tf  # noqa: F401
+        import tensorflow as tf  # noqa: F401  # optional: only OpenAI's TF checkpoints need it
     except ImportError as e:
         raise ConversionError(
             f"{path!r} is an OpenAI GPT-2 TensorFlow checkpoint; reading it needs TensorFlow "
@@ -285,8 +320,6 @@ def to_hf(config: GPTConfig, params, out_dir) -> str:
     Returns:
       out_dir.
     """
-    from safetensors.numpy import save_file
-
     hf_cfg = config_to_hf(config)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

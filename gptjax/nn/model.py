@@ -18,135 +18,38 @@ static window; parameters are then `h.block_{j}` stacked over n_layer / period.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gptjax.config import GPTConfig, check_scan_config
 from gptjax.nn.attention import attention
-from gptjax.config import ConfigError, GPTConfig
+from gptjax.nn.layers import Linear, activation, layer_norm, normal_init, resid_std
 
 Array = jax.Array
 Cache = dict
 
 
-def _normal(std: float, names: tuple):
-    return nn.with_logical_partitioning(nn.initializers.normal(std), names)
+class _LayerPart(nn.Module):
+    """The fields of a block and of its attention: which layer, and how it runs.
 
-
-def _zeros(names: tuple):
-    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
-
-
-def _ones(names: tuple):
-    return nn.with_logical_partitioning(nn.initializers.ones_init(), names)
-
-
-def _activation(name: str):
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    return jax.nn.relu
-
-
-class Linear(nn.Module):
-    """y = einsum(eq, x, kernel) + bias; a Conv1D-like layer with named, shaped parameters."""
-
-    eq: str
-    kernel_shape: tuple
-    kernel_axes: tuple
-    bias_shape: tuple
-    bias_axes: tuple
-    std: float
-    use_bias: bool
-    dtype: Any
-    param_dtype: Any
-    out_in: bool = False  # kernel stored [out dims, in dims]; see `decode_layout`
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        x_letters, rest = self.eq.split(",")
-        k_letters, y_letters = rest.split("->")
-        n_in = sum(c in x_letters for c in k_letters)
-        perm = _out_in_perm(len(k_letters), n_in) if self.out_in else tuple(range(len(k_letters)))
-        # Created kernel first, then bias: flax derives each parameter's init rng from that order.
-        kernel = self.param("kernel", _normal(self.std, tuple(self.kernel_axes[i] for i in perm)),
-                            tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
-        bias = None
-        if self.use_bias:
-            bias = self.param("bias", _zeros(self.bias_axes), self.bias_shape,
-                              self.param_dtype).astype(self.dtype)
-        if not self.out_in:
-            return _flat_dot(self.eq, x.astype(self.dtype), kernel.astype(self.dtype), bias)
-        k_letters = "".join(k_letters[i] for i in perm)
-        # The kernel is the dot's first operand, so XLA:CPU streams each output as a dot
-        # with one contiguous kernel row (jnp.einsum would put x first).
-        contract = ([k_letters.index(c) for c in k_letters[-n_in:]],
-                    [x_letters.index(c) for c in k_letters[-n_in:]])
-        y = jax.lax.dot_general(kernel.astype(self.dtype), x.astype(self.dtype),
-                                (contract, ((), ())))
-        y_got = k_letters[:-n_in] + "".join(c for c in x_letters if c not in k_letters)
-        y = jnp.transpose(y, [y_got.index(c) for c in y_letters])
-        return y if bias is None else y + bias
-
-
-def _flat_dot(eq: str, x: Array, kernel: Array, bias: Optional[Array]) -> Array:
-    """einsum(eq, x, kernel) + bias for a layer "<batch><in>,<in><out>-><batch><out>" as one dot
-    over the batch letters flattened into a single row axis.
-
-    Same numbers as the einsum. XLA:CPU runs the flattened form faster: an MLP's fwd+bwd at
-    8 x 256 x 384 went from 103 to 90 ms (the [B, T] rows make the weight gradient contract two
-    axes, and the bias gradient reduce two). Kernels keep their own axes, so a sharded head or
-    MLP axis stays a kernel axis. Other equations fall back to jnp.einsum.
+    Attributes:
+      config: the architecture.
+      window: None for a dense layer, the band width of a local one.
+      deterministic: no dropout.
+      decode_layout: c_proj kernels stored [out, in] (gptjax.nn.param_layout.decode_layout).
     """
-    x_letters, rest = eq.split(",")
-    k_letters, y_letters = rest.split("->")
-    n_in = sum(c in x_letters for c in k_letters)
-    n_batch = len(x_letters) - n_in
-    if (x_letters[n_batch:] != k_letters[:n_in] or n_batch == 0
-            or y_letters != x_letters[:n_batch] + k_letters[n_in:]):
-        y = jnp.einsum(eq, x, kernel)
-        return y if bias is None else y + bias
-    batch_shape = x.shape[:n_batch]
-    x2 = x.reshape((-1,) + x.shape[n_batch:])
-    y = jax.lax.dot_general(x2, kernel, ((tuple(range(1, n_in + 1)), tuple(range(n_in))),
-                                         ((), ())))
-    if bias is not None:
-        y = y + bias
-    return y.reshape(batch_shape + y.shape[1:])
-
-
-def _out_in_perm(ndim: int, n_in: int) -> tuple:
-    """The permutation that moves a kernel's first n_in (input) dims behind its output dims."""
-    return tuple(range(n_in, ndim)) + tuple(range(n_in))
-
-
-# The kernels `decode_layout` stores [out, in], with their number of input dims.
-_OUT_IN_KERNELS = {("attn", "c_proj"): 2, ("mlp", "c_proj"): 1}
-
-
-def _layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
-    # flax computes the LayerNorm statistics in fp32 even for bf16 inputs.
-    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=jnp.dtype(cfg.dtype),
-                        param_dtype=jnp.dtype(cfg.param_dtype), use_bias=cfg.use_bias,
-                        scale_init=_ones(("embed",)),
-                        bias_init=_zeros(("embed",)), name=name)
-
-
-def _resid_std(cfg: GPTConfig) -> float:
-    return cfg.init_std / math.sqrt(2 * cfg.n_layer) if cfg.scale_resid_init else cfg.init_std
-
-
-class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention over positions, optionally banded, optionally cached."""
 
     config: GPTConfig
     window: Optional[int]
     deterministic: bool
     decode_layout: bool = False
+
+
+class CausalSelfAttention(_LayerPart):
+    """Multi-head causal self-attention over positions, optionally banded, optionally cached."""
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
@@ -174,10 +77,10 @@ class CausalSelfAttention(nn.Module):
             # Cached call: heads are folded into the batch (N = B*H rows, one head each) and the
             # cache holds each row's keys and values as one [D, S] matrix, the operand layout
             # XLA:CPU's batched dots want for q.k (contracting D) and p.v (contracting S). A decode
-            # step then reads and updates the cache in place. Keeping [B, S, H, D] made XLA copy
-            # every layer's whole cache into this order on every step, and [B, H, D, S] still
-            # cost copies at batch 1 (XLA drops the unit batch axis from the dots, and the reshape
-            # between the in-place update and the dot defeated the aliasing).
+            # step then reads and updates the cache in place. A [B, S, H, D] cache would be copied
+            # whole into this order on every step, and [B, H, D, S] still costs copies at batch 1
+            # (XLA drops the unit batch axis from the dots, and the reshape between the in-place
+            # update and the dot defeats the aliasing).
             B, T = x_BxTxC.shape[:2]
 
             def rows_NxDxT(x_BxTxHxD):
@@ -200,17 +103,19 @@ class CausalSelfAttention(nn.Module):
         # jnp.einsum contracts its summed letters in sorted order, D before H, and XLA then
         # transposes this kernel into [D, H, C] on every call; inside the decode loop that copy
         # (a second read and a write of the kernel per step) is not hoisted. Naming the head
-        # width `d` (sorted after H) keeps the kernel's own order. The training forward keeps the
-        # historical order so its numbers do not move.
+        # width `d` (sorted after H) keeps the kernel's own order. The training forward keeps
+        # `BTHD,HDC`, whose contraction order fixes the rounding of its losses.
         eq = "BTHD,HDC->BTC" if layer_cache is None else "BTHd,HdC->BTC"
         y_BxTxC = Linear(eq, (H, D, C), ("heads", "head_dim", "embed"), (C,),
-                         ("embed",), _resid_std(cfg), cfg.use_bias, dt, pdt,
+                         ("embed",), resid_std(cfg), cfg.use_bias, dt, pdt,
                          out_in=self.decode_layout, name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
         return y_BxTxC, new_cache
 
 
 class Mlp(nn.Module):
+    """The position-wise MLP: c_fc, the activation, c_proj, residual dropout."""
+
     config: GPTConfig
     deterministic: bool
     decode_layout: bool = False
@@ -223,20 +128,15 @@ class Mlp(nn.Module):
         h_BxTxF = Linear("BTC,CF->BTF", (C, F), ("embed", "mlp"), (F,), ("mlp",), cfg.init_std,
                          cfg.use_bias, dt, pdt, name="c_fc")(x_BxTxC)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
-        h_BxTxF = _activation(cfg.activation)(h_BxTxF)
+        h_BxTxF = activation(cfg.activation)(h_BxTxF)
         y_BxTxC = Linear("BTF,FC->BTC", (F, C), ("mlp", "embed"), (C,), ("embed",),
-                         _resid_std(cfg), cfg.use_bias, dt, pdt, out_in=self.decode_layout,
+                         resid_std(cfg), cfg.use_bias, dt, pdt, out_in=self.decode_layout,
                          name="c_proj")(h_BxTxF)
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
 
 
-class Block(nn.Module):
+class Block(_LayerPart):
     """One transformer block: post-LN (GPT-1) or pre-LN (GPT-2/3), per config.norm_position."""
-
-    config: GPTConfig
-    window: Optional[int]
-    deterministic: bool
-    decode_layout: bool = False
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
@@ -245,7 +145,7 @@ class Block(nn.Module):
         attn = CausalSelfAttention(cfg, self.window, self.deterministic, self.decode_layout,
                                    name="attn")
         mlp = Mlp(cfg, self.deterministic, self.decode_layout, name="mlp")
-        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
         if cfg.norm_position == "pre":
             a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_index)
             x_BxTxC = x_BxTxC + a
@@ -312,9 +212,10 @@ class GPT(nn.Module):
     Returns:
       logits, or a tuple (logits, [hidden], [cache]) with the requested extras in that order.
 
-    `GPT(config, decode_layout=True)` takes parameters converted by `decode_layout(config,
-    params)`: the same numbers with the c_proj kernels stored [out, in], which a CPU decode step
-    reads faster (see `gptjax.inference.sampling.prepare_for_decoding`).
+    `GPT(config, decode_layout=True)` takes parameters converted by
+    `gptjax.nn.param_layout.decode_layout(config, params)`: the same numbers with the c_proj
+    kernels stored [out, in], which a CPU decode step reads faster (see
+    `gptjax.inference.sampling.prepare_for_decoding`).
     """
 
     config: GPTConfig
@@ -336,9 +237,9 @@ class GPT(nn.Module):
         positions_BxT = positions_BxT.astype(jnp.int32)
 
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dt, param_dtype=pdt,
-                       embedding_init=_normal(cfg.init_std, ("vocab", "embed")), name="wte")
+                       embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.n_ctx, cfg.n_embd, dtype=dt, param_dtype=pdt,
-                       embedding_init=_normal(cfg.init_std, ("position", "embed")), name="wpe")
+                       embedding_init=normal_init(cfg.init_std, ("position", "embed")), name="wpe")
         tok_BxTxC = wte(tokens_BxT) if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC
         x_BxTxC = tok_BxTxC.astype(dt) + wpe(jnp.maximum(positions_BxT, 0))
         x_BxTxC = nn.Dropout(cfg.embd_pdrop)(x_BxTxC, deterministic=deterministic)
@@ -354,32 +255,12 @@ class GPT(nn.Module):
             k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache_index))
             layers_cache = cache["layers"]
 
-        if cfg.scan_layers:
-            n_periods = cfg.n_layer // len(cfg.attention_pattern)
-            scanned = nn.scan(
-                Period, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
-                metadata_params={nn.PARTITION_NAME: "layers"})
-            x_BxTxC, new_layers = scanned(cfg, deterministic, self.decode_layout, name="h")(
-                x_BxTxC, None if layers_cache is None else layers_cache["h"], attn_pos_BxT,
-                k_pos_BxS, cache_index)
-            new_layers = None if layers_cache is None else {"h": new_layers}
-        else:
-            block_cls = Block
-            if cfg.remat != "none":
-                block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat))
-            new_layers = {} if layers_cache is not None else None
-            for i, window in enumerate(cfg.layer_windows()):
-                name = f"h_{i}"
-                c = None if layers_cache is None else layers_cache[name]
-                w = None if cfg.layer_kinds()[i] == "dense" else window
-                x_BxTxC, c = block_cls(cfg, w, deterministic, self.decode_layout, name=name)(
-                    x_BxTxC, attn_pos_BxT, k_pos_BxS, c, cache_index)
-                if new_layers is not None:
-                    new_layers[name] = c
+        blocks = _scanned_blocks if cfg.scan_layers else _looped_blocks
+        x_BxTxC, new_layers = blocks(cfg, deterministic, self.decode_layout, x_BxTxC,
+                                     attn_pos_BxT, k_pos_BxS, layers_cache, cache_index)
 
         if cfg.final_norm:
-            x_BxTxC = _layer_norm(cfg, "ln_f")(x_BxTxC)
+            x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
 
         x_head_BxTxC = x_BxTxC[:, -1:] if last_logits_only else x_BxTxC
         if cfg.tie_embeddings:
@@ -387,7 +268,7 @@ class GPT(nn.Module):
             logits_BxTxV = jnp.einsum("BTC,VC->BTV", x_head_BxTxC.astype(dt), head_VxC.astype(dt),
                                       preferred_element_type=jnp.float32)
         else:
-            head_CxV = self.param("lm_head", _normal(cfg.init_std, ("embed", "vocab")),
+            head_CxV = self.param("lm_head", normal_init(cfg.init_std, ("embed", "vocab")),
                                   (cfg.n_embd, cfg.vocab_size), pdt)
             logits_BxTxV = jnp.einsum("BTC,CV->BTV", x_head_BxTxC.astype(dt), head_CxV.astype(dt),
                                       preferred_element_type=jnp.float32)
@@ -401,34 +282,92 @@ class GPT(nn.Module):
         return out[0] if len(out) == 1 else tuple(out)
 
 
+def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
+                    q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
+                    layers_cache: Optional[dict], cache_index: Optional[Array]):
+    """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
+    n_periods = cfg.n_layer // len(cfg.attention_pattern)
+    scanned = nn.scan(
+        Period, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
+        metadata_params={nn.PARTITION_NAME: "layers"})
+    x_BxTxC, new_layers = scanned(cfg, deterministic, decode_layout, name="h")(
+        x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS,
+        cache_index)
+    return x_BxTxC, None if layers_cache is None else {"h": new_layers}
+
+
+def _looped_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
+                   q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
+                   layers_cache: Optional[dict], cache_index: Optional[Array]):
+    """The blocks one after another (submodules `h_{i}` of the calling GPT)."""
+    block_cls = Block
+    if cfg.remat != "none":
+        block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat))
+    new_layers = {} if layers_cache is not None else None
+    for i, window in enumerate(cfg.layer_windows()):
+        name = f"h_{i}"
+        c = None if layers_cache is None else layers_cache[name]
+        w = None if cfg.layer_kinds()[i] == "dense" else window
+        x_BxTxC, c = block_cls(cfg, w, deterministic, decode_layout, name=name)(
+            x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_index)
+        if new_layers is not None:
+            new_layers[name] = c
+    return x_BxTxC, new_layers
+
+
 # ---------------------------------------------------------------------------- functional helpers
-def check_scan_config(config: GPTConfig) -> None:
-    if config.scan_layers and config.n_layer % len(config.attention_pattern):
-        raise ConfigError(
-            f"n_layer={config.n_layer} is not a multiple of len(attention_pattern)="
-            f"{len(config.attention_pattern)}, which scan_layers=True requires")
-
-
 def init_boxed(config: GPTConfig, rng: Array) -> dict:
-    """Initialise parameters with their logical-axis metadata (nn.Partitioned boxes)."""
+    """Initialise parameters with their logical-axis metadata (nn.Partitioned boxes).
+
+    Args:
+      config: the architecture.
+      rng: PRNG key of the initialisation.
+
+    Returns:
+      The parameter pytree, each leaf an nn.Partitioned box.
+    """
     check_scan_config(config)
     tokens = jnp.zeros((1, 1), jnp.int32)
     return GPT(config).init({"params": rng}, tokens)["params"]
 
 
 def init_params(config: GPTConfig, rng: Array) -> dict:
-    """Initialise a plain parameter pytree (no metadata boxes)."""
+    """Initialise a plain parameter pytree (no metadata boxes).
+
+    Args:
+      config: the architecture.
+      rng: PRNG key of the initialisation.
+
+    Returns:
+      The parameter pytree (names follow HF GPT-2; see the module docstring).
+    """
     return nn.meta.unbox(init_boxed(config, rng))
 
 
 def abstract_params(config: GPTConfig, boxed: bool = False):
-    """Parameter shapes and dtypes (jax.ShapeDtypeStruct), computed without allocating."""
+    """Parameter shapes and dtypes (jax.ShapeDtypeStruct), computed without allocating.
+
+    Args:
+      config: the architecture.
+      boxed: keep the nn.Partitioned boxes (logical axis names).
+
+    Returns:
+      A pytree of jax.ShapeDtypeStruct, boxed or not.
+    """
     shapes = jax.eval_shape(lambda: init_boxed(config, jax.random.key(0)))
     return shapes if boxed else nn.meta.unbox(shapes)
 
 
 def logical_axes(config: GPTConfig):
-    """The logical axis names of every parameter, as a pytree of PartitionSpecs."""
+    """The logical axis names of every parameter, as a pytree of PartitionSpecs.
+
+    Args:
+      config: the architecture.
+
+    Returns:
+      A pytree of PartitionSpecs of logical names, shaped like the parameters.
+    """
     return nn.get_partition_spec(abstract_params(config, boxed=True))
 
 
@@ -441,6 +380,15 @@ def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None
 
     Its layout mirrors the parameters: `{'h_0': {'k', 'v'}, ...}`, or `{'h': {'block_j': ...}}`
     stacked over periods when scan_layers is on.
+
+    Args:
+      config: the architecture.
+      batch_size: rows B.
+      max_len: slots S (default n_ctx).
+      dtype: storage dtype of keys and values (default the compute dtype).
+
+    Returns:
+      {'layers': per-layer {'k', 'v'}, 'pos': [B, S] int32, 'index': int32 scalar}.
     """
     S = config.n_ctx if max_len is None else max_len
     dtype = jnp.dtype(config.dtype if dtype is None else dtype)
@@ -458,56 +406,3 @@ def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None
         layers = {f"h_{i}": kv() for i in range(config.n_layer)}
     return {"layers": layers, "pos": jnp.full((batch_size, S), -1, jnp.int32),
             "index": jnp.zeros((), jnp.int32)}
-
-
-def _map_out_in_kernels(config: GPTConfig, params: Any, inverse: bool) -> Any:
-    lead = 1 if config.scan_layers else 0
-
-    def f(path, x):
-        names = tuple(getattr(k, "key", None) for k in path)
-        n_in = _OUT_IN_KERNELS.get(names[-3:-1]) if names[-1:] == ("kernel",) else None
-        if n_in is None:
-            return x
-        perm = _out_in_perm(x.ndim - lead, n_in)
-        if inverse:
-            perm = tuple(perm.index(i) for i in range(len(perm)))
-        return jnp.transpose(x, tuple(range(lead)) + tuple(lead + i for i in perm))
-    return jax.tree_util.tree_map_with_path(f, params)
-
-
-def decode_layout(config: GPTConfig, params: Any) -> Any:
-    """The parameters for `GPT(config, decode_layout=True)`: c_proj kernels stored [out, in].
-
-    A decode step multiplies one vector per row by every kernel, so it runs at the speed XLA:CPU
-    streams kernels from memory. For the down-projections that speed depends on the layout:
-    GPT-2 small's MLP c_proj ([3072, 768] as stored) streamed at 16 GB/s in the [in, out]
-    layout and at 27 GB/s as [768, 3072] contracted kernel-first (each output one contiguous
-    row), which is torch.nn.Linear's layout. The up-projections ran at the same speed either way
-    and are left alone. Copies the two c_proj kernels of every layer (about 1/4 of the weights).
-    """
-    return _map_out_in_kernels(config, params, inverse=False)
-
-
-def from_decode_layout(config: GPTConfig, params: Any) -> Any:
-    """Undo `decode_layout`."""
-    return _map_out_in_kernels(config, params, inverse=True)
-
-
-def stack_layers(config: GPTConfig, params: dict) -> dict:
-    """Per-layer parameters (`h_{i}`) to the scan layout (`h.block_{j}` stacked over periods)."""
-    P = len(config.attention_pattern)
-    out = {k: v for k, v in params.items() if not k.startswith("h_")}
-    out["h"] = {
-        f"block_{j}": jax.tree_util.tree_map(
-            lambda *xs: jnp.stack(xs), *[params[f"h_{i}"] for i in range(j, config.n_layer, P)])
-        for j in range(P)}
-    return out
-
-
-def unstack_layers(config: GPTConfig, params: dict) -> dict:
-    """The scan layout back to per-layer parameters `h_{i}`."""
-    P = len(config.attention_pattern)
-    out = {k: v for k, v in params.items() if k != "h"}
-    for i in range(config.n_layer):
-        out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i // P], params["h"][f"block_{i % P}"])
-    return out

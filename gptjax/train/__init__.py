@@ -1,1 +1,2 @@
-"""Pretraining: optimizer, losses, the pure train step, the loop, checkpoints, run directories, multi-host."""
+"""Pretraining: optimizer, losses, the pure train step, the loop, checkpoints, run directories,
+multi-host."""

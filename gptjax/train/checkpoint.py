@@ -22,6 +22,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gptjax.train import faults
+from gptjax.train.multihost import barrier
+
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete or does not match the run; the message says which."""
@@ -108,8 +111,6 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
         """Starts an (async) save; returns whether a checkpoint is being written at this step."""
-        from gptjax.train import faults
-
         started = self._mngr.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=force)
@@ -171,7 +172,6 @@ class Checkpointer:
             while os.path.exists(dst):
                 dst, n = f"{src}.damaged.{n}", n + 1
             os.rename(src, dst)
-        from gptjax.train.loop import barrier
         barrier(f"checkpoint_set_aside_{step}")
         self._mngr.reload()
         return dst

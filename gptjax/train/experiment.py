@@ -1,22 +1,28 @@
-"""Checks of an experiment config before any data is read or anything compiles.
+"""An experiment config made into objects: its checks, GPTConfig, text source and tokenizer.
 
-Each problem is a ConfigError whose one-line message names the value and what is allowed (the
-entry scripts print it as `error: ...` and exit 2). Unknown keys and wrong types given as flags
+`check_train_config` runs before any data is read or anything compiles. Each problem is a
+ConfigError whose one-line message names the value and what is allowed (the entry scripts print
+it as `error: ...` and exit 2). Unknown keys and wrong types given as flags
 are caught earlier, by `gptjax.cli.define_config_file` and `gptjax.cli.parse_flags`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import os
+from typing import Any, Optional
 
+import jax
 import ml_collections
 
-from gptjax.config import ConfigError
+from gptjax import sharding as shd
+from gptjax.config import ConfigError, GPTConfig, check_scan_config
+from gptjax.data import TextSource, get_source
 from gptjax.data.lm import MODES as SAMPLING
+from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS
+from gptjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from gptjax.train.optim import SCHEDULES
 
-TOKENIZER_KINDS = ("char", "sentencepiece", "gpt2_bpe")
 NONFINITE = ("skip", "halt")
 
 
@@ -50,65 +56,142 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     table, the mesh against the device count and the batch against the data-parallel size.
 
     Args:
-      config: the experiment config (see gptjax/defaults.py).
+      config: the experiment config, complete (see gptjax/defaults.py `complete`).
       num_devices: devices the mesh must cover (default: `jax.device_count()`).
     """
-    from gptjax import sharding as shd
-    from gptjax.train.loop import model_config_from
+    _int("seed", config.seed, 0)
+    _check_train(config.train)
+    _check_optim(config.optim)
+    _check_data(config.data)
+    _choice("tokenizer.kind", config.tokenizer.kind, tuple(TOKENIZER_KINDS))
 
-    _int("seed", config.get("seed", 0), 0)
-    tc = config.train
+    # The architecture, with a stand-in vocabulary when it comes from the tokenizer.
+    model_cfg = model_config_from(config, vocab_size=256)
+    seq_len = config.data.seq_len or model_cfg.n_ctx
+    if seq_len > model_cfg.n_ctx:
+        raise ConfigError(f"data.seq_len={seq_len} is longer than the position table "
+                          f"(model.n_ctx={model_cfg.n_ctx}); allowed: 1..{model_cfg.n_ctx}")
+    _check_batch_on_mesh(config, jax.device_count() if num_devices is None else num_devices)
+
+
+def _check_train(tc: ml_collections.ConfigDict) -> None:
     _int("train.steps", tc.steps, 1)
     _int("train.batch_size", tc.batch_size, 1)
-    accum = tc.get("accum_steps", 1)
-    _int("train.accum_steps", accum, 1)
-    _int("train.log_every", tc.get("log_every", 1), 1)
-    _int("train.eval_every", tc.get("eval_every", 0), 0)
-    _int("train.eval_batches", tc.get("eval_batches", -1), -1)
-    _int("train.eval_batch_size", tc.get("eval_batch_size", 1), 1)
-    _int("train.save_every", tc.get("save_every", 1), 1)
-    _int("train.keep_checkpoints", tc.get("keep_checkpoints", 1), 1)
-    _choice("train.nonfinite", tc.get("nonfinite", "skip"), NONFINITE)
+    _int("train.accum_steps", tc.accum_steps, 1)
+    _int("train.log_every", tc.log_every, 1)
+    _int("train.eval_every", tc.eval_every, 0)
+    _int("train.eval_batches", tc.eval_batches, -1)
+    _int("train.eval_batch_size", tc.eval_batch_size, 1)
+    _int("train.save_every", tc.save_every, 1)
+    _int("train.keep_checkpoints", tc.keep_checkpoints, 1)
+    _choice("train.nonfinite", tc.nonfinite, NONFINITE)
 
-    oc = config.optim
+
+def _check_optim(oc: ml_collections.ConfigDict) -> None:
     lr = oc.learning_rate
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < math.inf:
         raise ConfigError(f"optim.learning_rate={lr!r}: must be a finite number > 0")
     _int("optim.warmup_steps", oc.warmup_steps, 0)
-    _int("optim.decay_steps", oc.get("decay_steps", 0), 0)
-    _choice("optim.schedule", oc.get("schedule", "cosine"), SCHEDULES)
-    _num("optim.min_lr", oc.get("min_lr", 0.0), 0.0)
+    _int("optim.decay_steps", oc.decay_steps, 0)
+    _choice("optim.schedule", oc.schedule, SCHEDULES)
+    _num("optim.min_lr", oc.min_lr, 0.0)
     _num("optim.b1", oc.b1, 0.0, 1.0, hi_open=True)
     _num("optim.b2", oc.b2, 0.0, 1.0, hi_open=True)
     _num("optim.eps", oc.eps, 0.0)
     _num("optim.weight_decay", oc.weight_decay, 0.0)
     _num("optim.grad_clip", oc.grad_clip, 0.0)
 
-    dc = config.data
-    _int("data.seq_len", dc.get("seq_len", 0), 0)
-    _choice("data.sampling", dc.get("sampling", "packed"), SAMPLING)
-    if dc.get("dataset") == "local_text" and not dc.get("path"):
+
+def _check_data(dc: ml_collections.ConfigDict) -> None:
+    _int("data.seq_len", dc.seq_len, 0)
+    _choice("data.sampling", dc.sampling, SAMPLING)
+    if dc.dataset == "local_text" and not dc.path:
         raise ConfigError("data.path='': data.dataset='local_text' needs text files or a glob")
-    vf = dc.get("validation_fraction")
-    if vf is not None:
-        _num("data.validation_fraction", vf, 0.0, 1.0, hi_open=True)
-    _choice("tokenizer.kind", config.tokenizer.kind, TOKENIZER_KINDS)
+    if dc.validation_fraction is not None:
+        _num("data.validation_fraction", dc.validation_fraction, 0.0, 1.0, hi_open=True)
 
-    # The architecture, with a stand-in vocabulary when it comes from the tokenizer.
-    model_cfg = model_config_from(config, vocab_size=256)
-    seq_len = dc.get("seq_len", 0) or model_cfg.n_ctx
-    if seq_len > model_cfg.n_ctx:
-        raise ConfigError(f"data.seq_len={seq_len} is longer than the position table "
-                          f"(model.n_ctx={model_cfg.n_ctx}); allowed: 1..{model_cfg.n_ctx}")
 
-    mesh_cfg = config.get("mesh", ml_collections.ConfigDict())
-    if num_devices is None:
-        import jax
-        num_devices = jax.device_count()
-    shape = shd.resolve_mesh_shape(
-        {a: mesh_cfg.get(a, 1 if a != "data" else -1) for a in shd.MESH_AXES}, num_devices)
+def _check_batch_on_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """The global batch must split evenly over the data-parallel devices and micro-batches."""
+    tc = config.train
+    shape = shd.resolve_mesh_shape(mesh_shape(config), num_devices)
     dp = shape["data"] * shape["fsdp"]
-    if tc.batch_size % (dp * accum):
+    if tc.batch_size % (dp * tc.accum_steps):
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the "
                           f"data-parallel size {dp} (mesh data x fsdp) x train.accum_steps "
-                          f"{accum}; allowed: multiples of {dp * accum}")
+                          f"{tc.accum_steps}; allowed: multiples of {dp * tc.accum_steps}")
+
+
+# ================================================================================ builders
+def mesh_shape(config: ml_collections.ConfigDict) -> dict:
+    """{axis: size} of `config.mesh` for every mesh axis (one size may be -1: the rest)."""
+    return {a: config.mesh[a] for a in shd.MESH_AXES}
+
+
+def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[int] = None
+                      ) -> GPTConfig:
+    """The GPTConfig of an experiment: `config.model.preset` plus every other field as override.
+
+    A `vocab_size` <= 0 in the config means "the tokenizer's", rounded up to
+    `config.model_vocab_multiple` (padding the table to a multiple of 64/128 makes the output
+    matmul faster and lets the vocabulary axis shard evenly).
+
+    Args:
+      config: an experiment config (train.py's or finetune.py's).
+      vocab_size: the tokenizer's vocabulary size, needed when config.model.vocab_size <= 0.
+    """
+    fields = {k: v for k, v in config.model.items() if k != "preset"}
+    if fields.get("vocab_size", 0) <= 0:  # (a plain dict: a model may leave it to the preset)
+        if vocab_size is None:
+            raise ValueError("model.vocab_size <= 0 means 'from the tokenizer', but no tokenizer "
+                             "vocabulary size was given")
+        mult = int(config.model_vocab_multiple)
+        fields["vocab_size"] = int(math.ceil(vocab_size / mult) * mult)
+    if "attention_pattern" in fields:
+        fields["attention_pattern"] = tuple(fields["attention_pattern"])
+    mc = GPTConfig.preset(config.model.preset, **fields)
+    check_scan_config(mc)
+    return mc
+
+
+def build_source(config: ml_collections.ConfigDict) -> TextSource:
+    """The text dataset named by `config.data` (tfds name, local text files, or the default)."""
+    dc = config.data
+    kwargs = {}
+    if dc.dataset == "local_text":
+        kwargs["paths"] = dc.path
+        kwargs["encoding"] = dc.encoding
+        if dc.validation_fraction is not None:
+            kwargs["validation_fraction"] = dc.validation_fraction
+    elif dc.dataset == "python_stdlib":
+        if dc.max_train_bytes:
+            kwargs["max_train_bytes"] = dc.max_train_bytes
+    return get_source(dc.dataset, dc.data_dir or None, text_key=dc.text_key, **kwargs)
+
+
+def run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: TextSource
+                  ) -> Tokenizer:
+    """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built.
+
+    A built one is saved there. A character tokenizer learns the character set of every split
+    (as nanoGPT's prepare.py does), so no validation character is unknown; a SentencePiece one
+    is trained on the train split.
+
+    Args:
+      config: the experiment config (its `tokenizer` fields).
+      workdir: the run directory.
+      source: the run's text dataset.
+    """
+    tok_dir = os.path.join(workdir, "tokenizer")
+    if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+        return load_tokenizer(tok_dir)
+    tc = config.tokenizer
+    texts: list = []
+    if tc.kind in ("char", "sentencepiece"):
+        splits = source.splits if tc.kind == "char" else ("train",)
+        texts = [t for s in splits for t in source.texts(s)]
+    os.makedirs(tok_dir, exist_ok=True)
+    tok = build_tokenizer(tc.kind, texts=texts, directory=tok_dir, vocab_size=tc.vocab_size,
+                          path=tc.path, user_defined_symbols=tuple(tc.user_defined_symbols))
+    tok.save(tok_dir)
+    return tok

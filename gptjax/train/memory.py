@@ -18,9 +18,18 @@ import math
 from typing import Any
 
 import jax
+import ml_collections
 import numpy as np
 
+from gptjax import defaults
 from gptjax import sharding as shd
+from gptjax.train.experiment import (
+    build_source,
+    check_train_config,
+    model_config_from,
+    run_tokenizer,
+)
+from gptjax.train.setup import Setup
 
 
 def _nbytes_per_device(shapes: Any, shardings: Any) -> int:
@@ -97,8 +106,52 @@ def sharding_table(setup) -> list:
 
 
 def format_bytes(n: float) -> str:
+    """`n` bytes in B, KiB, MiB, GiB or TiB."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
     return str(n)
+
+
+def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool = True) -> str:
+    """The sharding of every parameter and a per-device memory plan, without allocating.
+
+    The vocabulary size comes from the config, or (when it is <= 0) from the run's tokenizer.
+    With `compile_step`, the train step is also compiled for the local devices and XLA's own
+    memory analysis is reported next to the estimate.
+
+    Args:
+      config: a train.py experiment config (missing fields take gptjax.defaults' values).
+      workdir: the run directory (where a tokenizer is built, if one is needed).
+      compile_step: also compile the train step.
+
+    Returns:
+      The report, as printed by `train.py --dry_run`.
+    """
+    config = defaults.complete(config, defaults.base_config())
+    check_train_config(config)
+    vocab = None
+    if config.model.vocab_size <= 0:
+        vocab = run_tokenizer(config, workdir, build_source(config)).vocab_size
+    model_cfg = model_config_from(config, vocab)
+    seq_len = config.data.seq_len or model_cfg.n_ctx
+    setup = Setup(config, model_cfg, config.train.steps)
+    lines = [f"model: {model_cfg.num_params():,} parameters; mesh {dict(setup.mesh.shape)} on "
+             f"{setup.mesh.size} {jax.devices()[0].platform} devices; rules {setup.rules}", "",
+             f"{'parameter':56s} {'shape':22s} {'logical axes':44s} {'mesh':28s} per device"]
+    for path, shape, logical, spec, nbytes in sharding_table(setup):
+        lines.append(f"{path:56s} {str(shape):22s} {str(logical):44s} {str(spec):28s} "
+                     f"{format_bytes(nbytes)}")
+    plan = memory_plan(setup, config.train.batch_size, seq_len, config.train.accum_steps)
+    lines += ["", f"memory plan per device (batch {config.train.batch_size}, seq {seq_len}, "
+              f"micro-batch/device {plan['micro_batch_per_device']}, remat {model_cfg.remat}, "
+              f"compute {model_cfg.dtype}, params {model_cfg.param_dtype}):"]
+    for k in ("params", "optimizer_state", "gradients", "activations", "total"):
+        lines.append(f"  {k:16s} {format_bytes(plan[k])}")
+    if compile_step:
+        cm = compiled_memory(setup, config.train.batch_size, seq_len)
+        if cm is not None:
+            lines.append("XLA memory analysis of the compiled step, per device: " + ", ".join(
+                f"{k} {format_bytes(v)}" for k, v in cm.items()))
+    return "\n".join(lines)

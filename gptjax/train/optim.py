@@ -80,7 +80,7 @@ def make_optimizer(opt_cfg, total_steps: int) -> tuple[optax.GradientTransformat
     parts = []
     if opt_cfg.grad_clip > 0:
         parts.append(optax.clip_by_global_norm(opt_cfg.grad_clip))
-    decay_emb = opt_cfg.get("decay_embeddings", True)
+    decay_emb = opt_cfg.decay_embeddings
     parts.append(optax.adamw(sched, b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps,
                              weight_decay=opt_cfg.weight_decay,
                              mask=lambda p: decay_mask(p, decay_emb)))

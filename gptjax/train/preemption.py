@@ -18,13 +18,16 @@ import threading
 from typing import Optional
 
 import jax
+# JAX's preemption sync manager is only reachable through this private module (present in every
+# jax version gptjax supports, 0.10.x and 0.11.x).
+from jax._src import distributed
+from jax.experimental import multihost_utils
 
 
 def _sync_manager():
     """JAX's preemption sync manager when this is a multi-process run that started one."""
     if jax.process_count() == 1:
         return None
-    from jax._src import distributed
     return getattr(distributed.global_state, "preemption_sync_manager", None)
 
 
@@ -73,7 +76,6 @@ class PreemptionGuard:
     def should_stop(self, step: int) -> bool:
         """Whether to save and stop after `step` (the same answer on every process)."""
         if self._multi:
-            from jax.experimental import multihost_utils
             stop = multihost_utils.reached_preemption_sync_point(step)
             if stop and self.signal_name is None:
                 self.signal_name = "SIGTERM"  # the notice came to another process or via JAX

@@ -1,0 +1,105 @@
+"""Serving: an OpenAI-style completions API (FastAPI + uvicorn) over a batched KV-cache decoder.
+
+Modules, bottom up:
+  * `engine`: the per-step device work (each row with its own PRNG key, temperature and top_p,
+    so a completion equals `gptjax.inference.sampling.generate` with the same seed), the fixed
+    set of compiled shapes (`ShapePlan`), and `Engine`, which decodes one wave of rows step by
+    step on the host (streaming, stop strings, cancellation and timeouts per row).
+  * `batcher`: `Batcher`, a background thread with a bounded queue that groups requests that
+    arrive together into waves (static batching).
+  * `api`: the HTTP API (`make_app`) and `build_server` (engine + warm-up + batcher + app).
+  * here: `serve`, which loads a model (a train.py workdir or an imported HF directory), warms
+    up every compiled shape and runs uvicorn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+from gptjax.inference.serving.api import (
+    CompletionRequest,
+    RequestError,
+    build_server,
+    make_app,
+)
+from gptjax.inference.serving.batcher import Batcher, QueueFull
+from gptjax.inference.serving.engine import (
+    MAX_LOGPROBS,
+    Engine,
+    Job,
+    Row,
+    ShapePlan,
+    compilations,
+    sample_rows,
+    start_compile_counter,
+)
+from gptjax.train.workdir import load_pretrained
+
+__all__ = [
+    "Batcher", "CompletionRequest", "Engine", "Job", "MAX_LOGPROBS", "QueueFull", "RequestError",
+    "Row", "ShapePlan", "build_server", "compilations", "make_app", "sample_rows", "serve",
+    "start_compile_counter",
+]
+
+
+def _int_list(flag: str, text: str) -> Optional[tuple]:
+    if text in (None, ""):
+        return None
+    try:
+        vals = tuple(int(x) for x in str(text).split(","))
+    except ValueError:
+        raise ValueError(f"--{flag}={text!r}: give comma-separated positive integers") from None
+    if any(v < 1 for v in vals):
+        raise ValueError(f"--{flag}={text!r}: give comma-separated positive integers")
+    return vals
+
+
+def _check_flags(*, port: int, max_queue: int, batch_window_ms: float,
+                 request_timeout: float) -> None:
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port={port}: must be in [0, 65535]")
+    if max_queue < 1:
+        raise ValueError(f"--max_queue={max_queue}: must be >= 1")
+    if not batch_window_ms >= 0 or not math.isfinite(batch_window_ms):
+        raise ValueError(f"--batch_window_ms={batch_window_ms}: must be >= 0")
+    if not request_timeout > 0:
+        raise ValueError(f"--request_timeout={request_timeout}: must be > 0 seconds")
+
+
+def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="127.0.0.1",
+          port=8000, batch_sizes="1,2,4,8", prompt_buckets="", max_queue=64,
+          batch_window_ms=50.0, request_timeout=60.0, model_name=None) -> None:
+    """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped.
+
+    Args:
+      workdir, hf_dir, tokenizer_path, step: the model (see gptjax.train.workdir.load_pretrained).
+      host, port: where to listen.
+      batch_sizes, prompt_buckets: comma-separated compiled shapes (see ShapePlan; "" for the
+        default prompt buckets).
+      max_queue, batch_window_ms, request_timeout: see Batcher and make_app.
+      model_name: the model id in the API (default: the directory's name).
+
+    Raises:
+      ValueError: a bad flag value, before anything is loaded.
+    """
+    import uvicorn  # heavy: uvicorn, only when actually serving
+
+    _check_flags(port=port, max_queue=max_queue, batch_window_ms=batch_window_ms,
+                 request_timeout=request_timeout)
+    bs = _int_list("batch_sizes", batch_sizes)
+    if bs is None:
+        raise ValueError("--batch_sizes is empty: give e.g. 1,2,4,8")
+    pb = _int_list("prompt_buckets", prompt_buckets)
+    config, params, tok = load_pretrained(workdir=workdir, hf_dir=hf_dir,
+                                          tokenizer_path=tokenizer_path, step=step)
+    name = model_name or os.path.basename(os.path.normpath(workdir or hf_dir))
+    app, batcher, _ = build_server(config, params, tok, batch_sizes=bs, prompt_buckets=pb,
+                                   max_queue=max_queue, batch_window_s=batch_window_ms / 1000,
+                                   request_timeout_s=request_timeout, model_name=name)
+    print(f"serving {name!r} on http://{host}:{port}/v1/completions", flush=True)
+    try:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    finally:
+        batcher.stop()

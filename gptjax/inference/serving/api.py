@@ -1,0 +1,353 @@
+"""The HTTP API: OpenAI-style completions over the engine and batcher (FastAPI).
+
+POST /v1/completions (prompt str or list, max_tokens, temperature, top_p, n, stop, seed, stream,
+logprobs), GET /v1/models, GET /health; errors are OpenAI-style bodies
+{"error": {"message", "type", "param", "code"}}.
+
+Seeds: choice i of each prompt uses seed + i (mod 2**32), i.e. it equals
+`generate([prompt], rng=jax.random.key(seed + i))`; with no seed a random one is drawn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import secrets
+import time
+import uuid
+from typing import Optional, Union
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gptjax.inference.serving.batcher import Batcher, QueueFull
+from gptjax.inference.serving.engine import (
+    MAX_LOGPROBS,
+    Engine,
+    Job,
+    ShapePlan,
+    compilations,
+    start_compile_counter,
+)
+
+MAX_STOP = 4
+
+
+# ---------------------------------------------------------------------------- errors and bodies
+def _error_body(message: str, type_: str = "invalid_request_error", param: Optional[str] = None,
+                code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+                503: "server_error"}
+
+
+class RequestError(Exception):
+    """An error answered with an HTTP status and an OpenAI-style body."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None,
+                 code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class CompletionRequest(BaseModel):
+    """POST /v1/completions: the OpenAI fields gptjax implements; any other field is refused."""
+    model_config = ConfigDict(extra="forbid")
+    model: Optional[str] = None
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    max_tokens: int = Field(16, ge=1, strict=True)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: int = Field(1, ge=1, strict=True)
+    stop: Optional[Union[str, list[str]]] = None
+    seed: Optional[int] = Field(None, ge=0, lt=2**32, strict=True)
+    stream: bool = Field(False, strict=True)
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    user: Optional[str] = None
+
+
+def _build_rows(req, engine: Engine) -> tuple:
+    """(rows, prompt token count) for a validated request, or RequestError."""
+    cfg, tok, plan = engine.config, engine.tokenizer, engine.plan
+    prompts = req.prompt
+    if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
+                                    and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    if not prompts:
+        raise RequestError(400, "prompt is an empty list: give a string or a list of strings",
+                           "prompt")
+    stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stops) > MAX_STOP or any(not s for s in stops):
+        raise RequestError(400, f"stop={stops!r}: give up to {MAX_STOP} non-empty strings",
+                           "stop")
+    if len(prompts) * req.n > plan.max_rows:
+        raise RequestError(400, f"{len(prompts)} prompt(s) x n={req.n} = {len(prompts) * req.n} "
+                           f"choices: at most {plan.max_rows} per request (the largest batch)",
+                           "n")
+    id_lists = []
+    for j, p in enumerate(prompts):
+        if isinstance(p, str):
+            try:
+                ids = tok.encode(p)
+            except ValueError as e:
+                raise RequestError(400, f"prompt[{j}]: {e}", "prompt") from None
+            if not ids:
+                if tok.eos_id is None:
+                    raise RequestError(400, f"prompt[{j}] is empty and this tokenizer has no "
+                                       "end-of-text token to start from", "prompt")
+                ids = [tok.eos_id]
+        else:
+            ids = list(p)
+            if not ids:
+                raise RequestError(400, f"prompt[{j}] is an empty token list", "prompt")
+            bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise RequestError(400, f"prompt[{j}] holds token id {bad[0]}: ids must be in "
+                                   f"[0, {cfg.vocab_size})", "prompt")
+        if len(ids) + req.max_tokens > cfg.n_ctx:
+            raise RequestError(
+                400, f"This model's maximum context length is {cfg.n_ctx} tokens, however you "
+                f"requested {len(ids) + req.max_tokens} tokens ({len(ids)} in prompt[{j}]; "
+                f"{req.max_tokens} for the completion). Shorten the prompt or lower max_tokens.",
+                "prompt" if len(ids) >= cfg.n_ctx else "max_tokens", "context_length_exceeded")
+        id_lists.append(ids)
+    seed = req.seed if req.seed is not None else secrets.randbits(32)
+    rows = []
+    for j, ids in enumerate(id_lists):
+        for i in range(req.n):
+            rows.append(engine.make_row(ids, seed=seed + i, temperature=req.temperature,
+                                        top_p=req.top_p, max_tokens=req.max_tokens,
+                                        logprobs=req.logprobs, stops=tuple(stops),
+                                        index=j * req.n + i))
+    return rows, sum(len(x) for x in id_lists)
+
+
+def _logprobs_body(token_strs, token_logprobs, top_logprobs, start_offset: int = 0) -> dict:
+    offsets, off = [], start_offset
+    for s in token_strs:
+        offsets.append(off)
+        off += len(s)
+    return {"tokens": token_strs, "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+
+def _completion_body(base: dict, rows: list, prompt_tokens: int) -> dict:
+    """The JSON answer of a non-streaming request whose rows have all finished."""
+    choices = []
+    for r in rows:
+        lp = None
+        if r.logprobs is not None:
+            lp = _logprobs_body(r.token_strs, r.token_logprobs, r.top_logprobs)
+        choices.append({"text": r.text, "index": r.index, "logprobs": lp,
+                        "finish_reason": r.finish_reason})
+    completion = sum(len(r.new_ids) for r in rows)
+    return dict(base, choices=choices, usage={
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion})
+
+
+def _error_response(status: int, message: str, param: Optional[str] = None,
+                    code: Optional[str] = None) -> JSONResponse:
+    return JSONResponse(_error_body(message, _ERROR_TYPES.get(status, "invalid_request_error"),
+                                    param, code), status_code=status)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """HTTP 400 naming the first invalid field of a request body, and what is allowed."""
+    errs = exc.errors()
+    e = errs[0] if errs else {"msg": "invalid request", "loc": ()}
+    loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+    if e.get("type") == "json_invalid":
+        return _error_response(400, f"malformed JSON body: {e.get('msg')} "
+                               f"(at character {loc[-1] if loc else '?'})", None, "json_invalid")
+    param = loc[0] if loc else None
+    where = ".".join(loc) or "body"
+    if e.get("type") == "extra_forbidden":
+        msg = (f"unknown field {where!r}: allowed fields are "
+               f"{', '.join(sorted(CompletionRequest.model_fields))}")
+    elif e.get("type") == "missing":
+        msg = f"missing required field {where!r}"
+    else:
+        got = e.get("input")
+        got = json.dumps(got)[:80] if got is not None else "null"
+        msg = f"{where}={got}: {e.get('msg')}"
+    return _error_response(400, msg, param, e.get("type"))
+
+
+# ---------------------------------------------------------------------------- job events
+async def _next_event(job: Job, batcher: Batcher) -> tuple:
+    """The job's next event; RequestError 503 once its deadline (plus a second) has passed."""
+    remaining = job.deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(job.queue.get(), timeout=max(remaining, 0.0) + 1.0)
+    except asyncio.TimeoutError:
+        batcher.stats["timed_out"] += 1
+        raise RequestError(503, "the request timed out (server busy); retry or raise "
+                           "--request_timeout", None, "timeout") from None
+
+
+async def _collect(job: Job, batcher: Batcher) -> None:
+    """Wait until every row of the job has finished (the rows hold the results)."""
+    left = len(job.rows)
+    while left:
+        ev = await _next_event(job, batcher)
+        if ev[0] == "finish":
+            left -= 1
+        elif ev[0] == "error":
+            raise RequestError(ev[1], ev[2], None, ev[3])
+    batcher.stats["completed"] += 1
+
+
+def _stream_chunk(ev: tuple, offsets: collections.Counter) -> dict:
+    """The choice of one streamed chunk for a "delta" or "finish" event."""
+    if ev[0] == "delta":
+        _, idx, text, lp = ev
+        lp_body = None
+        if lp is not None:
+            lp_body = _logprobs_body(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                     offsets[idx])
+            offsets[idx] += sum(len(s) for s in lp["tokens"])
+        return {"text": text, "index": idx, "logprobs": lp_body, "finish_reason": None}
+    return {"text": "", "index": ev[1], "logprobs": None, "finish_reason": ev[2]}
+
+
+async def _stream(job: Job, base: dict, batcher: Batcher):
+    """Server-sent events of a streaming request: chunks, then `data: [DONE]` (or one error)."""
+    left = len(job.rows)
+    offsets = collections.Counter()
+    try:
+        while left:
+            try:
+                ev = await _next_event(job, batcher)
+            except RequestError as e:
+                ev = ("error", e.status, e.message, e.code)
+            if ev[0] == "error":
+                body = _error_body(ev[2], _ERROR_TYPES.get(ev[1], "server_error"), None, ev[3])
+                yield f"data: {json.dumps(body)}\n\n"
+                return
+            if ev[0] == "finish":
+                left -= 1
+            yield f"data: {json.dumps(dict(base, choices=[_stream_chunk(ev, offsets)]))}\n\n"
+        batcher.stats["completed"] += 1
+        yield "data: [DONE]\n\n"
+    finally:
+        # Client gone (the response task is cancelled) or done: free the rows' batch slots.
+        if left:
+            batcher.stats["cancelled"] += 1
+        job.cancel()
+
+
+# ---------------------------------------------------------------------------- the app
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, exc):
+        return _validation_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc):
+        return _error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc):
+        return _error_response(exc.status, exc.message, exc.param, exc.code)
+
+
+def _add_info_routes(app: FastAPI, engine: Engine, batcher: Batcher, model_name: str) -> None:
+    created = int(time.time())
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, "queued": batcher.queued(),
+                "compilations_after_warmup": compilations() - app.state.compiles_at_start,
+                "stats": dict(batcher.stats), "shapes": engine.plan.describe()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model",
+                                            "created": created, "owned_by": "gptjax"}]}
+
+
+def _add_completions_route(app: FastAPI, engine: Engine, batcher: Batcher, model_name: str,
+                           request_timeout_s: float) -> None:
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        if req.model is not None and req.model != model_name:
+            raise RequestError(404, f"model={req.model!r} does not exist: this server serves "
+                               f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
+        rows, prompt_tokens = _build_rows(req, engine)
+        job = Job(rows, asyncio.get_running_loop(), time.monotonic() + request_timeout_s)
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise RequestError(429, f"server overloaded: {e}", None, "queue_full") from None
+        base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+                "created": int(time.time()), "model": model_name}
+        if req.stream:
+            return StreamingResponse(_stream(job, base, batcher), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        try:
+            await _collect(job, batcher)
+        finally:
+            job.cancel()
+        return _completion_body(base, rows, prompt_tokens)
+
+
+def make_app(engine: Engine, batcher: Batcher, *, model_name: str = "gptjax",
+             request_timeout_s: float = 60.0) -> FastAPI:
+    """The FastAPI application (the batcher is started and stopped by the caller).
+
+    Args:
+      engine: the Engine that decodes.
+      batcher: the Batcher that queues requests for it.
+      model_name: the model id the API reports and accepts.
+      request_timeout_s: seconds a request may wait and decode before it gets HTTP 503.
+
+    Returns:
+      The app; its /health counts compilations from this call on.
+    """
+    app = FastAPI(title="gptjax", version="0.1.0")
+    _add_error_handlers(app)
+    _add_info_routes(app, engine, batcher, model_name)
+    _add_completions_route(app, engine, batcher, model_name, request_timeout_s)
+    app.state.compiles_at_start = compilations()
+    return app
+
+
+def build_server(config, params, tokenizer, *, batch_sizes=(1, 2, 4, 8), prompt_buckets=None,
+                 max_queue: int = 64, batch_window_s: float = 0.05,
+                 request_timeout_s: float = 60.0, model_name: str = "gptjax", warmup=True,
+                 start=True, log=print) -> tuple:
+    """Engine + warmed-up compiled shapes + batcher + app.
+
+    Args:
+      config, params, tokenizer: the model.
+      batch_sizes, prompt_buckets: the compiled shapes (see ShapePlan).
+      max_queue, batch_window_s: see Batcher.
+      request_timeout_s, model_name: see make_app.
+      warmup: compile every shape now (else on first use).
+      start: start the batcher's thread.
+      log: where the warm-up lines go.
+
+    Returns:
+      (app, batcher, engine).
+    """
+    start_compile_counter()
+    plan = ShapePlan(config.n_ctx, batch_sizes, prompt_buckets)
+    engine = Engine(config, params, tokenizer, plan)
+    if warmup:
+        log(f"warming up {len(plan.batch_sizes) * (len(plan.prompt_buckets) + len(plan.slot_sizes))}"
+            f" compiled shapes {plan.describe()} ...")
+        log(f"warm-up done in {engine.warmup():.1f} s")
+    batcher = Batcher(engine, max_queue=max_queue, batch_window_s=batch_window_s)
+    app = make_app(engine, batcher, model_name=model_name, request_timeout_s=request_timeout_s)
+    if start:
+        batcher.start()
+    return app, batcher, engine

@@ -1,0 +1,8 @@
+"""Fused attention kernels behind gptjax.nn.attention's switch: Pallas flash, cuDNN, TPU splash."""
+
+from gptjax.nn.kernels.cudnn import cudnn_attention, cudnn_unsupported
+from gptjax.nn.kernels.flash_pallas import flash_attention
+from gptjax.nn.kernels.splash import splash_attention, splash_unsupported
+
+__all__ = ["cudnn_attention", "cudnn_unsupported", "flash_attention", "splash_attention",
+           "splash_unsupported"]

@@ -1,0 +1,101 @@
+"""The sharded setup of one training run: its mesh, shardings and jitted steps.
+
+The parameters' logical axes (from the model's boxed init) and the config's rules give every
+parameter and optimizer-state leaf a NamedSharding; the train step is jitted with the state
+donated and sharded that way, and batches are laid out over the data-parallel axes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from gptjax import sharding as shd
+from gptjax.config import GPTConfig
+from gptjax.nn.model import init_boxed
+from gptjax.train.checkpoint import abstract_with_shardings
+from gptjax.train.experiment import mesh_shape
+from gptjax.train.optim import make_optimizer
+from gptjax.train.step import TrainState, make_eval_step, make_train_step
+
+
+class Setup:
+    """The mesh, the shardings and the jitted functions of one run."""
+
+    def __init__(self, config: ml_collections.ConfigDict, model_cfg: GPTConfig, total_steps: int,
+                 devices=None):
+        """Builds the mesh of `config.mesh` on `devices` (default: all) and everything on it.
+
+        Args:
+          config: the experiment config, complete (its mesh, optim and train fields).
+          model_cfg: the architecture.
+          total_steps: the run's steps (the learning-rate schedule's length).
+          devices: the devices of the mesh.
+        """
+        self.config, self.model_cfg = config, model_cfg
+        self.mesh = shd.make_mesh(mesh_shape(config), dcn_shape=config.mesh.dcn.to_dict(),
+                                  devices=devices)
+        self.rules = shd.rules_from_config(config.mesh.rules)
+        self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
+        self._shard_state()
+        repl = self.repl
+        step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
+                                  accum_steps=config.train.accum_steps,
+                                  nonfinite=config.train.nonfinite)
+        self.train_step = jax.jit(
+            self._with_rules(step_fn),
+            in_shardings=(self.state_shardings, self.batch_sharding, repl),
+            out_shardings=(self.state_shardings, repl), donate_argnames=("state",))
+        self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
+                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
+                                 out_shardings=(repl, repl))
+
+    def _init_fn(self, rng: jax.Array) -> TrainState:
+        params = nn.meta.unbox(init_boxed(self.model_cfg, rng))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=self.optimizer.init(params))
+
+    def _shard_state(self) -> None:
+        """The logical specs, the abstract state and the sharding of every state leaf."""
+        boxed = jax.eval_shape(lambda: init_boxed(self.model_cfg, jax.random.key(0)))
+        self.logical_specs = nn.get_partition_spec(boxed)
+        shd.check_rules_cover(self.logical_specs, self.rules)
+        param_sh = shd.logical_to_shardings(self.logical_specs, self.mesh, self.rules)
+        self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
+        shd.check_divisible(self.abstract_state.params, param_sh)
+        self.repl = shd.replicated(self.mesh)
+        opt_sh = optax.tree_utils.tree_map_params(
+            self.optimizer, lambda _, s: s, self.abstract_state.opt_state, param_sh,
+            transform_non_params=lambda _: self.repl,
+            is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
+        self.state_shardings = TrainState(step=self.repl, params=param_sh, opt_state=opt_sh)
+        self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
+
+    def _with_rules(self, fn):
+        """Trace `fn` with the logical axis rules active, so activation constraints apply."""
+        @functools.wraps(fn)
+        def wrapped(*args):
+            with nn.logical_axis_rules(self.rules):
+                return fn(*args)
+        return wrapped
+
+    def init_state(self, rng: jax.Array) -> TrainState:
+        """Initialise straight into the sharded layout (no full copy on one device)."""
+        with self.mesh:
+            return jax.jit(self._with_rules(self._init_fn),
+                           out_shardings=self.state_shardings)(rng)
+
+    def abstract_sharded_state(self):
+        """The state's ShapeDtypeStructs with their target shardings (to restore into)."""
+        return abstract_with_shardings(self.abstract_state, self.state_shardings)
+
+    def put_batch(self, local_batch: dict) -> dict:
+        """Host-local numpy rows -> one global array sharded over the batch axis."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
+                for k, v in local_batch.items()}
