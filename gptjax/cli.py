@@ -11,7 +11,7 @@ import importlib.util
 import os
 import re
 import sys
-from typing import Any, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import jax
 import ml_collections
@@ -25,7 +25,9 @@ from gptjax.inference import sampling
 from gptjax.nn.convert import ConversionError
 from gptjax.sharding import ShardingError
 from gptjax.train.checkpoint import CheckpointError
-from gptjax.train.loop import TrainResult
+
+if TYPE_CHECKING:  # an annotation only: sample.py and serve.py do not load the training loop
+    from gptjax.train.loop import TrainResult
 
 # Errors a user can cause (bad config, flags, paths, data, checkpoints): one line, no traceback.
 USER_ERRORS = (ConfigError, CheckpointError, ConversionError, ShardingError, ValueError,

@@ -13,9 +13,9 @@ def read_metrics(path: str) -> list:
 
 def plot_metrics(metrics_path: str, out_png: str, title: str = "") -> str:
     """Train and validation loss against step (log-scaled step axis off), written as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy: matplotlib, only when a plot is written
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
