@@ -4,6 +4,8 @@
   python bench/attention.py --seq 1024 2048 --batch 4 --heads 12 --dtype bfloat16 --out a.json
   python bench/attention.py --check [--out check.json]   # outputs+grads of every impl vs xla;
                                                          # exits 1 on a mismatch
+  python bench/attention.py --smoke [--out a.json]       # end to end in seconds: T=128,256, tiny
+                                                         # heads, one timed call per row
 
 Rows are (implementation, layer kind, T): forward and forward+backward milliseconds (median of
 --reps after one warm-up call) and the peak temporary memory XLA's buffer assignment gives the
@@ -29,6 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.nn import attention as A
+
+# --smoke: the timing run's defaults it replaces (explicit flags still win; --check keeps its own
+# fixed cases). Two lengths, so the growth lines print; both > 2 * window, so 'xla' takes the
+# blocked banded path on local layers.
+SMOKE = dict(seq=[128, 256], batch=1, heads=2, head_dim=16, window=32, reps=1)
 
 
 def _impl_fn(impl, window, q_pos=None, k_pos=None):
@@ -236,7 +243,13 @@ def main(argv=None):
     p.add_argument("--max_gib", type=float, default=8.0,
                    help="skip a row whose compiled temporaries exceed this")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--smoke", action="store_true",
+                   help="end to end in seconds: T=128,256, 2 heads of 16, window 32, one timed "
+                        "call per row (shows the script works; the numbers mean nothing)")
     args = p.parse_args(argv)
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args(argv)
     for name in ("batch", "heads", "head_dim", "window", "reps"):
         if getattr(args, name) < 1:
             p.error(f"--{name}={getattr(args, name)}: must be a positive integer")

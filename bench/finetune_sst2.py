@@ -18,6 +18,7 @@ random init, the GPT-1 experiment at CPU scale (about 10 minutes on a 2-core CPU
 
 Run (from the repository root):
   python bench/finetune_sst2.py --workdir runs/bench_sst2
+  python bench/finetune_sst2.py --smoke --workdir /tmp/sst2_smoke   # end to end in about 30 s
 
 Measured (2-core CPU shared with ~6 other jobs, load 12-16: 46 min in all, 36.6 of them
 pretraining to a validation loss of 5.55; a quiet CPU trains at ~9.5k tokens/s, about 4.5 min),
@@ -45,6 +46,22 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from gptjax.cli import quiet_libraries  # noqa: E402
+from gptjax.data.tasks import get_task, load_task  # noqa: E402
+from gptjax.defaults import base_config, finetune_config as base_finetune_config  # noqa: E402
+from gptjax.defaults import model_config  # noqa: E402
+from gptjax.eval.zero_shot import zero_shot_accuracy  # noqa: E402
+from gptjax.finetune import finetune  # noqa: E402
+from gptjax.train.hostmem import prepare_host_for_training  # noqa: E402
+from gptjax.train.loop import train_and_evaluate  # noqa: E402
+from gptjax.train.workdir import load_pretrained  # noqa: E402
+
+# --smoke: the defaults it replaces (explicit flags still win): a 1-layer, 32-wide GPT with a
+# 512-piece tokenizer (the corpus has 329 distinct characters) pretrained for 2 steps, finetuned
+# on 32 sentences for 1 epoch, 1 seed; the same corpus and the whole dev split.
+SMOKE = dict(pretrain_steps=2, pretrain_batch=4, vocab_size=512, n_layer=1, n_head=2, n_embd=32,
+             train_examples=32, epochs=1, batch_size=16, seeds=1, no_progress=True)
+
 
 def _corpus(shared: str, out_dir: str, lowercase: bool) -> str:
     """The books and Tiny Shakespeare as UTF-8 files in out_dir; returns their glob."""
@@ -65,8 +82,6 @@ def _corpus(shared: str, out_dir: str, lowercase: bool) -> str:
 
 
 def pretrain_config(corpus_glob: str, args, cache: str):
-    from gptjax.defaults import base_config, model_config
-
     c = base_config()
     c.model = model_config("tiny", vocab_size=0, n_layer=args.n_layer, n_head=args.n_head,
                            n_embd=args.n_embd, n_ctx=args.n_ctx,
@@ -92,9 +107,7 @@ def pretrain_config(corpus_glob: str, args, cache: str):
 
 
 def finetune_config(shared: str, pretrained: str, args, scratch: bool, seed: int):
-    from gptjax.defaults import finetune_config as base
-
-    c = base("sst2", os.path.join(shared, "glue", "SST-2"))
+    c = base_finetune_config("sst2", os.path.join(shared, "glue", "SST-2"))
     c.seed = seed  # the training subset, the fresh weights, the batch order, dropout
     c.init.kind = "workdir"
     c.init.path = pretrained
@@ -145,15 +158,14 @@ def main() -> None:
                    help="pretrain on the corpus as is (by default it is lower-cased like GLUE's "
                         "SST-2, so the tokenizer's pieces match the task's words)")
     p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--smoke", action="store_true",
+                   help="end to end in about 30 s: a 1 x 32 GPT, 512 pieces, 2 pretraining "
+                        "steps, 32 SST-2 sentences x 1 epoch, 1 seed, no progress bars (shows the "
+                        "script works; the numbers mean nothing); explicit flags still win")
     args = p.parse_args()
-
-    from gptjax.cli import quiet_libraries
-    from gptjax.data.tasks import get_task, load_task
-    from gptjax.eval.zero_shot import zero_shot_accuracy
-    from gptjax.finetune import finetune
-    from gptjax.train.hostmem import prepare_host_for_training
-    from gptjax.train.loop import train_and_evaluate
-    from gptjax.train.workdir import load_pretrained
+    if args.smoke:
+        p.set_defaults(**SMOKE)
+        args = p.parse_args()
 
     # The process edge, as train.py and finetune.py do: kept freed memory and inline CPU dispatch.
     prepare_host_for_training()

@@ -2,6 +2,7 @@
 
   python bench/scaling_sweep.py                                   # about 15 min on a quiet 2-core CPU
   python bench/scaling_sweep.py --tokens 200000 --widths 32,64    # a quick check
+  python bench/scaling_sweep.py --smoke --out /tmp/sweep          # end to end in seconds
 
 Character-level Tiny Shakespeare (first 90% train, last 10% validation), 2-layer GPTs of several
 widths (d_head 16), each trained for the same number of tokens with the same recipe; every width
@@ -23,7 +24,12 @@ import os
 import sys
 import time
 
+import matplotlib
 import numpy as np
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import FormatStrFormatter, NullFormatter  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -33,6 +39,9 @@ from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
 
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
                             "shared", "data", "tinyshakespeare", "input.txt")
+# --smoke: the defaults it replaces (explicit flags still win): two widths (a fit needs two
+# points), one seed, 2 steps of 4 x 32 characters each.
+SMOKE = dict(widths="16,32", seeds=1, tokens=256, seq_len=32, batch=4)
 
 
 def _config(width, args, vocab):
@@ -52,11 +61,6 @@ def _config(width, args, vocab):
 
 
 def _plot(points, fit, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
-
     n = np.array([p["non_embedding_params"] for p in points])
     mean = np.array([p["val_loss_mean"] for p in points])
     std = np.array([p["val_loss_std"] for p in points])
@@ -92,7 +96,13 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--out", default="runs/scaling_sweep")
+    ap.add_argument("--smoke", action="store_true",
+                    help="end to end in seconds: widths 16,32, 1 seed, 2 steps of 4 x 32 tokens "
+                         "(shows the script works; the numbers mean nothing)")
     args = ap.parse_args()
+    if args.smoke:
+        ap.set_defaults(**SMOKE)
+        args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     if len(widths) < 2 or args.tokens < args.batch * args.seq_len:
         sys.exit("error: need at least 2 widths and --tokens >= batch * seq_len")

@@ -1,6 +1,7 @@
 """Page faults and time per compiled gptjax train step under each host memory setting.
 
     python bench/step_faults.py --shape 6x384_T256 --host kept_inline [--steps 3] [--repeats 3]
+    python bench/step_faults.py --smoke   # end to end in seconds: tiny_smoke, 2 blocks of 1 step
 
 Runs a bench/train_throughput.py shape's compiled train step in a loop, in this process with
 --host applied before JAX creates its CPU client, and prints per block of --steps steps the
@@ -27,8 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax.train import hostmem  # noqa: E402
 from gptjax.cli import fail  # noqa: E402
+from train_throughput import SHAPES, jax_setup, model_cfg  # noqa: E402
 
 HOSTS = ("default", "kept", "inline", "kept_inline")
+# --smoke: the defaults it replaces (explicit flags still win).
+SMOKE = dict(shape="tiny_smoke", steps=1, repeats=2)
 
 
 def main(argv=None):
@@ -37,12 +41,17 @@ def main(argv=None):
     p.add_argument("--host", default="kept_inline", help=f"one of {list(HOSTS)}")
     p.add_argument("--steps", type=int, default=3, help="steps per printed block")
     p.add_argument("--repeats", type=int, default=3, help="printed blocks")
+    p.add_argument("--smoke", action="store_true",
+                   help="end to end in seconds: shape tiny_smoke, 2 blocks of 1 step (shows the "
+                        "script works; the numbers mean nothing); explicit flags still win")
     a = p.parse_args(argv)
+    if a.smoke:
+        p.set_defaults(**SMOKE)
+        a = p.parse_args(argv)
     if a.host not in HOSTS:
         fail(f"--host: {a.host!r} is not one of {list(HOSTS)}")
     if a.steps < 1 or a.repeats < 1:
         fail(f"--steps {a.steps}, --repeats {a.repeats}: both must be >= 1")
-    from train_throughput import SHAPES, jax_setup, model_cfg
     if a.shape not in SHAPES:
         fail(f"--shape: {a.shape!r} is not one of {list(SHAPES)}")
     if a.host == "kept_inline":

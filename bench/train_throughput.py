@@ -2,6 +2,7 @@
 
   python bench/train_throughput.py                      # the three CPU shapes, every runner
   python bench/train_throughput.py --shapes gpt2_1024 --dtype bfloat16 --batch 16   # a GPU
+  python bench/train_throughput.py --smoke [--json r.json]   # end to end in seconds: tiny shape
 
 Runners (--runners), all on the same architecture (GPT-2: pre-LN, biases, tanh GELU, tied
 embeddings, no dropout), AdamW(3e-4, weight decay 0.1) after global-norm clipping at 1.0, fp32
@@ -46,12 +47,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gptjax import GPTConfig  # noqa: E402
+from gptjax.nn.model import init_params  # noqa: E402
 from gptjax.train.hostmem import prepare_host_for_training  # noqa: E402
 from gptjax.train.metrics import datasheet_peak, measured_peak  # noqa: E402
+from gptjax.train.step import TrainState, make_train_step  # noqa: E402
 
 # name: (n_layer, n_embd, n_head, seq_len, default batch, vocab). The two character-level
 # shapes use Tiny Shakespeare's 65 symbols as nanoGPT's shakespeare_char recipes do; GPT-2 uses
@@ -61,11 +65,15 @@ SHAPES = {
     "6x384_T256": (6, 384, 6, 256, 8, 65),          # nanoGPT's shakespeare_char GPU model
     "gpt2_T256": (12, 768, 12, 256, 4, 50304),      # GPT-2 small at a short context
     "gpt2_1024": (12, 768, 12, 1024, 8, 50304),     # GPT-2 small at its full context (GPUs)
-    "tiny_smoke": (2, 64, 2, 32, 2, 128),           # device_check.sh --smoke
+    "tiny_smoke": (2, 64, 2, 32, 2, 128),           # --smoke, here and in device_check.sh
 }
 RUNNERS = ("gptjax", "hf", "hf_compile", "nano", "nano_compile")
 DEFAULT_RUNNERS = RUNNERS
 TORCH_DTYPES = {"float32": None, "bfloat16": "bfloat16"}
+# --smoke: the defaults it replaces (explicit flags still win). Eager torch runners only:
+# torch.compile alone takes minutes on a CPU.
+SMOKE = dict(shapes="tiny_smoke", runners="gptjax,gptjax:auto,hf,nano", steps=1, rounds=2,
+             warmup=1)
 
 
 def model_cfg(name: str, dtype: str, vocab: int = 0, attention_impl: str = "xla") -> GPTConfig:
@@ -78,11 +86,6 @@ def model_cfg(name: str, dtype: str, vocab: int = 0, attention_impl: str = "xla"
 # ===================================================================================== gptjax
 def jax_setup(cfg: GPTConfig, batch: int):
     """The benchmarked gptjax train step: (jitted step, initial state, batch, rng)."""
-    import optax
-
-    from gptjax.nn.model import init_params
-    from gptjax.train.step import TrainState, make_train_step
-
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
     params = init_params(cfg, jax.random.key(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
@@ -108,9 +111,9 @@ def jax_runner(cfg: GPTConfig, batch: int):
 # ===================================================================================== torch
 def _nano_gpt(cfg: GPTConfig):
     """A minimal nanoGPT-style GPT-2 (karpathy/nanoGPT model.py, re-typed here, bias=True)."""
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+    import torch  # optional: torch, only for the PyTorch runners
+    from torch import nn  # optional: torch
+    from torch.nn import functional as F  # optional: torch
 
     C, H = cfg.n_embd, cfg.n_head
 
@@ -152,12 +155,12 @@ def _nano_gpt(cfg: GPTConfig):
 
 def torch_runner(kind: str, cfg: GPTConfig, batch: int, dtype: str):
     """A closure running one PyTorch train step of `kind` (hf / hf_compile / nano / nano_compile)."""
-    import torch
+    import torch  # optional: torch, only for the PyTorch runners
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     if kind.startswith("hf"):
-        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers import GPT2Config, GPT2LMHeadModel  # optional: transformers (hf runners)
 
         hf = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_ctx, n_embd=cfg.n_embd,
                         n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0.0,
@@ -220,7 +223,7 @@ def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=DE
     A runner that fails to build or compile (e.g. torch.compile without a C++ compiler, an
     attention kernel this device lacks) is reported under `skipped` with its one-line reason.
     """
-    import torch
+    import torch  # optional: torch, for the PyTorch runners and their thread count
 
     cfg = model_cfg(name, dtype, vocab, attention_impl)
     batch = batch or SHAPES[name][4]
@@ -325,7 +328,14 @@ def main(argv=None):
                     help="call gptjax.train.hostmem.prepare_host_for_training() first, as gptjax's "
                          "training does (its malloc setting applies to every runner in the "
                          "process, its inline CPU dispatch to gptjax's)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="end to end in seconds: shape tiny_smoke, runners gptjax,gptjax:auto,hf,"
+                         "nano, 1 step x 2 rounds after 1 warm-up step (shows the script works; "
+                         "the numbers mean nothing); explicit flags still win")
     a = ap.parse_args(argv)
+    if a.smoke:
+        ap.set_defaults(**SMOKE)
+        a = ap.parse_args(argv)
     host = (prepare_host_for_training() if a.keep_freed_memory else
             {"keep_freed_memory": False, "inline_cpu_dispatch": False})
     kept = host["keep_freed_memory"]

@@ -43,3 +43,16 @@ def shared_tfds() -> pathlib.Path:
     if not d.is_dir():
         pytest.skip(f"shared tfds data_dir {d} is absent (set GPTJAX_SHARED_TFDS)")
     return d
+
+
+def small_hf_lm(family: str, seed: int, **shape):
+    """A randomly initialised transformers LM ('openai': OpenAIGPTLMHeadModel, 'gpt2':
+    GPT2LMHeadModel) of the given shape (vocab_size, n_positions, n_embd, n_layer, n_head), in
+    eval mode, with torch seeded by `seed`."""
+    import torch  # the reference libraries, imported only by the tests that compare with them
+    import transformers
+
+    torch.manual_seed(seed)
+    if family == "openai":
+        return transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**shape)).eval()
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()

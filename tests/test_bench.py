@@ -1,4 +1,5 @@
 """bench/device_check.sh --smoke runs end to end on CPU and writes its JSON and markdown summary;
+every bench/*.py script runs end to end with --smoke and prints or writes real numbers;
 bench/step_faults.py measures a kept step buffer at 0 faults and rejects an unknown setting."""
 
 import json
@@ -6,6 +7,7 @@ import math
 import os
 import pathlib
 import platform
+import re
 import subprocess
 import sys
 
@@ -70,3 +72,114 @@ def test_step_faults_rejects_an_unknown_setting():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: --host: 'hugepages' is not one of ['default', 'kept', 'inline', 'kept_inline']"]
+
+
+# ------------------------------------------------------------------ every bench/*.py with --smoke
+BENCH_SCRIPTS = sorted(p.name for p in (REPO / "bench").glob("*.py"))
+_IS_GLIBC_LINUX = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def _floats(pattern: str, text: str) -> list:
+    """Every match of pattern's groups in text, as floats (thousands separators dropped)."""
+    return [tuple(float(g.replace(",", "")) for g in m.groups()) for m in
+            re.finditer(pattern, text)]
+
+
+def _check_attention(proc, out):
+    rows = json.loads((out / "attention.json").read_text())["rows"]
+    assert {(r["impl"], r["kind"]) for r in rows} >= {("xla", "dense"), ("xla", "local")}, rows
+    for r in rows:
+        assert "error" not in r and _positive(r["fwd_ms"]) and _positive(r["fwd_bwd_ms"]), r
+    assert "growth over the smallest T" in proc.stdout
+
+
+def _check_decode(proc, out):
+    (row,) = json.loads((out / "decode.json").read_text())["rows"]
+    assert _positive(row["gptjax_tokens_per_s"]) and _positive(row["roofline_fraction"]), row
+    assert _positive(row["transformers_tokens_per_s"]), row
+
+
+def _check_finetune_sst2(proc, out):
+    r = json.loads((out / "results.json").read_text())
+    assert _positive(r["pretrain_val_loss"]), r
+    for key in ("pretrained_mean", "scratch_mean", "zero_shot_dev_accuracy"):
+        assert 0 < r[key] <= 1, (key, r[key])
+    assert "| finetuned from pretraining, best epoch |" in (out / "results.md").read_text()
+
+
+def _check_profile_step(proc, out):
+    assert _floats(r"(\d+) ms/step untraced", proc.stdout), proc.stdout
+    assert _floats(r"traced: (\d+) ms/step; thunk time (\d+) ms/step", proc.stdout), proc.stdout
+    ops = re.findall(r"(?m)^ +([\d.]+) +([\d.]+)% +\d+  (\S+)$", proc.stdout)
+    assert 1 <= len(ops) <= 10 and any(op.endswith("dot_general") for *_, op in ops), proc.stdout
+    assert 0 < sum(float(share) for _, share, _ in ops) <= 100.5, ops  # the top ops' shares
+    assert list((out / "trace").glob("**/*.xplane.pb")), "no trace written"
+
+
+def _check_scaling_sweep(proc, out):
+    r = json.loads((out / "scaling.json").read_text())
+    assert [p["width"] for p in r["points"]] == [16, 32]
+    assert all(_positive(p["val_loss_mean"]) for p in r["points"]), r["points"]
+    assert math.isfinite(r["fit"]["alpha"]) and _positive(r["fit"]["n_c"]), r["fit"]
+    assert (out / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _check_serve_load(proc, out):
+    rows = _floats(r"clients +(\d+): +([\d.]+) req/s +([\d.]+) tok/s .* ok (\d+) failed (\d+) "
+                   r"lost (\d+)", proc.stdout)
+    assert [r[0] for r in rows] == [1, 2], proc.stdout
+    assert all(_positive(r[1]) and _positive(r[2]) and r[3] > 0 and r[4] == r[5] == 0
+               for r in rows), rows
+
+
+def _check_step_faults(proc, out):
+    blocks = _floats(r"faults/step +([\d,]+) +ms/step +([\d.]+) +RSS +([\d,]+) MB", proc.stdout)
+    assert len(blocks) == 2 and all(_positive(ms) and _positive(rss) for _, ms, rss in blocks), \
+        proc.stdout
+
+
+def _check_train_throughput(proc, out):
+    (row,) = json.loads((out / "train_throughput.json").read_text())["rows"]
+    assert row["shape"] == "tiny_smoke" and not row["skipped"], row
+    assert {"gptjax", "hf", "nano"} <= set(row["runners"]), row["runners"].keys()
+    for r in row["runners"].values():
+        assert _positive(r["tok_s"]) and _positive(r["mfu_measured"]), r
+
+
+# script -> (its flags beyond --smoke, given (tmp_path, shared data folder or None), its check)
+SMOKE_RUNS = {
+    "attention.py": (lambda out, data: ["--out", str(out / "attention.json")], _check_attention),
+    "decode.py": (lambda out, data: ["--json", str(out / "decode.json")], _check_decode),
+    "finetune_sst2.py": (lambda out, data: ["--workdir", str(out), "--shared", str(data)],
+                         _check_finetune_sst2),
+    "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),
+    "scaling_sweep.py": (lambda out, data: ["--out", str(out), "--data",
+                                            str(data / "tinyshakespeare" / "input.txt")],
+                         _check_scaling_sweep),
+    "serve_load.py": (lambda out, data: [], _check_serve_load),
+    "step_faults.py": (lambda out, data: [], _check_step_faults),
+    "train_throughput.py": (lambda out, data: ["--json", str(out / "train_throughput.json")],
+                            _check_train_throughput),
+}
+NEEDS_SHARED_DATA = {"finetune_sst2.py", "scaling_sweep.py"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", BENCH_SCRIPTS)
+def test_bench_script_smoke(script, tmp_path, request):
+    """Each script runs its full code path at tiny sizes; a new script must add --smoke here."""
+    if script == "step_faults.py" and not _IS_GLIBC_LINUX:
+        pytest.skip("step_faults.py reads /proc/self/statm and sets glibc's malloc options")
+    data = request.getfixturevalue("shared_data") if script in NEEDS_SHARED_DATA else None
+    flags, check = SMOKE_RUNS.get(script, (lambda out, data: [], None))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke",
+                           *flags(tmp_path, data)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert check is not None, (f"bench/{script} runs with --smoke: add its flags and a check of "
+                               "its output to SMOKE_RUNS in tests/test_bench.py")
+    check(proc, tmp_path)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import small_hf_lm
 
 from gptjax import GPT, GPTConfig, init_params
 from gptjax.data.tasks import Example
@@ -128,16 +129,10 @@ def test_continuation_scores_and_zero_shot_match_transformers(family):
     """Continuation log-likelihoods, batched and right-padded, equal transformers' per-sequence
     ones; contexts longer than n_ctx lose their beginning. GPT-1's zero-shot heuristics pick
     what those scores say."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
     from gptjax.nn.convert import from_hf
 
-    torch.manual_seed(3)
-    shape = dict(vocab_size=80, n_positions=24, n_embd=16, n_layer=2, n_head=2)
-    if family == "openai":
-        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**shape)).eval()
-    else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
+    hf = small_hf_lm(family, 3, vocab_size=80, n_positions=24, n_embd=16, n_layer=2, n_head=2)
     cfg, params = from_hf(hf)
     rng = np.random.RandomState(0)
     pairs = [(list(rng.randint(0, 80, n)), list(rng.randint(0, 80, m)))

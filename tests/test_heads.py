@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import small_hf_lm
 
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import TASK_TYPES
@@ -249,12 +250,7 @@ def test_heads_on_weights_imported_from_transformers(family):
     weights reaches the head, every block and the new task-token rows."""
     from gptjax.nn.convert import from_hf
 
-    torch.manual_seed(0)
-    shape = dict(vocab_size=97, n_positions=20, n_embd=24, n_layer=2, n_head=3)
-    if family == "openai":
-        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(**shape)).eval()
-    else:
-        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(**shape)).eval()
+    hf = small_hf_lm(family, 0, vocab_size=97, n_positions=20, n_embd=24, n_layer=2, n_head=3)
     cfg, params = from_hf(hf)
     assert cfg.final_norm == (family == "gpt2")
     cfg, dec, sp = heads.add_special_tokens(cfg, params, jax.random.key(0))
