@@ -115,9 +115,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.ConfigDict:
-    """GPT-1's finetuning recipe for `task` (a gptjax.data.tasks.TASKS name) read from `path`.
-
-    The shared finetuning config: GPT-1's finetuning recipe (Radford et al. 2018, section 4.1).
+    """GPT-1's finetuning recipe (Radford et al. 2018, section 4.1) for `task` (a
+    gptjax.data.tasks.TASKS name) read from `path`.
 
     "We add dropout to the classifier with a rate of 0.1. For most tasks, we use a learning rate of
     6.25e-5 and a batchsize of 32. Our model finetunes quickly and 3 epochs of training was
@@ -149,8 +148,8 @@ def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.
     c.model = model_config("tiny", vocab_size=0)
     c.model_vocab_multiple = 1
     c.tokenizer = ml_collections.ConfigDict()
-    c.tokenizer.kind = "gpt2_bpe"        # 'gpt2_bpe' | 'char' | 'sentencepiece' (trained on
-    c.tokenizer.path = "../shared/data/gpt2_bpe"  # the task's training texts)
+    c.tokenizer.kind = "gpt2_bpe"        # a gptjax.data.tokenizers.KINDS name (char and
+    c.tokenizer.path = "../shared/data/gpt2_bpe"  # sentencepiece: built from the task's texts)
     c.tokenizer.vocab_size = 2048
 
     # Decoder dropout (embd/attn/resid): < 0 keeps the pretrained model's own rates, as GPT-1

@@ -252,3 +252,22 @@ def test_readme_documents_the_layers():
             shown = p.replace("gptjax.", "") + ("/" if (PKG / p.split(".", 1)[1]).is_dir()
                                                  else ".py")
             assert shown in section, f"the README's architecture section does not name {shown}"
+
+
+def test_readme_diagram_lists_the_layers_in_this_order():
+    """The README's layer diagram (top layer first) is the order this test enforces."""
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Architecture", 1)[1].split("\n## ", 1)[0]
+    diagram = section.split("```", 2)[1].splitlines()
+
+    def row(prefix):
+        shown = prefix.replace("gptjax.", "")
+        shown += "/" if (PKG / shown).is_dir() else ".py"
+        rows = [i for i, line in enumerate(diagram) if shown in re.split(r"\s{2,}", line.strip())]
+        assert rows, f"the README's layer diagram does not show {shown}"
+        return rows[0]
+
+    rows = [max(row(p) for p in prefixes) for _, prefixes in LAYERS]
+    assert rows == sorted(rows, reverse=True) and len(set(rows)) == len(rows), (
+        f"the README diagram's rows {rows} are not LAYERS' order, top layer first")
+

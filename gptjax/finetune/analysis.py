@@ -140,7 +140,7 @@ def layer_transfer_analysis(config: ml_collections.ConfigDict, workdir: str,
       {'task', 'metric', 'transfer' (rows), 'zero_shot' (rows), 'pretrained'}.
     """
     config = defaults.complete(config, defaults.finetune_config(config.task.name))
-    if config.init.kind not in ("workdir", "hf"):
+    if config.init.kind == "scratch":
         raise ValueError(f"init.kind={config.init.kind!r}: the analysis needs a pretrained "
                          "decoder ('workdir' or 'hf')")
     os.makedirs(workdir, exist_ok=True)

@@ -42,7 +42,7 @@ from gptjax.plotting import plot_metrics
 from gptjax.train.checkpoint import Checkpointer, CheckpointError
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState
-from gptjax.train.workdir import MetricsWriter
+from gptjax.train.workdir import METRICS, SUMMARY, MetricsWriter, write_run_config, write_summary
 
 
 # ================================================================================ steps
@@ -238,7 +238,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
       (the run, its initial parameters {'decoder', 'head'}).
     """
     workdir = os.path.abspath(workdir)
-    if os.path.exists(os.path.join(workdir, "summary.json")) or os.path.isdir(
+    if os.path.exists(os.path.join(workdir, SUMMARY)) or os.path.isdir(
             os.path.join(workdir, "checkpoints")):
         raise ValueError(f"{workdir} already holds a finetuning run; use another --workdir")
     os.makedirs(workdir, exist_ok=True)
@@ -271,10 +271,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
 def _write_run_files(run: FinetuneRun) -> None:
     """What makes a run directory self-contained: load_finetuned needs nothing else."""
     run.tokenizer.save(os.path.join(run.workdir, "tokenizer"))
-    with open(os.path.join(run.workdir, "config.json"), "w") as fh:
-        fh.write(run.config.to_json_best_effort(indent=2))
-    with open(os.path.join(run.workdir, "model_config.json"), "w") as fh:
-        json.dump(run.model_cfg.to_dict(), fh, indent=2)
+    write_run_config(run.workdir, run.config, run.model_cfg)
     with open(os.path.join(run.workdir, "finetune.json"), "w") as fh:
         json.dump({"task": run.spec.name, "head": dataclasses.asdict(run.head_cfg),
                    "special_tokens": run.special.to_dict(), "max_len": run.max_len}, fh,
@@ -399,9 +396,8 @@ def _finish(run: FinetuneRun, trainer: Trainer, pred_files: list, t0: float) -> 
                "train_examples": len(run.train), "steps": trainer.step,
                "predictions": pred_files, "init": run.config.init.kind,
                "wall_time_s": time.time() - t0}
-    with open(os.path.join(run.workdir, "summary.json"), "w") as fh:
-        json.dump(summary, fh, indent=2)
-    plot_metrics(os.path.join(run.workdir, "metrics.jsonl"),
+    write_summary(run.workdir, summary)
+    plot_metrics(os.path.join(run.workdir, METRICS),
                  os.path.join(run.workdir, "loss.png"), title=f"finetune {run.spec.name}")
     print(f"done: best {key} {best[key]:.4f} at epoch {best['epoch']}; "
           f"wall {summary['wall_time_s']:.0f}s; {run.workdir}", flush=True)

@@ -82,7 +82,7 @@ def _notice(msg: str) -> None:
 class Checkpointer:
     """Saves every `save_every` steps, keeps the last `keep`, restores the latest automatically."""
 
-    def __init__(self, directory: str, *, save_every: int = 1000, keep: int = 3,
+    def __init__(self, directory: str, *, save_every: int = 0, keep: int = 3,
                  async_save: bool = True, read_only: bool = False):
         """Opens (and, unless `read_only`, creates) a checkpoint directory.
 

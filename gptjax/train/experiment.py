@@ -186,10 +186,9 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: TextS
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         return load_tokenizer(tok_dir)
     tc = config.tokenizer
-    texts: list = []
-    if tc.kind in ("char", "sentencepiece"):
-        splits = source.splits if tc.kind == "char" else ("train",)
-        texts = [t for s in splits for t in source.texts(s)]
+    builds_from = TOKENIZER_KINDS[tc.kind].builds_from
+    splits = {None: (), "train": ("train",), "all": source.splits}[builds_from]
+    texts = [t for s in splits for t in source.texts(s)]
     os.makedirs(tok_dir, exist_ok=True)
     tok = build_tokenizer(tc.kind, texts=texts, directory=tok_dir, vocab_size=tc.vocab_size,
                           path=tc.path, user_defined_symbols=tuple(tc.user_defined_symbols))

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import ml_collections
@@ -117,6 +117,11 @@ class Run:
     def metrics_path(self) -> str:
         return os.path.join(self.workdir, METRICS)
 
+    @functools.cached_property
+    def tok_info(self) -> dict:
+        """The tokenizer's kind, size and fingerprint, as checkpoints record them."""
+        return tokenizer_info(self.tokenizer)
+
 
 def evaluate(setup: Setup, params, tokens: np.ndarray, seq_len: int, batch_size: int,
              max_batches: int = -1) -> float:
@@ -187,10 +192,9 @@ def restore_or_init(run: Run) -> tuple[TrainState, int]:
     Returns:
       (state, skipped steps so far).
     """
-    tok_info = tokenizer_info(run.tokenizer)
     with run.setup.mesh:
         resumed = run.ckpt.restore_latest(run.setup.abstract_sharded_state(), functools.partial(
-            check_checkpoint_meta, model_cfg=run.model_cfg, tokenizer=tok_info))
+            check_checkpoint_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info))
     n_skipped = 0
     if resumed is not None:
         latest, state, meta = resumed
@@ -225,7 +229,6 @@ class Trainer:
         self.tokens_per_step = tc.batch_size * run.seq_len
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype)
-        self.tok_info = tokenizer_info(run.tokenizer)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
         self.pbar = None
         if progress and run.is_main:
@@ -236,7 +239,7 @@ class Trainer:
         """The metadata saved with checkpoint `step` (checked on resume, see workdir)."""
         return {"model_config": self.run.model_cfg.to_dict(),
                 "data": dict(self.run.batcher.state(), step=step),
-                "tokenizer": self.tok_info, "skipped_steps": self.n_skipped}
+                "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped}
 
     def handle(self, step: int, m: dict) -> None:
         """Fetch step `step`'s metrics: count a skipped update, log every `log_every` steps."""

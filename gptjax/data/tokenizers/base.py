@@ -38,6 +38,9 @@ class Tokenizer(abc.ABC):
     """Text <-> token ids: the interface every gptjax tokenizer implements."""
 
     kind: str
+    # Which of a corpus's splits a tokenizer of this kind is built from: None (read from files),
+    # "train" (trained on the training split) or "all" (every split, so no character is unknown).
+    builds_from: str | None = None
 
     @property
     @abc.abstractmethod

@@ -23,6 +23,7 @@ class CharTokenizer(Tokenizer):
     """
 
     kind = "char"
+    builds_from = "all"
 
     def __init__(self, chars: Iterable[str], unknown: str = "error"):
         chars = list(chars)

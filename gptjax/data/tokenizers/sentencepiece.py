@@ -112,6 +112,7 @@ class SentencePieceTokenizer(Tokenizer):
     """
 
     kind = "sentencepiece"
+    builds_from = "train"
 
     def __init__(self, model_path: PathLike, user_defined_symbols: Sequence[str] = ()):
         self.model_path = require_file(pathlib.Path(model_path))
