@@ -21,6 +21,10 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Run directory (checkp
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every parameter's sharding and a per-device "
                              "memory plan for this config and mesh, then exit (allocates nothing).")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile the train step for this "
+                                "TPU slice (e.g. v5e:2x2, v5p:4x4x8; needs libtpu, not a TPU).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices, over the "
+                                   "config's dcn mesh (mesh.dcn.data when the dcn is all ones).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -37,7 +41,7 @@ def main(argv):
 def _train(config, workdir):
     maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
     if _DRY_RUN.value:
-        print(dry_run(config, workdir))
+        print(dry_run(config, workdir, topology=_TOPOLOGY.value, num_slices=_NUM_SLICES.value))
         return
     result = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
     sample_after_training(config, result)

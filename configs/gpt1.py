@@ -7,14 +7,25 @@ randomly sampled contiguous sequences of 512 tokens; L2 (decoupled weight decay)
 non-bias, non-gain weights; 100 epochs of BooksCorpus; a 40,000-merge BPE (here a 40,478-piece
 SentencePiece BPE, GPT-1's vocabulary size, plus the 3 task tokens of the preset).
 
+The 100 epochs are `train.epochs = 100`: train.py resolves them into optimizer updates from the
+training split's token count (gptjax.train.experiment.resolve_steps: ceil(100 x tokens / (64 x
+512))); `train.steps` is then ignored, and the cosine decays to 0 at that last update
+(optim.decay_steps = 0 = the run's length).
+
+Pod (POD below; to be confirmed by a deviceless compile): TPU v5e:2x2 (4 chips), mesh data=4,
+fsdp=1, tensor=1, remat 'none', global batch 64 sequences (16 per chip): the paper's batch exactly.
+
 Not run in CI (it is a multi-GPU-day job). Run, with BooksCorpus-like text files:
   python train.py --config configs/gpt1.py --workdir runs/gpt1 \
-      --config.data.path='/data/books/*.txt' --config.train.steps=N
-where N = 100 epochs x corpus tokens / 32,768 tokens per update.
+      --config.data.path='/data/books/*.txt'
 Expected: the paper reports a BooksCorpus language-modelling perplexity of 18.4.
 """
 
 from gptjax.defaults import base_config, model_config
+
+
+# The slice this config is meant for: topology name, mesh axis sizes, remat policy.
+POD = {"topology": "v5e:2x2", "mesh": {"data": 4, "fsdp": 1, "tensor": 1}, "remat": "none"}
 
 
 def get_config():
@@ -29,14 +40,18 @@ def get_config():
     c.optim.learning_rate = 2.5e-4
     c.optim.warmup_steps = 2000
     c.optim.schedule = "cosine"
+    c.optim.decay_steps = 0              # 0 = cosine to min_lr at the run's last update
     c.optim.min_lr = 0.0
     c.optim.b1 = 0.9
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.01
     c.optim.grad_clip = 0.0              # the paper mentions no clipping
-    c.train.steps = 1_000_000
+    c.train.epochs = 100.0               # resolved into steps from the training split's size
+    c.train.steps = 1_000_000            # (ignored while train.epochs > 0)
     c.train.batch_size = 64
     c.train.eval_every = 2000
     c.train.eval_batches = 50
     c.train.save_every = 5000
+    c.model.remat = POD["remat"]
+    c.mesh.data = -1                     # POD's data=4 on its 4 chips; all devices elsewhere
     return c

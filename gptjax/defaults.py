@@ -85,6 +85,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 1000
+    c.train.epochs = 0.0                 # > 0: train.steps := ceil(epochs x train-split tokens /
+                                         # (batch_size x seq_len)), experiment.resolve_steps
     c.train.batch_size = 12
     c.train.accum_steps = 1
     c.train.log_every = 10

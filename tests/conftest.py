@@ -1,9 +1,16 @@
 """Shared test fixtures: where the shared data lives, and small configs."""
 
+import importlib.util
 import os
 import pathlib
 
-import jax
+# With the `tpu` extra installed (tests/test_topology.py) but no TPU here, keep JAX on CPU: libtpu
+# would otherwise probe for a TPU and print warnings. Topology compiles still work with this.
+if (importlib.util.find_spec("libtpu") and "JAX_PLATFORMS" not in os.environ
+        and not os.path.exists("/dev/accel0") and not os.path.exists("/dev/vfio/0")):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
 import pytest
 
 # fp32 parity tests compare against transformers/full-precision references at 1e-4..1e-6. On GPUs

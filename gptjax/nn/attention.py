@@ -24,6 +24,12 @@ Implementations (`GPTConfig.attention_impl`):
   auto    the fastest one that applies (cuDNN on GPU, splash on TPU, else xla), with the reason
           for a fallback logged once.
 Attention dropout is applied by `xla` only; the fused kernels raise ConfigError when asked for it.
+
+Under a mesh (`jax.set_mesh` or `with mesh:` while the step is traced) the fused kernels run inside
+`jax.shard_map` (gptjax.nn.kernels.sharded): batch over the mesh axes of the 'batch' rule, heads
+over those of 'heads'. The platform that decides `auto` and the kernels' checks is that of the
+mesh's devices (else jax's default backend), so a step compiled ahead of time for a TPU topology
+from a CPU host picks splash.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import jax.numpy as jnp
 
 from gptjax.config import ConfigError
 from gptjax.nn.kernels import (cudnn_attention, cudnn_unsupported, flash_attention,
-                               splash_attention, splash_unsupported)
+                               mesh_platform, shard_kernel, splash_attention, splash_unsupported)
 from gptjax.nn.masks import MASK_VALUE, attention_mask, default_positions
 
 __all__ = ["attention", "attention_mask", "causal_attention", "cudnn_attention",
@@ -48,7 +54,8 @@ log = logging.getLogger("gptjax.nn.attention")
 _FUSED = ("cudnn", "pallas", "splash")
 # The kernels that mask by slot: (name in messages, kernel, why it cannot run here or None).
 _SLOT_MASKED = {"cudnn": ("cuDNN", cudnn_attention, cudnn_unsupported),
-                "splash": ("splash", splash_attention, lambda q: splash_unsupported())}
+                "splash": ("splash", splash_attention,
+                           lambda q, platform: splash_unsupported(platform))}
 
 _logged: set = set()
 
@@ -213,9 +220,9 @@ def _choose_auto(q, q_pos, dropout) -> tuple:
     """The implementation `auto` picks, and why it is not a fused kernel (None if it is)."""
     if dropout:
         return "xla", "attention dropout is on and only 'xla' applies it"
-    platform = jax.default_backend()
+    platform = mesh_platform()
     if platform == "gpu":
-        why = cudnn_unsupported(q)
+        why = cudnn_unsupported(q, platform)
         if why is None and q_pos is None:
             return "cudnn", None
         return "xla", f"cuDNN {why or 'needs positions 0..T-1 (no KV cache, no padding)'}"
@@ -263,11 +270,15 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
             return out
         impl = "xla"
     if impl == "pallas":
-        if jax.default_backend() == "tpu":
+        platform = mesh_platform()
+        if platform == "tpu":
             raise ConfigError("attention_impl='pallas' is the Triton kernel for GPUs; "
                               "use attention_impl='splash' on TPU")
-        return flash_attention(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS,
-                               window=window)
+
+        def pallas(q, k, v, q_pos, k_pos):
+            return flash_attention(q, k, v, q_pos, k_pos, window=window,
+                                   interpret=platform != "gpu")
+        return shard_kernel(pallas, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS)
     if impl != "xla":
         raise ConfigError(f"attention_impl={impl!r}: allowed values are "
                           "['xla', 'cudnn', 'pallas', 'splash', 'auto']")
@@ -279,11 +290,16 @@ def _slot_masked(impl: str, q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHx
                  q_pos_BxT: Optional[jax.Array], window: Optional[int]) -> Optional[jax.Array]:
     """Run a slot-masked kernel (cuDNN, splash); None when the call has explicit positions."""
     label, kernel, unsupported = _SLOT_MASKED[impl]
-    why = unsupported(q_BxTxHxD)
+    platform = mesh_platform()
+    why = unsupported(q_BxTxHxD, platform)
     if why:
         raise ConfigError(f"attention_impl={impl!r} {why}")
     if q_pos_BxT is not None:
         _log_once(f"attention_impl={impl!r} falls back to 'xla' for calls with explicit "
                   f"positions (KV cache, padded prompts): {label} masks by slot, not position")
         return None
-    return kernel(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, window=window)
+    extra = {"interpret": platform != "tpu"} if impl == "splash" else {}
+
+    def one_shard(q, k, v, q_pos, k_pos):  # slot-masked: positions are 0..T-1 (None here)
+        return kernel(q, k, v, window=window, **extra)
+    return shard_kernel(one_shard, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD)

@@ -76,6 +76,7 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
 
 def _check_train(tc: ml_collections.ConfigDict) -> None:
     _int("train.steps", tc.steps, 1)
+    _num("train.epochs", tc.epochs, 0.0)
     _int("train.batch_size", tc.batch_size, 1)
     _int("train.accum_steps", tc.accum_steps, 1)
     _int("train.log_every", tc.log_every, 1)
@@ -120,6 +121,16 @@ def _check_batch_on_mesh(config: ml_collections.ConfigDict, num_devices: int) ->
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by the "
                           f"data-parallel size {dp} (mesh data x fsdp) x train.accum_steps "
                           f"{tc.accum_steps}; allowed: multiples of {dp * tc.accum_steps}")
+
+
+def resolve_steps(config: ml_collections.ConfigDict, train_tokens: int, seq_len: int) -> int:
+    """Optimizer updates of the run: `train.steps`, or, when `train.epochs` > 0, that many passes
+    over a training split of `train_tokens` tokens in batches of `batch_size` x `seq_len` tokens
+    (GPT-1's "100 epochs"), rounded up."""
+    tc = config.train
+    if tc.epochs <= 0:
+        return tc.steps
+    return max(1, math.ceil(tc.epochs * train_tokens / (tc.batch_size * seq_len)))
 
 
 # ================================================================================ builders

@@ -30,6 +30,13 @@ from gptjax.train.experiment import (
     run_tokenizer,
 )
 from gptjax.train.setup import Setup
+from gptjax.train.topology import (
+    INSTALL_HINT,
+    dcn_for_slices,
+    libtpu_available,
+    topology_devices,
+    topology_report,
+)
 
 
 def _nbytes_per_device(shapes: Any, shardings: Any) -> int:
@@ -114,7 +121,8 @@ def format_bytes(n: float) -> str:
     return str(n)
 
 
-def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool = True) -> str:
+def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool = True,
+            topology: str | None = None, num_slices: int = 1) -> str:
     """The sharding of every parameter and a per-device memory plan, without allocating.
 
     The vocabulary size comes from the config, or (when it is <= 0) from the run's tokenizer.
@@ -125,20 +133,30 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
       config: a train.py experiment config (missing fields take gptjax.defaults' values).
       workdir: the run directory (where a tokenizer is built, if one is needed).
       compile_step: also compile the train step.
+      topology: a TPU topology name ('v5e:2x2', 'v5p:4x4x8', ...): compile the step for that
+        slice instead of the local devices (needs libtpu, no TPU) and end with a `fits:` line.
+      num_slices: slices of `topology`, over the config's dcn mesh (its data axis by default).
 
     Returns:
       The report, as printed by `train.py --dry_run`.
     """
     config = defaults.complete(config, defaults.base_config())
-    check_train_config(config)
+    devices = None
+    if topology:
+        if not libtpu_available():
+            return INSTALL_HINT
+        dcn_for_slices(config, num_slices)
+        devices = topology_devices(topology, num_slices)
+    check_train_config(config, None if devices is None else len(devices) // num_slices)
     vocab = None
     if config.model.vocab_size <= 0:
         vocab = run_tokenizer(config, workdir, build_source(config)).vocab_size
     model_cfg = model_config_from(config, vocab)
     seq_len = config.data.seq_len or model_cfg.n_ctx
-    setup = Setup(config, model_cfg, config.train.steps)
+    setup = Setup(config, model_cfg, config.train.steps, devices=devices)
     lines = [f"model: {model_cfg.num_params():,} parameters; mesh {dict(setup.mesh.shape)} on "
-             f"{setup.mesh.size} {jax.devices()[0].platform} devices; rules {setup.rules}", "",
+             f"{setup.mesh.size} {setup.mesh.devices.flat[0].platform} devices; "
+             f"rules {setup.rules}", "",
              f"{'parameter':56s} {'shape':22s} {'logical axes':44s} {'mesh':28s} per device"]
     for path, shape, logical, spec, nbytes in sharding_table(setup):
         lines.append(f"{path:56s} {str(shape):22s} {str(logical):44s} {str(spec):28s} "
@@ -149,7 +167,10 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
               f"compute {model_cfg.dtype}, params {model_cfg.param_dtype}):"]
     for k in ("params", "optimizer_state", "gradients", "activations", "total"):
         lines.append(f"  {k:16s} {format_bytes(plan[k])}")
-    if compile_step:
+    if topology:
+        lines += [""] + topology_report(setup, topology, num_slices, config.train.batch_size,
+                                        seq_len)
+    elif compile_step:
         cm = compiled_memory(setup, config.train.batch_size, seq_len)
         if cm is not None:
             lines.append("XLA memory analysis of the compiled step, per device: " + ", ".join(

@@ -20,6 +20,7 @@ DATASHEET_PEAK_BF16 = {
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,   # v5e
     "TPU v5e": 197e12,
+    "TPU v5": 459e12,        # v5p's device_kind is "TPU v5" (after the lite keys: first match wins)
     "TPU v4": 275e12,
     "TPU v3": 123e12,
 }
@@ -36,6 +37,7 @@ DATASHEET_BANDWIDTH = {
     "TPU v5p": 2765e9,
     "TPU v5 lite": 819e9,
     "TPU v5e": 819e9,
+    "TPU v5": 2765e9,        # v5p
     "TPU v4": 1228e9,
     "TPU v3": 900e9,
 }

@@ -63,11 +63,14 @@ class Setup:
 
     def _shard_state(self) -> None:
         """The logical specs, the abstract state and the sharding of every state leaf."""
-        boxed = jax.eval_shape(lambda: init_boxed(self.model_cfg, jax.random.key(0)))
+        # Traced under the mesh: the attention kernel is chosen by the platform of its devices
+        # (a TPU topology compiled from a CPU host picks and checks splash, not the CPU path).
+        with self.mesh:
+            boxed = jax.eval_shape(lambda: init_boxed(self.model_cfg, jax.random.key(0)))
+            self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
         self.logical_specs = nn.get_partition_spec(boxed)
         shd.check_rules_cover(self.logical_specs, self.rules)
         param_sh = shd.logical_to_shardings(self.logical_specs, self.mesh, self.rules)
-        self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
         shd.check_divisible(self.abstract_state.params, param_sh)
         self.repl = shd.replicated(self.mesh)
         opt_sh = optax.tree_utils.tree_map_params(

@@ -32,11 +32,15 @@ def cudnn_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.A
         implementation=implementation)
 
 
-def cudnn_unsupported(q: jax.Array) -> Optional[str]:
-    """Why cuDNN cannot run attention on these queries (platform, dtype, head width), or None."""
+def cudnn_unsupported(q: jax.Array, platform: Optional[str] = None) -> Optional[str]:
+    """Why cuDNN cannot run attention on these queries (platform, dtype, head width), or None.
+
+    `platform` is that of the devices the step is compiled for (default: jax's default backend).
+    """
     head_dim = q.shape[-1]
-    if jax.default_backend() != "gpu":
-        return f"needs an NVIDIA GPU (the platform is {jax.default_backend()})"
+    platform = platform or jax.default_backend()
+    if platform != "gpu":
+        return f"needs an NVIDIA GPU (the platform is {platform})"
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         return f"needs bfloat16 or float16 compute (dtype={q.dtype.name}); set dtype='bfloat16'"
     if head_dim % 8 or head_dim > 256:

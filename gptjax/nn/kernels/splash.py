@@ -38,7 +38,8 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.
       q_BxTxHxD, k_BxTxHxD, v_BxTxHxD: queries, keys, values.
       window: None (dense causal) or the band width.
       block: tile size (capped at T rounded up to 128).
-      interpret: run the Pallas interpreter (default: on anything but a TPU).
+      interpret: run the Pallas interpreter (default: unless the default backend is a TPU;
+        gptjax.nn.attention passes the platform of the step's mesh).
 
     Returns:
       [B, T, H, D] attention output.
@@ -60,8 +61,9 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.
     return out.transpose(0, 2, 1, 3)[:, :T]
 
 
-def splash_unsupported() -> Optional[str]:
-    """Why splash cannot run here (it needs a TPU), or None."""
-    if jax.default_backend() != "tpu":
-        return f"needs a TPU (the platform is {jax.default_backend()})"
+def splash_unsupported(platform: Optional[str] = None) -> Optional[str]:
+    """Why splash cannot run on `platform` (default: jax's default backend), or None."""
+    platform = platform or jax.default_backend()
+    if platform != "tpu":
+        return f"needs a TPU (the platform is {platform})"
     return None

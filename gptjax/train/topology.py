@@ -1,0 +1,143 @@
+"""Compile the train step for a TPU slice this host does not have (`train.py --dry_run --topology`).
+
+libtpu (`pip install -e ".[tpu]"`) describes any TPU slice by name (`v5e:2x2`, `v5p:4x4x8`, ...)
+without the hardware: `jax.experimental.topologies.get_topology_desc` gives its devices, a Mesh
+over them takes the config's mesh fields, and `jit(...).lower(abstract args).compile()` runs the
+real TPU compiler. XLA's memory analysis is then per chip, and a step that does not fit fails
+with XLA's own RESOURCE_EXHAUSTED message. Works with JAX_PLATFORMS=cpu (the host stays on CPU).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import time
+
+import jax
+import numpy as np
+
+from gptjax.train.metrics import datasheet_peak
+from gptjax.train.setup import Setup
+
+INSTALL_HINT = ('compiling for a TPU topology needs libtpu, which is not installed: '
+                'pip install -e ".[tpu]"')
+
+GIB = 1024 ** 3
+# HBM per chip from Google Cloud's TPU datasheets, by the topology name's generation.
+HBM_PER_CHIP = {"v4": 32 * GIB, "v5e": 16 * GIB, "v5litepod": 16 * GIB, "v5p": 95 * GIB,
+                "v6e": 32 * GIB}
+MFU_TARGETS = (0.4, 0.6)
+
+
+def libtpu_available() -> bool:
+    """Whether libtpu is importable (the `tpu` extra is installed)."""
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def topology_devices(name: str, num_slices: int = 1) -> list:
+    """The devices of `num_slices` TPU slices of topology `name` (e.g. 'v5e:2x2'); no TPU needed."""
+    if not libtpu_available():
+        raise RuntimeError(INSTALL_HINT)
+    from jax.experimental import topologies  # heavy: loads libtpu, only for --topology
+    kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
+
+
+def chip_hbm(name: str, n_devices: int, num_slices: int = 1) -> int | None:
+    """HBM bytes per device of topology `name` (a chip's HBM over its devices, e.g. v4 megacore)."""
+    gen, _, dims = name.partition(":")
+    hbm = HBM_PER_CHIP.get(gen.lower())
+    if hbm is None or not dims:
+        return hbm
+    chips = math.prod(int(d) for d in dims.lower().split("x")) * num_slices
+    return hbm * chips // n_devices if n_devices >= chips else hbm
+
+
+def dcn_for_slices(config, num_slices: int) -> None:
+    """Put `num_slices` on the config's dcn mesh: its data axis, unless the dcn already says so."""
+    dcn = config.mesh.dcn
+    n = math.prod(int(v) for v in dcn.values())
+    if n == num_slices:
+        return
+    if n != 1:
+        raise ValueError(f"--num_slices {num_slices} but config.mesh.dcn {dcn.to_dict()} spans "
+                         f"{n} slices; make them agree")
+    dcn.data = num_slices
+
+
+def _abstract_args(setup: Setup, batch_size: int, seq_len: int) -> tuple:
+    batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=setup.batch_sharding)
+             for k in ("inputs", "targets")}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
+    return setup.abstract_sharded_state(), batch, rng
+
+
+def compile_step(setup: Setup, batch_size: int, seq_len: int) -> dict:
+    """Compile `setup`'s train step for its mesh's devices.
+
+    Returns {'compiled', 'seconds'} or, when XLA refuses (e.g. out of HBM), {'error', 'seconds'}
+    with the first line of XLA's message.
+    """
+    t = time.perf_counter()
+    try:
+        with setup.mesh:
+            compiled = setup.train_step.lower(*_abstract_args(setup, batch_size, seq_len)).compile()
+    except Exception as e:  # XlaRuntimeError / JaxRuntimeError; the message is the report
+        lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
+        return dict(error=lines[0].strip(), seconds=time.perf_counter() - t)
+    return dict(compiled=compiled, seconds=time.perf_counter() - t)
+
+
+def _xla_flops(compiled) -> float | None:
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else None
+    return None if not ca or "flops" not in ca else float(ca["flops"])
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024 ** 2:.2f} MiB"
+
+
+def topology_report(setup: Setup, topology: str, num_slices: int, batch_size: int,
+                    seq_len: int) -> list:
+    """Report lines for the step compiled on `setup` (whose devices are the topology's).
+
+    The last line is exactly `fits: yes (X GiB of Y GiB per chip)` or `fits: no (<XLA's first
+    line>)`.
+    """
+    devices = setup.mesh.devices.flatten()
+    n = len(devices)
+    hbm = chip_hbm(topology, n, num_slices)
+    res = compile_step(setup, batch_size, seq_len)
+    lines = [f"compile for {topology} x {num_slices} slice(s): {n} {devices[0].device_kind} "
+             f"devices, mesh {dict(setup.mesh.shape)}: {res['seconds']:.1f} s"]
+    if "error" in res:
+        return lines + [f"fits: no ({res['error']})"]
+    compiled = res["compiled"]
+    ma = compiled.memory_analysis()
+    args, out = int(ma.argument_size_in_bytes), int(ma.output_size_in_bytes)
+    temp, alias = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
+    code = int(getattr(ma, "generated_code_size_in_bytes", 0))
+    used = args + out - alias + temp + code
+    lines.append(f"XLA memory per chip: arguments (params + optimizer state + batch) {_gib(args)}, "
+                 f"outputs {_gib(out)} (aliased {_gib(alias)}), temporaries {_gib(temp)}, "
+                 f"code {_gib(code)}; total {_gib(used)} of "
+                 f"{_gib(hbm) if hbm else 'unknown'} HBM")
+    tokens = batch_size * seq_len
+    analytic = setup.model_cfg.flops_per_token(seq_len) * tokens
+    xla = _xla_flops(compiled)
+    lines.append(f"FLOPs per step: analytic {analytic:.3e} (flops_per_token x {tokens:,} tokens); "
+                 f"XLA cost analysis {'n/a' if xla is None else f'{xla * n:.3e}'} "
+                 f"({'n/a' if xla is None else f'{xla:.3e}'} per chip; it under-counts scanned "
+                 "layers and includes remat recompute)")
+    peak = datasheet_peak(devices[0])
+    if peak:
+        for m in MFU_TARGETS:
+            step = analytic / (n * peak * m)
+            lines.append(f"at {m:.0%} MFU ({peak / 1e12:.0f} TFLOP/s bf16 per chip): "
+                         f"{step * 1e3:.3g} ms/step, {tokens / step * 86400:,.3e} tokens/day")
+    if hbm is not None and used > hbm:
+        return lines + [f"fits: no ({_gib(used)} needed, {_gib(hbm)} per chip)"]
+    return lines + [f"fits: yes ({used / GIB:.2f} GiB of "
+                    f"{(hbm / GIB if hbm else float('nan')):.2f} GiB per chip)"]
