@@ -3,6 +3,7 @@ and every shipped config building."""
 
 import glob
 import json
+import math
 import os
 import pathlib
 
@@ -14,10 +15,11 @@ import optax
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import gptjax.defaults)
 
-from gptjax.defaults import base_config, model_config
+from gptjax.data.token_cache import load_tokens
+from gptjax.defaults import base_config, complete, model_config
 from gptjax.nn.model import init_params
 from gptjax.train.optim import decay_mask, lr_schedule
-from gptjax.train.experiment import model_config_from
+from gptjax.train.experiment import build_source, model_config_from
 from gptjax.train.loop import train_and_evaluate
 from gptjax.train.step import TrainState, make_train_step
 
@@ -199,3 +201,19 @@ def test_bf16_compute_keeps_fp32_master_weights_and_optimizer_state():
     # keep precision bf16 storage would lose.
     d = np.abs(np.asarray(new.params["wte"]["embedding"] - params["wte"]["embedding"]))
     assert d.max() > 0
+
+
+def test_epochs_set_the_number_of_steps(tmp_path):
+    """train.epochs > 0 (GPT-1's "100 epochs") trains ceil(epochs x train tokens / tokens per
+    batch) steps, whatever train.steps says."""
+    c = tiny_run_config(tmp_path, steps=1000)
+    c.train.epochs = 0.05
+    c.train.eval_every = 0
+    c.train.save_every = 1000
+    result = train_and_evaluate(c, str(tmp_path / "run"), progress=False)
+    source = build_source(complete(c, base_config()))
+    n_train = len(load_tokens(source, "train", result.tokenizer, cache_dir=c.data.cache_dir))
+    assert n_train > 10_000
+    assert result.step == math.ceil(0.05 * n_train / (4 * 32))
+    with open(tmp_path / "run" / "summary.json") as fh:
+        assert json.load(fh)["step"] == result.step

@@ -33,6 +33,7 @@ from gptjax.train.experiment import (
     build_source,
     check_train_config,
     model_config_from,
+    resolve_steps,
     run_tokenizer,
 )
 from gptjax.train.metrics import mfu, peak_flops
@@ -176,6 +177,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"one sequence (data.seq_len {seq_len} + 1); allowed: more validation "
                          "text (data.validation_fraction) or a shorter data.seq_len")
     tc = config.train
+    tc.steps = resolve_steps(config, len(train_tokens), seq_len)  # train.epochs, if set
     batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
                         process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
