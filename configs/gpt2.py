@@ -13,7 +13,10 @@ Brown et al. 2020: 6e-4, 3e-4, 2.5e-4, 2e-4); a budget of 300B tokens (GPT-3's, 
 nanoGPT's 600k x 491,520 = 295B), i.e. 572,205 updates of 524,288 tokens. For nanoGPT's exact
 reproduction recipe (480 x 1024, lr 6e-4, 600k iterations) use configs/gpt2_nanogpt.py.
 
-Pods (POD below; to be confirmed by a deviceless compile), remat 'dots', fsdp over every chip:
+Pods (POD below), remat 'dots', fsdp over every chip. Compiled with `--dry_run --topology`
+(libtpu, no TPU): gpt2 on v5p:2x2x2 fits in 39.22 GiB per chip and gpt2-xl on v5p:4x4x4 in
+15.39 GiB with attention_impl auto (splash); with the XLA attention path neither fits
+(176 / 677 GB of temporaries). medium and large were not compiled:
   gpt2: v5p:2x2x2 (8 chips, fsdp=8), gpt2-medium: v5p:2x2x4 (16 chips, fsdp=16),
   gpt2-large: v5p:2x4x4 (32 chips, fsdp=32), gpt2-xl: v5p:4x4x4 (64 chips, fsdp=64);
   data=1, tensor=1; 512 sequences divide by every one of them.
@@ -56,7 +59,8 @@ def get_config(size: str = "gpt2"):
     c = base_config()
     c.model = model_config(size, vocab_size=50304, embd_pdrop=0.0, attn_pdrop=0.0,
                            resid_pdrop=0.0, dtype="bfloat16", scan_layers=True,
-                           remat=pod["remat"])
+                           remat=pod["remat"],
+                           attention_impl="auto")  # splash on TPU: no T x T scores held
     c.data.dataset = "local_text"
     c.data.path = "openwebtext/*.txt"
     c.data.validation_fraction = 0.0005

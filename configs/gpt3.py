@@ -16,16 +16,18 @@ size of every mesh below) within 5% of Table 2.1's tokens per batch:
   1M tokens   -> 512 x 2048 = 1,048,576 (+4.86%) xl, 2.7b
   2M tokens   -> 1024 x 2048 = 2,097,152 (+4.86%) 6.7b, 13b
   3.2M tokens -> 1536 x 2048 = 3,145,728 (-1.70%) 175b
-Pods (POD below; to be confirmed by a deviceless compile), TPU v5p (95 GiB HBM per chip),
-mesh data=1 with fsdp x tensor:
-  small  v5p:2x2x2 (8 chips)     fsdp=8            remat dots
-  medium v5p:2x2x4 (16 chips)    fsdp=16           remat dots
-  large  v5p:2x4x4 (32 chips)    fsdp=32           remat dots
-  xl     v5p:4x4x4 (64 chips)    fsdp=64           remat dots
-  2.7b   v5p:4x4x8 (128 chips)   fsdp=128          remat dots
-  6.7b   v5p:4x8x8 (256 chips)   fsdp=256          remat full
-  13b    v5p:8x8x8 (512 chips)   fsdp=256 tensor=2 remat full
-  175b   v5p:8x8x16 (1024 chips) fsdp=256 tensor=4 remat full
+Pods (POD below), TPU v5p (95 GiB HBM per chip), mesh data=1 with fsdp x tensor. The per-chip
+memory in brackets is XLA's, from `python train.py --config configs/gpt3.py:SIZE --dry_run
+--topology TOPOLOGY` (a deviceless compile with libtpu, attention_impl auto = splash; with
+the XLA attention path, which holds T x T scores, small to xl did not fit, even at remat full):
+  small  v5p:2x2x2 (8 chips)     fsdp=8            remat dots  [39.25 GiB]
+  medium v5p:2x2x4 (16 chips)    fsdp=16           remat dots  [32.79 GiB]
+  large  v5p:2x4x4 (32 chips)    fsdp=32           remat dots  [20.20 GiB]
+  xl     v5p:4x4x4 (64 chips)    fsdp=64           remat dots  [21.62 GiB]
+  2.7b   v5p:4x4x8 (128 chips)   fsdp=128          remat dots  [16.85 GiB]
+  6.7b   v5p:4x8x8 (256 chips)   fsdp=256          remat full  [7.92 GiB]
+  13b    v5p:8x8x8 (512 chips)   fsdp=256 tensor=2 remat full  [9.70 GiB]
+  175b   v5p:8x8x16 (1024 chips) fsdp=256 tensor=4 remat full  [41.93 GiB]
 
 Not run in CI. Run (size after the colon: gpt3-small, gpt3-medium, gpt3-large, gpt3-xl,
 gpt3-2.7b, gpt3-6.7b, gpt3-13b, gpt3-175b):
@@ -86,7 +88,8 @@ def get_config(size: str = "gpt3-small"):
     c = base_config()
     c.model = model_config(size, vocab_size=50304, embd_pdrop=0.0, attn_pdrop=0.0,
                            resid_pdrop=0.0, dtype="bfloat16", scan_layers=True,
-                           remat=pod["remat"])
+                           remat=pod["remat"],
+                           attention_impl="auto")  # splash on TPU: no T x T scores held
     c.data.dataset = "c4/en"
     c.data.text_key = "text"
     c.data.sampling = "packed"
