@@ -23,7 +23,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
 _MODE = flags.DEFINE_enum("mode", "finetune", ["finetune", "zero_shot", "analysis"],
                           "What to run.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
-flags.mark_flags_as_required(["config", "workdir"])
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the finetuning step (no data, no weights) "
+                             "for the local devices or --topology, print its memory, then exit.")
+_TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice "
+                                "(e.g. v5e:2x2; needs libtpu, not a TPU).")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices.")
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
@@ -35,6 +40,11 @@ def main(argv):
 
 
 def _run(config, workdir, mode):
+    if _DRY_RUN.value:
+        print(finetune.finetune_dry_run(config, _TOPOLOGY.value, _NUM_SLICES.value))
+        return
+    if not workdir:
+        raise ValueError("--workdir is required (the run directory), except with --dry_run")
     if mode == "zero_shot":
         finetune.zero_shot(config, workdir)
     elif mode == "analysis":

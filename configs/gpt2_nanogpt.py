@@ -28,7 +28,8 @@ def get_config(size: str = "gpt2"):
     c = base_config()
     c.model = model_config(size, vocab_size=50304, embd_pdrop=0.0, attn_pdrop=0.0,
                            resid_pdrop=0.0, dtype="bfloat16", scan_layers=True,
-                           remat=POD["remat"])
+                           remat=POD["remat"],
+                           attention_impl="auto")  # splash on TPU, cuDNN on GPU
     c.data.dataset = "local_text"
     c.data.path = "openwebtext/*.txt"
     c.data.validation_fraction = 0.0005

@@ -111,6 +111,14 @@ def _check_finetune_sst2(proc, out):
     assert "| finetuned from pretraining, best epoch |" in (out / "results.md").read_text()
 
 
+def _check_pod_compile(proc, out):
+    (row,) = json.loads((out / "pods.json").read_text())["rows"]
+    assert row["name"] == "gpt1" and row["topology"] == "v5e:2x2", row
+    assert row["fits"].startswith("yes (") and 0 < row["gib_per_chip"] < row["hbm_gib"] == 16, row
+    assert _positive(row["compile_s"]) and _positive(row["step_ms_40"]), row
+    assert "| gpt1 | v5e:2x2 | {'data': 4, 'fsdp': 1, 'tensor': 1} | none |" in proc.stdout
+
+
 def _check_profile_step(proc, out):
     assert _floats(r"(\d+) ms/step untraced", proc.stdout), proc.stdout
     assert _floats(r"traced: (\d+) ms/step; thunk time (\d+) ms/step", proc.stdout), proc.stdout
@@ -118,6 +126,14 @@ def _check_profile_step(proc, out):
     assert 1 <= len(ops) <= 10 and any(op.endswith("dot_general") for *_, op in ops), proc.stdout
     assert 0 < sum(float(share) for _, share, _ in ops) <= 100.5, ops  # the top ops' shares
     assert list((out / "trace").glob("**/*.xplane.pb")), "no trace written"
+
+
+def _check_recipe_e2e(proc, out):
+    r = json.loads((out / "e2e.json").read_text())
+    assert [row["side"] for row in r["rows"]] == ["gptjax", "torch"], r["rows"]
+    for row in r["rows"]:  # 20 iterations of char-level Shakespeare: from ln(65) = 4.17 down
+        assert _positive(row["wall_s"]) and 2.0 < row["val_loss"] < 4.17, row
+    assert re.search(r"gptjax speed = [\d.]+x the torch loop's", proc.stdout), proc.stdout
 
 
 def _check_scaling_sweep(proc, out):
@@ -156,7 +172,11 @@ SMOKE_RUNS = {
     "decode.py": (lambda out, data: ["--json", str(out / "decode.json")], _check_decode),
     "finetune_sst2.py": (lambda out, data: ["--workdir", str(out), "--shared", str(data)],
                          _check_finetune_sst2),
+    "pod_compile.py": (lambda out, data: ["--out", str(out / "pods.json")], _check_pod_compile),
     "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),
+    "recipe_e2e.py": (lambda out, data: ["--json", str(out / "e2e.json"), "--data",
+                                         str(data / "tinyshakespeare" / "input.txt")],
+                      _check_recipe_e2e),
     "scaling_sweep.py": (lambda out, data: ["--out", str(out), "--data",
                                             str(data / "tinyshakespeare" / "input.txt")],
                          _check_scaling_sweep),
@@ -165,7 +185,7 @@ SMOKE_RUNS = {
     "train_throughput.py": (lambda out, data: ["--json", str(out / "train_throughput.json")],
                             _check_train_throughput),
 }
-NEEDS_SHARED_DATA = {"finetune_sst2.py", "scaling_sweep.py"}
+NEEDS_SHARED_DATA = {"finetune_sst2.py", "recipe_e2e.py", "scaling_sweep.py"}
 
 
 @pytest.mark.slow

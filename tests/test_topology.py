@@ -94,3 +94,47 @@ def test_without_libtpu_says_how_to_install(monkeypatch):
     monkeypatch.setattr("gptjax.train.memory.libtpu_available", lambda: False)
     assert dry_run(_config(), "unused", topology="v5e:2x2") == topo.INSTALL_HINT
     assert 'pip install -e ".[tpu]"' in topo.INSTALL_HINT
+
+
+def _tiny_hf_dir(path, n_embd=64, n_layer=2, n_ctx=64):
+    """A transformers GPT-2 config.json only: the finetuning dry run reads no weights."""
+    import json  # local: only these tests write one
+    (path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 500, "n_positions": n_ctx, "n_embd": n_embd,
+        "n_layer": n_layer, "n_head": 4, "activation_function": "gelu_new"}))
+    return path
+
+
+@needs_libtpu
+@pytest.mark.parametrize("task,k", [("sst2", 1), ("story_cloze", 2)])
+def test_finetune_dry_run_compiles_for_tpu(tmp_path, task, k):
+    from gptjax.defaults import finetune_config  # local: finetuning configs only here
+    from gptjax.finetune import finetune_dry_run  # local: finetuning configs only here
+    c = finetune_config(task, "")
+    c.init.kind, c.init.path = "hf", str(_tiny_hf_dir(tmp_path))
+    c.train.batch_size = 8
+    out = finetune_dry_run(c, "v5e:2x2").splitlines()
+    assert f"batch 8 examples x {k} sequence(s) x 64 tokens" in out[0], out[0]
+    assert "data parallel over 4 tpu device(s)" in out[0]
+    assert out[-1].startswith("fits: yes (") and out[-1].endswith("GiB of 16.00 GiB per chip)")
+    big = _tiny_hf_dir(tmp_path, n_embd=8192, n_layer=4, n_ctx=64)  # ~3.2B parameters, fp32
+    c.init.path = str(big)
+    assert finetune_dry_run(c, "v5e:2x2").splitlines()[-1].startswith(
+        "fits: no (RESOURCE_EXHAUSTED")
+
+
+@needs_libtpu
+def test_finetune_dry_run_cli(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    base = [sys.executable, str(REPO / "finetune.py"), "--config",
+            str(REPO / "configs/finetune/sst2.py"), "--dry_run", "--config.init.kind=hf",
+            f"--config.init.path={_tiny_hf_dir(tmp_path)}"]
+    proc = subprocess.run(base + ["--topology", "v5e:2x2"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("fits: yes ("), proc.stdout[-2000:]
+    bad = subprocess.run(base + ["--config.train.batch_size=6", "--topology", "v5e:2x2"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0
+    err = bad.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: train.batch_size=6 does not split over 4 devices"), err

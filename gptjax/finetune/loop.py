@@ -137,7 +137,9 @@ def split_metrics(spec: TaskSpec, enc: EncodedSplit, preds: np.ndarray) -> dict:
 
 
 # ================================================================================ config
-def _optim_config(config: ml_collections.ConfigDict, total_steps: int) -> ml_collections.ConfigDict:
+def schedule_optim_config(config: ml_collections.ConfigDict,
+                          total_steps: int) -> ml_collections.ConfigDict:
+    """The finetuning config's optimizer block with its schedule set for `total_steps`."""
     oc = copy.deepcopy(config.optim)
     with oc.unlocked():
         if oc.warmup_fraction >= 0:
@@ -147,7 +149,8 @@ def _optim_config(config: ml_collections.ConfigDict, total_steps: int) -> ml_col
     return oc
 
 
-def _head_config(config: ml_collections.ConfigDict, spec: TaskSpec) -> heads.HeadConfig:
+def head_config_for(config: ml_collections.ConfigDict, spec: TaskSpec) -> heads.HeadConfig:
+    """The task head of `spec` with the config's LM coefficient and dropout."""
     return heads.HeadConfig(task_type=spec.task_type, num_labels=spec.num_labels,
                             lm_coef=float(config.head.lm_coef), dropout=float(config.head.dropout))
 
@@ -253,7 +256,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
     texts = [t for ex in train_ex for t in (ex.text_a, ex.text_b, *ex.choices) if t]
     model_cfg, dec_params, tokenizer = init_decoder(config, k_dec, workdir, texts)
     model_cfg, dec_params, special = heads.add_special_tokens(model_cfg, dec_params, k_tok)
-    head_cfg = _head_config(config, spec)
+    head_cfg = head_config_for(config, spec)
     params = {"decoder": dec_params,
               "head": heads.init_head(k_head, head_cfg, model_cfg.n_embd)}
     max_len = min(config.task.max_len or model_cfg.n_ctx, model_cfg.n_ctx)
@@ -296,7 +299,8 @@ class Trainer:
         if tc.max_steps > 0:
             self.total_steps = min(self.total_steps, tc.max_steps)
         optimizer, _, self.train_step = _jitted_train_step(
-            mc, run.head_cfg, _optim_config(run.config, self.total_steps).to_json(sort_keys=True),
+            mc, run.head_cfg,
+            schedule_optim_config(run.config, self.total_steps).to_json(sort_keys=True),
             self.total_steps)
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                                 opt_state=optimizer.init(params))

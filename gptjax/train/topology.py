@@ -9,9 +9,12 @@ with XLA's own RESOURCE_EXHAUSTED message. Works with JAX_PLATFORMS=cpu (the hos
 
 from __future__ import annotations
 
+import glob
 import importlib.util
 import math
+import os
 import time
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -38,6 +41,10 @@ def topology_devices(name: str, num_slices: int = 1) -> list:
     """The devices of `num_slices` TPU slices of topology `name` (e.g. 'v5e:2x2'); no TPU needed."""
     if not libtpu_available():
         raise RuntimeError(INSTALL_HINT)
+    if not glob.glob("/dev/accel*") and not glob.glob("/dev/vfio/*"):
+        # No TPU chip on this host, so none to guard: another process's deviceless compile (a
+        # test, a second dry run) holds libtpu's lockfile, which would refuse this one.
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies  # heavy: loads libtpu, only for --topology
     kwargs = {"num_slices": num_slices} if num_slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
@@ -72,20 +79,26 @@ def _abstract_args(setup: Setup, batch_size: int, seq_len: int) -> tuple:
     return setup.abstract_sharded_state(), batch, rng
 
 
-def compile_step(setup: Setup, batch_size: int, seq_len: int) -> dict:
-    """Compile `setup`'s train step for its mesh's devices.
+def compile_lowered(lower: Callable[[], Any], mesh) -> dict:
+    """Compile what `lower()` lowers (traced under `mesh`, so kernels follow its devices).
 
     Returns {'compiled', 'seconds'} or, when XLA refuses (e.g. out of HBM), {'error', 'seconds'}
     with the first line of XLA's message.
     """
     t = time.perf_counter()
     try:
-        with setup.mesh:
-            compiled = setup.train_step.lower(*_abstract_args(setup, batch_size, seq_len)).compile()
+        with mesh:
+            compiled = lower().compile()
     except Exception as e:  # XlaRuntimeError / JaxRuntimeError; the message is the report
         lines = [ln for ln in str(e).splitlines() if ln.strip()] or [type(e).__name__]
         return dict(error=lines[0].strip(), seconds=time.perf_counter() - t)
     return dict(compiled=compiled, seconds=time.perf_counter() - t)
+
+
+def compile_step(setup: Setup, batch_size: int, seq_len: int) -> dict:
+    """Compile `setup`'s train step for its mesh's devices (see `compile_lowered`)."""
+    return compile_lowered(
+        lambda: setup.train_step.lower(*_abstract_args(setup, batch_size, seq_len)), setup.mesh)
 
 
 def _xla_flops(compiled) -> float | None:
@@ -101,17 +114,35 @@ def _gib(n: float) -> str:
 
 def topology_report(setup: Setup, topology: str, num_slices: int, batch_size: int,
                     seq_len: int) -> list:
-    """Report lines for the step compiled on `setup` (whose devices are the topology's).
+    """Report lines for `setup`'s train step compiled for its mesh (the topology's devices).
 
     The last line is exactly `fits: yes (X GiB of Y GiB per chip)` or `fits: no (<XLA's first
     line>)`.
     """
-    devices = setup.mesh.devices.flatten()
+    tokens = batch_size * seq_len
+    return compiled_report(compile_step(setup, batch_size, seq_len), setup.mesh, topology,
+                           num_slices, tokens, setup.model_cfg.flops_per_token(seq_len) * tokens)
+
+
+def compiled_report(res: dict, mesh, topology: str, num_slices: int, tokens: int,
+                    analytic_flops: float) -> list:
+    """Report lines for a step compiled by `compile_lowered` on `mesh` (a TPU slice's devices).
+
+    Args:
+      res: compile_lowered's result.
+      mesh: the mesh it was compiled for.
+      topology, num_slices: the slice(s) (for the HBM per chip).
+      tokens: tokens per step.
+      analytic_flops: the model's FLOPs per step (GPTConfig.flops_per_token x tokens).
+
+    Returns:
+      Lines ending with exactly `fits: yes (X GiB of Y GiB per chip)` or `fits: no (...)`.
+    """
+    devices = mesh.devices.flatten()
     n = len(devices)
     hbm = chip_hbm(topology, n, num_slices)
-    res = compile_step(setup, batch_size, seq_len)
     lines = [f"compile for {topology} x {num_slices} slice(s): {n} {devices[0].device_kind} "
-             f"devices, mesh {dict(setup.mesh.shape)}: {res['seconds']:.1f} s"]
+             f"devices, mesh {dict(mesh.shape)}: {res['seconds']:.1f} s"]
     if "error" in res:
         return lines + [f"fits: no ({res['error']})"]
     compiled = res["compiled"]
@@ -124,17 +155,15 @@ def topology_report(setup: Setup, topology: str, num_slices: int, batch_size: in
                  f"outputs {_gib(out)} (aliased {_gib(alias)}), temporaries {_gib(temp)}, "
                  f"code {_gib(code)}; total {_gib(used)} of "
                  f"{_gib(hbm) if hbm else 'unknown'} HBM")
-    tokens = batch_size * seq_len
-    analytic = setup.model_cfg.flops_per_token(seq_len) * tokens
     xla = _xla_flops(compiled)
-    lines.append(f"FLOPs per step: analytic {analytic:.3e} (flops_per_token x {tokens:,} tokens); "
-                 f"XLA cost analysis {'n/a' if xla is None else f'{xla * n:.3e}'} "
+    lines.append(f"FLOPs per step: analytic {analytic_flops:.3e} (flops_per_token x {tokens:,} "
+                 f"tokens); XLA cost analysis {'n/a' if xla is None else f'{xla * n:.3e}'} "
                  f"({'n/a' if xla is None else f'{xla:.3e}'} per chip; it under-counts scanned "
                  "layers and includes remat recompute)")
     peak = datasheet_peak(devices[0])
     if peak:
         for m in MFU_TARGETS:
-            step = analytic / (n * peak * m)
+            step = analytic_flops / (n * peak * m)
             lines.append(f"at {m:.0%} MFU ({peak / 1e12:.0f} TFLOP/s bf16 per chip): "
                          f"{step * 1e3:.3g} ms/step, {tokens / step * 86400:,.3e} tokens/day")
     if hbm is not None and used > hbm:

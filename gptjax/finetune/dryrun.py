@@ -1,0 +1,156 @@
+"""Compile a finetuning step without data or weights: `finetune.py --dry_run [--topology NAME]`.
+
+The decoder's architecture is read from where the run would load it (a transformers directory's
+config.json, a train.py work directory's model_config.json, or the config's own model for
+'scratch'), GPT-1's three task tokens are added, and the real step (decoder + task head,
+L2 + lambda * L1) is compiled for the longest batch the task can make: `train.batch_size`
+examples of K sequences of `max_len` tokens. Finetuning is data parallel: the batch is split
+over every device and the parameters and optimizer state are replicated on each, as one GPU
+(or each chip of a small slice) holds them. With `topology` the devices are a TPU slice's
+(libtpu, no TPU) and the report ends with gptjax.train.topology's `fits:` line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from gptjax import defaults
+from gptjax.config import GPTConfig
+from gptjax.data.tasks import get_task
+from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS, build_tokenizer
+from gptjax.finetune import heads
+from gptjax.finetune.decoder import INIT_KINDS
+from gptjax.finetune.loop import head_config_for, make_train_step, schedule_optim_config
+from gptjax.nn.convert import config_from_hf
+from gptjax.nn.model import init_params
+from gptjax.train.experiment import model_config_from
+from gptjax.train.optim import make_optimizer
+from gptjax.train.step import TrainState
+from gptjax.train.topology import (
+    INSTALL_HINT,
+    compile_lowered,
+    compiled_report,
+    libtpu_available,
+    topology_devices,
+)
+
+
+def decoder_config(config: ml_collections.ConfigDict) -> GPTConfig:
+    """The decoder's architecture as the run would load it, reading no weights.
+
+    Args:
+      config: a complete finetuning config (`init`, `model`, `tokenizer`).
+
+    Returns:
+      The GPTConfig before the task tokens are added.
+    """
+    init = config.init
+    if init.kind not in INIT_KINDS:
+        raise ValueError(f"init.kind={init.kind!r}: allowed values are {list(INIT_KINDS)}")
+    if init.kind == "scratch":
+        return model_config_from(config, None if config.model.vocab_size > 0
+                                 else _scratch_vocab(config.tokenizer))
+    name = {"hf": "config.json", "workdir": "model_config.json"}[init.kind]
+    path = os.path.join(init.path, name)
+    if not init.path or not os.path.isfile(path):
+        raise ValueError(f"init.kind={init.kind!r} needs --config.init.path with a {name} "
+                         f"(got {init.path!r})")
+    with open(path) as fh:
+        d = json.load(fh)
+    return config_from_hf(d) if init.kind == "hf" else GPTConfig.from_dict(d)
+
+
+def _scratch_vocab(tc: ml_collections.ConfigDict) -> int:
+    """A scratch tokenizer's size: built from files (GPT-2 BPE), or the size it is trained to."""
+    if TOKENIZER_KINDS[tc.kind].builds_from is None:
+        return build_tokenizer(tc.kind, path=tc.path).vocab_size
+    if tc.kind == "sentencepiece":
+        return int(tc.vocab_size)
+    raise ValueError(f"tokenizer.kind={tc.kind!r} is built from the task's texts; give "
+                     "--config.model.vocab_size for a dry run")
+
+
+def _sequences_per_example(task_type: str, num_choices: int, max_len: int) -> int:
+    """K: how many sequences GPT-1's input transformation makes of one example."""
+    special = heads.SpecialTokens(0, 1, 2)
+    return len(heads.transform(task_type, special, max_len, [3], [3], [[3]] * num_choices))
+
+
+def _abstract_batch(batch: int, k: int, t: int, regression: bool, sharding) -> dict:
+    def leaf(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    return {"tokens": leaf((batch, k, t), np.int32), "lengths": leaf((batch, k), np.int32),
+            "labels": leaf((batch,), np.float32 if regression else np.int32),
+            "weights": leaf((batch,), np.float32)}
+
+
+def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = None,
+                     num_slices: int = 1) -> str:
+    """The finetuning step compiled for the local devices or a TPU slice, as report lines.
+
+    Args:
+      config: a finetuning config (missing fields take gptjax.defaults' values).
+      topology: a TPU topology name ('v5e:2x2', ...): compile for that slice (needs libtpu).
+      num_slices: slices of `topology` (the batch is split over all of their chips).
+
+    Returns:
+      The report printed by `finetune.py --dry_run`; with `topology` its last line is
+      `fits: yes (...)` or `fits: no (...)`.
+    """
+    config = defaults.complete(config, defaults.finetune_config(config.task.name))
+    if topology and not libtpu_available():
+        return INSTALL_HINT
+    devices = topology_devices(topology, num_slices) if topology else jax.devices()
+    tc, spec = config.train, get_task(config.task.name)
+    if tc.batch_size % len(devices):
+        raise ValueError(f"train.batch_size={tc.batch_size} does not split over {len(devices)} "
+                         "devices (data parallel); use a multiple of the device count")
+    base = decoder_config(config)
+    p = config.model_dropout
+    if p >= 0:
+        base = base.replace(embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
+    model_cfg = base.replace(vocab_size=base.vocab_size + 3)  # GPT-1's task tokens
+    head_cfg = head_config_for(config, spec)
+    max_len = min(config.task.max_len or model_cfg.n_ctx, model_cfg.n_ctx)
+    k = _sequences_per_example(spec.task_type, spec.num_choices, max_len)
+    optimizer, schedule = make_optimizer(schedule_optim_config(config, 1000), 1000)
+    mesh = Mesh(np.asarray(devices), ("data",))
+    repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def init_state(rng):
+        params = {"decoder": init_params(model_cfg, rng),
+                  "head": heads.init_head(rng, head_cfg, model_cfg.n_embd)}
+        return TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
+
+    with mesh:
+        state = jax.eval_shape(init_state, jax.random.key(0))
+    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), state)
+    batch = _abstract_batch(tc.batch_size, k, max_len, head_cfg.regression, rows)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
+    step = jax.jit(make_train_step(model_cfg, head_cfg, optimizer, schedule),
+                   in_shardings=(repl, rows, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    n_params = model_cfg.num_params() + head_cfg.n_out * (model_cfg.n_embd + 1)
+    lines = [f"finetune {spec.name} ({spec.task_type}): decoder {model_cfg.n_layer} x "
+             f"{model_cfg.n_embd}, vocab {base.vocab_size} + 3 task tokens, {n_params:,} "
+             f"parameters (decoder + head); batch {tc.batch_size} examples x {k} sequence(s) x "
+             f"{max_len} tokens, data parallel over {len(devices)} {devices[0].platform} "
+             "device(s), parameters and optimizer state replicated"]
+    res = compile_lowered(lambda: step.lower(state, batch, rng), mesh)
+    tokens = tc.batch_size * k * max_len
+    flops = model_cfg.flops_per_token(max_len) * tokens
+    if topology:
+        return "\n".join(lines + compiled_report(res, mesh, topology, num_slices, tokens, flops))
+    if "error" in res:
+        raise ValueError(f"the finetuning step does not compile: {res['error']}")
+    ma = res["compiled"].memory_analysis()
+    lines.append(f"compiled in {res['seconds']:.1f} s; XLA memory per device: arguments "
+                 f"{ma.argument_size_in_bytes / 2 ** 20:.1f} MiB, temporaries "
+                 f"{ma.temp_size_in_bytes / 2 ** 20:.1f} MiB; {flops:.3e} FLOPs per step")
+    return "\n".join(lines)
