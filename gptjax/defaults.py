@@ -97,6 +97,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.async_checkpointing = True
     c.train.nonfinite = "skip"           # 'skip' the update or 'halt' the run
+    c.train.max_consecutive_skips = 20   # 'skip': so many skipped steps in a row stop the run
+                                         # (a state that no longer updates); 0 = never stop
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

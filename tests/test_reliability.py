@@ -187,6 +187,9 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, refere
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
     stopped = int(outs[0][0].split("SIGTERM: stopped after step ")[1].split()[0])
     assert 4 <= stopped < 40 and steps(wd)[-1] == stopped
+    # Each process wrote the checksums of its own files (gptjax.train.integrity).
+    for i in range(2):
+        assert (wd / "checkpoints" / str(stopped) / f"checksums.process_{i}.json").is_file()
 
 
 # ============================================================================ restore checks

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -254,8 +255,14 @@ def from_hf(path_or_model, **config_overrides):
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise ConversionError(f"{path!r} has no config.json (nor hparams.json)")
-        with open(cfg_path) as fh:
-            config = config_from_hf(json.load(fh), **config_overrides)
+        try:
+            with open(cfg_path) as fh:
+                hf_config = json.load(fh)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConversionError(f"{cfg_path} is not valid JSON ({_gist(e)})") from e
+        if not isinstance(hf_config, dict):
+            raise ConversionError(f"{cfg_path} does not hold a JSON object")
+        config = config_from_hf(hf_config, **config_overrides)
         sd = _load_state_dict(path)
     else:
         model = path_or_model
@@ -267,19 +274,55 @@ def from_hf(path_or_model, **config_overrides):
     return config, params
 
 
+# torch.load(weights_only=True) had known ways around its restricted unpickler before 2.6
+# (CVE-2025-32434), so an older torch never reads a weights file.
+MIN_TORCH = (2, 6)
+
+
+def _torch_for_weights(pt: str):
+    """torch, when it can read `pt` safely; ConversionError otherwise."""
+    try:
+        import torch  # optional: only .bin checkpoints need torch
+    except ImportError as e:
+        raise ConversionError(f"{pt} is a PyTorch file and torch is not installed") from e
+    version = tuple(int(x) for x in re.findall(r"\d+", torch.__version__)[:2])
+    if version < MIN_TORCH:
+        raise ConversionError(
+            f"reading {pt} needs torch >= {'.'.join(map(str, MIN_TORCH))} (older versions' "
+            f"weights_only loading can be bypassed by a crafted file); installed: "
+            f"{torch.__version__}")
+    return torch
+
+
 def _load_state_dict(path: str) -> dict:
+    """The tensors of `model.safetensors` (preferred) or `pytorch_model.bin`, as numpy.
+
+    A file that is not what its name says (damaged, truncated, another format) is named in a
+    one-line ConversionError instead of its reader's traceback.
+    """
     st = os.path.join(path, "model.safetensors")
     if os.path.exists(st):
-        return load_file(st)
+        try:
+            return load_file(st)
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... all mean unreadable
+            raise ConversionError(f"{st} is not a readable safetensors file "
+                                  f"({type(e).__name__}: {_gist(e)})") from e
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.exists(pt):
+        torch = _torch_for_weights(pt)
         try:
-            import torch  # optional: only .bin checkpoints need torch
-        except ImportError as e:
-            raise ConversionError(f"{pt} is a PyTorch file and torch is not installed") from e
-        sd = torch.load(pt, map_location="cpu", weights_only=True)
-        return {k: v.float().numpy() for k, v in sd.items()}
+            sd = torch.load(pt, map_location="cpu", weights_only=True)
+            return {k: v.float().numpy() for k, v in sd.items()}
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
+            raise ConversionError(f"{pt} is not a readable PyTorch weights file "
+                                  f"({type(e).__name__}: {_gist(e)})") from e
     raise ConversionError(f"{path!r} has neither model.safetensors nor pytorch_model.bin")
+
+
+def _gist(e: BaseException, limit: int = 200) -> str:
+    """The first sentence of an error (torch's go on with advice that does not apply here)."""
+    text = " ".join(str(e).split()).split(". ")[0] or "no message"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _from_openai_tf(path: str, **config_overrides):

@@ -6,12 +6,17 @@ and `meta` (JSON: the model config, the data iterator position, the tokenizer fi
 Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it to `<step>` only once
 every file is written, so a crash or `kill -9` mid-save never leaves a half-written step that
 `latest_step()` would pick; a training run removes such leftovers when it starts, and says so.
-A finalized step that is later damaged (files deleted or truncated) fails to restore with a
-one-line `DamagedCheckpointError`; `restore_latest` then sets it aside and uses the one before.
+Once a save is complete each process records checksums of the files it wrote
+(gptjax.train.integrity); every restore checks them before Orbax reads anything, since Orbax
+itself restores overwritten array bytes without an error. A finalized step that is later damaged
+(files deleted, truncated or overwritten) fails to restore with a one-line
+`DamagedCheckpointError`; `restore_latest` then sets it aside and uses the one before. A state
+holding a non-finite value is never saved.
 """
 
 from __future__ import annotations
 
+import gc
 import glob
 import os
 import re
@@ -22,7 +27,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax.train import faults
+from gptjax.train import faults, integrity
 from gptjax.train.multihost import barrier
 
 
@@ -49,29 +54,65 @@ _DAMAGE = re.compile(r"NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|not found|does not exist
 
 def _short(e: BaseException, limit: int = 240) -> str:
     """The gist of an Orbax/tensorstore error on one line (without tensorstore's JSON specs)."""
-    text = " ".join(str(e).split("[tensorstore_spec")[0].split()) or type(e).__name__
+    text = " ".join(str(e).split("[tensorstore_spec")[0].split("See full TensorStore")[0].split())
+    text = text or type(e).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _chain(e: BaseException) -> list:
+    """`e` and every exception it carries: causes, contexts and the members of groups."""
+    seen, todo = [], [e]
+    while todo:
+        x = todo.pop()
+        if x is None or any(x is y for y in seen):
+            continue
+        seen.append(x)
+        todo += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+    return seen
+
+
+def _is_damage(e: BaseException) -> bool:
+    """Whether anything in `e`'s chain says a file is missing, short or unreadable.
+
+    Orbax wraps the tensorstore error that names the damage ('OUT_OF_RANGE ... Requested byte
+    range') in a generic 'Encountered error while reading array index', so the top message alone
+    would read as a mismatch.
+    """
+    return any(isinstance(x, FileNotFoundError) or _DAMAGE.search(str(x)) for x in _chain(e))
+
+
+def _from_abandoned_read(unraisable) -> bool:
+    """Whether an unraisable exception comes from the leftover reads of a failed restore."""
+    exc = unraisable.exc_value
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+        return True
+    tb = getattr(exc, "__traceback__", None)
+    while tb is not None:
+        if re.search(r"[/\\](orbax|tensorstore)[/\\]", tb.tb_frame.f_code.co_filename):
+            return True
+        tb = tb.tb_next
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine closed with its error
+    return code is not None and re.search(r"[/\\]orbax[/\\]", code.co_filename) is not None
+
+
 def _ignore_abandoned_restore_callbacks() -> None:
-    """Drop the 'Event loop is closed' errors of a failed restore's leftover reads.
+    """Drop the tracebacks of a failed restore's leftover reads.
 
     When one array of a restore fails, Orbax closes its event loop while tensorstore still
-    completes the other reads; their callbacks then raise into `sys.unraisablehook`, printing
-    tracebacks after the real (one-line) error. They are harmless; keep the terminal clean.
+    completes the other reads: their callbacks raise 'Event loop is closed', and the read
+    coroutines that are never awaited raise their own errors when collected. Both reach
+    `sys.unraisablehook` ("Exception ignored in ...") after the real, one-line error; the
+    classification already said what is wrong, so they are dropped (GPTJAX_DEBUG shows them).
     """
     previous = sys.unraisablehook
-    if getattr(previous, "_gptjax_filter", False):
-        return
+    if not getattr(previous, "_gptjax_filter", False):
+        def hook(unraisable):
+            if os.environ.get("GPTJAX_DEBUG") or not _from_abandoned_read(unraisable):
+                previous(unraisable)
 
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
-                unraisable.exc_value):
-            return
-        previous(unraisable)
-
-    hook._gptjax_filter = True
-    sys.unraisablehook = hook
+        hook._gptjax_filter = True
+        sys.unraisablehook = hook
+    gc.collect()  # collect the abandoned coroutines now, while the hook is in place
 
 
 def _notice(msg: str) -> None:
@@ -99,6 +140,9 @@ class Checkpointer:
             cleanup_tmp_directories=not read_only)  # (Orbax's read_only logs warnings)
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "meta"))
+        self._async = async_save
+        self._unsealed: Optional[int] = None  # the step saved last, before its checksums
+        self._verified: set = set()  # steps whose checksums matched (or were written) here
         if leftovers:
             _notice(f"removed the incomplete checkpoint save(s) {leftovers} in {self.directory} "
                     f"(a save was interrupted); complete checkpoints: steps {self.all_steps()}")
@@ -110,13 +154,47 @@ class Checkpointer:
         return list(self._mngr.all_steps())
 
     def save(self, step: int, state: Any, meta: dict, *, force: bool = False) -> bool:
-        """Starts an (async) save; returns whether a checkpoint is being written at this step."""
+        """Starts an (async) save; returns whether a checkpoint is being written at this step.
+
+        A state holding a NaN or an infinity is not saved (with a warning): rotation would
+        otherwise delete the finite checkpoints it could be resumed from.
+        """
+        due = force or self._mngr.should_save(step)
+        if not due:
+            self._seal(block=False)
+            return False
+        self._seal(block=True)
+        if not integrity.all_finite(state):
+            _notice(f"not saving the checkpoint of step {step}: the train state holds non-finite "
+                    f"values; the last checkpoint is step {self.latest_step()}")
+            return False
+        meta = dict(meta, checksums=jax.process_count())  # this step must have checksum files
         started = self._mngr.save(
             step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                           meta=ocp.args.JsonSave(meta)), force=force)
         if started:
+            self._unsealed = step
             faults.after_save_started(step)
+            if not self._async:
+                self._seal(block=True)
         return started
+
+    def _seal(self, block: bool) -> None:
+        """Writes this process's checksums of the last save once Orbax has finished it.
+
+        Args:
+          block: wait for a save in flight; otherwise return at once if one is.
+        """
+        if self._unsealed is None:
+            return
+        if not block and self._mngr.is_saving_in_progress():
+            return
+        self._mngr.wait_until_finished()
+        step, self._unsealed = self._unsealed, None
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(step_dir):  # (rotation may have removed it already)
+            integrity.seal(step_dir, jax.process_index(), jax.process_count())
+            self._verified.add(step)
 
     def should_save(self, step: int) -> bool:
         """Whether `save(step, ...)` would write a checkpoint (interval, or a preemption)."""
@@ -124,16 +202,46 @@ class Checkpointer:
 
     def restore_meta(self, step: Optional[int] = None) -> dict:
         step = self._require_step(step)
+        self.verify(step)
+        return self._read_meta(step)
+
+    def _read_meta(self, step: int) -> dict:
         try:
             return self._mngr.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - any failure to read the JSON is damage
             raise self._damaged(step, e) from e
 
+    def verify(self, step: int) -> None:
+        """Checks the files of `step` against the checksums written with it.
+
+        A step saved before gptjax wrote checksums loads with a one-line warning.
+
+        Raises:
+          DamagedCheckpointError: a file is missing, of another size or another content, or
+            the checksums themselves are missing although the step was saved with them.
+        """
+        if step in self._verified:
+            return
+        step_dir = os.path.join(self.directory, str(step))
+        if integrity.has_checksums(step_dir):
+            problem = integrity.verify(step_dir, jax.process_index(), jax.process_count())
+        elif "checksums" in self._read_meta(step):
+            problem = "its checksum files are missing (the run stopped before writing them)"
+        else:
+            problem = None
+            _notice(f"checkpoint step {step} in {self.directory} has no checksums (it was "
+                    "written before gptjax recorded them); loading it unverified")
+        problem = integrity.agree(problem)
+        if problem is not None:
+            raise self._damaged(step, problem)
+        self._verified.add(step)
+
     def restore(self, abstract_state: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """Restores (state, meta) into the shapes, dtypes and shardings of `abstract_state`."""
         step = self._require_step(step)
         self._check_items(step)
+        self.verify(step)
         try:
             out = self._mngr.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -173,6 +281,7 @@ class Checkpointer:
                 dst, n = f"{src}.damaged.{n}", n + 1
             os.rename(src, dst)
         barrier(f"checkpoint_set_aside_{step}")
+        self._verified.discard(step)
         self._mngr.reload()
         return dst
 
@@ -184,17 +293,21 @@ class Checkpointer:
                     f"checkpoint step {step} in {self.directory} is incomplete: its {item!r} "
                     f"directory is missing", step)
 
-    def _damaged(self, step: int, e: BaseException) -> DamagedCheckpointError:
-        _ignore_abandoned_restore_callbacks()
+    def _damaged(self, step: int, e) -> DamagedCheckpointError:
+        """The one-line error of a damaged step; `e` is the error or the problem found."""
+        if isinstance(e, BaseException):
+            _ignore_abandoned_restore_callbacks()
+            # The message that names the damage, not Orbax's generic wrapper around it.
+            e = _short(next((x for x in _chain(e) if _DAMAGE.search(str(x))), e))
         others = [s for s in self.all_steps() if s != step]
         hint = (f"; delete that step directory (or pass step={others[-1]}) to use step "
                 f"{others[-1]}" if others else "")
         return DamagedCheckpointError(f"checkpoint step {step} in {self.directory} is damaged "
-                                      f"or truncated ({_short(e)}){hint}", step)
+                                      f"or truncated ({e}){hint}", step)
 
     def _restore_error(self, step: int, e: BaseException, what: str) -> CheckpointError:
         _ignore_abandoned_restore_callbacks()
-        if isinstance(e, FileNotFoundError) or _DAMAGE.search(str(e)):
+        if _is_damage(e):
             return self._damaged(step, e)
         return CheckpointError(f"checkpoint step {step} in {self.directory} does not match "
                                f"{what}: {_short(e)}")
@@ -206,6 +319,7 @@ class Checkpointer:
         Setup is needed (inference, finetuning, export).
         """
         step = self._require_step(step)
+        self.verify(step)
         item = {"params": abstract_params}
         restore_args = jax.tree_util.tree_map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
@@ -228,9 +342,10 @@ class Checkpointer:
 
     def wait(self) -> None:
         self._mngr.wait_until_finished()
+        self._seal(block=True)
 
     def close(self) -> None:
-        self._mngr.wait_until_finished()
+        self.wait()
         self._mngr.close()
 
 

@@ -6,6 +6,9 @@ written). Each hook costs one dictionary lookup when its variable is unset.
 
   GPTJAX_FAULT_NAN_STEP=N         the batch of 0-based step N gets NaN loss weights, so that
                                   step's loss and gradients are non-finite.
+  GPTJAX_FAULT_NAN_OPT_STATE=N   before 0-based step N, a few entries of every optimizer-state
+                                  array become NaN (loss and gradients stay finite; the update
+                                  does not).
   GPTJAX_FAULT_STEP_SLEEP_S=X     sleep X seconds after every train step (a test can then send a
                                   signal while the run is in the middle of training).
   GPTJAX_FAULT_KILL_IN_SAVE=N     SIGKILL this process right after the (async) save of the
@@ -18,6 +21,8 @@ import os
 import signal
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -32,6 +37,20 @@ def corrupt_batch(step: int, batch: dict) -> dict:
         return batch
     weights = batch.get("weights", np.ones(batch["targets"].shape, np.float32))
     return dict(batch, weights=np.full_like(weights, np.nan, dtype=np.float32))
+
+
+def corrupt_state(step: int, state):
+    """`state`, with NaN in the first entries of each optimizer-state array when
+    GPTJAX_FAULT_NAN_OPT_STATE names this step."""
+    if _int("GPTJAX_FAULT_NAN_OPT_STATE") != step:
+        return state
+
+    def poison(x):
+        if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+            return x
+        return x.at[(0,) * (x.ndim - 1) + (slice(0, 3),)].set(jnp.nan)
+
+    return state.replace(opt_state=jax.tree_util.tree_map(poison, state.opt_state))
 
 
 def after_step() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import os
 import sys
@@ -45,12 +44,13 @@ from gptjax.train.workdir import (
     METRICS,
     MetricsWriter,
     check_checkpoint_meta,
+    config_changes,
+    last_logged_loss,
+    remove_empty_dirs,
     truncate_log,
     write_run_config,
     write_summary,
 )
-
-log = logging.getLogger("gptjax")
 
 
 @dataclasses.dataclass
@@ -188,28 +188,36 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                Setup(config, model_cfg, tc.steps), batcher, ckpt, init_rng, train_rng)
 
 
-def restore_or_init(run: Run) -> tuple[TrainState, int]:
+def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     """The latest intact checkpoint of the run (and the data position it saved), or a new state.
 
     Returns:
-      (state, skipped steps so far).
+      (state, what the loop carries over: `skipped_steps` so far and the last `train_loss`).
     """
     with run.setup.mesh:
         resumed = run.ckpt.restore_latest(run.setup.abstract_sharded_state(), functools.partial(
             check_checkpoint_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info))
-    n_skipped = 0
+    carried = {"skipped_steps": 0, "train_loss": float("nan")}
     if resumed is not None:
         latest, state, meta = resumed
         run.batcher.restore(meta["data"])
-        n_skipped = int(meta.get("skipped_steps", 0))  # (JSON metadata; older runs lack it)
-        log.info("resumed from step %d", latest)
         truncate_log(run.metrics_path, latest)
+        # (JSON metadata; older runs lack these, their log has the loss)
+        carried["skipped_steps"] = int(meta.get("skipped_steps", 0))
+        loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
+        carried["train_loss"] = float("nan") if loss is None else float(loss)
+        changes = config_changes(run.workdir, run.config)
+        if run.is_main:
+            if changes:
+                print(f"warning: this config differs from the one {run.workdir} was run with: "
+                      f"{changes}", file=sys.stderr, flush=True)
+            print(f"resumed from step {latest} ({run.ckpt.directory})", flush=True)
     else:
         state = run.setup.init_state(run.init_rng)
         truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
     if run.is_main:  # only now: a run refused above must not overwrite the work directory's files
         write_run_config(run.workdir, run.config, run.model_cfg)
-    return state, n_skipped
+    return state, carried
 
 
 # ================================================================================ the loop
@@ -217,17 +225,22 @@ class Trainer:
     """The training loop and its mutable state: metrics fetched one step late, skipped steps,
     the throughput window, and whether the run halted or was preempted."""
 
-    def __init__(self, run: Run, start: int, n_skipped: int, progress: bool):
+    def __init__(self, run: Run, start: int, carried: dict, progress: bool):
         self.run, self.start = run, start
         tc = run.config.train
         self.total_steps = tc.steps
         self.halt_mode = tc.nonfinite == "halt"
-        self.n_skipped = n_skipped  # non-finite steps whose update was skipped, over the run
-        self.last_train_loss = float("nan")
+        self.max_skips = tc.max_consecutive_skips
+        self.n_skipped = carried["skipped_steps"]  # steps whose update was skipped, over the run
+        self.last_train_loss = carried["train_loss"]
+        self.consecutive = 0  # skipped steps in a row
         self.halted: Optional[int] = None  # the first non-finite step of a 'halt' run
+        self.stalled: Optional[int] = None  # the step whose skip made max_skips in a row
+        self.halt_what = ""  # what was non-finite at `halted` / `stalled`
         self.preempted: Optional[str] = None
         self.pending = None  # (step, device metrics) fetched one step late: dispatch runs ahead
-        self.t_last, self.steps_since = time.time(), 0
+        # The throughput window: since t_last, when `done_mark` steps had completed.
+        self.t_last, self.done_mark, self.last_tps = time.time(), start, float("nan")
         self.tokens_per_step = tc.batch_size * run.seq_len
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype)
@@ -241,33 +254,55 @@ class Trainer:
         """The metadata saved with checkpoint `step` (checked on resume, see workdir)."""
         return {"model_config": self.run.model_cfg.to_dict(),
                 "data": dict(self.run.batcher.state(), step=step),
-                "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped}
+                "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped,
+                "train_loss": self.last_train_loss}
 
-    def handle(self, step: int, m: dict) -> None:
-        """Fetch step `step`'s metrics: count a skipped update, log every `log_every` steps."""
+    @property
+    def stopped(self) -> bool:
+        """Whether a non-finite step ('halt') or too many skipped steps in a row stop the run."""
+        return self.halted is not None or self.stalled is not None
+
+    def handle(self, step: int, m: dict, completed: Optional[int] = None) -> None:
+        """Fetch step `step`'s metrics: count a skipped update, log every `log_every` steps.
+
+        Args:
+          step: the 0-based step.
+          m: its device metrics.
+          completed: how many steps have completed by now (default step + 1); with
+            synchronous dispatch the step dispatched after `step` has completed too.
+        """
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         self.last_train_loss = m["loss"]
-        if m["skipped"]:  # a non-finite loss or gradient norm
+        self.consecutive = self.consecutive + 1 if m["skipped"] else 0
+        if m["skipped"]:  # a non-finite loss, gradient norm or update
             self.n_skipped += 1
-            if self.halt_mode:
-                self.halted = step if self.halted is None else self.halted  # the first one
+            what = ("loss or gradients" if not (math.isfinite(m["loss"]) and math.isfinite(
+                m["grad_norm"])) else "update (the optimizer state holds non-finite or huge "
+                "values)")
+            if self.stopped:
+                pass  # (a step dispatched before the run stopped)
+            elif self.halt_mode:
+                self.halted, self.halt_what = step, what
+            elif 0 < self.max_skips <= self.consecutive:
+                self.stalled, self.halt_what = step, what
             elif self.run.is_main and (self.n_skipped <= 10 or self.n_skipped % 100 == 0):
-                print(f"warning: step {step + 1}: non-finite loss or gradients, update skipped "
+                print(f"warning: step {step + 1}: non-finite {what}, update skipped "
                       f"({self.n_skipped} skipped so far)", file=sys.stderr, flush=True)
-        self.steps_since += 1
         if (step + 1) % self.run.config.train.log_every == 0 or step + 1 == self.total_steps:
-            self._log_train(step, m)
+            self._log_train(step, m, step + 1 if completed is None else completed)
 
-    def _log_train(self, step: int, m: dict) -> None:
-        dt = time.time() - self.t_last
-        tps = self.steps_since * self.tokens_per_step / max(dt, 1e-9)
+    def _log_train(self, step: int, m: dict, completed: int) -> None:
+        dt, n = time.time() - self.t_last, completed - self.done_mark
+        # n == 0: the steps logged now were timed in the window before (synchronous dispatch
+        # completes a step before its predecessor's metrics are read); keep that window's rate.
+        tps = n * self.tokens_per_step / max(dt, 1e-9) if n > 0 else self.last_tps
         self.writer.write(dict(
             step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
             tokens_per_sec=tps, mfu=mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
             skipped=int(m["skipped"]), skipped_steps=self.n_skipped))
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
-        self.t_last, self.steps_since = time.time(), 0
+        self.t_last, self.done_mark, self.last_tps = time.time(), completed, tps
 
     def _flush(self) -> None:
         if self.pending is not None:
@@ -281,7 +316,7 @@ class Trainer:
             with run.setup.mesh, guard:
                 for step in range(self.start, self.total_steps):
                     state = self._train_step(state, step)
-                    if self.halted is not None:
+                    if self.stopped:
                         break
                     if self.pbar is not None:
                         self.pbar.update(1)
@@ -298,12 +333,15 @@ class Trainer:
         """Dispatch step `step`, then fetch the previous step's metrics (dispatch runs ahead)."""
         run = self.run
         batch = run.setup.put_batch(faults.corrupt_batch(step, run.batcher.batch(step)))
-        state, metrics = run.setup.train_step(state, batch, run.train_rng)
+        state, metrics = run.setup.train_step(faults.corrupt_state(step, state), batch,
+                                              run.train_rng)
         if self.pending is not None:
-            self.handle(*self.pending)
+            # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
+            completed = step + 1 if metrics["loss"].is_ready() else step
+            self.handle(*self.pending, completed=completed)
             if step - 1 == self.start:
                 # Do not count compilation in the first throughput window.
-                self.t_last, self.steps_since = time.time(), 0
+                self.t_last, self.done_mark = time.time(), completed
         self.pending = (step, metrics)
         return state
 
@@ -316,7 +354,7 @@ class Trainer:
             # Metrics of a step about to be saved, now: a 'halt' run never saves a non-finite
             # update, and the saved skip count is exact.
             self._flush()
-            if self.halted is not None:
+            if self.stopped:
                 return False
         if stop:
             run.ckpt.save(done, state, self.meta_for(done), force=True)
@@ -347,13 +385,20 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     """Stop a halted run with its error, or save, evaluate on the whole split and summarise."""
     run = trainer.run
     ckpt = run.ckpt
-    if trainer.halted is not None:
+    if trainer.stopped:
         ckpt.close()
+        trainer.writer.close()
         good = ckpt.latest_step()
+        good = (f"the last good checkpoint is step {good}" if good is not None
+                else "no checkpoint was written before it")
+        if trainer.halted is not None:
+            raise FloatingPointError(f"non-finite {trainer.halt_what} at step "
+                                     f"{trainer.halted + 1} (train.nonfinite='halt'); {good}")
+        first = trainer.stalled + 2 - trainer.max_skips
         raise FloatingPointError(
-            f"non-finite loss or gradients at step {trainer.halted + 1} (train.nonfinite='halt'); "
-            + (f"the last good checkpoint is step {good}" if good is not None
-               else "no checkpoint was written before it"))
+            f"steps {first}-{trainer.stalled + 1} were all skipped (non-finite "
+            f"{trainer.halt_what}), train.max_consecutive_skips={trainer.max_skips} in a row: "
+            f"the run stopped; {good}")
     if trainer.preempted is not None:
         ckpt.close()
         trainer.writer.close()
@@ -396,12 +441,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Raises:
       ConfigError: for an impossible config value, before any data is read.
       CheckpointError: when the work directory holds another run.
-      FloatingPointError: at a non-finite step under train.nonfinite='halt'.
+      FloatingPointError: at a non-finite step under train.nonfinite='halt', or after
+        train.max_consecutive_skips skipped steps in a row.
     """
     config = defaults.complete(config, defaults.base_config())
     check_train_config(config)  # one-line errors before any data is read or anything compiles
-    run = prepare(config, workdir)
-    state, n_skipped = restore_or_init(run)
+    created = not os.path.exists(workdir)
+    try:
+        run = prepare(config, workdir)
+        state, carried = restore_or_init(run)
+    except BaseException:
+        if created and jax.process_index() == 0:
+            remove_empty_dirs(os.path.abspath(workdir))
+        raise
     start = int(jax.device_get(state.step))
     mc = run.model_cfg
     if run.is_main:
@@ -409,5 +461,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"{mc.n_embd}, vocab {mc.vocab_size}, context {run.seq_len}; "
               f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens; mesh "
               f"{dict(run.setup.mesh.shape)}; steps {start}->{config.train.steps}", flush=True)
-    trainer = Trainer(run, start, n_skipped, progress)
+    trainer = Trainer(run, start, carried, progress)
     return finish(trainer, trainer.loop(state))

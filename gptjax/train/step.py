@@ -39,9 +39,9 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
       schedule: the learning-rate schedule, for logging.
       accum_steps: microbatches per update; the batch's leading axis is split into this many and
         gradients are averaged with a `lax.scan` (one update, constant memory in accum_steps).
-      nonfinite: 'skip' (a step with a non-finite loss or gradient leaves params and optimizer
-        state unchanged and reports skipped=1) or 'halt' (the update is applied as is; the host
-        loop stops on the reported non-finite loss).
+      nonfinite: 'skip' (a step with a non-finite loss, gradient or update leaves params and
+        optimizer state unchanged and reports skipped=1) or 'halt' (the update is applied as is
+        and reported the same way; the host loop stops on it).
 
     The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
     """
@@ -57,47 +57,66 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        weights = batch.get("weights")
         if accum_steps == 1:
-            loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"], weights, rng)
+            loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"],
+                                  batch.get("weights"), rng)
         else:
-            def split(x):
-                return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
-
-            micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
-                     jax.random.split(rng, accum_steps))
-
-            def body(acc, mb):
-                inputs, targets, w, r = mb
-                l, g = grad_fn(state.params, inputs, targets, w, r)
-                return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
-
-            zero = (jnp.zeros((), jnp.float32),
-                    jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
-            (loss, grads), _ = jax.lax.scan(body, zero, micro)
-            loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
-            grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, state.params)
+            loss, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         def update(_):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
+            # A finite gradient can still give a non-finite update (an optimizer state holding
+            # NaNs or huge values): one reduction over the update catches it before it reaches
+            # the parameters. (Its square overflows above ~1e19 in fp32: such an update is
+            # garbage too.)
+            update_norm = optax.global_norm(updates).astype(jnp.float32)
+            if nonfinite != "skip":
+                return optax.apply_updates(state.params, updates), opt_state, update_norm
+            return jax.lax.cond(
+                jnp.isfinite(update_norm),
+                lambda _: (optax.apply_updates(state.params, updates), opt_state, update_norm),
+                lambda _: (state.params, state.opt_state, update_norm), None)
 
         if nonfinite == "skip":
             # lax.cond runs one branch, where a per-leaf jnp.where(finite, new, old) would read
             # every parameter and optimizer slot once more (~4% of a GPT-2 small step on CPU).
             # Under vmap (gptjax.sweep) it becomes that select again, with the same result.
-            params, opt_state = jax.lax.cond(
-                finite, update, lambda _: (state.params, state.opt_state), None)
+            params, opt_state, update_norm = jax.lax.cond(
+                finite, update,
+                lambda _: (state.params, state.opt_state, jnp.full((), jnp.nan, jnp.float32)),
+                None)
         else:
-            params, opt_state = update(None)
+            params, opt_state, update_norm = update(None)
+        ok = finite & jnp.isfinite(update_norm)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "skipped": (~finite).astype(jnp.int32)}
+                   "update_norm": update_norm, "skipped": (~ok).astype(jnp.int32)}
         return new_state, metrics
 
     return train_step
+
+
+def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
+                 accum_steps: int) -> tuple:
+    """(loss, grads) averaged over `accum_steps` microbatches with a `lax.scan`."""
+    def split(x):
+        return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
+
+    micro = (split(batch["inputs"]), split(batch["targets"]), split(batch.get("weights")),
+             jax.random.split(rng, accum_steps))
+
+    def body(acc, mb):
+        inputs, targets, w, r = mb
+        l, g = grad_fn(params, inputs, targets, w, r)
+        return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
+
+    zero = (jnp.zeros((), jnp.float32),
+            jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+    (loss, grads), _ = jax.lax.scan(body, zero, micro)
+    loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
+    return loss, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
 def make_eval_step(model_cfg: GPTConfig) -> Callable:

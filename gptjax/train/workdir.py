@@ -85,6 +85,68 @@ def write_run_config(workdir: str, config: ml_collections.ConfigDict, model_cfg:
         json.dump(model_cfg.to_dict(), fh, indent=2)
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int = 8
+                   ) -> Optional[str]:
+    """The fields in which `config` differs from the run's saved `config.json`, on one line.
+
+    The architecture (`model.*`) is left out: a checkpoint of another architecture is refused
+    (`check_checkpoint_meta`). None when nothing differs or there is no saved config.
+
+    Args:
+      workdir: the run directory.
+      config: this run's complete config.
+      limit: fields named before the rest are only counted.
+    """
+    try:
+        with open(os.path.join(workdir, "config.json")) as fh:
+            saved = _flatten(json.load(fh))
+    except (OSError, ValueError):
+        return None
+    here = _flatten(json.loads(config.to_json_best_effort()))
+    diff = sorted(k for k in set(saved) | set(here)
+                  if not k.startswith("model.") and saved.get(k) != here.get(k))
+    if not diff:
+        return None
+    text = ", ".join(f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in diff[:limit])
+    return text + (f" and {len(diff) - limit} more" if len(diff) > limit else "")
+
+
+def last_logged_loss(path: str, step: int) -> Optional[float]:
+    """The training loss metrics.jsonl records for `step` (or the last step before it)."""
+    if not os.path.exists(path):
+        return None
+    loss = None
+    with open(path) as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if "loss" in rec and rec.get("step", 0) <= step:
+                loss = rec["loss"]
+    return loss
+
+
+def remove_empty_dirs(workdir: str) -> None:
+    """Removes `workdir` and its subdirectories where they hold no file (a run that failed
+    before writing anything leaves no empty directory behind)."""
+    for root, _, _ in sorted(os.walk(workdir), key=lambda x: -len(x[0])):
+        try:
+            os.rmdir(root)  # only succeeds on an empty directory
+        except OSError:
+            pass
+
+
 def write_summary(workdir: str, summary: dict) -> None:
     """Writes `summary.json`, the JSON summary of a finished run."""
     with open(os.path.join(workdir, SUMMARY), "w") as fh:
