@@ -16,10 +16,15 @@ torch):
                 F.scaled_dot_product_attention(is_causal=True)), eager; nanoGPT's leaner model.
   nano_compile  the same under torch.compile.
 
-The machine may be shared, so runners take turns: every round times --steps steps of each
-runner in order, and a runner's time is the median of its rounds; ratios are per round
-(peer time / gptjax time) and their median is reported, so load from other processes hits both
-sides of a ratio alike. The load average before and after is printed with the numbers.
+Each runner runs in its own process (two thread pools in one process slow PyTorch down), and the
+processes take turns: every round starts one process per runner in order, which builds and warms
+up its runner and times --steps steps; a runner's time is the median of its rounds, ratios are
+per round (peer time / gptjax time) and their median is reported, so load from other processes
+hits both sides of a ratio alike. Each side runs as its users run it: the gptjax process as
+train.py sets up its host (gptjax.train.hostmem: freed memory kept mapped, inline CPU dispatch),
+the PyTorch processes with glibc's default malloc as nanoGPT's users have it
+(--torch_keep_freed_memory gives them the malloc setting too). --same_process keeps the old
+mode, every runner in one process, labelled as such in the output. The load average before and after is printed with the numbers.
 With --torch_threads 0,1 each torch runner also runs with one intra-op thread: on a loaded
 machine torch's OpenMP threads stall whenever another process holds a core, and a ratio against
 that alone would flatter gptjax.
@@ -72,7 +77,7 @@ DEFAULT_RUNNERS = RUNNERS
 TORCH_DTYPES = {"float32": None, "bfloat16": "bfloat16"}
 # --smoke: the defaults it replaces (explicit flags still win). Eager torch runners only:
 # torch.compile alone takes minutes on a CPU.
-SMOKE = dict(shapes="tiny_smoke", runners="gptjax,gptjax:auto,hf,nano", steps=1, rounds=2,
+SMOKE = dict(shapes="tiny_smoke", runners="gptjax,hf,nano", steps=1, rounds=2,
              warmup=1)
 
 
@@ -285,6 +290,63 @@ def bench_shape(name: str, *, batch: int = 0, dtype: str = "float32", runners=DE
     return row
 
 
+def _child_row(name: str, kind: str, threads: int, a, keep: bool) -> dict:
+    """One round of one runner, timed in a process of its own (this script with --child)."""
+    import subprocess  # optional: only the isolated mode starts processes
+    import tempfile  # optional: only the isolated mode starts processes
+
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "row.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", "--shapes", name,
+               "--runners", kind, "--torch_threads", str(threads), "--rounds", "1",
+               "--steps", str(a.steps), "--warmup", str(a.warmup), "--dtype", a.dtype,
+               "--batch", str(a.batch), "--vocab", str(a.vocab), "--attention_impl",
+               a.attention_impl, "--json", out] + (["--keep_freed_memory"] if keep else [])
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            return {"skipped": {_label(kind, threads): (proc.stderr.strip().splitlines()
+                                                       or ["failed"])[-1][:200]}}
+        with open(out) as fh:
+            return json.load(fh)["rows"][0]
+
+
+def bench_shape_isolated(name: str, a, runners, threads, peak_measured: float,
+                         peak_datasheet, log=print) -> dict:
+    """bench_shape's row, each runner timed in its own process, the processes alternating."""
+    plan = [(k, th) for k in runners for th in ((0,) if k.startswith("gptjax") else threads)]
+    times, skipped, row = {}, {}, None
+    load_before = os.getloadavg()[0]
+    for i in range(a.rounds):
+        for kind, th in plan:
+            keep = kind.startswith("gptjax") or a.torch_keep_freed_memory
+            r = _child_row(name, kind, th, a, keep)
+            label = _label(kind, th)
+            if label in r.get("skipped", {}):
+                skipped[label] = r["skipped"][label]
+                continue
+            row = row or r
+            times.setdefault(label, []).append(r["runners"][label]["step_s"])
+            log(f"  {name} round {i} {label}: {r['runners'][label]['step_s'] * 1e3:.1f} ms/step, "
+                f"load {os.getloadavg()[0]:.2f}")
+    if row is None:
+        raise RuntimeError(f"no runner ran on {name}: {skipped}")
+    tokens = row["batch"] * row["seq"]
+    row.update(rounds=a.rounds, load_before=load_before, load_after=os.getloadavg()[0],
+               runners={}, skipped=skipped, isolation="own process per runner, alternating")
+    ref = next((k for k in times if k.startswith("gptjax")), None)
+    for label, ts in times.items():
+        t = statistics.median(ts)
+        x = dict(step_s=t, step_s_rounds=ts, tok_s=tokens / t,
+                 mfu_measured=tokens / t * row["flops_per_token"] / peak_measured
+                 if peak_measured else None,
+                 mfu_datasheet=tokens / t * row["flops_per_token"] / peak_datasheet
+                 if peak_datasheet else None)
+        if ref is not None and not label.startswith("gptjax") and len(ts) == len(times[ref]):
+            x["gptjax_speedup"] = statistics.median(p / j for p, j in zip(ts, times[ref]))
+        row["runners"][label] = x
+    return row
+
+
 def markdown(rows, peak_measured, peak_datasheet, device) -> str:
     """A markdown table: one line per shape and runner."""
     out = [f"device: {device}; measured matmul peak {peak_measured / 1e9:,.1f} GFLOP/s; "
@@ -293,6 +355,7 @@ def markdown(rows, peak_measured, peak_datasheet, device) -> str:
            "| shape | batch x seq | dtype | runner | tok/s | MFU (measured peak) | "
            "MFU (datasheet) | gptjax speedup | load |",
            "|---|---|---|---|---|---|---|---|---|"]
+    out[0] += f"; {rows[0].get('isolation', '')}" if rows else ""
     for r in rows:
         load = f"{r['load_before']:.1f}-{r['load_after']:.1f}" if r["load_before"] is not None \
             else "n/a"
@@ -328,8 +391,14 @@ def main(argv=None):
                     help="call gptjax.train.hostmem.prepare_host_for_training() first, as gptjax's "
                          "training does (its malloc setting applies to every runner in the "
                          "process, its inline CPU dispatch to gptjax's)")
+    ap.add_argument("--same_process", action="store_true",
+                    help="every runner in this one process (the old mode; torch runs slower "
+                         "next to JAX's thread pool, so its ratios flatter gptjax)")
+    ap.add_argument("--torch_keep_freed_memory", action="store_true",
+                    help="isolated mode: the PyTorch processes keep freed memory mapped too")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true",
-                    help="end to end in seconds: shape tiny_smoke, runners gptjax,gptjax:auto,hf,"
+                    help="end to end in seconds: shape tiny_smoke, runners gptjax,hf,"
                          "nano, 1 step x 2 rounds after 1 warm-up step (shows the script works; "
                          "the numbers mean nothing); explicit flags still win")
     a = ap.parse_args(argv)
@@ -350,23 +419,34 @@ def main(argv=None):
         except ValueError as e:
             sys.exit(f"--runners: {e}")
     threads = tuple(int(t) for t in a.torch_threads.split(","))
-    peak_meas = measured_peak(a.dtype)
+    peak_meas = 0.0 if a.child else measured_peak(a.dtype)  # the parent reports MFU
     peak_ds = datasheet_peak()
     dev = jax.devices()[0]
     device = f"{dev.device_kind} ({dev.platform}, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()})"
     rows = []
+    in_process = a.same_process or a.child
     for name in shapes:
-        row = bench_shape(name, batch=a.batch, dtype=a.dtype, runners=runners,
-                          torch_threads=threads, steps=a.steps, warmup=a.warmup, rounds=a.rounds,
-                          vocab=a.vocab, attention_impl=a.attention_impl,
-                          peak_measured=peak_meas, peak_datasheet=peak_ds)
+        if in_process:
+            row = bench_shape(name, batch=a.batch, dtype=a.dtype, runners=runners,
+                              torch_threads=threads, steps=a.steps, warmup=a.warmup,
+                              rounds=a.rounds, vocab=a.vocab, attention_impl=a.attention_impl,
+                              peak_measured=peak_meas, peak_datasheet=peak_ds)
+            row["isolation"] = "one process, every runner (--same_process)"
+        else:
+            row = bench_shape_isolated(name, a, runners, threads, peak_meas, peak_ds)
         rows.append(row)
         print(json.dumps(row), flush=True)
     print()
     print(markdown(rows, peak_meas, peak_ds, device))
-    malloc = ("freed memory kept mapped (gptjax.train.hostmem), every runner" if kept
-              else "glibc default, every runner")
-    dispatch = ("inline, on the main thread" if host["inline_cpu_dispatch"]
+    if not in_process:
+        malloc = ("freed memory kept mapped (gptjax.train.hostmem) in every process"
+                  if a.torch_keep_freed_memory else "gptjax's process as train.py sets it up "
+                  "(gptjax.train.hostmem); the PyTorch processes with glibc's default")
+    elif kept:
+        malloc = "freed memory kept mapped (gptjax.train.hostmem), every runner in this process"
+    else:
+        malloc = "glibc default, every runner in this process"
+    dispatch = ("inline, on the main thread" if host["inline_cpu_dispatch"] or not in_process
                 else "asynchronous (JAX default)")
     print(f"\nhost malloc: {malloc}; gptjax's CPU dispatch: {dispatch}")
     if a.json:
