@@ -21,7 +21,8 @@ _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot"], "What
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
-_STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir, e.g. 500,1000.")
+_STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir, e.g. 500,1000, "
+                             "or all.")
 _OUT = flags.DEFINE_string("out", "", "Directory for JSON/markdown results and plots.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 # perplexity
@@ -45,7 +46,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the demonstrations and generate
 
 
 def _run():
-    steps = run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value else []
+    steps = (run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value not in ("", "all")
+             else _STEPS.value or [])
     if _MODE.value == "fewshot":
         specs = [s for v in _TASKS.value for s in v.split(",") if s]
         if not specs:

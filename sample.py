@@ -1,9 +1,8 @@
 """Sample from a trained gptjax run or an imported transformers directory.
 
-  python sample.py --workdir runs/default --prompt "def " --max_new_tokens 200
+  python sample.py --workdir runs/default --prompt "def " --max_new_tokens 100
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x
-
 Intentionally thin: gptjax.train.workdir loads, gptjax.inference.textgen completes and streams.
 """
 
@@ -13,7 +12,7 @@ from absl import app, flags
 
 from gptjax.cli import parse_flags, run_cli
 from gptjax.inference.sampling import prepare_for_decoding
-from gptjax.inference.textgen import complete
+from gptjax.inference.textgen import check_request, complete
 from gptjax.train.workdir import load_pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
@@ -22,7 +21,8 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_di
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate.")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (clipped to the "
+                                "room the prompt leaves in the model's context).")
 _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default 0.8; beam search: 1).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
@@ -46,9 +46,7 @@ def _prompts():
 
 
 def _write(row, text):
-    sys.stdout.write(text)
-    sys.stdout.flush()
-
+    print(text, end="", flush=True)
 
 def _run():
     if _N.value < 1:
@@ -56,15 +54,19 @@ def _run():
     config, params, tok = load_pretrained(workdir=_WORKDIR.value, hf_dir=_HF_DIR.value,
                                           tokenizer_path=_TOKENIZER.value, step=_STEP.value)
     params = prepare_for_decoding(config, params)  # once for every sample
-    temperature = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
+    temp = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
+    opts = dict(temperature=temp, top_k=_TOP_K.value, top_p=_TOP_P.value, num_beams=_BEAMS.value,
+                length_penalty=_LP.value)
     prompts = _prompts()
-    for prompt in prompts:
+    fits = check_request(config, tok, prompts, max_new_tokens=_MAX_NEW.value, **opts)
+    for prompt, max_new in zip(prompts, fits):  # everything checked: now print
+        if max_new < _MAX_NEW.value:
+            print(f"note: --max_new_tokens={_MAX_NEW.value} clipped to {max_new}, the room the "
+                  f"prompt leaves in the context (n_ctx={config.n_ctx})", file=sys.stderr)
         for i in range(_N.value):
             _write(0, prompt)
-            complete(config, params, tok, [prompt], max_new_tokens=_MAX_NEW.value,
-                     temperature=temperature, top_k=_TOP_K.value, top_p=_TOP_P.value,
-                     num_beams=_BEAMS.value, length_penalty=_LP.value, stop=_STOP.value,
-                     seed=_SEED.value + i, on_text=_write)
+            complete(config, params, tok, [prompt], max_new_tokens=max_new, stop=_STOP.value,
+                     seed=_SEED.value + i, on_text=_write, **opts)
             _write(0, "\n" + ("-" * 40 + "\n" if _N.value > 1 or len(prompts) > 1 else ""))
 
 

@@ -154,7 +154,7 @@ def define_config_file(name: str, default: Optional[str], help_string: str, **kw
     there, before absl's own flag-error handling exists.
     """
     try:
-        return config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
+        holder = config_flags.DEFINE_config_file(name, default, help_string, **kwargs)
     except Exception as e:  # noqa: BLE001 - turned into one line naming the bad value
         if os.environ.get("GPTJAX_DEBUG"):
             raise
@@ -162,7 +162,23 @@ def define_config_file(name: str, default: Optional[str], help_string: str, **kw
             msg = _unknown_key_message(name, default, sys.argv)
             if msg:
                 fail(msg)
-        fail(f"--{name}: cannot load the config: {str(e) or type(e).__name__}")
+        fail(f"--{name}: cannot load the config: {_config_error(e)}")
+    # `--help` lists the flags of the entry script only; the config flag is defined here, so it
+    # is declared a key flag of the script that called us (absl names __main__ by sys.argv[0]).
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
+                                             flags.FLAGS[name])
+    return holder
+
+
+def _config_error(e: BaseException) -> str:
+    """The message of an error raised in a config file's get_config(), without the traceback
+    ml_collections folds into it ('Error whilst parsing config file: Traceback ...')."""
+    text = str(e) or type(e).__name__
+    if "Traceback (most recent call last)" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 def parse_flags(argv: list) -> list:
@@ -170,6 +186,9 @@ def parse_flags(argv: list) -> list:
     try:
         rest = flags.FLAGS(argv)
     except flags.Error as e:
+        if "Traceback (most recent call last)" in str(e):  # raised by a config's get_config()
+            flag = re.match(r"flag (--\S+):", str(e))
+            fail(f"{flag.group(1) if flag else 'a config flag'}: {_config_error(e)}")
         fail(f"{e}; see --helpshort")
     except Exception as e:  # noqa: BLE001 - a config file or override that does not load
         if os.environ.get("GPTJAX_DEBUG"):

@@ -12,7 +12,8 @@ def read_metrics(path: str) -> list:
 
 
 def plot_metrics(metrics_path: str, out_png: str, title: str = "") -> str:
-    """Train and validation loss against step (log-scaled step axis off), written as a PNG."""
+    """Train and validation loss against step, written as a PNG; a finetuning run's combined
+    loss is drawn with its task and LM parts and labelled as such."""
     import matplotlib  # heavy: matplotlib, only when a plot is written
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: matplotlib
@@ -20,13 +21,22 @@ def plot_metrics(metrics_path: str, out_png: str, title: str = "") -> str:
     recs = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in recs if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in recs if "val_loss" in r]
+    # Finetuning logs the combined loss L3 = task loss + lambda x LM loss (GPT-1) with its
+    # parts; only pretraining's "loss" is a per-token cross-entropy.
+    combined = any("task_loss" in r for r in recs)
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
+        ax.plot(*zip(*train), label="train loss (task + lambda x LM)" if combined
+                else "train loss", lw=1.2)
+    for key, label in (("task_loss", "task loss (cross-entropy)"),
+                       ("lm_loss", "LM loss (nats/token)")) if combined else ():
+        pts = [(r["step"], r[key]) for r in recs if key in r]
+        if pts:
+            ax.plot(*zip(*pts), label=label, lw=0.9, alpha=0.8)
     if val:
         ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5, ms=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("loss (nats)" if combined else "cross-entropy (nats/token)")
     ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(metrics_path))))
     ax.grid(alpha=0.3)
     ax.legend()

@@ -30,6 +30,8 @@ def tiny_workdir(tmp_path_factory):
               "--config.sample.prompt=to be"])
     assert r.returncode == 0, r.stderr[-2000:]
     assert "---------- sample ----------" in r.stdout and "to be" in r.stdout
+    # gptjax's own corpus builder downloads nothing, and says so (not tfds's "Unknown size").
+    assert "Unknown size" not in r.stdout and "nothing to download" in r.stdout
     return wd
 
 
@@ -53,13 +55,35 @@ def test_sample_from_prompt_file_and_stdin(tiny_workdir, tmp_path):
 
 @pytest.mark.parametrize("flag, message", [
     ("--top_p=0", "top_p=0"), ("--temperature=-1", "temperature=-1"), ("--top_k=-3", "top_k=-3"),
-    ("--num_beams=0", "num_beams=0"), ("--max_new_tokens=100", "n_ctx=32"),
+    ("--num_beams=0", "num_beams=0"), ("--prompt=" + "to be " * 7, "no room left"),
 ])
 def test_sample_bad_flags_are_one_line(tiny_workdir, flag, message):
     r = _run(["sample.py", f"--workdir={tiny_workdir}", "--prompt=to be", flag])
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], r.stderr
+    assert r.stdout == ""  # checked before the prompt is echoed (issue 23)
+
+
+def test_sample_clips_max_new_tokens_to_the_context(tiny_workdir):
+    # README: --max_new_tokens 200 on models with n_ctx 64 / 128; here n_ctx=32, prompt 5 chars.
+    r = _run(["sample.py", f"--workdir={tiny_workdir}", "--prompt=to be", "--max_new_tokens=100",
+              "--temperature=0"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "note: --max_new_tokens=100 clipped to 27" in r.stderr and "n_ctx=32" in r.stderr
+    assert r.stdout.startswith("to be") and len(r.stdout.rstrip("\n")) == len("to be") + 27
+
+
+def test_config_suffix_errors_and_help():
+    r = _run(["train.py", "--config", "configs/gpt3.py:gpt3-huge", "--dry_run"])
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --config=configs/gpt3.py:gpt3-huge: "
+                                                   "size='gpt3-huge': allowed values are ["), lines
+    assert "gpt3-small" in lines[0] and "Traceback" not in r.stderr
+    r = _run(["train.py", "--help"])
+    # absl's --help exits with status 1; the config flag is defined in gptjax.cli, not train.py
+    assert "  --config: Experiment config file" in r.stdout, r.stdout[-2000:]
 
 
 def test_sample_without_checkpoint(tmp_path):

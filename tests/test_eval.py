@@ -344,3 +344,60 @@ def test_eval_cli_perplexity_fewshot_and_errors(tmp_path, shared_data):
     r = run("--text", str(text), "--stride", "64")
     assert r.returncode == 2 and r.stderr.strip().startswith("error: stride=64")
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_fewshot_names_model_and_task_and_keeps_finished_results(tiny, tmp_path):
+    """Issue 23: a character-level model without digits fails on arithmetic naming the model and
+    the task, after the models before it have written their results."""
+    config, params, tok = tiny
+    letters = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz QWhatisplus?:\n")
+    lconfig = GPTConfig.preset("tiny", vocab_size=letters.vocab_size, n_ctx=64)
+    lparams = init_params(lconfig, jax.random.key(1))
+    task = fewshot.build_task("2D+", num_examples=2)
+    models = [("digits", config, params, tok, {}), ("letters", lconfig, lparams, letters, {})]
+    with pytest.raises(ValueError, match=r"model 'letters', task '2D\+', K=0: character '\d' "
+                                         r".*finished models' results are in"):
+        fewshot.run(models, [task], [0], out_dir=str(tmp_path), log=lambda s: None)
+    rows = json.load(open(tmp_path / "results.json"))
+    assert [(r["model"], r["task"], r["shots"]) for r in rows] == [("digits", "2D+", 0)]
+    assert (tmp_path / "accuracy_vs_k.png").exists()
+
+
+def test_accuracy_plots_have_integer_k_ticks_and_distinct_lines(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figs.append(fig))
+    rows = [dict(model=m, task=t, shots=k, accuracy=0.0, params=p, step=None)
+            for m, p in (("a", 10), ("b", 100)) for t in ("2D+", "1DC") for k in (0, 1, 4, 8)]
+    fewshot.plot_results(rows, str(tmp_path))
+    assert len(figs) == 2
+    ax = figs[0].axes[0]
+    assert list(ax.get_xticks()) == [0, 1, 4, 8]
+    lines = ax.get_lines()
+    assert len(lines) == 4  # equal accuracies everywhere: the lines must still tell apart
+    styles = {(ln.get_marker(), ln.get_linestyle(), ln.get_linewidth()) for ln in lines}
+    assert len(styles) == 4
+    assert len({(ln.get_marker(), ln.get_linestyle()) for ln in figs[1].axes[0].get_lines()}) == 8
+
+
+def test_finetuning_loss_plot_names_the_combined_loss(tmp_path, monkeypatch):
+    """A finetuning run logs L3 = task + lambda x LM: its plot must not call that a per-token
+    cross-entropy; a pretraining run's plot still does."""
+    import matplotlib.figure
+
+    from gptjax.plotting import plot_metrics
+
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figs.append(fig))
+    ft, pre = tmp_path / "ft.jsonl", tmp_path / "pre.jsonl"
+    ft.write_text("".join(json.dumps({"step": i, "loss": 3.0, "task_loss": 0.7, "lm_loss": 4.6})
+                          + "\n" for i in range(5)))
+    pre.write_text("".join(json.dumps({"step": i, "loss": 3.0}) + "\n" for i in range(5)))
+    plot_metrics(str(ft), str(tmp_path / "a.png"))
+    plot_metrics(str(pre), str(tmp_path / "b.png"))
+    ax_ft, ax_pre = figs[0].axes[0], figs[1].axes[0]
+    assert ax_ft.get_ylabel() == "loss (nats)"
+    assert [ln.get_label() for ln in ax_ft.get_lines()] == [
+        "train loss (task + lambda x LM)", "task loss (cross-entropy)", "LM loss (nats/token)"]
+    assert ax_pre.get_ylabel() == "cross-entropy (nats/token)"

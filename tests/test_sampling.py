@@ -531,3 +531,25 @@ def test_prepared_params_decode_like_plain_params(name, scan):
     assert sampling.prepare_for_decoding(cfg, prepared) is prepared
     plain = sampling.prepare_for_decoding(cfg, params, out_in=False)
     assert not plain.out_in and plain.params is params
+
+
+def test_check_request_validates_before_decoding_and_clips_to_the_context():
+    """textgen.check_request: generate's option errors before anything is decoded or printed,
+    and max_new_tokens clipped to the room each prompt leaves (sample.py, issue 23)."""
+    from gptjax.data.tokenizers import CharTokenizer
+    from gptjax.inference import textgen
+
+    tok = CharTokenizer.from_text("abcdefgh ")
+    config = GPTConfig.preset("tiny", vocab_size=tok.vocab_size, n_ctx=16)
+    assert textgen.check_request(config, tok, ["ab", "abcdefgh"], max_new_tokens=10) == [10, 8]
+    assert textgen.check_request(config, tok, ["a"], max_new_tokens=200, top_k=3) == [15]
+    with pytest.raises(ValueError, match="temperature=-1.0"):
+        textgen.check_request(config, tok, ["a"], max_new_tokens=5, temperature=-1.0)
+    with pytest.raises(ValueError, match="num_beams=2 with temperature=0.5"):
+        textgen.check_request(config, tok, ["a"], max_new_tokens=5, temperature=0.5, num_beams=2)
+    with pytest.raises(ValueError, match="the prompt has 16 tokens: no room left .*n_ctx=16"):
+        textgen.check_request(config, tok, ["abcdefgh" * 2], max_new_tokens=1)
+    params = init_params(config, jax.random.key(0))
+    fit = textgen.check_request(config, tok, ["abc"], max_new_tokens=100, temperature=0.0)[0]
+    text = textgen.complete(config, params, tok, ["abc"], max_new_tokens=fit, temperature=0.0)[0]
+    assert len(text) == 13  # generated up to the context

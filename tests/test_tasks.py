@@ -18,6 +18,8 @@ from gptjax.data.tasks import (
 )
 from gptjax.finetune import metrics as tm
 
+from conftest import REPO
+
 scipy_stats = pytest.importorskip("scipy.stats")
 sk_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -301,7 +303,8 @@ def test_task_registry_and_errors(tmp_path):
     assert TASKS["race"].num_labels == 4 and TASKS["mnli"].num_labels == 3
     with pytest.raises(ValueError, match="unknown task 'sst3'"):
         get_task("sst3")
-    with pytest.raises(FileNotFoundError, match="task directory not found"):
+    with pytest.raises(FileNotFoundError, match="'sst2': directory not found: .*nope; point "
+                                                "--config.task.path"):
         load_task("sst2", tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="task file not found: .*train.tsv"):
         load_task("sst2", tmp_path, splits=["train"])
@@ -320,3 +323,18 @@ def test_every_task_has_one_of_gpt1s_task_types():
     with pytest.raises(ValueError, match=r"task_type='regression'.*'classification'") as info:
         check_task_type("regression")
     assert "\n" not in str(info.value)
+
+
+def test_task_configs_read_from_the_shared_data_folder():
+    """Every finetuning config's default task path is under ../shared/data (issue 23: six of them
+    pointed into the repository), and a missing one names the flag that sets it."""
+    import importlib.util
+    configs = sorted((REPO / "configs" / "finetune").glob("*.py"))
+    assert len(configs) == len(TASKS) + 1  # + __init__.py
+    for path in configs:
+        if path.name == "__init__.py":
+            continue
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod.get_config().task.path.startswith("../shared/data/"), path.name

@@ -1,6 +1,7 @@
 """MNLI (3-way NLI): entailment, <s> premise $ hypothesis <e>; accuracy on dev_matched
 (picks the best epoch) and dev_mismatched; MNLI-m.tsv and MNLI-mm.tsv for the GLUE server. Not in
-../shared/data: download GLUE's MNLI into data/glue/MNLI.
+../shared/data: download GLUE's MNLI into ../shared/data/glue/MNLI,
+or point --config.task.path at it.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
 or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
@@ -16,4 +17,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("mnli", "data/glue/MNLI")
+    return finetune_config("mnli", "../shared/data/glue/MNLI")

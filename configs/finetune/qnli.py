@@ -1,5 +1,6 @@
 """QNLI (question-answer entailment): entailment, <s> question $ sentence <e>; accuracy. Not in
-../shared/data: download GLUE's QNLI into data/glue/QNLI.
+../shared/data: download GLUE's QNLI into ../shared/data/glue/QNLI,
+or point --config.task.path at it.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
 or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
@@ -15,4 +16,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("qnli", "data/glue/QNLI")
+    return finetune_config("qnli", "../shared/data/glue/QNLI")

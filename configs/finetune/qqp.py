@@ -1,5 +1,6 @@
 """QQP (duplicate questions): similarity, both orderings; F1 and accuracy. Not in ../shared/data
-(too large): download GLUE's QQP into data/glue/QQP.
+(too large): download GLUE's QQP into ../shared/data/glue/QQP, or
+point --config.task.path at it.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
 or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
@@ -15,4 +16,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("qqp", "data/glue/QQP")
+    return finetune_config("qqp", "../shared/data/glue/QQP")

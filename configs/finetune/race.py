@@ -1,5 +1,6 @@
 """RACE (4-way reading comprehension): multiple choice, <s> article question $ answer_k <e>;
-accuracy. Not in ../shared/data: unpack RACE.tar.gz into data/RACE; --config.task.subset=middle or
+accuracy. Not in ../shared/data: unpack RACE.tar.gz into ../shared/data/RACE (or point
+--config.task.path at it); --config.task.subset=middle or
 high for RACE-m / RACE-h.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
@@ -20,4 +21,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("race", "data/RACE")
+    return finetune_config("race", "../shared/data/RACE")

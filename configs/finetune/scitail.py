@@ -1,5 +1,6 @@
 """SciTail 1.1 (2-way science entailment): entailment; accuracy. Not in ../shared/data: unpack
-SciTailV1.1.zip into data/SciTailV1.1 (tsv_format/ is read).
+SciTailV1.1.zip into ../shared/data/SciTailV1.1 (tsv_format/ is read), or point --config.task.path
+at it.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
 or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
@@ -15,4 +16,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("scitail", "data/SciTailV1.1")
+    return finetune_config("scitail", "../shared/data/SciTailV1.1")

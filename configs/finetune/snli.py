@@ -1,5 +1,6 @@
 """SNLI 1.0 (3-way NLI): entailment; accuracy; pairs without a gold label are skipped. Not in
-../shared/data: unpack snli_1.0.zip into data/snli_1.0.
+../shared/data: unpack snli_1.0.zip into ../shared/data/snli_1.0
+(next to the GLUE folders), or point --config.task.path at it.
 
 Run (from a Hugging Face GPT-2 directory: config.json, model.safetensors, vocab.json, merges.txt;
 or --config.init.kind=workdir --config.init.path=<a train.py work directory>):
@@ -15,4 +16,4 @@ from gptjax.defaults import finetune_config
 
 
 def get_config():
-    return finetune_config("snli", "data/snli_1.0")
+    return finetune_config("snli", "../shared/data/snli_1.0")

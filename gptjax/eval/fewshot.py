@@ -237,6 +237,13 @@ def results_markdown(rows: Sequence[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _line_style(i: int, n: int) -> dict:
+    """Line i of n: equal accuracies are common (0 on arithmetic for small models), so lines
+    differ in marker, dash and width (earlier lines wider, drawn under later ones)."""
+    return {"marker": "osD^vP*X"[i % 8], "ls": ("-", "--", "-.", ":")[i % 4], "ms": 5,
+            "lw": 1.2 + 2.0 * (n - 1 - i) / max(n - 1, 1), "alpha": 0.85}
+
+
 def plot_results(rows: Sequence[dict], out_dir: str) -> list:
     """accuracy_vs_k.png (a line per model and task), and accuracy_vs_<x>.png (a line per task
     and K against the models' parameter count, or training step when the models share a size)
@@ -249,14 +256,17 @@ def plot_results(rows: Sequence[dict], out_dir: str) -> list:
     models = list(dict.fromkeys(r["model"] for r in rows))
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for m in models:
-        for t in tasks:
-            pts = sorted((r["shots"], r["accuracy"]) for r in rows
-                         if r["model"] == m and r["task"] == t)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=f"{t} ({m})" if len(models) > 1 else t)
+    lines = [(m, t) for m in models for t in tasks]
+    for i, (m, t) in enumerate(lines):
+        pts = sorted((r["shots"], r["accuracy"]) for r in rows
+                     if r["model"] == m and r["task"] == t)
+        if pts:
+            ax.plot(*zip(*pts), **_line_style(i, len(lines)),
+                    label=f"{t} ({m})" if len(models) > 1 else t)
+    ax.set_xticks(sorted({r["shots"] for r in rows}))  # K is an integer
     ax.set_xlabel("demonstrations in the prompt (K)")
     ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.03, 1.03)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -269,16 +279,17 @@ def plot_results(rows: Sequence[dict], out_dir: str) -> list:
         by_step = len(set(params.values())) == 1 and None not in steps.values()
         xkey, xlabel = ("step", "training step") if by_step else ("params", "parameters")
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-        for t in tasks:
-            for k in sorted({r["shots"] for r in rows}):
-                pts = sorted((r[xkey], r["accuracy"]) for r in rows
-                             if r["task"] == t and r["shots"] == k and r.get(xkey) is not None)
-                if pts:
-                    ax.plot(*zip(*pts), "o-", label=f"{t}, K={k}")
+        lines = [(t, k) for t in tasks for k in sorted({r["shots"] for r in rows})]
+        for i, (t, k) in enumerate(lines):
+            pts = sorted((r[xkey], r["accuracy"]) for r in rows
+                         if r["task"] == t and r["shots"] == k and r.get(xkey) is not None)
+            if pts:
+                ax.plot(*zip(*pts), **_line_style(i, len(lines)), label=f"{t}, K={k}")
         if xkey == "params":
             ax.set_xscale("log")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy")
+        ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -320,13 +331,19 @@ def run(models: Sequence[tuple], tasks: Sequence[FewShotTask], shots: Sequence[i
         n_params = config.num_params()
         for task in tasks:
             for k in shots:
-                r = evaluate(config, params, tokenizer, task, k, seed=seed,
-                             batch_size=batch_size)
+                try:
+                    r = evaluate(config, params, tokenizer, task, k, seed=seed,
+                                 batch_size=batch_size)
+                except ValueError as e:  # e.g. a character-level model and digits in a task
+                    done = f"; the finished models' results are in {out_dir}" if rows and out_dir \
+                        else ""
+                    raise ValueError(f"model {name!r}, task {task.name!r}, K={k}: {e}{done}") \
+                        from None
                 r.update(model=name, params=n_params, step=(info or {}).get("step"))
                 rows.append(r)
                 norm = f", norm {r['accuracy_norm']:.3f}" if "accuracy_norm" in r else ""
                 log(f"{name} {task.name} K={k}: accuracy {r['accuracy']:.3f}{norm} "
                     f"(n={r['n']}, demos {r['demos_mean']:.1f})")
-    if out_dir:
-        write_results(rows, out_dir)
+        if out_dir:  # after every model: a later model that fails keeps the earlier results
+            write_results(rows, out_dir)
     return rows

@@ -22,8 +22,17 @@ def parse_ints(value: str, name: str, minimum: int = 0) -> list:
     return out
 
 
+def checkpoint_steps(workdir: str) -> list:
+    """The steps of the checkpoints saved in a train.py run directory, ascending."""
+    root = os.path.join(workdir, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(root) if d.isdigit()) if os.path.isdir(root) else []
+    if not steps:
+        raise FileNotFoundError(f"--steps=all: no checkpoints in {root}")
+    return steps
+
+
 def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
-                tokenizer_path: Optional[str] = None, steps: Sequence[int] = ()) -> list:
+                tokenizer_path: Optional[str] = None, steps: Sequence[int] | str = ()) -> list:
     """(name, config, params, tokenizer, info) for every model named.
 
     Args:
@@ -31,7 +40,8 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
       hf_dirs: local transformers GPT-2 / OpenAI-GPT directories.
       tokenizer_path: the HF directories' tokenizer (default: each directory): GPT-2's or
         OpenAI GPT's BPE files, or a saved gptjax tokenizer directory.
-      steps: checkpoint steps to evaluate in every workdir (a curve against training step).
+      steps: checkpoint steps to evaluate in every workdir (a curve against training step), or
+        'all' for every checkpoint each workdir holds.
 
     Returns:
       The models, in the order named (each workdir once per step).
@@ -43,7 +53,7 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
         raise ValueError("--steps applies to --workdir runs only")
     models = []
     for wd in workdirs:
-        for step in (steps or [None]):
+        for step in (checkpoint_steps(wd) if steps == "all" else steps) or [None]:
             config, params, tok = load_pretrained(workdir=wd, step=step)
             name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
             models.append((name, config, params, tok, {"step": step, "path": wd}))

@@ -37,6 +37,41 @@ def encode_prompts(tokenizer, prompts: Sequence[str]) -> list:
     return out
 
 
+def fit_to_context(config, ids: Sequence[int], max_new_tokens: int) -> int:
+    """`max_new_tokens`, clipped so the prompt plus the new tokens fit in the context.
+
+    Raises:
+      ValueError: the prompt alone fills the context (nothing could be generated).
+    """
+    room = config.n_ctx - len(ids)
+    if room < 1:
+        raise ValueError(f"the prompt has {len(ids)} tokens: no room left in the model's context "
+                         f"(n_ctx={config.n_ctx}); shorten the prompt")
+    return min(max_new_tokens, room)
+
+
+def check_request(config, tokenizer, prompts: Sequence[str], *, max_new_tokens: int,
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  num_beams: int = 1, length_penalty: float = 1.0) -> list:
+    """Checks everything `complete` checks, before anything is decoded or printed.
+
+    Returns:
+      Per prompt, `max_new_tokens` clipped to the room its context leaves (`fit_to_context`).
+
+    Raises:
+      ValueError: a bad sampling option (as `sampling.generate` words it) or a prompt that
+        leaves no room in the context.
+    """
+    # generate's own checks, run now so a CLI fails before it echoes the prompt.
+    sampling._check_options(  # noqa: SLF001 - the same subpackage; one set of rules
+        config, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, num_beams=num_beams, length_penalty=length_penalty,
+        early_stopping=False, num_return_sequences=1, eos_id=tokenizer.eos_id, pad_id=0,
+        prompt_bucket=16, stream_callback=None)
+    return [fit_to_context(config, ids, max_new_tokens)
+            for ids in encode_prompts(tokenizer, prompts)]
+
+
 class _TextStream:
     """One row's streamed tokens as text: each call gives the new suffix of the decoded text,
     holding back a partial UTF-8 character (decoded as U+FFFD) until it is complete."""

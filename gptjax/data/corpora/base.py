@@ -104,6 +104,15 @@ class TextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             builder = cls(data_dir=data_dir or default_data_dir(), config=config)
         return prepare(builder)
 
+    # tfds announces "Downloading and preparing dataset Unknown size ..." and "downloaded and
+    # prepared"; these builders download nothing, so one line says what is really done.
+    def _log_download_bytes(self) -> None:
+        print(f"preparing the {self.name} corpus (local files, nothing to download) in "
+              f"{self.data_dir} ...", flush=True)
+
+    def _log_download_done(self) -> None:
+        print(f"prepared {self.name}; later runs reuse it", flush=True)
+
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
         config = self.builder_config

@@ -119,7 +119,9 @@ def load_task(name: str, path: str = "", *, data_dir: str = "",
         return TaskData(spec, out, reports, f"tfds:{spec.tfds_name}@{data_dir}")
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"task directory not found: {path}")
+        raise FileNotFoundError(f"task {spec.name!r}: directory not found: {path}; point "
+                                "--config.task.path (finetune.py) or TASK=DIR (eval.py --tasks) "
+                                "at the task's files")
     reader = _READERS[spec.name]
     for s in splits:
         reports[s] = SplitReport()

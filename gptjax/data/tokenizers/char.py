@@ -34,6 +34,7 @@ class CharTokenizer(Tokenizer):
         self.chars = chars
         self.unknown = unknown
         self._stoi = {c: i for i, c in enumerate(chars)}
+        self.source = ""  # the directory it was loaded from, named in encode's error
 
     @classmethod
     def from_text(cls, text: str, unknown: str = "error") -> CharTokenizer:
@@ -80,8 +81,10 @@ class CharTokenizer(Tokenizer):
             return [stoi[c] for c in text]
         except KeyError as e:
             c = e.args[0]
+            where = f" saved in {self.source}" if self.source else ""
             raise ValueError(f"character {c!r} (index {text.index(c)}) is not in the "
-                             f"{len(self.chars)}-character vocabulary") from None
+                             f"{len(self.chars)}-character vocabulary{where}: a character-level "
+                             "model reads only the characters of its training text") from None
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         chars = self.chars
@@ -92,4 +95,6 @@ class CharTokenizer(Tokenizer):
 
     @classmethod
     def _from_saved(cls, directory: pathlib.Path, settings: dict[str, Any]) -> CharTokenizer:
-        return cls(settings["chars"], unknown=settings.get("unknown", "error"))
+        tok = cls(settings["chars"], unknown=settings.get("unknown", "error"))
+        tok.source = str(directory)
+        return tok
