@@ -15,6 +15,7 @@ from absl import app, flags
 
 from gptjax import finetune
 from gptjax.cli import define_config_file, parse_flags, run_cli
+from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
 
 _CONFIG = define_config_file(
@@ -36,6 +37,7 @@ def main(argv):
     # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
     # main thread, before JAX creates its backend (gptjax.train.hostmem).
     prepare_host_for_training()
+    enable_compilation_cache()  # a second run loads its compiled functions from disk
     run_cli(lambda: _run(_CONFIG.value, _WORKDIR.value, _MODE.value))
 
 

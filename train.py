@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 
 from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
+from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
 from gptjax.train.loop import train_and_evaluate
 from gptjax.train.memory import dry_run
@@ -35,6 +36,7 @@ def main(argv):
     # The process edge: glibc keeps freed memory mapped and single-device CPU steps run on the
     # main thread, before JAX creates its backend (gptjax.train.hostmem).
     prepare_host_for_training()
+    enable_compilation_cache()  # a second run loads its compiled functions from disk
     run_cli(lambda: _train(_CONFIG.value, _WORKDIR.value))
 
 

@@ -145,11 +145,15 @@ def _check_scaling_sweep(proc, out):
 
 
 def _check_serve_load(proc, out):
-    rows = _floats(r"clients +(\d+): +([\d.]+) req/s +([\d.]+) tok/s .* ok (\d+) failed (\d+) "
-                   r"lost (\d+)", proc.stdout)
-    assert [r[0] for r in rows] == [1, 2], proc.stdout
-    assert all(_positive(r[1]) and _positive(r[2]) and r[3] > 0 and r[4] == r[5] == 0
-               for r in rows), rows
+    r = json.loads((out / "serve_load.json").read_text())
+    for kind in ("static", "continuous", "hf"):
+        b = r[kind]["throughput"]
+        assert _positive(b["tok_s"]) and b["requests"] > 0 and b["failed"] == 0, r[kind]
+    for kind in ("static", "continuous"):
+        assert r[kind]["compilations_after_warmup"] == 0
+        for ph in ("latency", "latency-nolong"):
+            assert r[kind][ph]["short"]["failed"] == 0 and _positive(
+                r[kind][ph]["short"]["e2e_p95"]), r[kind][ph]
 
 
 def _check_step_faults(proc, out):
@@ -180,7 +184,8 @@ SMOKE_RUNS = {
     "scaling_sweep.py": (lambda out, data: ["--out", str(out), "--data",
                                             str(data / "tinyshakespeare" / "input.txt")],
                          _check_scaling_sweep),
-    "serve_load.py": (lambda out, data: [], _check_serve_load),
+    "serve_load.py": (lambda out, data: ["--json", str(out / "serve_load.json")],
+                      _check_serve_load),
     "step_faults.py": (lambda out, data: [], _check_step_faults),
     "train_throughput.py": (lambda out, data: ["--json", str(out / "train_throughput.json")],
                             _check_train_throughput),

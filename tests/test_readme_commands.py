@@ -59,6 +59,7 @@ QUICK = [
     (r"^python eval\.py .*--text ", "--max_chars 20000"),
     (r"^python eval\.py --mode=fewshot", "--num_examples 16"),
     (r"^python bench/", "--smoke"),
+    (r"^python train\.py .*--dry_run", "--config.model.n_layer=2"),
 ]
 
 CLIENT_MARKER = 'httpx.Client(base_url="http://127.0.0.1:8000"'

@@ -243,7 +243,7 @@ class Trainer:
         self.t_last, self.done_mark, self.last_tps = time.time(), start, float("nan")
         self.tokens_per_step = tc.batch_size * run.seq_len
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
-        self.peak, self.peak_source = peak_flops(run.model_cfg.dtype)
+        self.peak, self.peak_source = peak_flops(run.model_cfg.dtype, quick=True)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
         self.pbar = None
         if progress and run.is_main:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from typing import Optional
 
 import jax
@@ -28,20 +29,44 @@ SUMMARY = "summary.json"
 
 # ================================================================================ writing a run
 class MetricsWriter:
-    """metrics.jsonl (one JSON object per record) plus TensorBoard scalars."""
+    """metrics.jsonl (one JSON object per record) plus TensorBoard scalars.
+
+    tensorboardX takes seconds to import (protobuf), longer than a small run's first steps, so
+    it is imported and its writer made on a thread while the run compiles (XLA releases the
+    GIL); scalars wait in a list until the writer is there. The JSONL log is written at once.
+    """
 
     def __init__(self, workdir: str, enabled: bool = True):
         """Opens the writer of `workdir`; with `enabled` False (processes other than 0) it
         writes nothing."""
         self.enabled = enabled
         self.path = os.path.join(workdir, METRICS)
-        self._tb = None
+        self._tb, self._queued = None, []
+        self._thread = None
         if enabled:
-            try:
-                from tensorboardX import SummaryWriter  # optional: tensorboardX
-                self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            except ImportError:  # TensorBoard is optional; the JSONL log is the record.
-                self._tb = None
+            self._thread = threading.Thread(target=self._open_tb, args=(workdir,), daemon=True)
+            self._thread.start()
+
+    def _open_tb(self, workdir: str) -> None:
+        try:
+            from tensorboardX import SummaryWriter  # optional: tensorboardX
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        except ImportError:  # TensorBoard is optional; the JSONL log is the record.
+            self._tb = None
+
+    def _drain(self, wait: bool) -> None:
+        """Hands queued scalars to TensorBoard once its writer exists (or `wait` for it)."""
+        if self._thread is not None:
+            if not wait and self._thread.is_alive():
+                return
+            self._thread.join()
+            self._thread = None
+        if self._tb is not None:
+            for record in self._queued:
+                for k, v in record.items():
+                    if k != "step" and isinstance(v, (int, float)):
+                        self._tb.add_scalar(k, v, record["step"])
+        self._queued = []
 
     def write(self, record: dict) -> None:
         """Appends `record` (which has a `step`) to the log and its numbers to TensorBoard."""
@@ -49,13 +74,14 @@ class MetricsWriter:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, record["step"])
+        self._queued.append(record)
+        self._drain(wait=False)
 
     def close(self) -> None:
         """Flushes and closes the TensorBoard writer (the JSONL file is closed after each write)."""
+        if not self.enabled:
+            return
+        self._drain(wait=True)
         if self._tb is not None:
             self._tb.close()
 
