@@ -1,10 +1,8 @@
-"""Evaluate models: sliding-window perplexity, or GPT-3-style zero/one/few-shot tasks.
+"""Evaluate models: perplexity (--text, --tfds), GPT-3 few-shot, GPT-1/2 zero-shot, or lm-eval.
 
-  python eval.py --mode=perplexity --hf_dir path/to/gpt2 \
-      --text ../shared/data/wikitext2_tokens/valid.txt --detokenize wikitext --context 1024 --stride 512
-  python eval.py --mode=perplexity --workdir runs/sc --tfds tiny_shakespeare --data_dir ../shared/tfds
-  python eval.py --mode=fewshot --workdir runs/a --workdir runs/b --tasks 2D+,2D-,1DC \
-      --tasks sst2=../shared/data/glue/SST-2 --shots 0,1,4 --num_examples 200 --out runs/eval
+  python eval.py --mode=fewshot --workdir runs/a --tasks 2D+,1DC --shots 0,1,4 --out runs/eval
+  python eval.py --mode=zeroshot --workdir runs/a --steps all --tasks lambada=l.jsonl --out runs/zs
+  python eval.py --mode=lm_eval --hf_dir path/to/gpt2 --tasks hellaswag --include_path my_tasks
 
 Intentionally thin: gptjax.eval does the work.
 """
@@ -17,7 +15,8 @@ from absl import app, flags
 from gptjax.cli import run_cli
 from gptjax.eval import run
 
-_MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot"], "What to evaluate.")
+_MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval"],
+                          "What to evaluate.")
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
@@ -37,33 +36,37 @@ _CONTEXT = flags.DEFINE_integer("context", 0, "Tokens per window (0: the model's
 _STRIDE = flags.DEFINE_integer("stride", 0, "Tokens between windows (0: context // 2).")
 _EOS = flags.DEFINE_bool("prepend_eos", False, "Score the first token after <|endoftext|>.")
 _MAX_CHARS = flags.DEFINE_integer("max_chars", 0, "Score only the first N characters.")
-# few-shot
-_TASKS = flags.DEFINE_multi_string("tasks", [], "Comma-separated task specs: 2D+..5D-, 2Dx, 1DC, "
-                                   "lambada=FILE, lambada_cloze=FILE, sst2=DIR, glue/rte=DATA_DIR.")
+# few-shot, zero-shot, lm-eval
+_TASKS = flags.DEFINE_multi_string("tasks", [], "Comma-separated task specs: fewshot 2D+, 1DC, "
+                                   "sst2=DIR, ...; zeroshot lambada=FILE, cola=DIR, ...; lm_eval "
+                                   "task names.")
 _SHOTS = flags.DEFINE_string("shots", "0,1,4", "Numbers of demonstrations K.")
 _N = flags.DEFINE_integer("num_examples", 0, "Queries per task (0: all; arithmetic: 2000).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the demonstrations and generated problems.")
+_INCLUDE = flags.DEFINE_string("include_path", "", "lm_eval: a folder of extra task YAMLs.")
 
 
 def _run():
     steps = (run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value not in ("", "all")
              else _STEPS.value or [])
+    specs = [s for v in _TASKS.value for s in v.split(",") if s]
+    if _MODE.value != "perplexity" and not specs:
+        raise ValueError(f"--mode={_MODE.value} needs --tasks (e.g. --tasks 2D+,1DC)")
+    models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps)
+    kw = dict(seed=_SEED.value, batch_size=_BATCH.value, out=_OUT.value)
     if _MODE.value == "fewshot":
-        specs = [s for v in _TASKS.value for s in v.split(",") if s]
-        if not specs:
-            raise ValueError("--mode=fewshot needs --tasks (e.g. --tasks 2D+,1DC)")
-        shots = run.parse_ints(_SHOTS.value, "shots")
-        models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps)
-        run.run_fewshot(models, specs, shots, num_examples=_N.value, seed=_SEED.value,
-                        batch_size=_BATCH.value, out=_OUT.value)
+        run.run_fewshot(models, specs, run.parse_ints(_SHOTS.value, "shots"),
+                        num_examples=_N.value, **kw)
+    elif _MODE.value == "zeroshot":
+        run.run_zeroshot(models, specs, num_examples=_N.value, **kw)
+    elif _MODE.value == "lm_eval":
+        run.run_lm_eval(models, specs, include_path=_INCLUDE.value, limit=_N.value, **kw)
     else:
-        models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps)
         run.run_perplexity(models, text_path=_TEXT.value, tfds_name=_TFDS.value,
                            split=_SPLIT.value, data_dir=_DATA_DIR.value,
                            text_key=_TEXT_KEY.value, detokenize=_DETOK.value, unk=_UNK.value,
-                           context=_CONTEXT.value, stride=_STRIDE.value,
-                           prepend_eos=_EOS.value, max_chars=_MAX_CHARS.value,
-                           batch_size=_BATCH.value, out=_OUT.value)
+                           context=_CONTEXT.value, stride=_STRIDE.value, prepend_eos=_EOS.value,
+                           max_chars=_MAX_CHARS.value, batch_size=_BATCH.value, out=_OUT.value)
 
 
 def main(argv):

@@ -12,8 +12,10 @@ training split's token count (gptjax.train.experiment.resolve_steps: ceil(100 x 
 512))); `train.steps` is then ignored, and the cosine decays to 0 at that last update
 (optim.decay_steps = 0 = the run's length).
 
-Pod (POD below; to be confirmed by a deviceless compile): TPU v5e:2x2 (4 chips), mesh data=4,
-fsdp=1, tensor=1, remat 'none', global batch 64 sequences (16 per chip): the paper's batch exactly.
+Pod (POD below): TPU v5e:2x2 (4 chips), mesh data=4, fsdp=1, tensor=1, remat 'none', global
+batch 64 sequences (16 per chip): the paper's batch exactly. Compiled there with `--dry_run
+--topology v5e:2x2 --config.model.vocab_size=40478` (libtpu, no TPU; bench/pod_compile.py): fits
+in 8.52 GiB of a v5e chip's 16 GiB.
 
 Not run in CI (it is a multi-GPU-day job). Run, with BooksCorpus-like text files:
   python train.py --config configs/gpt1.py --workdir runs/gpt1 \

@@ -14,9 +14,9 @@ nanoGPT's 600k x 491,520 = 295B), i.e. 572,205 updates of 524,288 tokens. For na
 reproduction recipe (480 x 1024, lr 6e-4, 600k iterations) use configs/gpt2_nanogpt.py.
 
 Pods (POD below), remat 'dots', fsdp over every chip. Compiled with `--dry_run --topology`
-(libtpu, no TPU): gpt2 on v5p:2x2x2 fits in 39.22 GiB per chip and gpt2-xl on v5p:4x4x4 in
-15.39 GiB with attention_impl auto (splash); with the XLA attention path neither fits
-(176 / 677 GB of temporaries). medium and large were not compiled:
+(libtpu, no TPU; bench/pod_compile.py) with attention_impl auto (splash), per chip of 95 GiB:
+gpt2 39.22 GiB, gpt2-medium 32.77, gpt2-large 22.70, gpt2-xl 15.39; with the XLA attention path
+gpt2 and gpt2-xl do not fit (176 / 677 GB of temporaries). The slices:
   gpt2: v5p:2x2x2 (8 chips, fsdp=8), gpt2-medium: v5p:2x2x4 (16 chips, fsdp=16),
   gpt2-large: v5p:2x4x4 (32 chips, fsdp=32), gpt2-xl: v5p:4x4x4 (64 chips, fsdp=64);
   data=1, tensor=1; 512 sequences divide by every one of them.

@@ -7,8 +7,10 @@ iteration 600,000 (= max_iters, ~295B tokens), AdamW betas (0.9, 0.95), weight d
 clipping 1.0, dropout 0, biases on, vocabulary padded to 50,304.
 
 Here: train.batch_size 480, train.accum_steps 5, mesh data=8 on its 8 devices, so each device
-runs micro-batches of 12 sequences as nanoGPT's do. Pod (POD below; to be confirmed): nanoGPT's
-8 x A100 40GB node (mesh data=8, remat 'dots'); on TPU, v5p:2x2x2 (8 chips) with the same mesh.
+runs micro-batches of 12 sequences as nanoGPT's do. Pod (POD below): nanoGPT's 8 x A100 40GB
+node (mesh data=8, remat 'dots'); on TPU, v5p:2x2x2 (8 chips) with the same mesh, where it
+compiles and fits in 8.81 GiB of 95 GiB per chip (`--dry_run --topology v5p:2x2x2`, attention
+auto = splash; bench/pod_compile.py). The A100 figure is not measured.
 The batch is nanoGPT's exactly (480 x 1024); it is 6.25% under the paper's 512 x 1024.
 
 Not run in CI. Run with OpenWebText (or any text files) and GPT-2's BPE files:

@@ -1,4 +1,5 @@
-"""What eval.py runs: load one or several models, then perplexity or few-shot evaluation."""
+"""What eval.py runs: load one or several models, then perplexity, few-shot, zero-shot or
+lm-evaluation-harness evaluation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import os
 from typing import Optional, Sequence
 
-from gptjax.eval import fewshot
+from gptjax.eval import fewshot, zeroshot_run
 from gptjax.eval import perplexity as ppl
 from gptjax.train.workdir import load_pretrained
 
@@ -110,3 +111,42 @@ def run_fewshot(models: list, task_specs: Sequence[str], shots: Sequence[int], *
     if out:
         print(f"results: {os.path.join(out, 'results.md')} (+ results.json, plots)")
     return rows
+
+
+def run_zeroshot(models: list, task_specs: Sequence[str], *, num_examples: int = 0,
+                 seed: int = 0, batch_size: int = 16, out: str = "") -> list:
+    """GPT-2's zero-shot framings and GPT-1's heuristics (gptjax.eval.zeroshot_run)."""
+    rows = zeroshot_run.run(models, task_specs, num_examples=num_examples, seed=seed,
+                            batch_size=batch_size, out=out)
+    print(zeroshot_run.results_markdown(rows), end="")
+    return rows
+
+
+def run_lm_eval(models: list, tasks: Sequence[str], *, include_path: str = "",
+                num_fewshot: Optional[int] = None, limit: int = 0, batch_size: int = 16,
+                seed: int = 0, out: str = "") -> list:
+    """Any lm-evaluation-harness task on every model (gptjax.eval.lm_harness, the `eval`
+    extra); prints lm-eval's table and writes out/lm_eval.json (a list for several models)."""
+    try:
+        import lm_eval  # optional: the eval extra (lm-eval)
+        from lm_eval.tasks import TaskManager  # optional: the eval extra (lm-eval)
+        from lm_eval.utils import make_table  # optional: the eval extra (lm-eval)
+
+        from gptjax.eval.lm_harness import GPTJaxLM  # optional: needs lm-eval
+    except ImportError:
+        raise ImportError("--mode=lm_eval needs lm-eval: pip install 'gptjax[eval]'") from None
+    manager = TaskManager(include_path=include_path or None)
+    results = []
+    for name, config, params, tok, _ in models:
+        lm = GPTJaxLM(model=(config, params, tok), batch_size=batch_size, seed=seed)
+        res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
+                                      limit=limit or None, task_manager=manager,
+                                      log_samples=False, random_seed=seed)
+        print(f"{name}\n{make_table(res)}", flush=True)
+        results.append({"model": name, "results": res["results"],
+                        "n_samples": res.get("n-samples"), "config": {"tasks": list(tasks)}})
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "lm_eval.json"), "w") as fh:
+            json.dump(results[0] if len(results) == 1 else results, fh, indent=2, default=str)
+    return results

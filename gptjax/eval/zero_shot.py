@@ -2,7 +2,9 @@
 
 Multiple choice picks the answer with the highest average token log-probability given the
 context; SST-2 appends " very" and compares " positive" with " negative". The method of a task is
-its `TaskSpec.zero_shot` ('choice', 'sentiment', or '' for none).
+its `TaskSpec.zero_shot` ('choice', 'sentiment', or '' for none). CoLA thresholds the average
+token log-probability (`zero_shot_cola`: fitted on train, reported on dev); Winograd / DPRD are
+in gptjax.eval.gpt2_zeroshot (`winograd`'s `accuracy_mean`, GPT-1's per-token average).
 
     acc = zero_shot_accuracy(get_task("story_cloze"), config, params, tokenizer, examples)
 """
@@ -16,6 +18,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import TASKS, Example, TaskSpec
 from gptjax.eval.scoring import score_continuations
+from gptjax.eval.text_metrics import matthews
 
 SENTIMENT_PROMPT = " very"
 SENTIMENT_WORDS = (" negative", " positive")  # in SST-2's label order (0, 1)
@@ -123,3 +126,45 @@ def zero_shot_accuracy(spec: TaskSpec, model_cfg: GPTConfig, params, tokenizer,
         raise ValueError(f"{spec.name}: zero-shot accuracy needs labelled examples")
     preds = zero_shot_predict(spec, model_cfg, params, tokenizer, examples, normalize, batch_size)
     return float(np.mean(preds == np.array([ex.label for ex in examples])))
+
+
+# ================================================================================ CoLA
+def sentence_logprobs(model_cfg: GPTConfig, params, tokenizer, sentences: Sequence[str],
+                      batch_size: int = 32) -> np.ndarray:
+    """Average token log-probability of each sentence under the LM (its first token given the
+    end-of-text token, or given nothing when the tokenizer has none: it is then not scored)."""
+    pairs = []
+    for s in sentences:
+        ids = tokenizer.encode(s)
+        pairs.append(([tokenizer.eos_id], ids) if tokenizer.eos_id is not None
+                     else (ids[:1], ids[1:] or ids[:1]))
+    logp, count = score_continuations(model_cfg, params, pairs, batch_size)
+    return logp / np.maximum(count, 1)
+
+
+def fit_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The threshold t (predict 1 when score > t) with the best Matthews correlation on
+    (scores, labels): each midpoint between sorted scores is tried."""
+    s = np.sort(np.unique(scores))
+    cands = np.concatenate([[s[0] - 1.0], (s[:-1] + s[1:]) / 2, [s[-1] + 1.0]])
+    mcc = [matthews((scores > t).astype(int), labels) for t in cands]
+    return float(cands[int(np.argmax(mcc))])
+
+
+def zero_shot_cola(model_cfg: GPTConfig, params, tokenizer, train: Sequence[Example],
+                   dev: Sequence[Example], batch_size: int = 32) -> dict:
+    """GPT-1's zero-shot CoLA: a sentence is acceptable when its average token log-probability
+    exceeds a threshold fitted (best MCC) on `train`; reported on `dev`.
+
+    Returns:
+      {'threshold', 'train_mcc', 'mcc', 'accuracy', 'n'}.
+    """
+    y_tr = np.array([int(ex.label) for ex in train])
+    y_dev = np.array([int(ex.label) for ex in dev])
+    s_tr = sentence_logprobs(model_cfg, params, tokenizer, [ex.text_a for ex in train], batch_size)
+    s_dev = sentence_logprobs(model_cfg, params, tokenizer, [ex.text_a for ex in dev], batch_size)
+    t = fit_threshold(s_tr, y_tr)
+    pred = (s_dev > t).astype(int)
+    return {"threshold": t, "train_mcc": matthews((s_tr > t).astype(int), y_tr),
+            "mcc": matthews(pred, y_dev), "accuracy": float(np.mean(pred == y_dev)),
+            "n": len(dev)}
