@@ -134,8 +134,13 @@ class Checkpointer:
         self.directory = os.path.abspath(directory)
         leftovers = [] if read_only else sorted(
             os.path.basename(p) for p in glob.glob(os.path.join(self.directory, "*" + TMP_SUFFIX)))
+        # Every save_every steps and at a preemption; not Orbax's default extra save at the
+        # first step (seconds of a small run for a state that is one step from the init).
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(max(1, save_every)),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, save_interval_steps=max(1, save_every),
+            max_to_keep=keep, save_decision_policy=policy,
             enable_async_checkpointing=async_save, create=not read_only,
             cleanup_tmp_directories=not read_only)  # (Orbax's read_only logs warnings)
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
