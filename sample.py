@@ -1,8 +1,7 @@
 """Sample from a trained gptjax run or an imported transformers directory.
-
   python sample.py --workdir runs/default --prompt "def " --max_new_tokens 100
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
-  echo "Once upon a time" | python sample.py --workdir runs/x
+  echo "Once upon a time" | python sample.py --workdir runs/x --weights int8
 Intentionally thin: gptjax.train.workdir loads, gptjax.inference.textgen completes and streams.
 """
 
@@ -21,8 +20,7 @@ _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_di
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (clipped to the "
-                                "room the prompt leaves in the model's context).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (fit to the context).")
 _TEMP = flags.DEFINE_float("temperature", None, "0 = greedy (default 0.8; beam search: 1).")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = all).")
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass, in (0, 1].")
@@ -31,6 +29,7 @@ _LP = flags.DEFINE_float("length_penalty", 1.0, "Beam search length penalty.")
 _STOP = flags.DEFINE_multi_string("stop", [], "Stop sequence (repeatable).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 _N = flags.DEFINE_integer("num_samples", 1, "Samples per prompt.")
+_WEIGHTS = flags.DEFINE_enum("weights", "fp32", ["fp32", "bf16", "int8"], "Decode weights.")
 
 
 def _prompts():
@@ -45,18 +44,19 @@ def _prompts():
     return [""]
 
 
-def _write(row, text):
+def _write(row, text):  # (a textgen on_text callback: row index, new text)
     print(text, end="", flush=True)
+
 
 def _run():
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
     config, params, tok = load_pretrained(workdir=_WORKDIR.value, hf_dir=_HF_DIR.value,
                                           tokenizer_path=_TOKENIZER.value, step=_STEP.value)
-    params = prepare_for_decoding(config, params)  # once for every sample
+    params = prepare_for_decoding(config, params, weights=_WEIGHTS.value)  # once for all
     temp = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
-    opts = dict(temperature=temp, top_k=_TOP_K.value, top_p=_TOP_P.value, num_beams=_BEAMS.value,
-                length_penalty=_LP.value)
+    opts = dict(temperature=temp, top_k=_TOP_K.value, top_p=_TOP_P.value,
+                num_beams=_BEAMS.value, length_penalty=_LP.value)
     prompts = _prompts()
     fits = check_request(config, tok, prompts, max_new_tokens=_MAX_NEW.value, **opts)
     for prompt, max_new in zip(prompts, fits):  # everything checked: now print

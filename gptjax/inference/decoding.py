@@ -26,7 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
+from gptjax.inference import quant
 from gptjax.nn.model import GPT, init_cache
+from gptjax.nn.quant import WEIGHT_FORMATS, check_weights  # noqa: F401 (re-exported)
 from gptjax.nn.param_layout import decode_layout as to_decode_layout
 
 Array = jax.Array
@@ -39,10 +41,11 @@ TokensToLogits = Callable[[Array, Array, Any], tuple]
 class DecodeParams:
     """Parameters prepared by `prepare_for_decoding`; every decoding function that takes params
     takes these too. `params` holds the c_proj kernels in `gptjax.nn.param_layout.decode_layout`
-    when `out_in` is set."""
+    when `out_in` is set, and bf16/int8 kernels (gptjax.inference.quant) when `weights` says so."""
 
     params: Any
     out_in: bool = flax.struct.field(pytree_node=False, default=False)
+    weights: str = flax.struct.field(pytree_node=False, default="fp32")
 
 
 def _on_cpu(params: Any) -> bool:
@@ -51,8 +54,8 @@ def _on_cpu(params: Any) -> bool:
     return all(d.platform == "cpu" for d in devices)
 
 
-def prepare_for_decoding(config: GPTConfig, params: Any, *,
-                         out_in: Optional[bool] = None) -> DecodeParams:
+def prepare_for_decoding(config: GPTConfig, params: Any, *, out_in: Optional[bool] = None,
+                         weights: Optional[str] = None) -> DecodeParams:
     """Prepare parameters once for many `generate` calls (sample.py and the server do).
 
     On CPU (`out_in=None` decides by where params live) the c_proj kernels are copied to the
@@ -63,25 +66,46 @@ def prepare_for_decoding(config: GPTConfig, params: Any, *,
     unchanged: the layout is a CPU finding and has not been measured there. Outputs are the same
     numbers as with the plain params (to fp32 rounding).
 
+    `weights="bf16"` or `"int8"` stores every Linear kernel and the token embedding / tied head
+    in that format (int8: per-output-channel fp32 scales; gptjax.inference.quant), which a
+    decode step streams with 2x / 4x fewer bytes; activations, cache and logits stay fp32, and
+    the outputs are those of the dequantized weights (to fp32 rounding). `out_in` does not apply.
+
     Args:
       config: the model's GPTConfig.
       params: its parameters, or an earlier result of this function (returned as is).
       out_in: force the [out, in] copy on (True) or off (False); None: on where params live on CPU.
+      weights: "fp32" (default), "bf16" or "int8".
 
     Returns:
       DecodeParams, accepted wherever params are.
+
+    Raises:
+      ValueError: an unknown `weights`, or an earlier result in another format.
     """
+    if weights is not None:
+        check_weights(weights)
     if isinstance(params, DecodeParams):
+        if weights is not None and weights != params.weights:
+            raise ValueError(f"weights={weights!r}: these params were already prepared with "
+                             f"weights={params.weights!r}; prepare the original params instead")
         return params
+    if weights not in (None, "fp32"):
+        return DecodeParams(quant.quantize_params(config, params, weights), False, weights)
     if out_in is None:
         out_in = _on_cpu(params)
     return DecodeParams(to_decode_layout(config, params) if out_in else params, bool(out_in))
 
 
-def _unwrap(params: Any) -> tuple[Any, bool]:
+def _unwrap(params: Any) -> tuple[Any, bool, str]:
     if isinstance(params, DecodeParams):
-        return params.params, params.out_in
-    return params, False
+        return params.params, params.out_in, params.weights
+    return params, False, "fp32"
+
+
+def weights_format(params: Any) -> str:
+    """The weight format of params (plain params: "fp32"); one of WEIGHT_FORMATS."""
+    return _unwrap(params)[2]
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -183,10 +207,14 @@ def prefill(config: GPTConfig, params: Any, tokens_BxP: Array, lengths_B: Array,
     """
     B, P = tokens_BxP.shape
     cache = init_cache(config, B, max_len)
-    params, decode_layout = _unwrap(params)
-    logits, cache = GPT(config, decode_layout).apply(
-        {"params": params}, jnp.asarray(tokens_BxP, jnp.int32), prompt_positions(lengths_B, P),
-        cache=cache, last_logits_only=last_only)
+    params, decode_layout, weights = _unwrap(params)
+    tokens_BxP, pos_BxP = jnp.asarray(tokens_BxP, jnp.int32), prompt_positions(lengths_B, P)
+    if weights != "fp32":
+        logits, cache = quant.forward(config, params, tokens_BxP, pos_BxP, cache,
+                                      last_logits_only=last_only)
+    else:
+        logits, cache = GPT(config, decode_layout).apply(
+            {"params": params}, tokens_BxP, pos_BxP, cache=cache, last_logits_only=last_only)
     return (logits[:, -1] if last_only else logits), cache
 
 
@@ -203,9 +231,13 @@ def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Ar
     Returns:
       (logits_BxV fp32 for the next token, new cache).
     """
-    params, decode_layout = _unwrap(params)
-    logits_Bx1xV, cache = GPT(config, decode_layout).apply(
-        {"params": params}, tokens_B[:, None], positions_B[:, None], cache=cache)
+    params, decode_layout, weights = _unwrap(params)
+    if weights != "fp32":
+        logits_Bx1xV, cache = quant.forward(config, params, tokens_B[:, None],
+                                            positions_B[:, None], cache)
+    else:
+        logits_Bx1xV, cache = GPT(config, decode_layout).apply(
+            {"params": params}, tokens_B[:, None], positions_B[:, None], cache=cache)
     return logits_Bx1xV[:, 0], cache
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.inference.beam_search import BeamScoring, beam_scoring, beam_search_loop
 from gptjax.inference.decoding import (
+    WEIGHT_FORMATS,
     DecodeParams,
     TokensToLogits,
     decode_step,
@@ -54,7 +55,7 @@ __all__ = [
     "BeamScoring", "DecodeParams", "GenerateOutput", "TokensToLogits", "beam_scoring",
     "beam_search_loop", "decode_step", "gather_cache", "generate", "pad_prompts", "prefill",
     "prepare_for_decoding", "prompt_positions", "repeat_cache", "sample_logits", "sample_loop",
-    "stop_array", "warp_logits",
+    "stop_array", "warp_logits", "WEIGHT_FORMATS",
 ]
 
 Array = jax.Array

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import GPTConfig
+from gptjax.nn import quant
 from gptjax.nn.param_layout import out_in_perm
 
 Array = jax.Array
@@ -58,7 +59,11 @@ def layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
 
 
 class Linear(nn.Module):
-    """y = einsum(eq, x, kernel) + bias; a Conv1D-like layer with named, shaped parameters."""
+    """y = einsum(eq, x, kernel) + bias; a Conv1D-like layer with named, shaped parameters.
+
+    Given a `kernel_q` parameter (a gptjax.nn.quant.WeightOnly) instead of `kernel`, the layer
+    multiplies by that bf16/int8 kernel (gptjax.inference.quant builds such parameters).
+    """
 
     eq: str
     kernel_shape: tuple
@@ -73,6 +78,9 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        if self.has_variable("params", "kernel_q"):  # weight-only bf16/int8 for decoding
+            bias = self.get_variable("params", "bias") if self.use_bias else None
+            return quant.linear(self.eq, x, self.get_variable("params", "kernel_q"), bias)
         x_letters, rest = self.eq.split(",")
         k_letters, y_letters = rest.split("->")
         n_in = sum(c in x_letters for c in k_letters)
