@@ -46,16 +46,17 @@ stage() {
 }
 
 # --same_process: one process builds every runner once (torch.compile alone takes minutes, so a
-# process per runner per round would not fit the limit); the output says so.
+# process per runner per round would not fit the limit); the output says so. Decode times gptjax
+# alone (--skip_transformers), so one process for its weight formats loses nothing.
 if [ "$SMOKE" = 1 ]; then
   TRAIN=(--same_process --shapes tiny_smoke --dtype float32 --batch 2 --steps 1 --rounds 2 --warmup 1
          --runners gptjax,gptjax:auto,hf,nano)
-  DECODE=(--batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --skip_transformers)
+  DECODE=(--same_process --batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --skip_transformers)
   ATTN_LIMIT=120; TRAIN_LIMIT=240; DECODE_LIMIT=180
 else
   TRAIN=(--same_process --shapes gpt2_1024 --dtype bfloat16 --batch 16 --steps 5 --rounds 3 --warmup 3
          --runners gptjax,gptjax:cudnn,gptjax:pallas,gptjax:auto,hf,hf_compile,nano)
-  DECODE=(--batch_sizes 1,8 --prompt_len 32 --new_tokens 128 --repeats 3 --skip_transformers)
+  DECODE=(--same_process --batch_sizes 1,8 --prompt_len 32 --new_tokens 128 --repeats 3 --skip_transformers)
   ATTN_LIMIT=120; TRAIN_LIMIT=300; DECODE_LIMIT=120
 fi
 
