@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,7 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptjax.nn import attention as A
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from gptjax.nn import attention as A  # noqa: E402
 
 # --smoke: the timing run's defaults it replaces (explicit flags still win; --check keeps its own
 # fixed cases). Two lengths, so the growth lines print; both > 2 * window, so 'xla' takes the
