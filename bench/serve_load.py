@@ -1,15 +1,20 @@
-"""Load test of the completions server: N concurrent clients on loopback for a bounded time.
+"""Load test of the completions server under a fixed mixed workload: continuous vs static batching.
 
-  python bench/serve_load.py          # random-init GPT-2-small-shaped body (12x768), char vocab
-  python bench/serve_load.py --workdir runs/x --concurrency 1,4,8,16 --duration 30
-  python bench/serve_load.py --smoke   # end to end in under a minute
+  python bench/serve_load.py                 # random-init 6 x 384 GPT-2-shaped model, n_ctx 1024
+  python bench/serve_load.py --servers continuous,static --duration 60 --requests 96
+  python bench/serve_load.py --smoke         # end to end in about a minute (not the speed)
 
-The server (gptjax.inference.serving, uvicorn in a thread) runs in this process; the clients run in a
-separate process (httpx, asyncio) so they do not share the server's GIL. Each client sends
-the next request as soon as the previous one is answered. Reported per concurrency: requests/s,
-completion tokens/s, p50/p99 latency, failed (non-200 or transport error) and lost (sent, never
-answered) requests, and the throughput ratio against the first (lowest) concurrency. Batching
-works when 8 clients get well over 1 client's throughput (the issue asks >= 3x).
+Workload (seeded, so runs compare): in every 8 requests, 7 ask for 8-32 tokens and 1 for 256-512;
+prompts are 4-32 random token ids; half the requests stream; temperature 0.8, a seed each.
+Each server runs in its own process (`--serve KIND`), the clients (httpx, asyncio) in this one:
+  (b) throughput: closed loop, 16 clients, tokens received per second over `--duration`;
+  (a) latency: open-loop Poisson arrivals at 70% of the static server's phase-(b) throughput
+      (in requests/s for this workload), reporting end-to-end latency, time to first token and
+      time per output token (streamed requests) p50/p95/p99 for short and long requests; then
+      the same arrival times with the long requests left out ("no long" baseline).
+Servers: `continuous` (gptjax, 8 decode slots), `static` (gptjax, waves: `--batching static`)
+and `hf`, a minimal transformers server (one request at a time, the same weights; phase b only).
+Prints one line per (server, phase, size) and, with --json, writes every number.
 """
 
 import argparse
@@ -17,179 +22,332 @@ import asyncio
 import json
 import os
 import pathlib
+import random
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-
-import jax
-import uvicorn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from gptjax import GPTConfig, init_params  # noqa: E402
-from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
-from gptjax.inference import serving  # noqa: E402
-from gptjax.train.workdir import load_pretrained  # noqa: E402
+SHORT, LONG = (8, 32), (256, 512)
 
 
-# ---------------------------------------------------------------------------- client process
-async def _client_main(url, concurrency, duration, max_tokens, prompt, temperature):
+# ---------------------------------------------------------------------------- workload
+def workload(n: int, seed: int, vocab: int, short=SHORT, long=LONG) -> list:
+    """n requests: in each block of 8 one long one at a random place, half of all streaming."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if i % 8 == 0:
+            long_at = i + rng.randrange(8)
+        is_long = i == long_at
+        lo, hi = long if is_long else short
+        out.append({"prompt": [rng.randrange(vocab) for _ in range(rng.randint(4, 32))],
+                    "max_tokens": rng.randint(lo, hi), "stream": rng.random() < 0.5,
+                    "seed": i, "size": "long" if is_long else "short"})
+    return out
+
+
+async def _send(client, req, log, stop_at=None) -> None:
+    """One request; appends {size, stream, ok, e2e, ttft, tpot, tokens} to log. Streamed tokens
+    count as they arrive (before `stop_at`, for the throughput phase)."""
+    body = {"prompt": req["prompt"], "max_tokens": req["max_tokens"], "temperature": 0.8,
+            "seed": req["seed"], "stream": req["stream"]}
+    rec = {"size": req["size"], "stream": req["stream"], "ok": False, "tokens": 0,
+           "ttft": None, "tpot": None}
+    log.append(rec)
+    t0 = time.perf_counter()
+    try:
+        if req["stream"]:
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {") and (stop_at is None
+                                                       or time.perf_counter() < stop_at):
+                        text = json.loads(line[6:])["choices"][0]["text"]
+                        if text and rec["ttft"] is None:
+                            rec["ttft"] = time.perf_counter() - t0
+                        rec["tokens"] += len(text)  # a character vocabulary: one token each
+                rec["ok"] = r.status_code == 200
+        else:
+            r = await client.post("/v1/completions", json=body)
+            rec["ok"] = r.status_code == 200
+            if rec["ok"] and (stop_at is None or time.perf_counter() < stop_at):
+                rec["tokens"] = r.json()["usage"]["completion_tokens"]
+    except Exception as e:  # counted, not raised: the run must finish
+        rec["error"] = f"{type(e).__name__}: {e}"[:200]
+    rec["e2e"] = time.perf_counter() - t0
+    if rec["ttft"] is not None and rec["tokens"] > 1:
+        rec["tpot"] = (rec["e2e"] - rec["ttft"]) / (rec["tokens"] - 1)
+
+
+async def closed_loop(url, reqs, clients: int, duration: float) -> dict:
     import httpx  # optional: httpx (test extras), only in the client process
 
-    lat, toks, stats = [], [0], {"sent": 0, "ok": 0, "failed": 0, "errors": []}
+    log, it = [], iter(reqs * 100)
     stop_at = time.perf_counter() + duration
-    limits = httpx.Limits(max_connections=concurrency + 2, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=300.0, limits=limits) as client:
-        async def worker(w):
-            i = 0
+    async with httpx.AsyncClient(base_url=url, timeout=600.0,
+                                 limits=httpx.Limits(max_connections=clients + 4)) as c:
+        async def worker():
             while time.perf_counter() < stop_at:
-                body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": temperature,
-                        "seed": w * 100000 + i}
-                i += 1
-                stats["sent"] += 1
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/completions", json=body)
-                except Exception as e:  # counted, not raised: the run must finish
-                    stats["failed"] += 1
-                    stats["errors"].append(f"{type(e).__name__}: {e}"[:200])
-                    continue
-                if r.status_code != 200:
-                    stats["failed"] += 1
-                    stats["errors"].append(f"HTTP {r.status_code}: {r.text[:200]}")
-                    continue
-                lat.append(time.perf_counter() - t0)
-                toks[0] += r.json()["usage"]["completion_tokens"]
-                stats["ok"] += 1
+                await _send(c, next(it), log, stop_at)
+        tasks = [asyncio.ensure_future(worker()) for _ in range(clients)]
+        await asyncio.sleep(duration)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    done = [r for r in log if "e2e" in r]
+    return {"tok_s": sum(r["tokens"] for r in log) / duration, "requests": len(done),
+            "failed": sum(not r["ok"] for r in done)}
 
+
+async def open_loop(url, reqs, at: list) -> list:
+    """Send reqs[i] at at[i] seconds from now, whatever is still running (open loop)."""
+    import httpx  # optional: httpx (test extras), only in the client process
+
+    log = []
+    async with httpx.AsyncClient(base_url=url, timeout=600.0,
+                                 limits=httpx.Limits(max_connections=len(reqs) + 4)) as c:
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        wall = time.perf_counter() - t0
-    lat.sort()
 
-    def pct(q):
-        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
-
-    return {"concurrency": concurrency, "wall_s": wall, "sent": stats["sent"], "ok": stats["ok"],
-            "failed": stats["failed"], "lost": stats["sent"] - stats["ok"] - stats["failed"],
-            "req_per_s": stats["ok"] / wall, "tok_per_s": toks[0] / wall,
-            "p50_s": pct(0.50), "p99_s": pct(0.99), "errors": stats["errors"][:5]}
+        async def fire(req, when):
+            await asyncio.sleep(max(0.0, t0 + when - time.perf_counter()))
+            await _send(c, req, log)
+        await asyncio.gather(*(fire(r, w) for r, w in zip(reqs, at)))
+    return log
 
 
-def _run_clients(url, concurrency, args) -> dict:
-    cmd = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency),
-           "--duration", str(args.duration), "--max_tokens", str(args.max_tokens),
-           "--prompt", args.prompt, "--temperature", str(args.temperature)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration + 600)
-    if r.returncode != 0:
-        raise RuntimeError(f"client process failed: {r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+def arrivals(reqs, rate, seed) -> list:
+    """Poisson arrival times of the full workload (the baseline keeps the short ones' times)."""
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in reqs:
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
 
 
-# ---------------------------------------------------------------------------- server side
+def summarize(log) -> dict:
+    def pct(xs, q):
+        xs = sorted(x for x in xs if x is not None)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    out = {}
+    for size in ("short", "long"):
+        rs = [r for r in log if r["size"] == size]
+        if rs:
+            out[size] = {"n": len(rs), "failed": sum(not r["ok"] for r in rs), **{
+                f"{m}_p{q}": pct([r[m] for r in rs], q / 100)
+                for m in ("e2e", "ttft", "tpot") for q in (50, 95, 99)}}
+    return out
+
+
+# ---------------------------------------------------------------------------- server processes
 def _model(args):
-    if args.workdir or args.hf_dir:
-        return load_pretrained(workdir=args.workdir, hf_dir=args.hf_dir,
-                               tokenizer_path=args.tokenizer)
-    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    import jax  # heavy: only in a server process
+
+    from gptjax import GPTConfig, init_params
+    from gptjax.data.tokenizers import CharTokenizer
+
+    chars = [chr(c) for c in range(33, 33 + args.vocab)]
     cfg = GPTConfig.preset("tiny", vocab_size=len(chars), n_ctx=args.n_ctx, n_layer=args.n_layer,
-                           n_head=args.n_embd // 64, n_embd=args.n_embd)
+                           n_head=max(1, args.n_embd // 64), n_embd=args.n_embd)
     return cfg, init_params(cfg, jax.random.key(0)), CharTokenizer(chars)
+
+
+def _hf_app(cfg, params, tok):
+    import torch  # heavy: the transformers server only
+    from fastapi import FastAPI, Request
+    from fastapi.responses import StreamingResponse
+    from transformers import GPT2LMHeadModel
+
+    from gptjax.nn.convert import to_hf
+
+    torch.set_num_threads(os.cpu_count())
+    model = GPT2LMHeadModel.from_pretrained(to_hf(cfg, params, tempfile.mkdtemp())).eval()
+    lock, app = threading.Lock(), FastAPI()
+
+    def run(b):
+        with lock, torch.no_grad():
+            torch.manual_seed(b.get("seed", 0))
+            ids = torch.tensor([b["prompt"]])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                                 temperature=b.get("temperature", 1.0), top_k=0,
+                                 max_new_tokens=b["max_tokens"], min_new_tokens=b["max_tokens"],
+                                 pad_token_id=0)
+        return tok.decode(out[0, ids.shape[1]:].tolist())
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        b = await request.json()
+        text = await asyncio.to_thread(run, b)
+        if b.get("stream"):
+            chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
+            return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
+        return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+    return app
+
+
+def serve_main(args) -> None:
+    import uvicorn  # heavy: only in a server process
+
+    from gptjax.inference import serving
+
+    cfg, params, tok = _model(args)
+    if args.serve == "hf":
+        app = _hf_app(cfg, params, tok)
+    else:
+        app, _, _ = serving.build_server(
+            cfg, params, tok, batching=args.serve, slots=args.slots,
+            cache_buckets=tuple(int(x) for x in args.cache_buckets.split(",")) or None,
+            batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+            prompt_buckets=tuple(int(x) for x in args.prompt_buckets.split(",")),
+            max_queue=1024, request_timeout_s=3600.0, model_name="bench",
+            log=lambda *a: print(*a, file=sys.stderr, flush=True))
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def _spawn(kind, args):
+    """Start a server process; returns (process, url) once /health answers."""
+    import httpx  # optional: httpx (test extras)
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [f"--{k}={getattr(args, k)}" for k in ("n_layer", "n_embd", "n_ctx", "vocab", "slots",
+                                                   "cache_buckets", "batch_sizes",
+                                                   "prompt_buckets")]
+    proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, f"--port={port}", *flags],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url, t0 = f"http://127.0.0.1:{port}", time.perf_counter()
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{kind} server exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+
+
+def _stop(proc, url) -> int:
+    """Stop a server; returns its compilations after warm-up (-1 where it does not say)."""
+    import httpx  # optional: httpx (test extras)
+
+    compiles = httpx.get(url + "/health", timeout=10).json().get("compilations_after_warmup", -1)
+    proc.terminate()
+    proc.wait(timeout=60)
+    return compiles
+
+
+# ---------------------------------------------------------------------------- the run
+def _line(server, phase, size, r) -> str:
+    ms = {k: v * 1e3 for k, v in r.items() if k not in ("n", "failed")}
+    return (f"{server:10s} {phase:14s} {size:5s} n {r['n']:3d} failed {r['failed']}  "
+            f"e2e p50/p95/p99 {ms['e2e_p50']:7.0f} {ms['e2e_p95']:7.0f} {ms['e2e_p99']:7.0f} ms  "
+            f"ttft {ms['ttft_p50']:6.0f} {ms['ttft_p95']:6.0f} {ms['ttft_p99']:6.0f} ms  "
+            f"tpot {ms['tpot_p50']:6.1f} {ms['tpot_p95']:6.1f} {ms['tpot_p99']:6.1f} ms")
+
+
+def _run_server(kind, args, results, reqs, rate_holder):
+    proc, url, warm = _spawn(kind, args)
+    res = results.setdefault(kind, {"warmup_s": warm})
+    try:
+        b = asyncio.run(closed_loop(url, workload(512, args.seed + 1, args.vocab, *args.sizes),
+                                    args.clients, args.duration))
+        res["throughput"] = b
+        print(f"{kind:10s} throughput     {args.clients} clients: {b['tok_s']:8.1f} tok/s  "
+              f"requests {b['requests']} failed {b['failed']}  "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        if kind == "hf":
+            return
+        if "rate" not in rate_holder:  # 70% of the first (static) server's saturation
+            mean = sum(r["max_tokens"] for r in reqs) / len(reqs)
+            rate_holder["rate"] = 0.7 * b["tok_s"] / mean
+            print(f"open-loop rate: {rate_holder['rate']:.3f} req/s (0.7 x {b['tok_s']:.1f} tok/s"
+                  f" / {mean:.1f} tokens per request)", flush=True)
+        at = arrivals(reqs, rate_holder["rate"], args.seed + 2)
+        short = [i for i, r in enumerate(reqs) if r["size"] == "short"]
+        for phase, idx in (("latency", range(len(reqs))), ("latency-nolong", short)):
+            log = asyncio.run(open_loop(url, [reqs[i] for i in idx], [at[i] for i in idx]))
+            res[phase] = summarize(log)
+            for size, r in res[phase].items():
+                print(_line(kind, phase, size, r), flush=True)
+    finally:
+        res["compilations_after_warmup"] = _stop(proc, url)
 
 
 def _parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--workdir")
-    p.add_argument("--hf_dir")
-    p.add_argument("--tokenizer")
-    p.add_argument("--n_layer", type=int, default=12, help="default random model: layers")
-    p.add_argument("--n_embd", type=int, default=768, help="default random model: width")
-    p.add_argument("--n_ctx", type=int, default=128, help="default random model: context")
-    p.add_argument("--concurrency", default="1,8", help="client counts, comma-separated")
-    p.add_argument("--duration", type=float, default=45.0, help="seconds per concurrency")
-    p.add_argument("--max_tokens", type=int, default=32)
-    p.add_argument("--prompt", default="To be, or not")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--batch_sizes", default="1,8")
-    p.add_argument("--prompt_buckets", default="16,128")
-    p.add_argument("--batch_window_ms", type=float, default=50.0)
+    p.add_argument("--n_layer", type=int, default=6)
+    p.add_argument("--n_embd", type=int, default=384)
+    p.add_argument("--n_ctx", type=int, default=1024)
+    p.add_argument("--vocab", type=int, default=94, help="characters in the vocabulary")
+    p.add_argument("--servers", default="static,continuous,hf",
+                   help="the first gptjax one sets the open-loop rate (static: as the issue asks)")
+    p.add_argument("--slots", type=int, default=8)
+    p.add_argument("--cache_buckets", default="64,256,1024")
+    p.add_argument("--batch_sizes", default="1,8", help="static batching's batch buckets")
+    p.add_argument("--prompt_buckets", default="32,1024")
+    p.add_argument("--clients", type=int, default=16, help="phase b: closed-loop clients")
+    p.add_argument("--duration", type=float, default=60.0, help="phase b: seconds")
+    p.add_argument("--requests", type=int, default=96, help="phase a: requests")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write every number here")
     p.add_argument("--smoke", action="store_true",
-                   help="end to end in under a minute: a 1 x 64 random model, 1 and 2 clients for "
-                        "3 s each, 4 tokens per request (shows the script works, not the speed)")
-    p.add_argument("--client", help=argparse.SUPPRESS)
+                   help="end to end in about a minute: a 1 x 64 model, 6-8 / 24-32 token "
+                        "requests, 4 clients for 3 s, 16 requests (shows the script works)")
+    p.add_argument("--serve", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.sizes = (SHORT, LONG)
     if args.smoke:
-        args.n_layer, args.n_embd, args.n_ctx = 1, 64, 64
-        args.concurrency, args.duration, args.max_tokens = "1,2", 3.0, 4
-        args.batch_sizes, args.prompt_buckets = "1,2", "16,64"
+        args.n_layer, args.n_embd, args.n_ctx, args.vocab = 1, 64, 128, 32
+        args.cache_buckets, args.prompt_buckets, args.batch_sizes = "64,128", "32,128", "1,4"
+        args.clients, args.duration, args.requests, args.slots = 4, 3.0, 16, 4
+        args.sizes = ((6, 8), (24, 32))
     return args
-
-
-def _start_server(app):
-    """uvicorn serving `app` on a free loopback port in a thread: (server, thread, url)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    return srv, th, f"http://127.0.0.1:{port}"
-
-
-def _load_test(url, args) -> list:
-    results = []
-    for c in (int(x) for x in args.concurrency.split(",")):
-        r = _run_clients(url, c, args)
-        results.append(r)
-        print(f"clients {c:3d}: {r['req_per_s']:7.2f} req/s {r['tok_per_s']:8.1f} tok/s  "
-              f"p50 {r['p50_s'] * 1e3:7.1f} ms  p99 {r['p99_s'] * 1e3:7.1f} ms  "
-              f"ok {r['ok']} failed {r['failed']} lost {r['lost']}  "
-              f"x{r['tok_per_s'] / results[0]['tok_per_s']:.2f} vs {results[0]['concurrency']}"
-              f" client(s)  load {os.getloadavg()[0]:.2f}", flush=True)
-        for e in r["errors"]:
-            print("   error:", e)
-    return results
 
 
 def main():
     args = _parse()
-    if args.client:
-        print(json.dumps(asyncio.run(_client_main(
-            args.client, int(args.concurrency), args.duration, args.max_tokens, args.prompt,
-            args.temperature))))
-        return
+    if args.serve:
+        return serve_main(args)
+    import jax  # heavy: only to name the device
 
-    cfg, params, tok = _model(args)
-    t0 = time.perf_counter()
-    app, batcher, engine = serving.build_server(
-        cfg, params, tok, batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
-        prompt_buckets=tuple(int(x) for x in args.prompt_buckets.split(",")),
-        max_queue=256, batch_window_s=args.batch_window_ms / 1000, request_timeout_s=600.0,
-        model_name="bench")
-    warm = time.perf_counter() - t0
-    srv, th, url = _start_server(app)
-    compiles0 = serving.compilations()
-    print(f"model: {cfg.n_layer} layers x {cfg.n_embd}, vocab {cfg.vocab_size}, n_ctx {cfg.n_ctx};"
-          f" device {jax.devices()[0].device_kind}; warm-up {warm:.1f} s; "
-          f"{args.max_tokens} tokens per request, prompt {len(tok.encode(args.prompt))} tokens")
-    print(f"load average before: {os.getloadavg()[0]:.2f} (cores: {os.cpu_count()})")
-    try:
-        results = _load_test(url, args)
-    finally:
-        srv.should_exit = True
-        th.join(timeout=10)
-        batcher.stop()
-    st = dict(batcher.stats)
-    print(f"waves {st.get('waves', 0)}, rows {st.get('rows', 0)} (mean batch "
-          f"{st.get('rows', 0) / max(1, st.get('waves', 1)):.2f}), compilations after warm-up "
-          f"{serving.compilations() - compiles0}")
-    bad = sum(r["failed"] + r["lost"] for r in results)
-    if bad or serving.compilations() != compiles0:
+    reqs = workload(args.requests, args.seed, args.vocab, *args.sizes)
+    print(f"model: {args.n_layer} layers x {args.n_embd}, vocab {args.vocab}, n_ctx {args.n_ctx}; "
+          f"device {jax.devices()[0].device_kind}; {args.slots} slots, cache buckets "
+          f"{args.cache_buckets}; load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)",
+          flush=True)
+    results, rate = {}, {}
+    for kind in args.servers.split(","):
+        _run_server(kind, args, results, reqs, rate)
+    results["rate_req_s"] = rate.get("rate")
+    if "static" in results and "continuous" in results:
+        c, s = results["continuous"], results["static"]
+        print(f"continuous / static: throughput x{c['throughput']['tok_s'] / s['throughput']['tok_s']:.2f}; "
+              f"short p95 latency with long requests / without: continuous "
+              f"x{c['latency']['short']['e2e_p95'] / c['latency-nolong']['short']['e2e_p95']:.2f}, "
+              f"static x{s['latency']['short']['e2e_p95'] / s['latency-nolong']['short']['e2e_p95']:.2f}",
+              flush=True)
+    print(f"compilations after warm-up: "
+          f"{ {k: v.get('compilations_after_warmup') for k, v in results.items() if isinstance(v, dict)} }; "
+          f"load average after: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
+    bad = [k for k, v in results.items() if isinstance(v, dict) and (
+        v.get("compilations_after_warmup", 0) > 0 or v.get("throughput", {}).get("failed")
+        or any(r.get("failed") for ph in ("latency", "latency-nolong")
+               for r in v.get(ph, {}).values()))]
+    if bad:
+        print(f"failed requests or compilations after warm-up: {bad}")
         sys.exit(1)
 
 

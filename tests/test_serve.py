@@ -57,7 +57,7 @@ def server():
     tok = CharTokenizer(CHARS)
     app, batcher, engine = serving.build_server(
         cfg, params, tok, batch_sizes=(1, 4), prompt_buckets=(16, 64), max_queue=16,
-        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None)
+        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None, batching="static")
     srv, th, url = _start(app)
     client = httpx.Client(base_url=url, timeout=60.0)
     yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, batcher=batcher,
@@ -233,6 +233,22 @@ def test_bad_input_gets_an_error_and_the_server_keeps_serving(server, content, s
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["param"] == param, err
     assert _post(server, {"prompt": "to be", "max_tokens": 3})["choices"][0]["text"]
+
+
+@pytest.mark.parametrize("content, ctype", [
+    (b"prompt=to+be&max_tokens=5", "application/x-www-form-urlencoded"),  # curl -d
+    (b"to be", "text/plain"),
+    (b"\xff\xfe", "text/plain"),
+    (b'{"prompt": "\xff\xfe"}', "application/json"),  # invalid UTF-8
+    (b"", "application/json"),
+    (b'{"prompt": "to be"}', None),
+])
+def test_a_body_that_is_not_json_gets_a_4xx_json_error(server, content, ctype):
+    r = server.client.post("/v1/completions", content=content,
+                           headers={"Content-Type": ctype} if ctype else {})
+    assert 400 <= r.status_code < 500, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
 
 
 def test_unknown_route_is_an_openai_error(server):

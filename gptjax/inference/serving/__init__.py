@@ -6,7 +6,12 @@ Modules, bottom up:
     set of compiled shapes (`ShapePlan`), and `Engine`, which decodes one wave of rows step by
     step on the host (streaming, stop strings, cancellation and timeouts per row).
   * `batcher`: `Batcher`, a background thread with a bounded queue that groups requests that
-    arrive together into waves (static batching).
+    arrive together into waves (static batching, `--batching static`).
+  * `slots`: `SlotEngine`, continuous batching on the device: prefill / insert / generate over a
+    fixed set of decode slots and a ring-buffer KV cache in length buckets.
+  * `scheduler`: `ContinuousBatcher`, the thread that admits queued requests into free slots
+    (first come first served, a prefill cap per step) and runs one decode step at a time.
+  * `metrics`: `GET /metrics` in the Prometheus text format.
   * `api`: the HTTP API (`make_app`) and `build_server` (engine + warm-up + batcher + app).
   * here: `serve`, which loads a model (a train.py workdir or an imported HF directory), warms
     up every compiled shape and runs uvicorn.
@@ -18,6 +23,7 @@ import math
 import os
 from typing import Optional
 
+from gptjax.inference.decoding import prepare_for_decoding
 from gptjax.inference.serving.api import (
     CompletionRequest,
     RequestError,
@@ -25,6 +31,8 @@ from gptjax.inference.serving.api import (
     make_app,
 )
 from gptjax.inference.serving.batcher import Batcher, QueueFull
+from gptjax.inference.serving.scheduler import ContinuousBatcher
+from gptjax.inference.serving.slots import SlotEngine
 from gptjax.inference.serving.engine import (
     MAX_LOGPROBS,
     Engine,
@@ -38,9 +46,9 @@ from gptjax.inference.serving.engine import (
 from gptjax.train.workdir import load_pretrained
 
 __all__ = [
-    "Batcher", "CompletionRequest", "Engine", "Job", "MAX_LOGPROBS", "QueueFull", "RequestError",
-    "Row", "ShapePlan", "build_server", "compilations", "make_app", "sample_rows", "serve",
-    "start_compile_counter",
+    "Batcher", "CompletionRequest", "ContinuousBatcher", "Engine", "Job", "MAX_LOGPROBS",
+    "QueueFull", "RequestError", "Row", "ShapePlan", "SlotEngine", "build_server", "compilations",
+    "make_app", "sample_rows", "serve", "start_compile_counter",
 ]
 
 
@@ -56,8 +64,13 @@ def _int_list(flag: str, text: str) -> Optional[tuple]:
     return vals
 
 
-def _check_flags(*, port: int, max_queue: int, batch_window_ms: float,
-                 request_timeout: float) -> None:
+def _check_flags(*, port: int, max_queue: int, batch_window_ms: float, request_timeout: float,
+                 batching: str, slots: int, max_prefill_tokens: int) -> None:
+    if batching not in ("continuous", "static"):
+        raise ValueError(f"--batching={batching!r}: give continuous or static")
+    if slots < 1 or max_prefill_tokens < 1:
+        raise ValueError(f"--slots={slots}, --max_prefill_tokens={max_prefill_tokens}: "
+                         "must be >= 1")
     if not 0 <= port <= 65535:
         raise ValueError(f"--port={port}: must be in [0, 65535]")
     if max_queue < 1:
@@ -69,17 +82,23 @@ def _check_flags(*, port: int, max_queue: int, batch_window_ms: float,
 
 
 def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="127.0.0.1",
-          port=8000, batch_sizes="1,2,4,8", prompt_buckets="", max_queue=64,
-          batch_window_ms=50.0, request_timeout=60.0, model_name=None) -> None:
+          port=8000, batching="continuous", slots=8, cache_buckets="", max_prefill_tokens=256,
+          batch_sizes="1,2,4,8", prompt_buckets="", max_queue=64, batch_window_ms=50.0,
+          request_timeout=60.0, model_name=None, weights="fp32") -> None:
     """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped.
 
     Args:
       workdir, hf_dir, tokenizer_path, step: the model (see gptjax.train.workdir.load_pretrained).
       host, port: where to listen.
+      batching: "continuous" (decode slots) or "static" (waves; kept for comparison).
+      slots, cache_buckets, max_prefill_tokens: continuous batching (see SlotEngine and
+        ContinuousBatcher; cache_buckets comma-separated, "" for the default).
       batch_sizes, prompt_buckets: comma-separated compiled shapes (see ShapePlan; "" for the
         default prompt buckets).
       max_queue, batch_window_ms, request_timeout: see Batcher and make_app.
       model_name: the model id in the API (default: the directory's name).
+      weights: the decoding weight format, "fp32", "bf16" or "int8" (weight-only; see
+        gptjax.inference.decoding.prepare_for_decoding).
 
     Raises:
       ValueError: a bad flag value, before anything is loaded.
@@ -87,16 +106,22 @@ def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="12
     import uvicorn  # heavy: uvicorn, only when actually serving
 
     _check_flags(port=port, max_queue=max_queue, batch_window_ms=batch_window_ms,
-                 request_timeout=request_timeout)
+                 request_timeout=request_timeout, batching=batching, slots=slots,
+                 max_prefill_tokens=max_prefill_tokens)
     bs = _int_list("batch_sizes", batch_sizes)
     if bs is None:
         raise ValueError("--batch_sizes is empty: give e.g. 1,2,4,8")
     pb = _int_list("prompt_buckets", prompt_buckets)
+    cb = _int_list("cache_buckets", cache_buckets)
     config, params, tok = load_pretrained(workdir=workdir, hf_dir=hf_dir,
                                           tokenizer_path=tokenizer_path, step=step)
     name = model_name or os.path.basename(os.path.normpath(workdir or hf_dir))
-    app, batcher, _ = build_server(config, params, tok, batch_sizes=bs, prompt_buckets=pb,
-                                   max_queue=max_queue, batch_window_s=batch_window_ms / 1000,
+    # The engines take params prepared by prepare_for_decoding as they are.
+    params = prepare_for_decoding(config, params, weights=weights)
+    app, batcher, _ = build_server(config, params, tok, batching=batching, slots=slots,
+                                   cache_buckets=cb, max_prefill_tokens=max_prefill_tokens,
+                                   batch_sizes=bs, prompt_buckets=pb, max_queue=max_queue,
+                                   batch_window_s=batch_window_ms / 1000,
                                    request_timeout_s=request_timeout, model_name=name)
     print(f"serving {name!r} on http://{host}:{port}/v1/completions", flush=True)
     try:

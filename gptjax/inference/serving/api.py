@@ -1,8 +1,8 @@
 """The HTTP API: OpenAI-style completions over the engine and batcher (FastAPI).
 
 POST /v1/completions (prompt str or list, max_tokens, temperature, top_p, n, stop, seed, stream,
-logprobs), GET /v1/models, GET /health; errors are OpenAI-style bodies
-{"error": {"message", "type", "param", "code"}}.
+logprobs), GET /v1/models, GET /health, GET /metrics (Prometheus text); errors are OpenAI-style
+bodies {"error": {"message", "type", "param", "code"}}.
 
 Seeds: choice i of each prompt uses seed + i (mod 2**32), i.e. it equals
 `generate([prompt], rng=jax.random.key(seed + i))`; with no seed a random one is drawn.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import math
 import secrets
 import time
 import uuid
@@ -20,7 +21,7 @@ from typing import Optional, Union
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +34,9 @@ from gptjax.inference.serving.engine import (
     compilations,
     start_compile_counter,
 )
+from gptjax.inference.serving.metrics import CONTENT_TYPE, ServerMetrics, StatusCounter
+from gptjax.inference.serving.scheduler import ContinuousBatcher
+from gptjax.inference.serving.slots import SlotEngine
 
 MAX_STOP = 4
 
@@ -52,9 +56,10 @@ class RequestError(Exception):
     """An error answered with an HTTP status and an OpenAI-style body."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None,
-                 code: Optional[str] = None):
+                 code: Optional[str] = None, headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
 
 class CompletionRequest(BaseModel):
@@ -155,9 +160,9 @@ def _completion_body(base: dict, rows: list, prompt_tokens: int) -> dict:
 
 
 def _error_response(status: int, message: str, param: Optional[str] = None,
-                    code: Optional[str] = None) -> JSONResponse:
+                    code: Optional[str] = None, headers: Optional[dict] = None) -> JSONResponse:
     return JSONResponse(_error_body(message, _ERROR_TYPES.get(status, "invalid_request_error"),
-                                    param, code), status_code=status)
+                                    param, code), status_code=status, headers=headers)
 
 
 def _validation_response(exc: RequestValidationError) -> JSONResponse:
@@ -170,6 +175,11 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
                                f"(at character {loc[-1] if loc else '?'})", None, "json_invalid")
     param = loc[0] if loc else None
     where = ".".join(loc) or "body"
+    if not loc and (e.get("type") == "missing" or isinstance(e.get("input"), (bytes, str))):
+        # Not a JSON object: an empty body, or one sent as text or a form (`curl -d` does that).
+        return _error_response(400, "the request body must be a JSON object sent with "
+                               "Content-Type: application/json (curl: add -H 'Content-Type: "
+                               "application/json')", None, "invalid_body")
     if e.get("type") == "extra_forbidden":
         msg = (f"unknown field {where!r}: allowed fields are "
                f"{', '.join(sorted(CompletionRequest.model_fields))}")
@@ -177,13 +187,13 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
         msg = f"missing required field {where!r}"
     else:
         got = e.get("input")
-        got = json.dumps(got)[:80] if got is not None else "null"
+        got = json.dumps(got, default=repr)[:80] if got is not None else "null"
         msg = f"{where}={got}: {e.get('msg')}"
     return _error_response(400, msg, param, e.get("type"))
 
 
 # ---------------------------------------------------------------------------- job events
-async def _next_event(job: Job, batcher: Batcher) -> tuple:
+async def _next_event(job: Job, batcher) -> tuple:
     """The job's next event; RequestError 503 once its deadline (plus a second) has passed."""
     remaining = job.deadline - time.monotonic()
     try:
@@ -194,7 +204,7 @@ async def _next_event(job: Job, batcher: Batcher) -> tuple:
                            "--request_timeout", None, "timeout") from None
 
 
-async def _collect(job: Job, batcher: Batcher) -> None:
+async def _collect(job: Job, batcher, metrics: ServerMetrics) -> None:
     """Wait until every row of the job has finished (the rows hold the results)."""
     left = len(job.rows)
     while left:
@@ -204,6 +214,7 @@ async def _collect(job: Job, batcher: Batcher) -> None:
         elif ev[0] == "error":
             raise RequestError(ev[1], ev[2], None, ev[3])
     batcher.stats["completed"] += 1
+    metrics.observe_job(job)
 
 
 def _stream_chunk(ev: tuple, offsets: collections.Counter) -> dict:
@@ -219,7 +230,7 @@ def _stream_chunk(ev: tuple, offsets: collections.Counter) -> dict:
     return {"text": "", "index": ev[1], "logprobs": None, "finish_reason": ev[2]}
 
 
-async def _stream(job: Job, base: dict, batcher: Batcher):
+async def _stream(job: Job, base: dict, batcher, metrics: ServerMetrics):
     """Server-sent events of a streaming request: chunks, then `data: [DONE]` (or one error)."""
     left = len(job.rows)
     offsets = collections.Counter()
@@ -237,6 +248,7 @@ async def _stream(job: Job, base: dict, batcher: Batcher):
                 left -= 1
             yield f"data: {json.dumps(dict(base, choices=[_stream_chunk(ev, offsets)]))}\n\n"
         batcher.stats["completed"] += 1
+        metrics.observe_job(job)
         yield "data: [DONE]\n\n"
     finally:
         # Client gone (the response task is cancelled) or done: free the rows' batch slots.
@@ -257,17 +269,28 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc):
-        return _error_response(exc.status, exc.message, exc.param, exc.code)
+        return _error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-def _add_info_routes(app: FastAPI, engine: Engine, batcher: Batcher, model_name: str) -> None:
+def _add_info_routes(app: FastAPI, engine: Engine, batcher, model_name: str) -> None:
     created = int(time.time())
+    slots = engine.slots if isinstance(engine, SlotEngine) else engine.plan.max_rows
 
     @app.get("/health")
     async def health():
+        shapes = engine.describe() if isinstance(engine, SlotEngine) else engine.plan.describe()
         return {"status": "ok", "model": model_name, "queued": batcher.queued(),
+                "running": batcher.running(),
+                "batching": "continuous" if isinstance(batcher, ContinuousBatcher) else "static",
                 "compilations_after_warmup": compilations() - app.state.compiles_at_start,
-                "stats": dict(batcher.stats), "shapes": engine.plan.describe()}
+                "stats": dict(batcher.stats), "shapes": shapes}
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(app.state.metrics.render(
+            batcher, slots=slots,
+            compilations_after_warmup=compilations() - app.state.compiles_at_start),
+            media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
@@ -275,62 +298,83 @@ def _add_info_routes(app: FastAPI, engine: Engine, batcher: Batcher, model_name:
                                             "created": created, "owned_by": "gptjax"}]}
 
 
-def _add_completions_route(app: FastAPI, engine: Engine, batcher: Batcher, model_name: str,
-                           request_timeout_s: float) -> None:
+def _retry_after(batcher, metrics: ServerMetrics) -> str:
+    """Seconds a refused client should wait: the mean time to first token so far (1 to 60)."""
+    h = metrics.ttft
+    mean = h.sum / sum(h.counts) if sum(h.counts) else 1.0
+    return str(min(60, max(1, math.ceil(mean))))
+
+
+def _add_completions_route(app: FastAPI, engine: Engine, batcher, model_name: str) -> None:
+    metrics = app.state.metrics
+
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         if req.model is not None and req.model != model_name:
             raise RequestError(404, f"model={req.model!r} does not exist: this server serves "
                                f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
         rows, prompt_tokens = _build_rows(req, engine)
-        job = Job(rows, asyncio.get_running_loop(), time.monotonic() + request_timeout_s)
+        # Read per request, so a running server's timeout can be changed (tests do).
+        job = Job(rows, asyncio.get_running_loop(),
+                  time.monotonic() + app.state.request_timeout_s)
         try:
             batcher.submit(job)
         except QueueFull as e:
-            raise RequestError(429, f"server overloaded: {e}", None, "queue_full") from None
+            raise RequestError(429, f"server overloaded: {e}", None, "queue_full",
+                               {"Retry-After": _retry_after(batcher, metrics)}) from None
         base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         if req.stream:
-            return StreamingResponse(_stream(job, base, batcher), media_type="text/event-stream",
+            return StreamingResponse(_stream(job, base, batcher, metrics),
+                                     media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            await _collect(job, batcher)
+            await _collect(job, batcher, metrics)
         finally:
             job.cancel()
         return _completion_body(base, rows, prompt_tokens)
 
 
-def make_app(engine: Engine, batcher: Batcher, *, model_name: str = "gptjax",
+def make_app(engine: Engine, batcher, *, model_name: str = "gptjax",
              request_timeout_s: float = 60.0) -> FastAPI:
     """The FastAPI application (the batcher is started and stopped by the caller).
 
     Args:
-      engine: the Engine that decodes.
-      batcher: the Batcher that queues requests for it.
+      engine: the Engine (static batching) or SlotEngine (continuous) that decodes.
+      batcher: the Batcher or ContinuousBatcher that queues requests for it.
       model_name: the model id the API reports and accepts.
       request_timeout_s: seconds a request may wait and decode before it gets HTTP 503.
 
     Returns:
-      The app; its /health counts compilations from this call on.
+      The app; its /health and /metrics count compilations from this call on.
     """
     app = FastAPI(title="gptjax", version="0.1.0")
+    app.state.metrics = ServerMetrics()
+    app.add_middleware(StatusCounter, metrics=app.state.metrics)
     _add_error_handlers(app)
     _add_info_routes(app, engine, batcher, model_name)
-    _add_completions_route(app, engine, batcher, model_name, request_timeout_s)
+    _add_completions_route(app, engine, batcher, model_name)
+    app.state.request_timeout_s = request_timeout_s
     app.state.compiles_at_start = compilations()
     return app
 
 
-def build_server(config, params, tokenizer, *, batch_sizes=(1, 2, 4, 8), prompt_buckets=None,
-                 max_queue: int = 64, batch_window_s: float = 0.05,
+def build_server(config, params, tokenizer, *, batching: str = "continuous", slots: int = 8,
+                 cache_buckets=None, max_prefill_tokens: int = 256, batch_sizes=(1, 2, 4, 8),
+                 prompt_buckets=None, max_queue: int = 64, batch_window_s: float = 0.05,
                  request_timeout_s: float = 60.0, model_name: str = "gptjax", warmup=True,
                  start=True, log=print) -> tuple:
     """Engine + warmed-up compiled shapes + batcher + app.
 
     Args:
-      config, params, tokenizer: the model.
-      batch_sizes, prompt_buckets: the compiled shapes (see ShapePlan).
-      max_queue, batch_window_s: see Batcher.
+      config, params, tokenizer: the model (params as they are, or already prepared by
+        `gptjax.inference.decoding.prepare_for_decoding`, e.g. in another weight format).
+      batching: "continuous" (decode slots, rows join and leave at every step) or "static"
+        (waves).
+      slots, cache_buckets, max_prefill_tokens: continuous batching (see SlotEngine and
+        ContinuousBatcher).
+      batch_sizes, batch_window_s: static batching (see ShapePlan and Batcher).
+      prompt_buckets, max_queue: prompt-length buckets and the most waiting requests (both).
       request_timeout_s, model_name: see make_app.
       warmup: compile every shape now (else on first use).
       start: start the batcher's thread.
@@ -340,13 +384,22 @@ def build_server(config, params, tokenizer, *, batch_sizes=(1, 2, 4, 8), prompt_
       (app, batcher, engine).
     """
     start_compile_counter()
-    plan = ShapePlan(config.n_ctx, batch_sizes, prompt_buckets)
-    engine = Engine(config, params, tokenizer, plan)
+    if batching == "continuous":
+        engine = SlotEngine(config, params, tokenizer, slots=slots, prompt_buckets=prompt_buckets,
+                            cache_buckets=cache_buckets)
+        shapes = engine.describe()
+        batcher = ContinuousBatcher(engine, max_queue=max_queue,
+                                    max_prefill_tokens=max_prefill_tokens)
+    elif batching == "static":
+        engine = Engine(config, params, tokenizer,
+                        ShapePlan(config.n_ctx, batch_sizes, prompt_buckets))
+        shapes = engine.plan.describe()
+        batcher = Batcher(engine, max_queue=max_queue, batch_window_s=batch_window_s)
+    else:
+        raise ValueError(f"batching={batching!r}: give 'continuous' or 'static'")
     if warmup:
-        log(f"warming up {len(plan.batch_sizes) * (len(plan.prompt_buckets) + len(plan.slot_sizes))}"
-            f" compiled shapes {plan.describe()} ...")
+        log(f"warming up {batching} batching, shapes {shapes} ...")
         log(f"warm-up done in {engine.warmup():.1f} s")
-    batcher = Batcher(engine, max_queue=max_queue, batch_window_s=batch_window_s)
     app = make_app(engine, batcher, model_name=model_name, request_timeout_s=request_timeout_s)
     if start:
         batcher.start()

@@ -38,6 +38,7 @@ class Batcher:
         self._stop = False
         self._thread: Optional[threading.Thread] = None
         self._last_rows = 1
+        self._running = 0
         self.stats = collections.Counter()
 
     def start(self) -> None:
@@ -75,6 +76,10 @@ class Batcher:
     def queued(self) -> int:
         """Jobs waiting for a wave whose clients are still there."""
         return sum(1 for j in list(self._pending) if not (j.cancelled or j.finished))
+
+    def running(self) -> int:
+        """Rows of the wave being decoded (including those that finished early)."""
+        return self._running
 
     def _take_wave(self) -> list:
         """Jobs for the next wave: the oldest first, then whoever fits within the batch window."""
@@ -122,7 +127,7 @@ class Batcher:
             if not wave:
                 continue
             items = [(job, r) for job in wave for r in job.rows]
-            self._last_rows = len(items)
+            self._last_rows = self._running = len(items)
             try:
                 self.stats["tokens"] += self.engine.run_wave(items)
                 self.stats["waves"] += 1
@@ -133,4 +138,5 @@ class Batcher:
                     job.finished = True
                     job.push([("error", 500, f"generation failed: {type(e).__name__}: {e}",
                                "internal_error")])
+            self._running = 0
 

@@ -72,7 +72,8 @@ def sample_rows(key_data_Bx2: Array, t: Array, logits_BxV: Array, temperature_B:
 
     Args:
       key_data_Bx2: uint32 raw PRNG key data per row (`jax.random.key_data` of the default impl).
-      t: the step (the key is folded with it, as in `sampling.sample_loop`).
+      t: the step, a scalar or one per row [B] (the key is folded with it, as in
+        `sampling.sample_loop`; rows of a continuous batch are at different steps).
       logits_BxV: raw logits.
       temperature_B: >= 0; 0 means argmax.
       top_p_B: in (0, 1]; 1 means no nucleus filtering.
@@ -90,11 +91,12 @@ def sample_rows(key_data_Bx2: Array, t: Array, logits_BxV: Array, temperature_B:
     # slightly above 1 and would otherwise drop the least likely tokens).
     warped_BxV = jnp.where((top_p_B < 1.0)[:, None], nucleus_BxV, scaled_BxV)
     keys_B = jax.random.wrap_key_data(key_data_Bx2)
+    t_B = jnp.broadcast_to(jnp.asarray(t, jnp.int32), greedy_B.shape)
 
-    def draw(key, logits_V):
+    def draw(key, logits_V, t):
         return jax.random.categorical(jax.random.fold_in(key, t), logits_V[None], axis=-1)[0]
 
-    sampled_B = jax.vmap(draw)(keys_B, warped_BxV)
+    sampled_B = jax.vmap(draw)(keys_B, warped_BxV, t_B)
     return jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
@@ -224,6 +226,8 @@ class Row:
     token_strs: list = dataclasses.field(default_factory=list)
     token_logprobs: list = dataclasses.field(default_factory=list)
     top_logprobs: list = dataclasses.field(default_factory=list)
+    first_at: Optional[float] = None  # time.monotonic() of the first and the latest token
+    last_at: Optional[float] = None
 
 
 class Job:
@@ -238,6 +242,7 @@ class Job:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.deadline = deadline
+        self.arrived = time.monotonic()
         self.cancelled = False
         self.finished = False
 
@@ -398,6 +403,9 @@ class Engine:
         """Append one token to a row: returns (new text to emit, logprobs entry or None)."""
         tok = self.tokenizer
         lp = None
+        row.last_at = time.monotonic()
+        if row.first_at is None:
+            row.first_at = row.last_at
         if row.logprobs is not None:
             s = tok.decode([token])
             top = None

@@ -1,0 +1,298 @@
+"""Continuous batching end to end: a real uvicorn server on loopback with 4 decode slots.
+
+Reference: `gptjax.inference.sampling.generate` on the same params and seed, for every row of a
+mixed batch; the scheduler's trace (which slot was freed / filled before which decode step) for
+slot reuse; prometheus_client's parser for /metrics.
+"""
+
+import concurrent.futures
+import json
+import threading
+import time
+import types
+
+import jax
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+from gptjax import GPTConfig, init_params  # noqa: E402
+from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
+from gptjax.inference import sampling, serving  # noqa: E402
+
+from test_serve import CHARS, _start  # noqa: E402
+
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def server():
+    cfg = GPTConfig.preset("tiny", vocab_size=len(CHARS), n_ctx=64, n_layer=2)
+    params = jax.tree_util.tree_map(lambda x: x * 4.0, init_params(cfg, jax.random.key(1)))
+    tok = CharTokenizer(CHARS)
+    app, batcher, engine = serving.build_server(
+        cfg, params, tok, batching="continuous", slots=SLOTS, prompt_buckets=(16, 64),
+        cache_buckets=(32, 64), max_queue=16, request_timeout_s=60.0, model_name="tiny",
+        log=lambda *a: None)
+    srv, th, url = _start(app)
+    client = httpx.Client(base_url=url, timeout=60.0)
+    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, batcher=batcher,
+                                engine=engine, app=app, client=client)
+    client.close()
+    srv.should_exit = True
+    th.join(timeout=10)
+    batcher.stop()
+
+
+@pytest.fixture
+def slow_steps(server, monkeypatch):
+    """Decode steps of at least 20 ms, so that the timing of a test does not depend on the CPU."""
+    fast = server.engine.generate
+
+    def slow(active):
+        time.sleep(0.02)
+        return fast(active)
+    monkeypatch.setattr(server.engine, "generate", slow)
+
+
+def _reference(s, prompt, *, max_tokens, temperature=1.0, top_p=1.0, seed=0):
+    out = sampling.generate(s.cfg, s.params, [s.tok.encode(prompt)], max_new_tokens=max_tokens,
+                            temperature=temperature, top_p=top_p, rng=jax.random.key(seed),
+                            return_scores=True)
+    ids = [int(t) for t in out.tokens[0][: int(out.lengths[0])]]
+    return s.tok.decode(ids), out.scores[0][: len(ids)]
+
+
+def _post(s, body):
+    r = s.client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream_text(s, body, client=None, on_first=None):
+    pieces, done = {}, False
+    with (client or s.client).stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: "):
+                c = json.loads(line[6:])["choices"][0]
+                pieces[c["index"]] = pieces.get(c["index"], "") + c["text"]
+                if on_first is not None:
+                    on_first, _ = None, on_first()
+    assert done
+    return pieces
+
+
+def test_every_row_of_a_mixed_batch_equals_generate(server):
+    """Greedy and seeded rows of many prompt lengths and sizes, joining and leaving the running
+    batch at different steps (more rows than slots), each equal solo `generate`."""
+    bodies = [
+        {"prompt": "to be or not", "max_tokens": 40, "temperature": 0.8, "seed": 1, "logprobs": 2},
+        {"prompt": "a", "max_tokens": 8, "temperature": 0.0},
+        {"prompt": "the quick brown fox jumps over", "max_tokens": 8, "temperature": 1.0,
+         "top_p": 0.9, "seed": 2},
+        {"prompt": "hello", "max_tokens": 40, "temperature": 0.0, "stream": True},
+        {"prompt": ["xy", "what is it"], "n": 2, "max_tokens": 8, "temperature": 0.7, "seed": 3},
+        {"prompt": "zz", "max_tokens": 8, "temperature": 1.2, "seed": 4, "stream": True},
+    ]
+
+    def run(b):
+        if b.get("stream"):
+            return [_stream_text(server, b)[0]], None
+        out = _post(server, b)
+        ch = sorted(out["choices"], key=lambda c: c["index"])
+        return [c["text"] for c in ch], ch[0]["logprobs"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as ex:
+        outs = list(ex.map(run, bodies))
+    for b, (texts, lp) in zip(bodies, outs):
+        prompts = b["prompt"] if isinstance(b["prompt"], list) else [b["prompt"]]
+        want = [_reference(server, p, max_tokens=b["max_tokens"],
+                           temperature=b.get("temperature", 1.0), top_p=b.get("top_p", 1.0),
+                           seed=b.get("seed", 0) + i)
+                for p in prompts for i in range(b.get("n", 1))]
+        assert texts == [w[0] for w in want], b
+        if lp is not None:
+            np.testing.assert_allclose(lp["token_logprobs"], want[0][1], atol=1e-5)
+    inserts = [e for e in server.batcher.trace if e[0] == "insert"]
+    assert len({e[2] for e in inserts}) > 1  # rows joined a running batch at different steps
+
+
+def test_short_request_after_long_one_finishes_first(server, slow_steps):
+    done, started = {}, threading.Event()
+
+    def long():
+        _stream_text(server, {"prompt": "to be", "max_tokens": 50, "seed": 0},
+                     on_first=started.set)
+        done["long"] = time.monotonic()
+
+    th = threading.Thread(target=long)
+    th.start()
+    assert started.wait(30)
+    _post(server, {"prompt": "a", "max_tokens": 3, "seed": 0})
+    done["short"] = time.monotonic()
+    th.join(60)
+    assert done["short"] < done["long"]
+
+
+def test_long_row_grows_its_own_ring_while_short_rows_keep_theirs(server, slow_steps):
+    """A long request takes the long slot group, whose ring grows with it (32 -> 64 slots, rolled
+    mid-request); a short one decodes beside it over the short group's 32-slot ring. Both equal
+    solo `generate`."""
+    eng = server.engine
+    assert [n for _, n in eng.groups] == [SLOTS - 1, 1]
+    started, out = threading.Event(), {}
+    body = {"prompt": "to be", "max_tokens": 50, "temperature": 0.8, "seed": 3}
+    th = threading.Thread(target=lambda: out.update(long=_stream_text(server, body,
+                                                                      on_first=started.set)))
+    th.start()
+    assert started.wait(30)
+    short = _post(server, {"prompt": "a", "max_tokens": 3, "seed": 0})
+    lens = eng.cache_lens
+    th.join(60)
+    assert lens[0] == 32
+    inserts = [e for e in server.batcher.trace if e[0] == "insert"]
+    assert [e[1] for e in inserts[-2:]] == [SLOTS - 1, 0]
+    assert short["choices"][0]["text"] == _reference(server, "a", max_tokens=3)[0]
+    assert out["long"][0] == _reference(server, "to be", max_tokens=50, temperature=0.8, seed=3)[0]
+    assert eng.cache_lens[1] == 64
+
+
+def _reuse(server, why):
+    """Steps dispatched when the last inserted row's slot was freed by `why`, and when refilled."""
+    trace = list(server.batcher.trace)
+    i = max(k for k, e in enumerate(trace) if e[0] == "insert")
+    slot = trace[i][1]
+    freed = next(e for e in reversed(trace[:i]) if e[1] == slot)
+    assert freed[0] == why, trace[-12:]
+    return freed[2], trace[i][2]
+
+
+@pytest.mark.parametrize("why", ["finish", "cancel", "timeout"])
+def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, why):
+    """Slots full of long streams; one row finishes, is cancelled or times out while a request
+    waits: the waiting request is inserted into that slot before the next decode step."""
+    ev = threading.Event()
+    clients = [httpx.Client(base_url=server.url, timeout=60.0) for _ in range(SLOTS)]
+    with concurrent.futures.ThreadPoolExecutor(SLOTS + 1) as ex:
+        longs = [ex.submit(_stream_text, server, {"prompt": "ab", "max_tokens": 60, "seed": i},
+                           clients[i]) for i in range(SLOTS - 1)]
+        while server.batcher.running() < SLOTS - 1:
+            time.sleep(0.01)
+        if why == "finish":
+            fourth = ex.submit(_post, server, {"prompt": "ab", "max_tokens": 15})
+        elif why == "timeout":
+            server.app.state.request_timeout_s = 0.3
+            fourth = ex.submit(clients[-1].post, "/v1/completions",
+                               json={"prompt": "ab", "max_tokens": 60})
+        else:
+            def leave():
+                with clients[-1].stream("POST", "/v1/completions",
+                                        json={"prompt": "ab", "max_tokens": 60,
+                                              "stream": True}) as r:
+                    for line in r.iter_lines():
+                        if line.startswith("data: {"):
+                            ev.wait(30)
+                            return  # closes the connection mid-stream
+            fourth = ex.submit(leave)
+        while server.batcher.running() < SLOTS:
+            time.sleep(0.01)
+        server.app.state.request_timeout_s = 60.0
+        waiting = ex.submit(_post, server, {"prompt": "cd", "max_tokens": 3})
+        while server.batcher.queued() == 0:
+            assert not waiting.done()
+            time.sleep(0.005)
+        ev.set()
+        assert waiting.result(60)["choices"][0]["text"]
+        r = fourth.result(60)
+        if why == "timeout":
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+        freed_at, refilled_at = _reuse(server, why)
+        assert refilled_at == freed_at
+        for f in longs:
+            f.result(60)
+    for c in clients:
+        c.close()
+
+
+def test_no_compilation_after_warmup_under_mixed_load(server):
+    before = serving.compilations()
+    metric_before = server.client.get("/health").json()["compilations_after_warmup"]
+    bodies = [{"prompt": "x" * n, "max_tokens": m, "seed": n, "temperature": t, "top_p": p,
+               "logprobs": lp, "stream": st}
+              for n, m, t, p, lp, st in [(1, 1, 0.0, 1.0, None, False), (16, 48, 1.0, 0.5, 0, True),
+                                         (17, 30, 0.3, 1.0, 5, False),
+                                         (63, 1, 2.0, 1.0, None, False),
+                                         (40, 24, 1.0, 0.99, 1, True), (3, 61, 0.0, 1.0, 2, False),
+                                         (5, 10, 0.9, 1.0, None, True)]]
+
+    def send(b):
+        if b.pop("stream"):
+            return _stream_text(server, b)
+        return _post(server, b)
+
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as ex:
+        list(ex.map(send, bodies))
+    _post(server, {"prompt": ["ab", "cd"], "n": 2, "max_tokens": 5, "seed": 1, "stop": "e"})
+    assert serving.compilations() == before
+    assert server.client.get("/health").json()["compilations_after_warmup"] == metric_before
+
+
+def _metrics(server) -> dict:
+    parser = pytest.importorskip("prometheus_client.parser")
+    r = server.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in parser.text_string_to_metric_families(r.text) for s in fam.samples}
+
+
+def test_metrics_parse_and_count_the_requests_sent(server):
+    m0 = _metrics(server)
+    ok = [_post(server, {"prompt": "to be", "max_tokens": k, "seed": k}) for k in (3, 5, 7)]
+    _stream_text(server, {"prompt": "to be", "max_tokens": 4})
+    bad = [server.client.post("/v1/completions", json={"prompt": "to be", "n": 0}),
+           server.client.post("/v1/completions", content=b"prompt=hi",
+                              headers={"Content-Type": "application/x-www-form-urlencoded"})]
+    assert [r.status_code for r in bad] == [400, 400]
+    m1 = _metrics(server)
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return m1.get(key, 0) - m0.get(key, 0)
+
+    assert delta("gptjax_requests_total", code="200") == 4
+    assert delta("gptjax_requests_total", code="400") == 2
+    assert delta("gptjax_generated_tokens_total") == sum(
+        o["usage"]["completion_tokens"] for o in ok) + 4
+    assert delta("gptjax_time_to_first_token_seconds_count") == 4
+    assert delta("gptjax_time_per_output_token_seconds_count") == 4
+    assert m1[("gptjax_decode_slots", ())] == SLOTS
+    # The tests' `generate` references compile in this process too: the metric is that count.
+    assert m1[("gptjax_compilations_after_warmup_total", ())] == (
+        serving.compilations() - server.app.state.compiles_at_start)
+    assert ("gptjax_queue_length", ()) in m1 and ("gptjax_running_slots", ()) in m1
+
+
+def test_queue_full_gets_429_with_retry_after(server):
+    """A second app on the same engine whose scheduler is not running: requests only queue."""
+    batcher = serving.ContinuousBatcher(server.engine, max_queue=1)
+    app = serving.make_app(server.engine, batcher, model_name="tiny", request_timeout_s=1.0)
+    srv, th, url = _start(app)
+    try:
+        with httpx.Client(base_url=url, timeout=30.0) as c, \
+                concurrent.futures.ThreadPoolExecutor(1) as ex:
+            first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
+            while batcher.queued() == 0:
+                time.sleep(0.01)
+            r = c.post("/v1/completions", json={"prompt": "to be"})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+            assert int(r.headers["retry-after"]) >= 1
+            r = first.result()
+            assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
+    finally:
+        srv.should_exit = True
+        th.join(timeout=10)
