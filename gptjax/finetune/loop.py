@@ -261,12 +261,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
               "head": heads.init_head(k_head, head_cfg, model_cfg.n_embd)}
     max_len = min(config.task.max_len or model_cfg.n_ctx, model_cfg.n_ctx)
 
-    run = FinetuneRun(
-        config, workdir, spec, data, model_cfg, head_cfg, special, tokenizer, max_len,
-        train=encode_examples(train_ex, spec, tokenizer, special, max_len),
-        dev={s: encode_examples(ex, spec, tokenizer, special, max_len)
-             for s, ex in dev_ex.items()},
-        rng=k_train)
+    try:  # e.g. a character-level model's alphabet lacks the task's characters
+        train = encode_examples(train_ex, spec, tokenizer, special, max_len)
+        dev = {s: encode_examples(ex, spec, tokenizer, special, max_len)
+               for s, ex in dev_ex.items()}
+    except ValueError as e:
+        raise ValueError(f"task {spec.name!r}, decoder from {config.init.kind} "
+                         f"{config.init.path or '(scratch)'}: {e}") from None
+    run = FinetuneRun(config, workdir, spec, data, model_cfg, head_cfg, special, tokenizer,
+                      max_len, train=train, dev=dev, rng=k_train)
     _write_run_files(run)
     return run, params
 
