@@ -19,7 +19,27 @@ class QueueFull(Exception):
     """The server has `max_queue` requests waiting."""
 
 
-class Batcher:
+class LoopThread:
+    """start/stop of the daemon thread that runs `self._loop` (waves, or scheduler steps); the
+    subclass sets `_cv` (a Condition), `_stop` and `_thread`, and its loop ends on `_stop`."""
+
+    thread_name = "gptjax-loop"
+
+    def start(self) -> None:
+        """Start the thread."""
+        self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current wave or step (waits up to 30 s)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+
+class Batcher(LoopThread):
     """A background thread that groups queued jobs into waves and runs them on the engine.
 
     Args:
@@ -28,6 +48,8 @@ class Batcher:
       batch_window_s: after the first request of a wave arrives, the longest wait for as many
         rows as the previous wave had.
     """
+
+    thread_name = "gptjax-batcher"
 
     def __init__(self, engine: Engine, max_queue: int = 64, batch_window_s: float = 0.05):
         self.engine = engine
@@ -40,19 +62,6 @@ class Batcher:
         self._last_rows = 1
         self._running = 0
         self.stats = collections.Counter()
-
-    def start(self) -> None:
-        """Start the thread that runs waves."""
-        self._thread = threading.Thread(target=self._loop, name="gptjax-batcher", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current wave (waits up to 30 s)."""
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
 
     def submit(self, job: Job) -> None:
         """Queue a job for the next wave that fits it.

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from gptjax.inference.serving.batcher import QueueFull
+from gptjax.inference.serving.batcher import LoopThread, QueueFull
 from gptjax.inference.serving.engine import Job
 from gptjax.inference.serving.slots import SlotEngine, need, need_now
 
@@ -27,7 +27,7 @@ _TIMEOUT_MSG = "the request timed out before it finished (server busy); retry or
                "--request_timeout"
 
 
-class ContinuousBatcher:
+class ContinuousBatcher(LoopThread):
     """Continuous batching over a SlotEngine, with the same interface as `Batcher`.
 
     Args:
@@ -35,6 +35,8 @@ class ContinuousBatcher:
       max_queue: most requests waiting for a slot; more are refused with QueueFull.
       max_prefill_tokens: padded prompt tokens prefilled per step at most (at least one request).
     """
+
+    thread_name = "gptjax-scheduler"
 
     def __init__(self, engine: SlotEngine, max_queue: int = 64, max_prefill_tokens: int = 256):
         self.engine = engine
@@ -51,19 +53,6 @@ class ContinuousBatcher:
         self.trace: collections.deque = collections.deque(maxlen=4096)
 
     # ------------------------------------------------------------------ the Batcher interface
-    def start(self) -> None:
-        """Start the scheduler thread."""
-        self._thread = threading.Thread(target=self._loop, name="gptjax-scheduler", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop the thread after its current step (waits up to 30 s)."""
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
     def submit(self, job: Job) -> None:
         """Queue a job's rows for free slots.
 
