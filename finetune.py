@@ -3,7 +3,8 @@
   python finetune.py --config configs/finetune/<task>.py --workdir DIR [--mode=...] \
       [--config.a.b=v]
 
-Modes: 'finetune' (GPT-1's heads and L2 + 0.5 L1), 'zero_shot' (the LM alone, GPT-1 section 5),
+Modes: 'finetune' (GPT-1's heads and L2 + 0.5 L1), 'zero_shot' (the LM alone, GPT-1 section 5:
+an alias of `eval.py --mode=zeroshot` on the config's task and decoder, same results and files),
 'analysis' (GPT-1 Figure 2: dev score against layers transferred, zero-shot across pretraining
 checkpoints). Intentionally thin: flags in, `gptjax.finetune` does the work.
 """

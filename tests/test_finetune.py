@@ -15,6 +15,8 @@ import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import configs.*)
 
 from gptjax.data.tasks import TASKS, load_task
+from gptjax.eval import run as eval_run
+from gptjax.eval import zeroshot_run
 from gptjax.data.tokenizers import CharTokenizer
 from gptjax.defaults import base_config, finetune_config, model_config
 from gptjax.finetune import analysis, decoder, heads
@@ -293,15 +295,25 @@ def test_transfer_layers_mixes_blocks(scan):
 
 
 # ================================================================================ zero-shot
-def test_zero_shot_mode(tasks, pretrained, tmp_path):
+def test_zero_shot_mode_is_eval_zeroshot(tasks, pretrained, tmp_path):
+    """finetune.py --mode=zero_shot is an alias of eval.py --mode=zeroshot: the same row and the
+    same files, on the config's split."""
     c = ft_config("story_cloze", tasks["story_cloze"], pretrained)
     c.zero_shot.split = "test"
     r = analysis.zero_shot(c, str(tmp_path / "zs"))
-    assert r["method"] == "choice" and r["examples"] == 6 and 0.0 <= r["accuracy"] <= 1.0
-    assert json.load(open(tmp_path / "zs" / "zero_shot.json")) == r
+    assert r["task"] == "story_cloze" and r["split"] == "test" and r["n"] == 6
+    assert 0.0 <= r["accuracy"] <= 1.0
+    (row,) = json.load(open(tmp_path / "zs" / "zeroshot.json"))
+    assert row == {k: v for k, v in r.items() if k not in ("split", "init", "wall_time_s")}
+    assert (tmp_path / "zs" / "zeroshot.md").exists() and (tmp_path / "zs" / "zeroshot.png").exists()
+    # eval.py's own runner on the same split's examples gives the same accuracy.
+    models = eval_run.load_models([str(pretrained)])
+    items = {"test": load_task("story_cloze", tasks["story_cloze"], splits=["test"]).splits["test"]}
+    (ev,) = zeroshot_run.run_loaded(models, {"story_cloze": items})
+    assert ev["accuracy"] == r["accuracy"] and ev["n"] == r["n"]
     c = ft_config("mrpc", tasks["mrpc"], pretrained)
     with pytest.raises(ValueError, match="task 'mrpc' has no zero-shot method; allowed: "
-                                         r"\['mctest', 'race', 'sst2', 'story_cloze'\]"):
+                                         r"\['cola', 'mctest', 'race', 'sst2', 'story_cloze'\]"):
         analysis.zero_shot(c, str(tmp_path))
 
 

@@ -9,7 +9,7 @@ from gptjax import GPT, GPTConfig, PRESETS, init_params
 from gptjax.config import PUBLISHED_PARAMS, ConfigError
 from gptjax.train.losses import lm_loss
 from gptjax.nn.layers import _flat_dot
-from gptjax.nn.model import init_cache, logical_axes
+from gptjax.nn.model import group_caches, init_cache, logical_axes, ungroup_caches
 from gptjax.nn.param_layout import stack_layers, unstack_layers
 
 
@@ -253,6 +253,37 @@ def test_cached_decoding_equals_full_forward(name, scan):
         logits, cache = step_fn(params, x[:, t:t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_grouped_cache_step_equals_each_group_alone(scan):
+    """One call over two grouped caches (different rows, ring lengths and write indexes: the
+    serving engine's short and long slots) gives each group's logits and cache exactly as a call
+    over that cache alone; also through the weight-only decoder's forward."""
+    from gptjax.inference import quant as iquant
+
+    cfg = GPTConfig.preset("tiny", scan_layers=scan)
+    params = init_params(cfg, jax.random.key(0))
+    x = _tokens(cfg, B=3, T=12)
+    apply = lambda c, t, pos: GPT(cfg).apply({"params": params}, t, pos, cache=c)  # noqa: E731
+    # group a: 2 rows, 16 slots, 5 prompt tokens; group b: 1 row, 40 slots, 11 prompt tokens.
+    pa = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    pb = jnp.arange(11)[None]
+    _, ca = apply(init_cache(cfg, 2, 16), x[:2, :5], pa)
+    _, cb = apply(init_cache(cfg, 1, 40), x[2:, :11], pb)
+    tok = x[:, 11:12]
+    pos = jnp.array([[5], [5], [11]])
+    la, ca1 = apply(ca, tok[:2], pos[:2])
+    lb, cb1 = apply(cb, tok[2:], pos[2:])
+    for fwd in (apply, lambda c, t, p: iquant.forward(cfg, params, t, p, c)):
+        lg, cg = jax.jit(fwd)(group_caches([ca, cb]), tok, pos)
+        np.testing.assert_allclose(lg, jnp.concatenate([la, lb]), rtol=1e-6, atol=1e-6)
+        ga, gb = ungroup_caches(cg)
+        for got, want in ((ga, ca1), (gb, cb1)):
+            for u, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+                np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="grouped cache .* needs positions_BxT"):
+        GPT(cfg).apply({"params": params}, tok, cache=group_caches([ca, cb]))
 
 
 def test_left_padding_with_positions_matches_unpadded():

@@ -141,8 +141,8 @@ def test_short_request_after_long_one_finishes_first(server, slow_steps):
 
 def test_long_row_grows_its_own_ring_while_short_rows_keep_theirs(server, slow_steps):
     """A long request takes the long slot group, whose ring grows with it (32 -> 64 slots, rolled
-    mid-request); a short one decodes beside it over the short group's 32-slot ring. Both equal
-    solo `generate`."""
+    mid-request); a short one decodes beside it over the short group's 32-slot ring, both in one
+    model call (a grouped cache). Both equal solo `generate`."""
     eng = server.engine
     assert [n for _, n in eng.groups] == [SLOTS - 1, 1]
     started, out = threading.Event(), {}
@@ -151,8 +151,10 @@ def test_long_row_grows_its_own_ring_while_short_rows_keep_theirs(server, slow_s
                                                                       on_first=started.set)))
     th.start()
     assert started.wait(30)
+    fused = eng.model_calls[2]
     short = _post(server, {"prompt": "a", "max_tokens": 3, "seed": 0})
     lens = eng.cache_lens
+    assert eng.model_calls[2] > fused  # short and long rows stepped in one model call
     th.join(60)
     assert lens[0] == 32
     inserts = [e for e in server.batcher.trace if e[0] == "insert"]

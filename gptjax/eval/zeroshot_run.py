@@ -65,8 +65,9 @@ def load_items(name: str, path: str, num_examples: int = 0, seed: int = 0):
     return {s: _subset(data.splits[s], num_examples, seed) for s in splits}
 
 
-def score(name: str, model: g2.Model, items) -> dict:
-    """The metrics of one model on one task's items (see load_items)."""
+def score(name: str, model: g2.Model, items, normalize: str = "mean") -> dict:
+    """The metrics of one model on one task's items (see load_items); `normalize` is the
+    multiple-choice length normalisation ('mean' or 'sum', gptjax.eval.zero_shot)."""
     if name in GPT2_TASKS:
         return GPT2_TASKS[name][1](model, items)
     args = (model.config, model.params, model.tokenizer)
@@ -74,7 +75,8 @@ def score(name: str, model: g2.Model, items) -> dict:
         return zs.zero_shot_cola(*args, items["train"], next(v for k, v in items.items()
                                                               if k != "train"), model.batch_size)
     (examples,) = items.values()
-    acc = zs.zero_shot_accuracy(get_task(name), *args, examples, batch_size=model.batch_size)
+    acc = zs.zero_shot_accuracy(get_task(name), *args, examples, normalize,
+                                batch_size=model.batch_size)
     return {"n": len(examples), "accuracy": acc}
 
 
@@ -89,12 +91,19 @@ def run(models: Sequence[tuple], specs: Sequence[str], *, num_examples: int = 0,
     `out` after each model (an error in a later model keeps the earlier rows)."""
     tasks = [parse_spec(s) for s in specs]
     loaded = {name: load_items(name, path, num_examples, seed) for name, path in tasks}
+    return run_loaded(models, loaded, seed=seed, batch_size=batch_size, out=out)
+
+
+def run_loaded(models: Sequence[tuple], loaded: dict, *, seed: int = 0, batch_size: int = 16,
+               out: str = "", normalize: str = "mean") -> list:
+    """`run` on items already read: {task name: load_items' result}. finetune.py
+    --mode=zero_shot comes here with its config's split and data source."""
     rows = []
     for mname, config, params, tok, info in models:
         model = g2.Model(config, params, tok, batch_size=batch_size, seed=seed)
-        for name, _ in tasks:
+        for name in loaded:
             try:
-                res = score(name, model, loaded[name])
+                res = score(name, model, loaded[name], normalize)
             except ValueError as e:
                 raise ValueError(f"model {mname}, task {name}: {e}") from None
             res.pop("predictions", None)

@@ -1,7 +1,7 @@
 """GPT-1 section 5's analyses of a pretrained decoder: zero-shot runs and layer transfer.
 
-`zero_shot(config, workdir)` scores the config's task with the language model alone
-(gptjax.eval.zero_shot) and writes zero_shot.json. `layer_transfer_analysis(config, workdir)`
+`zero_shot(config, workdir)` scores the config's task with the language model alone: an alias
+of `eval.py --mode=zeroshot` (gptjax.eval.zeroshot_run), writing zeroshot.json/.md/.png. `layer_transfer_analysis(config, workdir)`
 runs both of Figure 2's analyses: dev score against the number of pretrained layers transferred
 (one finetuning run each), and zero-shot accuracy across pretraining checkpoints; it writes
 analysis.json, analysis.md (both tables) and analysis.png (both plots).
@@ -18,7 +18,8 @@ import ml_collections
 
 from gptjax import defaults
 from gptjax.data.tasks import TaskSpec, get_task, load_task
-from gptjax.eval.zero_shot import check_zero_shot, zero_shot_accuracy
+from gptjax.eval import zeroshot_run
+from gptjax.eval.zero_shot import zero_shot_accuracy
 from gptjax.finetune.decoder import pretrained_decoder
 from gptjax.finetune.loop import finetune, load_task_from_config, subset
 from gptjax.train.checkpoint import Checkpointer
@@ -26,40 +27,48 @@ from gptjax.train.checkpoint import Checkpointer
 
 # ================================================================================ zero-shot
 def zero_shot(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Zero-shot evaluation of the pretrained decoder named by `config.init` on the config's
-    task (split `config.zero_shot.split`, default the first dev split); writes zero_shot.json.
+    """`finetune.py --mode=zero_shot`: an alias of `eval.py --mode=zeroshot` (the one entry for
+    zero-shot evaluation, gptjax.eval.zeroshot_run) on the config's task and decoder.
+
+    The task is read as finetuning reads it (`task.path` or the tfds `task.data_dir`,
+    `task.subset`), split `config.zero_shot.split` (default the first dev split; CoLA also reads
+    train, where its threshold is fitted), `zero_shot.max_examples` of it; results go to
+    `workdir` as eval.py writes them: zeroshot.json, zeroshot.md, zeroshot.png.
 
     Args:
       config: a finetuning config; fields it lacks take finetune_config's defaults.
-      workdir: where zero_shot.json goes.
+      workdir: where the results go.
 
     Returns:
-      {'task', 'split', 'method', 'examples', 'accuracy', 'init', 'wall_time_s'}.
+      eval.py's row for the model and task ({'model', 'task', 'metric', 'n', <metrics>}) with
+      'split', 'init' and 'wall_time_s' added.
     """
     config = defaults.complete(config, defaults.finetune_config(config.task.name))
-    spec = get_task(config.task.name)
-    zc = config.zero_shot
-    split = zc.split or spec.dev_splits[0]
-    check_zero_shot(spec)
+    name, zc = config.task.name, config.zero_shot
+    if name not in zeroshot_run.GPT1_TASKS:
+        raise ValueError(f"task {name!r} has no zero-shot method; allowed: "
+                         f"{sorted(zeroshot_run.GPT1_TASKS)}")
     if config.init.kind == "scratch":
         raise ValueError("zero-shot evaluation needs a pretrained decoder: set init.kind to "
                          "'workdir' or 'hf' and init.path")
-    data = load_task_from_config(config, [split])
+    spec = get_task(name)
+    split = zc.split or spec.dev_splits[0]
+    splits = ["train", split] if name == "cola" else [split]
+    data = load_task_from_config(config, splits)
     print(data.report(), flush=True)
-    examples = subset(data.splits[split], zc.max_examples, config.seed)
+    items = {s: subset(data.splits[s], zc.max_examples, config.seed) for s in splits}
+    src = (f"--{'workdir' if config.init.kind == 'workdir' else 'hf_dir'} {config.init.path} "
+           f"--tasks {name}={config.task.path or config.task.data_dir}")
+    print(f"finetune.py --mode=zero_shot is eval.py --mode=zeroshot {src} --out {workdir}",
+          flush=True)
     model_cfg, params, tokenizer = pretrained_decoder(config.init)
+    model = (os.path.basename(os.path.normpath(config.init.path)), model_cfg, params, tokenizer,
+             {"step": None, "path": config.init.path})
     t0 = time.time()
-    acc = zero_shot_accuracy(spec, model_cfg, params, tokenizer, examples, zc.normalize,
-                             zc.batch_size)
-    result = {"task": spec.name, "split": split, "method": spec.zero_shot,
-              "examples": len(examples), "accuracy": acc, "init": config.init.path,
-              "wall_time_s": time.time() - t0}
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "zero_shot.json"), "w") as fh:
-        json.dump(result, fh, indent=2)
-    print(f"zero-shot {spec.name} {split}: accuracy {acc:.4f} on {len(examples)} examples "
-          f"({spec.zero_shot})", flush=True)
-    return result
+    (row,) = zeroshot_run.run_loaded([model], {name: items}, seed=config.seed,
+                                     batch_size=zc.batch_size, out=workdir,
+                                     normalize=zc.normalize)
+    return {**row, "split": split, "init": config.init.path, "wall_time_s": time.time() - t0}
 
 
 # ================================================================================ Figure 2

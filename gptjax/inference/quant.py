@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from gptjax.config import GPTConfig
 from gptjax.nn import quant
 from gptjax.nn.layers import layer_norm
-from gptjax.nn.model import Block, Period
+from gptjax.nn.model import Block, Period, write_positions
 from gptjax.nn.quant import WeightOnly
 
 Array = jax.Array
@@ -149,7 +149,8 @@ def forward(config: GPTConfig, params: Any, tokens_BxT: Array, positions_BxT: Ar
       params: quantized (or plain) parameters.
       tokens_BxT: token ids.
       positions_BxT: their positions (-1 on padding).
-      cache: a KV cache (gptjax.nn.model.init_cache); this call's keys/values go at its index.
+      cache: a KV cache (gptjax.nn.model.init_cache), or several grouped (group_caches); this
+        call's keys/values go at its index.
       last_logits_only: logits for the last position only ([B, 1, V]).
 
     Returns:
@@ -162,7 +163,7 @@ def forward(config: GPTConfig, params: Any, tokens_BxT: Array, positions_BxT: Ar
     wpe_PxC = params["wpe"]["embedding"].astype(dt)
     x_BxTxC = (_embed(params["wte"], tokens_BxT, dt)
                + jnp.take(wpe_PxC, jnp.maximum(positions_BxT, 0), axis=0))
-    k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, index))
+    k_pos_BxS = write_positions(cache, positions_BxT)
     x_BxTxC, layers = _blocks(config, params, x_BxTxC, positions_BxT, k_pos_BxS,
                               cache["layers"], index)
     if config.final_norm:
@@ -170,4 +171,5 @@ def forward(config: GPTConfig, params: Any, tokens_BxT: Array, positions_BxT: Ar
     if last_logits_only:
         x_BxTxC = x_BxTxC[:, -1:]
     logits_BxTxV = _head(config, params, x_BxTxC, dt).astype(jnp.float32)
-    return logits_BxTxV, {"layers": layers, "pos": k_pos_BxS, "index": index + T}
+    return logits_BxTxV, {"layers": layers, "pos": k_pos_BxS,
+                          "index": jax.tree_util.tree_map(lambda i: i + T, index)}

@@ -18,7 +18,7 @@ static window; parameters are then `h.block_{j}` stacked over n_layer / period.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -73,33 +73,28 @@ class CausalSelfAttention(_LayerPart):
         new_cache = None
         if layer_cache is None:
             out_BxTxHxD = attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, q_pos_BxT)
+        elif isinstance(layer_cache["k"], tuple):
+            # A grouped cache (`group_caches`): consecutive rows in groups, each group with its
+            # own ring of slots and write index. One call shares the weights' reads over every
+            # group; only the attention runs per group, each over its own ring.
+            outs, ks, vs, o = [], [], [], 0
+            for g, (kc, vc) in enumerate(zip(layer_cache["k"], layer_cache["v"])):
+                n = kc.shape[0] // H
+                rows = slice(o, o + n)
+                out_g, k_g, v_g = self._cached(q_BxTxHxD[rows], k_BxTxHxD[rows],
+                                               v_BxTxHxD[rows], q_pos_BxT[rows], k_pos_BxS[g],
+                                               kc, vc, cache_index[g], attend)
+                outs.append(out_g)
+                ks.append(k_g)
+                vs.append(v_g)
+                o += n
+            out_BxTxHxD = jnp.concatenate(outs, axis=0)
+            new_cache = {"k": tuple(ks), "v": tuple(vs)}
         else:
-            # Cached call: heads are folded into the batch (N = B*H rows, one head each) and the
-            # cache holds each row's keys and values as one [D, S] matrix, the operand layout
-            # XLA:CPU's batched dots want for q.k (contracting D) and p.v (contracting S). A decode
-            # step then reads and updates the cache in place. A [B, S, H, D] cache would be copied
-            # whole into this order on every step, and [B, H, D, S] still costs copies at batch 1
-            # (XLA drops the unit batch axis from the dots, and the reshape between the in-place
-            # update and the dot defeats the aliasing).
-            B, T = x_BxTxC.shape[:2]
-
-            def rows_NxDxT(x_BxTxHxD):
-                return jnp.transpose(x_BxTxHxD, (0, 2, 3, 1)).reshape(B * H, D, T)
-
-            # Write this call's keys/values into slots [index, index + T).
-            k_NxDxS = jax.lax.dynamic_update_slice(
-                layer_cache["k"], rows_NxDxT(k_BxTxHxD).astype(layer_cache["k"].dtype),
-                (0, 0, cache_index))
-            v_NxDxS = jax.lax.dynamic_update_slice(
-                layer_cache["v"], rows_NxDxT(v_BxTxHxD).astype(layer_cache["v"].dtype),
-                (0, 0, cache_index))
+            out_BxTxHxD, k_NxDxS, v_NxDxS = self._cached(
+                q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, k_pos_BxS, layer_cache["k"],
+                layer_cache["v"], cache_index, attend)
             new_cache = {"k": k_NxDxS, "v": v_NxDxS}
-            q_NxTx1xD = jnp.transpose(q_BxTxHxD, (0, 2, 1, 3)).reshape(B * H, T, 1, D)
-            # The transposes below fold into the attention dots; nothing is copied.
-            out_NxTx1xD = attend(q_NxTx1xD, jnp.swapaxes(k_NxDxS, 1, 2)[:, :, None].astype(dt),
-                                 jnp.swapaxes(v_NxDxS, 1, 2)[:, :, None].astype(dt),
-                                 jnp.repeat(q_pos_BxT, H, axis=0), jnp.repeat(k_pos_BxS, H, axis=0))
-            out_BxTxHxD = jnp.transpose(out_NxTx1xD.reshape(B, H, T, D), (0, 2, 1, 3))
         # jnp.einsum contracts its summed letters in sorted order, D before H, and XLA then
         # transposes this kernel into [D, H, C] on every call; inside the decode loop that copy
         # (a second read and a write of the kernel per step) is not hoisted. Naming the head
@@ -111,6 +106,37 @@ class CausalSelfAttention(_LayerPart):
                          out_in=self.decode_layout, name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
         return y_BxTxC, new_cache
+
+    def _cached(self, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, k_pos_BxS, k_cache, v_cache,
+                cache_index, attend):
+        """Attention over a cache: writes this call's keys/values at `cache_index`, attends.
+
+        Heads are folded into the batch (N = B*H rows, one head each) and the cache holds each
+        row's keys and values as one [D, S] matrix, the operand layout XLA:CPU's batched dots
+        want for q.k (contracting D) and p.v (contracting S). A decode step then reads and
+        updates the cache in place. A [B, S, H, D] cache would be copied whole into this order
+        on every step, and [B, H, D, S] still costs copies at batch 1 (XLA drops the unit batch
+        axis from the dots, and the reshape between the in-place update and the dot defeats the
+        aliasing).
+        """
+        H, D = self.config.n_head, self.config.d_head
+        dt = jnp.dtype(self.config.dtype)
+        B, T = q_BxTxHxD.shape[:2]
+
+        def rows_NxDxT(x_BxTxHxD):
+            return jnp.transpose(x_BxTxHxD, (0, 2, 3, 1)).reshape(B * H, D, T)
+
+        # Write this call's keys/values into slots [index, index + T).
+        k_NxDxS = jax.lax.dynamic_update_slice(
+            k_cache, rows_NxDxT(k_BxTxHxD).astype(k_cache.dtype), (0, 0, cache_index))
+        v_NxDxS = jax.lax.dynamic_update_slice(
+            v_cache, rows_NxDxT(v_BxTxHxD).astype(v_cache.dtype), (0, 0, cache_index))
+        q_NxTx1xD = jnp.transpose(q_BxTxHxD, (0, 2, 1, 3)).reshape(B * H, T, 1, D)
+        # The transposes below fold into the attention dots; nothing is copied.
+        out_NxTx1xD = attend(q_NxTx1xD, jnp.swapaxes(k_NxDxS, 1, 2)[:, :, None].astype(dt),
+                             jnp.swapaxes(v_NxDxS, 1, 2)[:, :, None].astype(dt),
+                             jnp.repeat(q_pos_BxT, H, axis=0), jnp.repeat(k_pos_BxS, H, axis=0))
+        return jnp.transpose(out_NxTx1xD.reshape(B, H, T, D), (0, 2, 1, 3)), k_NxDxS, v_NxDxS
 
 
 class Mlp(nn.Module):
@@ -232,6 +258,8 @@ class GPT(nn.Module):
         cache_index = None if cache is None else cache["index"]
         default_pos = positions_BxT is None and cache is None
         if positions_BxT is None:
+            if isinstance(cache_index, tuple):
+                raise ValueError("a grouped cache (group_caches) needs positions_BxT")
             start = 0 if cache is None else cache_index
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         positions_BxT = positions_BxT.astype(jnp.int32)
@@ -252,7 +280,7 @@ class GPT(nn.Module):
             k_pos_BxS = attn_pos_BxT
             layers_cache = None
         else:
-            k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache_index))
+            k_pos_BxS = write_positions(cache, positions_BxT)
             layers_cache = cache["layers"]
 
         blocks = _scanned_blocks if cfg.scan_layers else _looped_blocks
@@ -278,7 +306,8 @@ class GPT(nn.Module):
         if return_hidden:
             out.append(x_BxTxC)
         if cache is not None:
-            out.append({"layers": new_layers, "pos": k_pos_BxS, "index": cache_index + T})
+            out.append({"layers": new_layers, "pos": k_pos_BxS,
+                        "index": jax.tree_util.tree_map(lambda i: i + T, cache_index)})
         return out[0] if len(out) == 1 else tuple(out)
 
 
@@ -369,6 +398,34 @@ def logical_axes(config: GPTConfig):
       A pytree of PartitionSpecs of logical names, shaped like the parameters.
     """
     return nn.get_partition_spec(abstract_params(config, boxed=True))
+
+
+def write_positions(cache: Cache, positions_BxT: Array):
+    """The cache's slot positions with this call's written at its index (per group for a
+    grouped cache: each group's rows, at its own index)."""
+    if not isinstance(cache["index"], tuple):
+        return jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache["index"]))
+    out, o = [], 0
+    for pos_BxS, index in zip(cache["pos"], cache["index"]):
+        n = pos_BxS.shape[0]
+        out.append(jax.lax.dynamic_update_slice(pos_BxS, positions_BxT[o:o + n], (0, index)))
+        o += n
+    return tuple(out)
+
+
+def group_caches(caches: Sequence[Cache]) -> Cache:
+    """Several caches (each its own rows, ring length and write index) as one grouped cache: the
+    same tree with each leaf a tuple over the caches. A model call over it takes the groups'
+    rows concatenated in order; the weights are read once for all of them and each group's rows
+    attend over their own ring (CausalSelfAttention). `ungroup_caches` splits the result."""
+    return jax.tree_util.tree_map(lambda *xs: tuple(xs), *caches)
+
+
+def ungroup_caches(cache: Cache) -> list:
+    """The caches `group_caches` was given, from a grouped cache (e.g. a model call's result)."""
+    n = len(cache["index"])
+    return [jax.tree_util.tree_map(lambda t: t[g], cache, is_leaf=lambda x: isinstance(x, tuple))
+            for g in range(n)]
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None,

@@ -19,8 +19,10 @@ with its rows instead of starting at the length their last tokens need.
 
 Every row of a ring attends over all of it, so the slots form groups with a state and a ring each
 (`SlotEngine.groups`): the short slots, and one group per long slot, taken by requests needing more
-than the smallest ring, so short rows keep decoding over a short ring while a long request runs; a
-step is one model call per group holding a row. The step updates the donated cache in place (the
+than the smallest ring, so short rows keep decoding over a short ring while a long request runs. A
+step is one model call for the short group and the first long slot holding a row (a grouped cache,
+gptjax.nn.model.group_caches: the weights read once, each group attending over its own ring), and
+one call for each other long slot holding a row (`SlotEngine.calls`). The step updates the donated cache in place (the
 model writes one slot per row); a step over a group's first slot alone copies that row's cache out
 and writes back only the slot it wrote (`_put_rows`).
 
@@ -31,6 +33,7 @@ whatever else shares the batch.
 
 from __future__ import annotations
 
+import collections
 import functools
 import time
 from typing import Any
@@ -48,7 +51,7 @@ from gptjax.inference.serving.engine import (
     _prefill_core,
     sample_rows,
 )
-from gptjax.nn.model import init_cache
+from gptjax.nn.model import group_caches, init_cache, ungroup_caches
 
 Array = jax.Array
 
@@ -108,31 +111,42 @@ def _put_rows(state, sub, config):
         "pos": column(cache["pos"], new["pos"], 1), "index": new["index"]})
 
 
-@functools.partial(jax.jit, static_argnames=("config", "rows"), donate_argnames=("state",))
-def _generate_core(params, state, active_B, *, config, rows):
-    """One step over the first `rows` slots (the occupied ones are kept in front, so a lightly
-    loaded server reads a fraction of the cache): sample each active row's next token, feed it,
-    advance the row. With every slot the model updates the donated cache in place; with fewer,
-    it runs on a copy of their rows and only the slot it wrote goes back (`_put_rows`)."""
-    every = rows == state["pos"].shape[0]
-    full, state = state, (state if every else _rows(state, config, rows))
-    logits_BxV = state["logits"]
-    tok_B = sample_rows(state["key"], state["t"], logits_BxV, state["temp"], state["top_p"])
-    logp_BxV = jax.nn.log_softmax(logits_BxV)
-    chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
-    top_v_BxK, top_i_BxK = jax.lax.top_k(logp_BxV, MAX_LOGPROBS)
-    S = state["cache"]["pos"].shape[1]
-    # Free slots decode token 0 at position 0 (fixed shapes); a row one step past its end (the
-    # host reads a step after dispatching the next) is clamped inside the position table.
-    pos_B = jnp.where(active_B, jnp.minimum(state["pos"], config.n_ctx - 1), 0)
-    logits_BxV, cache = decode_step(config, params, jnp.where(active_B, tok_B, 0), pos_B,
-                                    state["cache"])
-    cache = dict(cache, index=cache["index"] % S)
-    step_B = active_B.astype(jnp.int32)
-    state = dict(state, cache=cache, logits=logits_BxV.astype(jnp.float32),
-                 pos=state["pos"] + step_B, t=state["t"] + step_B)
-    return (tok_B, chosen_B, top_v_BxK, top_i_BxK), state if every else _put_rows(full, state,
-                                                                                     config)
+@functools.partial(jax.jit, static_argnames=("config", "rows"), donate_argnames=("states",))
+def _generate_core(params, states, actives, *, config, rows):
+    """One step over the first `rows[g]` slots of each group's state in `states` (the occupied
+    ones are kept in front, so a lightly loaded server reads a fraction of the cache), in one
+    model call: sample each active row's next token, feed it, advance the row. Several groups
+    go through the model as one grouped cache (gptjax.nn.model.group_caches): the weights are
+    read once and each group's rows attend over their own ring. With every slot of a group the
+    model updates its donated cache in place; with fewer, it runs on a copy of their rows and
+    only the slot it wrote goes back (`_put_rows`)."""
+    subs, outs, toks, poss = [], [], [], []
+    for state, active_B, r in zip(states, actives, rows):
+        sub = state if r == state["pos"].shape[0] else _rows(state, config, r)
+        logits_BxV = sub["logits"]
+        tok_B = sample_rows(sub["key"], sub["t"], logits_BxV, sub["temp"], sub["top_p"])
+        logp_BxV = jax.nn.log_softmax(logits_BxV)
+        chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
+        outs.append((tok_B, chosen_B) + tuple(jax.lax.top_k(logp_BxV, MAX_LOGPROBS)))
+        # Free slots decode token 0 at position 0 (fixed shapes); a row one step past its end
+        # (the host reads a step after dispatching the next) is clamped inside the position table.
+        toks.append(jnp.where(active_B, tok_B, 0))
+        poss.append(jnp.where(active_B, jnp.minimum(sub["pos"], config.n_ctx - 1), 0))
+        subs.append(sub)
+    caches = [sub["cache"] for sub in subs]
+    logits_BxV, cache = decode_step(config, params, jnp.concatenate(toks),
+                                    jnp.concatenate(poss),
+                                    caches[0] if len(caches) == 1 else group_caches(caches))
+    new_caches = [cache] if len(caches) == 1 else ungroup_caches(cache)
+    new_states, o = [], 0
+    for state, sub, c, active_B, r in zip(states, subs, new_caches, actives, rows):
+        step_B = active_B.astype(jnp.int32)
+        c = dict(c, index=c["index"] % c["pos"].shape[1])
+        sub = dict(sub, cache=c, logits=logits_BxV[o:o + r].astype(jnp.float32),
+                   pos=sub["pos"] + step_B, t=sub["t"] + step_B)
+        new_states.append(sub if r == state["pos"].shape[0] else _put_rows(state, sub, config))
+        o += r
+    return tuple(outs), tuple(new_states)
 
 
 def _place(x, axis: int, S: int, shift, fill):
@@ -201,7 +215,7 @@ class SlotEngine(Engine):
     ones first, then one group per long slot, for requests needing more than the smallest ring.
     Every row of a ring attends over all of it, so short rows kept apart from a long request
     keep decoding over a short ring while it runs, and a long row alone in its group is stepped
-    in place (the step dispatches one model call per group that holds a row). A request takes a
+    in place. The short group and one long slot share a model call (`calls`). A request takes a
     free slot of its kind, else any free slot.
 
     Args:
@@ -229,6 +243,7 @@ class SlotEngine(Engine):
             raise ValueError(f"long_slots={long_slots}: give 0 .. slots - 1 = {self.slots - 1}")
         first = self.slots - n_long  # the short group, then one group per long slot
         self.groups = ((0, first),) + tuple((first + i, 1) for i in range(n_long))
+        self.model_calls = collections.Counter()  # groups per model call -> calls made
         self.reset()
 
     def reset(self) -> None:
@@ -296,19 +311,38 @@ class SlotEngine(Engine):
 
     def generate(self, active: np.ndarray) -> list:
         """One decode step (`active` [slots] bool): per group holding an active slot, a step over
-        the smallest row bucket that holds them. Returns [(first slot, device arrays (token, its
-        logprob, top logprobs, their ids) per slot of the bucket)], not yet read (`read`)."""
+        the smallest row bucket that holds them. The short group at its smallest ring and one
+        long slot share one model call (`calls`). Returns [(first slot, device arrays (token,
+        its logprob, top logprobs, their ids) per slot of the bucket)], not yet read (`read`)."""
         active = np.asarray(active, bool)
         outs = []
+        for call in self.calls(active):
+            self.model_calls[len(call)] += 1
+            states = tuple(self.states[g] for g, _ in call)
+            masks = tuple(active[self.groups[g][0]:self.groups[g][0] + r] for g, r in call)
+            res, states = _generate_core(self.params, states, masks, config=self.config,
+                                         rows=tuple(r for _, r in call))
+            for (g, _), out, st in zip(call, res, states):
+                self.states[g] = st
+                outs.append((self.groups[g][0], out))
+        return outs
+
+    def calls(self, active: np.ndarray) -> list:
+        """The model calls of one step: [[(group, rows), ...], ...]. Each group holding an active
+        slot steps over the smallest row bucket that holds them; the short group, while its ring
+        is the smallest, and the first long slot holding a row go through one call (the weights
+        read once for both), every other group alone. Fusing only that pair keeps the compiled
+        shapes few: (short row buckets) x (long rings) more than one call per group."""
+        steps = []
         for g, (o, n) in enumerate(self.groups):
             mine = active[o:o + n]
             if mine.any():
                 last = int(np.flatnonzero(mine)[-1]) + 1
-                rows = next(r for r in self.row_buckets(n) if r >= last)
-                out, self.states[g] = _generate_core(self.params, self.states[g], mine[:rows],
-                                                     config=self.config, rows=rows)
-                outs.append((o, out))
-        return outs
+                steps.append((g, next(r for r in self.row_buckets(n) if r >= last)))
+        if (len(steps) > 1 and steps[0][0] == 0 and len(self.groups) > 1
+                and self.cache_lens[0] == self.cache_buckets[0]):
+            return [steps[:2]] + [[s] for s in steps[2:]]
+        return [[s] for s in steps]
 
     def read(self, outs: list) -> tuple:
         """`generate`'s result on the host: (tokens, logprobs, top logprobs, their ids), one per
@@ -345,6 +379,14 @@ class SlotEngine(Engine):
                 for r in self.row_buckets(n):
                     self.read(self.generate((np.arange(self.slots) >= o)
                                             & (np.arange(self.slots) < o + r)))
+        if len(self.groups) > 1:  # the short group with the first long slot, in one call
+            o, n = self.groups[1]
+            self.resize(self.cache_buckets[0], 0)
+            for S in self.cache_buckets:
+                self.resize(S, 1)
+                for r in self.row_buckets(self.groups[0][1]):
+                    self.read(self.generate((np.arange(self.slots) < r)
+                                            | (np.arange(self.slots) == o)))
         self.reset()
         self._advance(row, 0, 0.0, np.zeros(MAX_LOGPROBS), np.zeros(MAX_LOGPROBS, np.int32))
         return time.perf_counter() - start
