@@ -11,7 +11,7 @@ from absl import app, flags
 from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
 from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
-from gptjax.train.loop import train_and_evaluate
+from gptjax.train.loop import prepare_data, train_and_evaluate
 from gptjax.train.memory import dry_run
 from gptjax.train.multihost import maybe_init_distributed
 
@@ -26,6 +26,9 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile the t
                                 "TPU slice (e.g. v5e:2x2, v5p:4x4x8; needs libtpu, not a TPU).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices, over the "
                                    "config's dcn mesh (mesh.dcn.data when the dcn is all ones).")
+_PREPARE = flags.DEFINE_bool("prepare_data", False, "Prepare the data and exit: the tokenizer, and "
+                             "this process's token files (with data.pipeline=sharded, its share "
+                             "of virtual shards; run it on every host, in parallel, once).")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -44,6 +47,9 @@ def _train(config, workdir):
     maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
     if _DRY_RUN.value:
         print(dry_run(config, workdir, topology=_TOPOLOGY.value, num_slices=_NUM_SLICES.value))
+        return
+    if _PREPARE.value:
+        print(prepare_data(config, workdir))
         return
     result = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
     sample_after_training(config, result)

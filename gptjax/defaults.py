@@ -73,6 +73,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.seq_len = 0                   # 0 = model.n_ctx
     c.data.sampling = "packed"           # 'packed' windows or nanoGPT's 'random_offset'
     c.data.cache_dir = ""                # '' = ~/.cache/gptjax
+    # 'single': one process tokenizes each split into one cached file that every process reads
+    # (small corpora); 'sharded': each process reads and tokenizes only its virtual shards of the
+    # train split, with data.workers grain worker processes, into its own data.cache_dir
+    # (gptjax.data.sharded; pods with no shared disk). The global batch is the same for any
+    # number of processes in both.
+    c.data.pipeline = "single"
+    c.data.virtual_shards = 1024         # sharded: documents i -> shard i mod this; fixed per run
+    c.data.workers = 2                   # sharded: grain tokenizer processes (0 = in-process)
+    c.data.prefetch = 2                  # batches built ahead on a thread (0 = on demand)
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "sentencepiece"   # a gptjax.data.tokenizers.KINDS name

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
-from gptjax.data import LMBatcher, eval_batches, load_tokens
+from gptjax.data import LMBatcher, eval_batches, load_tokens, sharded
+from gptjax.data.corpora import default_cache_dir
+from gptjax.data.prefetch import Prefetcher
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.train import faults
@@ -99,7 +101,7 @@ class Run:
     workdir: str
     t_start: float
     tokenizer: Tokenizer
-    train_tokens: np.ndarray
+    train_tokens: Optional[np.ndarray]  # None with data.pipeline='sharded' (per-process shards)
     val_tokens: np.ndarray
     model_cfg: GPTConfig
     seq_len: int
@@ -158,15 +160,35 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     dc = config.data
     cache_dir = dc.cache_dir or None
 
+    if dc.pipeline not in ("single", "sharded"):
+        raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
+                         "per split) or 'sharded' (each process tokenizes its own share)")
+
     def prepare_data():
         source = build_source(config)
         tokenizer = run_tokenizer(config, workdir, source)
         return (tokenizer, load_tokens(source, "train", tokenizer, cache_dir=cache_dir),
                 load_tokens(source, dc.val_split, tokenizer, cache_dir=cache_dir))
 
-    # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
-    # other processes then find them ready instead of racing to write the same files.
-    tokenizer, train_tokens, val_tokens = main_process_first("data", prepare_data)
+    def prepare_tokenizer():
+        source = build_source(config)
+        return source, run_tokenizer(config, workdir, source)
+
+    if dc.pipeline == "single":
+        # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
+        # other processes then find them ready instead of racing to write the same files.
+        tokenizer, train_tokens, val_tokens = main_process_first("data", prepare_data)
+        source = None
+    else:
+        # Process 0 trains the tokenizer into the run directory (shared storage) first; then
+        # every process tokenizes its own shards of train, and the validation split, into its
+        # own cache directory (gptjax.data.sharded).
+        source, tokenizer = main_process_first("tokenizer", prepare_tokenizer)
+        val_tokens = load_tokens(source, dc.val_split, tokenizer, cache_dir=cache_dir)
+        train_tokens = None
+        if config.train.epochs > 0:
+            raise ValueError("train.epochs needs the whole corpus' size; with "
+                             "data.pipeline='sharded' set train.steps instead")
     if config.tokenizer.kind != tokenizer.kind:
         raise CheckpointError(f"tokenizer.kind={config.tokenizer.kind!r} but {workdir} holds a "
                               f"{tokenizer.kind!r} tokenizer; use another --workdir")
@@ -177,9 +199,21 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"one sequence (data.seq_len {seq_len} + 1); allowed: more validation "
                          "text (data.validation_fraction) or a shorter data.seq_len")
     tc = config.train
-    tc.steps = resolve_steps(config, len(train_tokens), seq_len)  # train.epochs, if set
-    batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
-                        process_index=jax.process_index(), process_count=jax.process_count())
+    if source is None:
+        tc.steps = resolve_steps(config, len(train_tokens), seq_len)  # train.epochs, if set
+        batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    else:
+        batcher = sharded.build_batcher(
+            source, "train", tokenizer, seq_len=seq_len, global_batch_size=tc.batch_size,
+            seed=config.seed, mode=dc.sampling, num_shards=dc.virtual_shards,
+            shards_dir=os.path.join(cache_dir or default_cache_dir(), "shards"),
+            workers=dc.workers, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            log=lambda m: print(f"[process {jax.process_index()}] {m}", flush=True))
+    if dc.prefetch:
+        batcher = Prefetcher(batcher, dc.prefetch)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
                         keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     # (init, train, sample): gptjax.sweep splits each model's key the same way.
@@ -242,6 +276,7 @@ class Trainer:
         # The throughput window: since t_last, when `done_mark` steps had completed.
         self.t_last, self.done_mark, self.last_tps = time.time(), start, float("nan")
         self.tokens_per_step = tc.batch_size * run.seq_len
+        self.data_wait_s, self.data_waits = 0.0, 0  # since the last log line
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype, quick=True)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
@@ -298,11 +333,13 @@ class Trainer:
         tps = n * self.tokens_per_step / max(dt, 1e-9) if n > 0 else self.last_tps
         self.writer.write(dict(
             step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
+            data_wait_ms=1e3 * self.data_wait_s / max(self.data_waits, 1),
             tokens_per_sec=tps, mfu=mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
             skipped=int(m["skipped"]), skipped_steps=self.n_skipped))
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         self.t_last, self.done_mark, self.last_tps = time.time(), completed, tps
+        self.data_wait_s, self.data_waits = 0.0, 0
 
     def _flush(self) -> None:
         if self.pending is not None:
@@ -324,6 +361,8 @@ class Trainer:
                         break
                 self._flush()
         finally:
+            if hasattr(run.batcher, "close"):
+                run.batcher.close()  # the prefetch thread
             run.ckpt.wait()  # whatever stopped the loop, a save in flight completes
             if self.pbar is not None:
                 self.pbar.close()
@@ -332,7 +371,11 @@ class Trainer:
     def _train_step(self, state: TrainState, step: int) -> TrainState:
         """Dispatch step `step`, then fetch the previous step's metrics (dispatch runs ahead)."""
         run = self.run
-        batch = run.setup.put_batch(faults.corrupt_batch(step, run.batcher.batch(step)))
+        t = time.perf_counter()
+        host_batch = run.batcher.batch(step)
+        self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
+        self.data_waits += 1
+        batch = run.setup.put_batch(faults.corrupt_batch(step, host_batch))
         state, metrics = run.setup.train_step(faults.corrupt_state(step, state), batch,
                                               run.train_rng)
         if self.pending is not None:
@@ -426,6 +469,24 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     return result
 
 
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`train.py --prepare_data`: the run's tokenizer and this process's token files, then a
+    one-line report; a later `train.py` with the same data config reads them as they are."""
+    run = prepare(defaults.complete(config, defaults.base_config()), workdir)
+    if hasattr(run.batcher, "close"):
+        run.batcher.close()
+    return (f"[process {jax.process_index()}] data ready: {_train_size(run)} train / "
+            f"{len(run.val_tokens):,} val tokens, tokenizer in {workdir}/tokenizer")
+
+
+def _train_size(run: Run) -> str:
+    if run.train_tokens is not None:
+        return f"{len(run.train_tokens):,}"
+    b = getattr(run.batcher, "batcher", run.batcher)
+    return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
+            f"{b.num_shards} virtual shards)")
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> TrainResult:
     """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
@@ -459,7 +520,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if run.is_main:
         print(f"gptjax: {mc.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers x "
               f"{mc.n_embd}, vocab {mc.vocab_size}, context {run.seq_len}; "
-              f"{len(run.train_tokens):,} train / {len(run.val_tokens):,} val tokens; mesh "
+              f"{_train_size(run)} train / {len(run.val_tokens):,} val tokens; mesh "
               f"{dict(run.setup.mesh.shape)}; steps {start}->{config.train.steps}", flush=True)
     trainer = Trainer(run, start, carried, progress)
     return finish(trainer, trainer.loop(state))

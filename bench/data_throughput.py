@@ -1,0 +1,206 @@
+"""Input pipeline throughput: tokenizing a corpus as today (one process, one cached file) against
+the sharded pipeline (gptjax.data.sharded) with 1 and 2 grain workers and 1 and 2 processes.
+
+  python bench/data_throughput.py                       # 100 MB and 1 GB corpora, both tokenizers
+  python bench/data_throughput.py --sizes_mb 100 --tokenizers gpt2_bpe
+  python bench/data_throughput.py --smoke               # a 2 MB corpus, seconds (not the speed)
+
+The corpus is the shared Gutenberg books (../shared/data/gutenberg_nltk), cut into documents at
+blank lines and repeated to each size, written once as an array_record file and read by random
+access (grain's ArrayRecordDataSource), as a tfds data_source reads a prepared dataset. Every
+measurement runs in its own process (`--child`), with a fresh token directory; the table gives
+tokens per second of wall time (processes started together, up to the last one's end) and the
+peak resident memory of the largest process, so a 1 GB corpus shows whether memory stays bounded.
+Tokenizers: GPT-2's byte BPE (../shared/data/gpt2_bpe) and a SentencePiece model trained here
+on the first 2 MB (vocabulary 8000).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+SHARED = REPO.parent / "shared" / "data"
+
+# name: (pipeline, workers, processes)
+SETUPS = {
+    "today": ("single", 0, 1),           # one process, one cached file (token_cache)
+    "sharded-1p-1w": ("sharded", 1, 1),  # 1 process, 1 grain worker
+    "sharded-1p-2w": ("sharded", 2, 1),  # 1 process, 2 grain workers
+    "sharded-2p-1w": ("sharded", 1, 2),  # 2 processes, 1 grain worker each
+}
+
+
+class ArraySource:
+    """A TextSource-like corpus: documents in one array_record file, read by random access."""
+
+    def __init__(self, path: str):
+        self.path, self.text_key = path, "text"
+        self.fingerprint = f"bench:{os.path.basename(path)}:{os.path.getsize(path)}"
+
+    def _data_source(self, split: str):
+        return _Records(self.path)
+
+
+class _Records:
+    """{text: bytes} by index from an array_record file (picklable: grain's workers open it)."""
+
+    def __init__(self, path: str):
+        import grain.python as grain  # heavy: grain
+
+        self.path, self.ds = path, grain.ArrayRecordDataSource([path])
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"text": self.ds[i]}
+
+    def texts(self):
+        for i in range(len(self.ds)):
+            yield self.ds[i].decode("utf-8")
+
+
+def write_corpus(path: str, size_mb: float) -> int:
+    """Gutenberg paragraphs repeated to `size_mb` MB in an array_record file; returns documents."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    paras = []
+    for f in sorted((SHARED / "gutenberg_nltk").glob("*.txt")):
+        text = f.read_text(encoding="latin-1")
+        paras += [p for p in text.split("\n\n") if p.strip()]
+    docs, size, target = 0, 0, size_mb * 1e6
+    w = ArrayRecordWriter(path, "group_size:1")
+    while size < target:
+        for p in paras:
+            b = p.encode("utf-8")
+            w.write(b)
+            docs, size = docs + 1, size + len(b)
+            if size >= target:
+                break
+    w.close()
+    return docs
+
+
+def tokenizer(kind: str, work: str):
+    from gptjax.data.tokenizers import build_tokenizer, from_hf_files, load_tokenizer
+
+    if kind == "gpt2_bpe":
+        return from_hf_files(SHARED / "gpt2_bpe")
+    d = os.path.join(work, "spm")
+    if os.path.exists(os.path.join(d, "tokenizer.json")):
+        return load_tokenizer(d)
+    sample = ArraySource(os.path.join(work, "sample.arrayrecord"))
+    tok = build_tokenizer("sentencepiece", texts=list(_Records(sample.path).texts()),
+                          directory=d, vocab_size=8000)
+    tok.save(d)
+    return tok
+
+
+def child(args) -> None:
+    """One process of one setup: tokenize its share; print {tokens, seconds, maxrss_mb}."""
+    from gptjax.data import sharded
+    from gptjax.data.token_cache import cached_tokens
+
+    tok = tokenizer(args.tokenizer, args.work)
+    src = ArraySource(args.corpus)
+    t = time.perf_counter()
+    if args.pipeline == "single":
+        toks = cached_tokens(lambda: _Records(args.corpus).texts(), tok,
+                             dataset_fingerprint=src.fingerprint, split="train",
+                             cache_dir=args.out)
+        n = len(toks)
+    else:
+        layout = sharded.Layout(args.batch, args.shards)
+        shards = layout.shards_of_process(args.process_index, args.processes)
+        toks, _ = sharded.tokenize_shards(src, "train", tok, shards, num_shards=args.shards,
+                                          shards_dir=args.out, workers=args.workers,
+                                          log=lambda m: None)
+        n = sum(len(v) for v in toks.values())
+    dt = time.perf_counter() - t
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    print(json.dumps({"tokens": n, "seconds": dt, "maxrss_mb": rss,
+                      "workers_maxrss_mb": rss_children}), flush=True)
+
+
+def measure(setup: str, tok_kind: str, corpus: str, work: str, args) -> dict:
+    pipeline, workers, procs = SETUPS[setup]
+    out = tempfile.mkdtemp(dir=work, prefix="tokens-")
+    cmd = [sys.executable, __file__, "--child", "--pipeline", pipeline, "--workers",
+           str(workers), "--processes", str(procs), "--tokenizer", tok_kind, "--corpus", corpus,
+           "--work", work, "--shards", str(args.shards), "--batch", str(args.batch)]
+    load0 = os.getloadavg()[0]
+    t = time.perf_counter()
+    ps = [subprocess.Popen(cmd + ["--process_index", str(p), "--out", f"{out}/host{p}"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for p in range(procs)]
+    res = []
+    for p in ps:
+        o, e = p.communicate()
+        if p.returncode:
+            raise RuntimeError(f"{setup} failed: {e[-2000:]}")
+        res.append(json.loads(o.strip().splitlines()[-1]))
+    wall = time.perf_counter() - t
+    tokens = sum(r["tokens"] for r in res)
+    return {"setup": setup, "tokenizer": tok_kind, "tokens": tokens, "wall_s": wall,
+            "tokenize_s": max(r["seconds"] for r in res),
+            "tok_per_s": tokens / max(r["seconds"] for r in res),
+            "maxrss_mb": max(r["maxrss_mb"] for r in res),
+            "workers_maxrss_mb": max(r["workers_maxrss_mb"] for r in res),
+            "load": (load0, os.getloadavg()[0])}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes_mb", default="100,1000")
+    ap.add_argument("--tokenizers", default="gpt2_bpe,sentencepiece")
+    ap.add_argument("--setups", default=",".join(SETUPS))
+    ap.add_argument("--shards", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (streams = min(B, V))")
+    ap.add_argument("--json")
+    ap.add_argument("--smoke", action="store_true")
+    # one child process
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    for name, typ in (("pipeline", str), ("workers", int), ("processes", int),
+                      ("process_index", int), ("tokenizer", str), ("corpus", str),
+                      ("work", str), ("out", str)):
+        ap.add_argument(f"--{name}", type=typ, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+    if args.smoke:
+        args.sizes_mb, args.shards = "2", 64
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        write_corpus(os.path.join(work, "sample.arrayrecord"), 2)
+        for size in [float(s) for s in args.sizes_mb.split(",")]:
+            corpus = os.path.join(work, f"corpus-{size:g}mb.arrayrecord")
+            docs = write_corpus(corpus, size)
+            print(f"corpus {size:g} MB: {docs:,} documents", flush=True)
+            for tk in args.tokenizers.split(","):
+                tokenizer(tk, work)  # the SentencePiece model is trained once, outside timings
+                for setup in args.setups.split(","):
+                    r = dict(measure(setup, tk, corpus, work, args), size_mb=size)
+                    rows.append(r)
+                    print(f"{size:>6g} MB  {tk:<13} {setup:<14} {r['tok_per_s'] / 1e6:7.2f} "
+                          f"M tok/s  {r['tokens'] / 1e6:8.1f} M tokens  rss {r['maxrss_mb']:7.0f} "
+                          f"MB (workers {r['workers_maxrss_mb']:.0f})  load {r['load'][0]:.1f}",
+                          flush=True)
+            os.unlink(corpus)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
