@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.tokenizer.vocab_size = 1024        # sentencepiece only
     c.tokenizer.path = ""                # gpt2_bpe: directory with encoder.json + vocab.bpe
     c.tokenizer.user_defined_symbols = ()  # sentencepiece: strings kept as single pieces
+    # Documents the tokenizer is built from: 0 = all of its split(s); N = N evenly spaced ones
+    # (a pod-scale corpus: process 0 trains SentencePiece on a sample, every host reads it from
+    # the run directory). Keep 0 for 'char', where a sample can miss a character.
+    c.tokenizer.train_docs = 0
 
     c.optim = optim_config(learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_lr=1e-4,
                            b2=0.99, weight_decay=0.1)

@@ -35,7 +35,7 @@ class ExitingTokenizer(CharTokenizer):
     """Kills the worker process that meets the document 'die'."""
 
     def encode(self, text):
-        if text == "die":
+        if text == "die":  # (a chunk holds it among others)
             os._exit(3)
         return super().encode(text)
 

@@ -103,38 +103,58 @@ class Layout:
 
 
 # ================================================================================ tokenizing
-class _Documents:
-    """The documents of some shards, in (shard, index) order, as a random-access source:
-    grain's workers read through it with the source's own random access."""
+# Documents per grain record: a worker tokenizes a chunk of documents and returns their ids in
+# one array, so the per-record cost of moving results between processes is paid per chunk.
+CHUNK_DOCS = 256
 
-    def __init__(self, data_source: Any, indices: np.ndarray, text_key: str):
+
+class _Chunks:
+    """Chunks of documents of some shards, in (shard, index) order, as a random-access source
+    (grain's workers read through it with the source's own random access). A chunk holds up to
+    CHUNK_DOCS documents of one shard."""
+
+    def __init__(self, data_source: Any, indices: np.ndarray, shards: np.ndarray,
+                 text_key: str):
         self.data_source, self.indices, self.text_key = data_source, indices, text_key
+        n = len(indices)
+        runs = np.concatenate([[0], np.flatnonzero(np.diff(shards)) + 1, [n]]) if n else [0, 0]
+        starts = [np.arange(a, b, CHUNK_DOCS) for a, b in zip(runs[:-1], runs[1:]) if b > a]
+        self.bounds = [int(b) for b in np.concatenate(starts + [[n]])] if n else [0]
+        self.shard = [int(shards[b]) for b in self.bounds[:-1]]
 
     def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.bounds) - 1
 
-    def __getitem__(self, i: int) -> Any:
-        return self.data_source[int(self.indices[i])][self.text_key]
+    def __getitem__(self, c: int) -> list:
+        idx = self.indices[self.bounds[c]:self.bounds[c + 1]]
+        return [self.data_source[int(i)][self.text_key] for i in idx]
 
 
 class _Tokenize:
-    """A document (bytes or str) -> {'ids': its token ids, 'ok': False when it is not valid UTF-8
-    (the reader counts and skips it)}. Run by grain's workers as `_GrainTokenize`."""
+    """A chunk of documents (bytes or str) -> {'ids': their token ids concatenated, 'lens': each
+    document's count, -1 for one that is not valid UTF-8 (the reader counts and skips it)}.
+    grain's workers run it as `_GrainTokenize`."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
 
-    def map(self, value: Any) -> dict:
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError:
-                return {"ids": np.zeros(0, np.int64), "ok": np.bool_(False)}
-        ids = np.asarray(self.tokenizer.encode(str(value)), dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.tokenizer.vocab_size):
-            raise ValueError(f"tokenizer returned ids in [{ids.min()}, {ids.max()}]; "
-                             f"allowed: [0, {self.tokenizer.vocab_size})")
-        return {"ids": ids, "ok": np.bool_(True)}
+    def map(self, values: list) -> dict:
+        ids, lens = [], []
+        for value in values:
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    lens.append(-1)
+                    continue
+            x = np.asarray(self.tokenizer.encode(str(value)), dtype=np.int64)
+            if x.size and (x.min() < 0 or x.max() >= self.tokenizer.vocab_size):
+                raise ValueError(f"tokenizer returned ids in [{x.min()}, {x.max()}]; "
+                                 f"allowed: [0, {self.tokenizer.vocab_size})")
+            ids.append(x)
+            lens.append(x.size)
+        return {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),
+                "lens": np.asarray(lens, np.int64)}
 
 
 def __getattr__(name: str):
@@ -150,13 +170,13 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _tokenized(docs: _Documents, tokenizer: Tokenizer, workers: int):
-    """Yields each document's {'ids', 'ok'}, in order, from `workers` grain worker processes
+def _tokenized(chunks: _Chunks, tokenizer: Tokenizer, workers: int):
+    """Yields each chunk's {'ids', 'lens'}, in order, from `workers` grain worker processes
     (0: this process)."""
     if workers == 0:
         tok = _Tokenize(tokenizer)
-        for i in range(len(docs)):
-            yield tok.map(docs[i])
+        for c in range(len(chunks)):
+            yield tok.map(chunks[c])
         return
     import grain.python as grain  # heavy: grain, only when tokenizing with workers
     from absl import flags  # grain's workers read absl flags; a library caller may not parse them
@@ -164,8 +184,8 @@ def _tokenized(docs: _Documents, tokenizer: Tokenizer, workers: int):
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     loader = grain.DataLoader(
-        data_source=docs,
-        sampler=grain.IndexSampler(len(docs), shuffle=False, num_epochs=1),
+        data_source=chunks,
+        sampler=grain.IndexSampler(len(chunks), shuffle=False, num_epochs=1),
         operations=[__getattr__("_GrainTokenize")(tokenizer)], worker_count=workers)
     try:
         yield from loader
@@ -214,50 +234,47 @@ def tokenize_shards(source: Any, split: str, tokenizer: Tokenizer, shards: Seque
     if missing:
         data_source = source._data_source(split)
         n = len(data_source)
-        idx = np.arange(n, dtype=np.int64)
-        want = np.isin(idx % num_shards, np.asarray(missing, np.int64))
-        # Documents in (shard, index) order: each shard's file is written in one pass.
-        order = idx[want][np.argsort(idx[want] % num_shards, kind="stable")]
+        # This process's documents in (shard, index) order: each shard's file in one pass.
+        order = np.concatenate([np.arange(v, n, num_shards, dtype=np.int64) for v in missing])
+        chunks = _Chunks(data_source, order, order % num_shards, source.text_key)
         log(f"tokenizing {len(order):,} of {n:,} documents ({len(missing)} of {num_shards} "
             f"virtual shards) with {workers or 'no'} worker processes into {shards_dir}")
-        skipped = _write_shards(_tokenized(_Documents(data_source, order, source.text_key),
-                                           tokenizer, workers),
-                                order % num_shards, missing, tokenizer,
-                                lambda v: shard_path(shards_dir, key, v))
+        skipped = _write_shards(_tokenized(chunks, tokenizer, workers), chunks.shard, missing,
+                                tokenizer, lambda v: shard_path(shards_dir, key, v))
         if skipped:
             log(f"skipped {skipped} malformed documents (not UTF-8)")
     return {v: np.load(shard_path(shards_dir, key, v), mmap_mode="r") for v in shards}, skipped
 
 
-def _write_shards(ids_iter, doc_shards: np.ndarray, shards: Sequence[int], tokenizer: Tokenizer,
-                  path_of) -> int:
-    """Appends each document's ids to its shard's file (eos between documents); returns the
-    malformed documents skipped. Every shard in `shards` gets a file, empty ones too."""
+def _write_shards(chunk_iter, chunk_shards: Sequence[int], shards: Sequence[int],
+                  tokenizer: Tokenizer, path_of) -> int:
+    """Writes each shard's documents (from its chunks, in order; eos between documents) to its
+    file; returns the malformed documents skipped. Every shard in `shards` gets a file, empty
+    ones too."""
     dtype = token_dtype(tokenizer.vocab_size).newbyteorder("<")
     eos = None if tokenizer.eos_id is None else np.array([tokenizer.eos_id], dtype)
-    skipped, it = 0, iter(ids_iter)
-    pos = 0
+    skipped, it, c = 0, iter(chunk_iter), 0
     for v in shards:
         path = path_of(v)
         fd, raw_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".raw")
         count = docs = 0
         try:
             with os.fdopen(fd, "wb") as raw:
-                while pos < len(doc_shards) and doc_shards[pos] == v:
+                while c < len(chunk_shards) and chunk_shards[c] == v:
                     rec = next(it)
-                    pos += 1
-                    if not rec["ok"]:
-                        skipped += 1
-                        continue
-                    ids = np.asarray(rec["ids"])
-                    if not ids.size:
-                        continue
-                    if eos is not None and docs:
-                        raw.write(eos.tobytes())
-                        count += 1
-                    raw.write(ids.astype(dtype).tobytes())
-                    count += ids.size
-                    docs += 1
+                    c += 1
+                    ids, o = np.asarray(rec["ids"]).astype(dtype), 0
+                    for n in np.asarray(rec["lens"]):
+                        if n < 0:
+                            skipped += 1
+                            continue
+                        if n == 0:
+                            continue  # an empty document would only add a stray eos
+                        if eos is not None and docs:
+                            raw.write(eos.tobytes())
+                            count += 1
+                        raw.write(ids[o:o + n].tobytes())
+                        o, count, docs = o + n, count + int(n), docs + 1
             _write_npy_atomically(path, raw_path, dtype, count)
         finally:
             if os.path.exists(raw_path):

@@ -199,7 +199,10 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: TextS
     tc = config.tokenizer
     builds_from = TOKENIZER_KINDS[tc.kind].builds_from
     splits = {None: (), "train": ("train",), "all": source.splits}[builds_from]
-    texts = [t for s in splits for t in source.texts(s)]
+    n = tc.get("train_docs", 0)
+    if n < 0:
+        raise ValueError(f"tokenizer.train_docs={n}; allowed: 0 (every document) or more")
+    texts = [t for s in splits for t in (source.sample_texts(s, n) if n else source.texts(s))]
     os.makedirs(tok_dir, exist_ok=True)
     tok = build_tokenizer(tc.kind, texts=texts, directory=tok_dir, vocab_size=tc.vocab_size,
                           path=tc.path, user_defined_symbols=tuple(tc.user_defined_symbols))

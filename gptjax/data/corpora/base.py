@@ -15,6 +15,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 
+import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
@@ -190,6 +191,28 @@ class TextSource:
             for example in ds.__getitems__(list(range(start, min(start + _READ_CHUNK, len(ds))))):
                 value = example[self.text_key]
                 yield value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+    def sample_texts(self, split: str, n: int) -> list[str]:
+        """`n` documents of `split` evenly spaced in stored order (all when it has fewer), read
+        by random access: a sample of a corpus too large to read whole (tokenizer training).
+
+        Args:
+          split: a split name from `splits`.
+          n: documents wanted.
+
+        Returns:
+          The documents, decoded as UTF-8 (invalid bytes replaced).
+        """
+        ds = self._data_source(split)
+        idx = sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(n, len(ds)))})
+        out = []
+        for start in range(0, len(idx), _READ_CHUNK):
+            for example in ds.__getitems__(idx[start:start + _READ_CHUNK]):
+                value = example[self.text_key]
+                out.append(value.decode("utf-8", "replace") if isinstance(value, bytes)
+                           else str(value))
+        return out
 
 
 def _open_builder(name: str, data_dir: str):
