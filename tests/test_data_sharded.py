@@ -74,6 +74,35 @@ def test_global_batch_is_the_same_for_1_2_and_4_processes(tmp_path, mode, B, V):
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_shard_file_is_its_documents_tokens_with_eos_between(tmp_path, shared_data, workers):
+    from gptjax.data.tokenizers import from_hf_files
+
+    tok = from_hf_files(shared_data / "gpt2_bpe")
+    docs = _docs(300)
+    docs[3], docs[9] = "", b"\xff bad"
+    files, skipped = sharded.tokenize_shards(FakeSource(docs), "train", tok, [0, 1, 2],
+                                             num_shards=3, shards_dir=str(tmp_path),
+                                             workers=workers, log=lambda m: None)
+    assert skipped == 1
+    for v in range(3):
+        want = []
+        for d in docs[v::3]:
+            ids = tok.encode(d) if isinstance(d, str) else []
+            if ids:
+                want += ([tok.eos_id] if want else []) + ids
+        np.testing.assert_array_equal(files[v], want)
+    # V = 1: one shard of two chunks (256 + 44 documents), joined by eos across the chunks.
+    one, _ = sharded.tokenize_shards(FakeSource(docs), "train", tok, [0], num_shards=1,
+                                     shards_dir=str(tmp_path), workers=0, log=lambda m: None)
+    want = []
+    for d in docs:
+        ids = tok.encode(d) if isinstance(d, str) else []
+        if ids:
+            want += ([tok.eos_id] if want else []) + ids
+    np.testing.assert_array_equal(one[0], want)
+
+
 def test_packed_rows_visit_every_window_of_their_stream_once_per_epoch(tmp_path):
     one = _batcher(tmp_path, _docs(), 0, 1, B=4, V=4, T=8)
     k_tokens = one._tokens[0]
@@ -178,9 +207,17 @@ def _losses(workdir):
 def test_two_processes_with_their_own_caches_train_as_one_and_resume_after_kill9(corpus,
                                                                                  tmp_path):
     one = tmp_path / "one"
+    # The pre-tokenized format: --prepare_data writes the tokenizer and this host's shards and
+    # exits; the training run then reads them and tokenizes nothing.
+    r = subprocess.run(_args(corpus, tmp_path / "h0", one) + ["--prepare_data"], cwd=REPO,
+                       env=_env(2), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "data ready" in r.stdout, r.stderr[-3000:]
+    assert len(list((tmp_path / "h0").rglob("shard-*.npy"))) == 16
+    assert not (one / "metrics.jsonl").exists()
     r = subprocess.run(_args(corpus, tmp_path / "h0", one), cwd=REPO, env=_env(2),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "tokenizing" not in r.stdout, r.stdout
     port = _free_port()
     two = tmp_path / "two"
     procs = [subprocess.Popen(
