@@ -68,7 +68,7 @@ def test_global_batch_is_the_same_for_1_2_and_4_processes(tmp_path, mode, B, V):
         layout = sharded.Layout(B, V)
         for p in range(P):
             files = [f for d in (tmp_path / f"host{p}of{P}").iterdir() for f in d.iterdir()]
-            assert sorted(int(f.name[6:11]) for f in files) == layout.shards_of_process(p, P)
+            assert sorted(int(f.name[6:11]) for f in files) == sorted(layout.shards_of_process(p, P))
     # Targets are inputs shifted by one token; the windows come from the corpus.
     b = one.batch(5)
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
@@ -145,7 +145,7 @@ def test_a_dying_worker_is_a_clear_error_not_a_hang(tmp_path):
 
 
 def test_too_few_documents_for_the_shards_is_one_clear_error(tmp_path):
-    with pytest.raises(ValueError, match=r"stream 1 \(virtual shards 2-3\) has 0 tokens.*fewer "
+    with pytest.raises(ValueError, match=r"stream 2 \(virtual shards 2, 6\) has 0 tokens.*fewer "
                                          r"virtual shards, or data.pipeline='single'"):
         _batcher(tmp_path, _docs(2), 0, 1, B=4, V=8)
 

@@ -8,8 +8,9 @@ a pod the hosts share no local disk and a corpus is billions of tokens, so `data
 * **Virtual shards.** Document i of the split belongs to virtual shard i mod V (V =
   `data.virtual_shards`, 1024 by default), whatever the number of processes.
 * **Streams.** The global batch has B rows; row r reads stream k(r) = r * K // B, K = min(B, V),
-  and stream k is the concatenation of shards [k V / K, (k + 1) V / K), each a run of its
-  documents in order with the end-of-text token between documents. The n_k rows of stream k take
+  and stream k is the concatenation of shards k, k + K, k + 2K, ... (interleaved, so a corpus of
+  few documents still fills every stream), each a run of its documents in order with the
+  end-of-text token between documents. The n_k rows of stream k take
   its windows n_k at a time: at step s, its i-th row takes window s * n_k + i (in a permutation
   drawn from (seed, k, epoch) in 'packed' mode; at an offset drawn from (seed, k, s) in nanoGPT's
   'random_offset' mode).
@@ -82,8 +83,9 @@ class Layout:
         return range(-(-k * B // K), -(-(k + 1) * B // K))
 
     def shards_of_stream(self, k: int) -> range:
-        V, K = self.num_shards, self.num_streams
-        return range(k * V // K, (k + 1) * V // K)
+        """Shards k, k + K, k + 2K, ...: interleaved, so documents i go to stream i mod K (when K
+        divides V) and a corpus of few documents still fills every stream."""
+        return range(k, self.num_shards, self.num_streams)
 
     def streams_of_process(self, process_index: int, process_count: int) -> list:
         """The streams that process p's rows read (in order)."""
@@ -326,9 +328,10 @@ class ShardedBatcher:
             parts = [np.asarray(shard_tokens[v]) for v in self.layout.shards_of_stream(k)]
             toks = np.concatenate(parts) if len(parts) > 1 else parts[0]
             if len(toks) < self.seq_len + 1:
-                sh = self.layout.shards_of_stream(k)
+                sh = list(self.layout.shards_of_stream(k))
+                names = ", ".join(map(str, sh[:3])) + (", ..." if len(sh) > 3 else "")
                 raise ValueError(
-                    f"stream {k} (virtual shards {sh.start}-{sh.stop - 1}) has {len(toks)} "
+                    f"stream {k} (virtual shards {names}) has {len(toks)} "
                     f"tokens, fewer than one sequence (seq_len {self.seq_len} + 1): the corpus "
                     f"has too few documents for data.virtual_shards={self.num_shards} at batch "
                     f"{self.global_batch_size}; allowed: fewer virtual shards, or "
