@@ -3,7 +3,7 @@ the sharded pipeline (gptjax.data.sharded) with 1 and 2 grain workers and 1 and 
 
   python bench/data_throughput.py                       # 100 MB and 1 GB corpora, both tokenizers
   python bench/data_throughput.py --sizes_mb 100 --tokenizers gpt2_bpe
-  python bench/data_throughput.py --smoke               # a 2 MB corpus, seconds (not the speed)
+  python bench/data_throughput.py --smoke               # 2 MB, GPT-2 BPE, today and 2 workers
 
 The corpus is the shared Gutenberg books (../shared/data/gutenberg_nltk), cut into documents at
 blank lines and repeated to each size, written once as an array_record file and read by random
@@ -29,7 +29,7 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED = REPO.parent / "shared" / "data"
+SHARED = REPO.parent / "shared" / "data"  # --shared overrides it
 
 # name: (pipeline, workers, processes)
 SETUPS = {
@@ -80,7 +80,7 @@ def write_corpus(path: str, size_mb: float) -> int:
     from array_record.python.array_record_module import ArrayRecordWriter
 
     paras = []
-    for f in sorted((SHARED / "gutenberg_nltk").glob("*.txt")):
+    for f in sorted((pathlib.Path(SHARED) / "gutenberg_nltk").glob("*.txt")):
         text = f.read_text(encoding="latin-1")
         paras += [p for p in text.split("\n\n") if p.strip()]
     docs, size, target = 0, 0, size_mb * 1e6
@@ -100,7 +100,7 @@ def tokenizer(kind: str, work: str):
     from gptjax.data.tokenizers import build_tokenizer, from_hf_files, load_tokenizer
 
     if kind == "gpt2_bpe":
-        return from_hf_files(SHARED / "gpt2_bpe")
+        return from_hf_files(pathlib.Path(SHARED) / "gpt2_bpe")
     d = os.path.join(work, "spm")
     if os.path.exists(os.path.join(d, "tokenizer.json")):
         return load_tokenizer(d)
@@ -141,7 +141,8 @@ def child(args) -> None:
 def measure(setup: str, tok_kind: str, corpus: str, work: str, args) -> dict:
     pipeline, workers, procs = SETUPS[setup]
     out = tempfile.mkdtemp(dir=work, prefix="tokens-")
-    cmd = [sys.executable, __file__, "--child", "--pipeline", pipeline, "--workers",
+    cmd = [sys.executable, __file__, "--child", "--shared", str(SHARED), "--pipeline", pipeline,
+           "--workers",
            str(workers), "--processes", str(procs), "--tokenizer", tok_kind, "--corpus", corpus,
            "--work", work, "--shards", str(args.shards), "--batch", str(args.batch)]
     load0 = os.getloadavg()[0]
@@ -166,6 +167,7 @@ def measure(setup: str, tok_kind: str, corpus: str, work: str, args) -> dict:
 
 
 def main() -> None:
+    global SHARED
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes_mb", default="100,1000")
     ap.add_argument("--tokenizers", default="gpt2_bpe,sentencepiece")
@@ -173,6 +175,7 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=8, help="global batch (streams = min(B, V))")
     ap.add_argument("--json")
+    ap.add_argument("--shared", default=str(SHARED), help="the shared data folder")
     ap.add_argument("--smoke", action="store_true")
     # one child process
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -181,10 +184,12 @@ def main() -> None:
                       ("work", str), ("out", str)):
         ap.add_argument(f"--{name}", type=typ, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    SHARED = args.shared
     if args.child:
         return child(args)
     if args.smoke:
         args.sizes_mb, args.shards = "2", 64
+        args.tokenizers, args.setups = "gpt2_bpe", "today,sharded-1p-2w"
     rows = []
     with tempfile.TemporaryDirectory() as work:
         write_corpus(os.path.join(work, "sample.arrayrecord"), 2)

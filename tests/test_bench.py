@@ -172,9 +172,20 @@ def _check_train_throughput(proc, out):
         assert _positive(r["tok_s"]) and _positive(r["mfu_measured"]), r
 
 
+def _check_data_throughput(proc, out):
+    rows = json.load(open(out / "data.json"))
+    assert [r["setup"] for r in rows] == ["today", "sharded-1p-2w"], rows
+    # Both pipelines tokenize the whole corpus: the same tokens, but for the end-of-text tokens
+    # joining documents across shard boundaries (the --smoke run has 64 shards: 63 joins).
+    assert rows[0]["tokens"] - rows[1]["tokens"] == 63 and rows[1]["tokens"] > 100_000, rows
+    assert all(_positive(r["tok_per_s"]) and r["maxrss_mb"] > 0 for r in rows), rows
+
+
 # script -> (its flags beyond --smoke, given (tmp_path, shared data folder or None), its check)
 SMOKE_RUNS = {
     "attention.py": (lambda out, data: ["--out", str(out / "attention.json")], _check_attention),
+    "data_throughput.py": (lambda out, data: ["--json", str(out / "data.json"), "--shared",
+                                              str(data)], _check_data_throughput),
     "decode.py": (lambda out, data: ["--json", str(out / "decode.json")], _check_decode),
     "finetune_sst2.py": (lambda out, data: ["--workdir", str(out), "--shared", str(data)],
                          _check_finetune_sst2),
@@ -192,7 +203,8 @@ SMOKE_RUNS = {
     "train_throughput.py": (lambda out, data: ["--json", str(out / "train_throughput.json")],
                             _check_train_throughput),
 }
-NEEDS_SHARED_DATA = {"finetune_sst2.py", "recipe_e2e.py", "scaling_sweep.py"}
+NEEDS_SHARED_DATA = {"data_throughput.py", "finetune_sst2.py", "recipe_e2e.py",
+                     "scaling_sweep.py"}
 
 
 @pytest.mark.slow
