@@ -11,9 +11,10 @@ from absl import app, flags
 from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
 from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
-from gptjax.train.loop import prepare_data, train_and_evaluate
+from gptjax.train.loop import train_and_evaluate
 from gptjax.train.memory import dry_run
 from gptjax.train.multihost import maybe_init_distributed
+from gptjax.train.run_data import prepare_data
 
 _CONFIG = define_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "default.py"),

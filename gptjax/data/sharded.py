@@ -39,6 +39,7 @@ import tempfile
 from typing import Any, Sequence
 
 import numpy as np
+from absl import flags
 
 from gptjax.data.lm import MODES, _rng
 from gptjax.data.token_cache import _write_npy_atomically, token_dtype
@@ -185,8 +186,8 @@ def _tokenized(chunks: _Chunks, tokenizer: Tokenizer, workers: int):
             yield tok.map(chunks[c])
         return
     import grain.python as grain  # heavy: grain, only when tokenizing with workers
-    from absl import flags  # grain's workers read absl flags; a library caller may not parse them
 
+    # grain's workers read absl flags, which a library caller may not have parsed.
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     loader = grain.DataLoader(

@@ -23,23 +23,15 @@ from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
-from gptjax.data import LMBatcher, eval_batches, load_tokens, sharded
-from gptjax.data.corpora import default_cache_dir
-from gptjax.data.prefetch import Prefetcher
+from gptjax.data import LMBatcher, eval_batches
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.train import faults
 from gptjax.train.checkpoint import Checkpointer, CheckpointError
-from gptjax.train.experiment import (
-    build_source,
-    check_train_config,
-    model_config_from,
-    resolve_steps,
-    run_tokenizer,
-)
+from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
 from gptjax.train.metrics import mfu, peak_flops
-from gptjax.train.multihost import main_process_first
 from gptjax.train.preemption import PreemptionGuard
+from gptjax.train.run_data import load_data, make_batcher, train_size
 from gptjax.train.setup import Setup
 from gptjax.train.step import TrainState
 from gptjax.train.workdir import (
@@ -158,37 +150,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     dc = config.data
-    cache_dir = dc.cache_dir or None
-
-    if dc.pipeline not in ("single", "sharded"):
-        raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
-                         "per split) or 'sharded' (each process tokenizes its own share)")
-
-    def prepare_data():
-        source = build_source(config)
-        tokenizer = run_tokenizer(config, workdir, source)
-        return (tokenizer, load_tokens(source, "train", tokenizer, cache_dir=cache_dir),
-                load_tokens(source, dc.val_split, tokenizer, cache_dir=cache_dir))
-
-    def prepare_tokenizer():
-        source = build_source(config)
-        return source, run_tokenizer(config, workdir, source)
-
-    if dc.pipeline == "single":
-        # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
-        # other processes then find them ready instead of racing to write the same files.
-        tokenizer, train_tokens, val_tokens = main_process_first("data", prepare_data)
-        source = None
-    else:
-        # Process 0 trains the tokenizer into the run directory (shared storage) first; then
-        # every process tokenizes its own shards of train, and the validation split, into its
-        # own cache directory (gptjax.data.sharded).
-        source, tokenizer = main_process_first("tokenizer", prepare_tokenizer)
-        val_tokens = load_tokens(source, dc.val_split, tokenizer, cache_dir=cache_dir)
-        train_tokens = None
-        if config.train.epochs > 0:
-            raise ValueError("train.epochs needs the whole corpus' size; with "
-                             "data.pipeline='sharded' set train.steps instead")
+    source, tokenizer, train_tokens, val_tokens = load_data(config, workdir)
     if config.tokenizer.kind != tokenizer.kind:
         raise CheckpointError(f"tokenizer.kind={config.tokenizer.kind!r} but {workdir} holds a "
                               f"{tokenizer.kind!r} tokenizer; use another --workdir")
@@ -199,21 +161,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                          f"one sequence (data.seq_len {seq_len} + 1); allowed: more validation "
                          "text (data.validation_fraction) or a shorter data.seq_len")
     tc = config.train
-    if source is None:
+    if train_tokens is not None:
         tc.steps = resolve_steps(config, len(train_tokens), seq_len)  # train.epochs, if set
-        batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
-                            process_index=jax.process_index(),
-                            process_count=jax.process_count())
-    else:
-        batcher = sharded.build_batcher(
-            source, "train", tokenizer, seq_len=seq_len, global_batch_size=tc.batch_size,
-            seed=config.seed, mode=dc.sampling, num_shards=dc.virtual_shards,
-            shards_dir=os.path.join(cache_dir or default_cache_dir(), "shards"),
-            workers=dc.workers, process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            log=lambda m: print(f"[process {jax.process_index()}] {m}", flush=True))
-    if dc.prefetch:
-        batcher = Prefetcher(batcher, dc.prefetch)
+    batcher = make_batcher(config, source, tokenizer, train_tokens, seq_len)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
                         keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     # (init, train, sample): gptjax.sweep splits each model's key the same way.
@@ -469,24 +419,6 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     return result
 
 
-def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
-    """`train.py --prepare_data`: the run's tokenizer and this process's token files, then a
-    one-line report; a later `train.py` with the same data config reads them as they are."""
-    run = prepare(defaults.complete(config, defaults.base_config()), workdir)
-    if hasattr(run.batcher, "close"):
-        run.batcher.close()
-    return (f"[process {jax.process_index()}] data ready: {_train_size(run)} train / "
-            f"{len(run.val_tokens):,} val tokens, tokenizer in {workdir}/tokenizer")
-
-
-def _train_size(run: Run) -> str:
-    if run.train_tokens is not None:
-        return f"{len(run.train_tokens):,}"
-    b = getattr(run.batcher, "batcher", run.batcher)
-    return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
-            f"{b.num_shards} virtual shards)")
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        progress: bool = True) -> TrainResult:
     """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
@@ -520,7 +452,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if run.is_main:
         print(f"gptjax: {mc.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers x "
               f"{mc.n_embd}, vocab {mc.vocab_size}, context {run.seq_len}; "
-              f"{_train_size(run)} train / {len(run.val_tokens):,} val tokens; mesh "
+              f"{train_size(run.batcher, run.train_tokens)} train / {len(run.val_tokens):,} "
+              f"val tokens; mesh "
               f"{dict(run.setup.mesh.shape)}; steps {start}->{config.train.steps}", flush=True)
     trainer = Trainer(run, start, carried, progress)
     return finish(trainer, trainer.loop(state))

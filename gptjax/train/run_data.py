@@ -1,0 +1,104 @@
+"""A training run's data: the tokenizer, the splits' tokens and the batcher, for either pipeline.
+
+`data.pipeline='single'`: process 0 prepares the dataset, trains the tokenizer and writes one
+cached token file per split; the other processes then read them (gptjax.data.token_cache).
+`data.pipeline='sharded'`: process 0 trains the tokenizer into the run directory (the storage
+hosts share); every process then tokenizes its own virtual shards of train into its own cache
+(gptjax.data.sharded). `prepare_data` is `train.py --prepare_data`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from gptjax.data import LMBatcher, load_tokens, sharded
+from gptjax.data.corpora import default_cache_dir
+from gptjax.data.prefetch import Prefetcher
+from gptjax import defaults
+from gptjax.train.experiment import build_source, model_config_from, run_tokenizer
+from gptjax.train.multihost import main_process_first
+
+PIPELINES = ("single", "sharded")
+
+
+def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
+    """(source or None, tokenizer, train tokens or None, validation tokens) of a complete config:
+    the source and no train tokens with the sharded pipeline (each process reads its shards when
+    its batcher is made), train tokens and no source with the single one."""
+    dc = config.data
+    cache_dir = dc.cache_dir or None
+    if dc.pipeline not in PIPELINES:
+        raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
+                         "per split) or 'sharded' (each process tokenizes its own share)")
+
+    def source_and_tokenizer():
+        source = build_source(config)
+        return source, run_tokenizer(config, workdir, source)
+
+    if dc.pipeline == "single":
+        def prepare():
+            source, tokenizer = source_and_tokenizer()
+            return (tokenizer, load_tokens(source, "train", tokenizer, cache_dir=cache_dir),
+                    load_tokens(source, dc.val_split, tokenizer, cache_dir=cache_dir))
+
+        # Process 0 prepares the dataset, trains the tokenizer and writes the token caches; the
+        # other processes then find them ready instead of racing to write the same files.
+        tokenizer, train_tokens, val_tokens = main_process_first("data", prepare)
+        return None, tokenizer, train_tokens, val_tokens
+    if config.train.epochs > 0:
+        raise ValueError("train.epochs needs the whole corpus' size; with "
+                         "data.pipeline='sharded' set train.steps instead")
+    # Process 0 trains the tokenizer into the run directory first; then every process reads its
+    # own shards of train, and the validation split, into its own cache directory.
+    source, tokenizer = main_process_first("tokenizer", source_and_tokenizer)
+    return source, tokenizer, None, load_tokens(source, dc.val_split, tokenizer,
+                                                cache_dir=cache_dir)
+
+
+def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
+                 train_tokens: Optional[np.ndarray], seq_len: int) -> Any:
+    """This process's training batcher (LMBatcher or sharded.ShardedBatcher), behind a
+    Prefetcher when `data.prefetch` > 0."""
+    dc, tc = config.data, config.train
+    if train_tokens is not None:
+        batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
+                            process_index=jax.process_index(),
+                            process_count=jax.process_count())
+    else:
+        batcher = sharded.build_batcher(
+            source, "train", tokenizer, seq_len=seq_len, global_batch_size=tc.batch_size,
+            seed=config.seed, mode=dc.sampling, num_shards=dc.virtual_shards,
+            shards_dir=os.path.join(dc.cache_dir or default_cache_dir(), "shards"),
+            workers=dc.workers, process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            log=lambda m: print(f"[process {jax.process_index()}] {m}", flush=True))
+    return Prefetcher(batcher, dc.prefetch) if dc.prefetch else batcher
+
+
+def train_size(batcher: Any, train_tokens: Optional[np.ndarray]) -> str:
+    """The training tokens, as the start-up line reports them."""
+    if train_tokens is not None:
+        return f"{len(train_tokens):,}"
+    b = getattr(batcher, "batcher", batcher)
+    return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
+            f"{b.num_shards} virtual shards)")
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """`train.py --prepare_data`: the run's tokenizer and this process's token files, then a
+    one-line report; a later `train.py` with the same data config reads them as they are."""
+    config = defaults.complete(config, defaults.base_config())
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    source, tokenizer, train_tokens, val_tokens = load_data(config, workdir)
+    seq_len = config.data.seq_len or model_config_from(config, tokenizer.vocab_size).n_ctx
+    batcher = make_batcher(config, source, tokenizer, train_tokens, seq_len)
+    if hasattr(batcher, "close"):
+        batcher.close()
+    return (f"[process {jax.process_index()}] data ready: {train_size(batcher, train_tokens)} "
+            f"train / {len(val_tokens):,} val tokens, tokenizer in {workdir}/tokenizer")
