@@ -20,9 +20,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from gptjax import GPTConfig, init_params  # noqa: E402
 from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
-from gptjax.inference import sampling, serving  # noqa: E402
+from gptjax.inference import serving  # noqa: E402
 
-from test_serve import CHARS, _start  # noqa: E402
+from test_serve import CHARS, _post, _reference, _start  # noqa: E402
 
 SLOTS = 4
 
@@ -55,20 +55,6 @@ def slow_steps(server, monkeypatch):
         time.sleep(0.02)
         return fast(active)
     monkeypatch.setattr(server.engine, "generate", slow)
-
-
-def _reference(s, prompt, *, max_tokens, temperature=1.0, top_p=1.0, seed=0):
-    out = sampling.generate(s.cfg, s.params, [s.tok.encode(prompt)], max_new_tokens=max_tokens,
-                            temperature=temperature, top_p=top_p, rng=jax.random.key(seed),
-                            return_scores=True)
-    ids = [int(t) for t in out.tokens[0][: int(out.lengths[0])]]
-    return s.tok.decode(ids), out.scores[0][: len(ids)]
-
-
-def _post(s, body):
-    r = s.client.post("/v1/completions", json=body)
-    assert r.status_code == 200, r.text
-    return r.json()
 
 
 def _stream_text(s, body, client=None, on_first=None):

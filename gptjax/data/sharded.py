@@ -42,7 +42,7 @@ import numpy as np
 from absl import flags
 
 from gptjax.data.lm import MODES, _rng
-from gptjax.data.token_cache import _write_npy_atomically, token_dtype
+from gptjax.data.token_cache import _write_npy_atomically, check_ids, token_dtype
 from gptjax.data.tokenizers import Tokenizer, fingerprint
 
 DEFAULT_VIRTUAL_SHARDS = 1024
@@ -155,9 +155,7 @@ class _Tokenize:
                     lens.append(-1)
                     continue
             x = np.asarray(self.tokenizer.encode(str(value)), dtype=np.int64)
-            if x.size and (x.min() < 0 or x.max() >= self.tokenizer.vocab_size):
-                raise ValueError(f"tokenizer returned ids in [{x.min()}, {x.max()}]; "
-                                 f"allowed: [0, {self.tokenizer.vocab_size})")
+            check_ids(x, self.tokenizer)
             ids.append(x)
             lens.append(x.size)
         return {"ids": np.concatenate(ids) if ids else np.zeros(0, np.int64),

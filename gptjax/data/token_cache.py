@@ -143,6 +143,15 @@ def _write_json_atomically(path: str, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+def check_ids(ids: np.ndarray, tokenizer: Tokenizer) -> None:
+    """Raises ValueError when a document's encoding has an id outside the vocabulary."""
+    if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
+        raise ValueError(
+            f"tokenizer returned ids in [{ids.min()}, {ids.max()}]; "
+            f"allowed: [0, {tokenizer.vocab_size})"
+        )
+
+
 def _stream_tokens(
     texts: Iterable[str], tokenizer: Tokenizer, dtype: np.dtype, raw: BinaryIO
 ) -> tuple[int, int]:
@@ -158,11 +167,7 @@ def _stream_tokens(
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
         if not ids.size:
             continue  # An empty document would only add a stray eos.
-        if ids.min() < 0 or ids.max() >= tokenizer.vocab_size:
-            raise ValueError(
-                f"tokenizer returned ids in [{ids.min()}, {ids.max()}]; "
-                f"allowed: [0, {tokenizer.vocab_size})"
-            )
+        check_ids(ids, tokenizer)
         if eos is not None and num_docs:
             buffer.append(eos)
         buffer.append(ids.astype(dtype))
