@@ -294,6 +294,25 @@ def test_truncated_files_are_damage_not_mismatch_and_print_no_traceback(env, tmp
     assert out.count("damaged") >= 3, out
 
 
+def test_reads_finishing_after_a_failed_restore_print_nothing():
+    """What the truncation test above hits by chance: a tensorstore read that completes after
+    Orbax closed the failed restore's event loop schedules its callback on the closed loop.
+    Inside the restore's loops that callback is dropped; any other misuse still raises."""
+    import asyncio
+    from gptjax.train import checkpoint
+    with checkpoint._quiet_loops():
+        loop = asyncio.new_event_loop()
+    assert isinstance(loop, checkpoint._QuietLoop)
+    plain = asyncio.new_event_loop()
+    assert not isinstance(plain, checkpoint._QuietLoop)  # the policy is put back
+    plain.close()
+    loop.call_soon_threadsafe(print, "runs")  # an open loop still schedules it
+    loop.close()
+    assert loop.call_soon_threadsafe(print, "dropped") is None
+    with pytest.raises(RuntimeError, match="Event loop is closed"):
+        type(plain).call_soon_threadsafe(loop, print)  # what a plain loop does: the traceback
+
+
 def test_damage_is_found_anywhere_in_the_exception_chain(tmp_path):
     """Orbax's generic wrapper on top, tensorstore's byte-range error as its cause."""
     ck = Checkpointer(str(tmp_path / "c"), async_save=False)

@@ -16,6 +16,8 @@ holding a non-finite value is never saved.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
 import glob
 import os
@@ -115,6 +117,40 @@ def _ignore_abandoned_restore_callbacks() -> None:
     gc.collect()  # collect the abandoned coroutines now, while the hook is in place
 
 
+class _QuietLoop(asyncio.SelectorEventLoop):
+    """An event loop that drops callbacks scheduled on it after it closed.
+
+    When one read of a restore fails, Orbax closes its loop while tensorstore still finishes
+    the other reads; each of them then calls `call_soon_threadsafe` on the closed loop, and
+    tensorstore prints that RuntimeError's traceback itself (through `sys.excepthook`, not the
+    unraisable hook), after the one-line error. Their results are no longer wanted.
+    """
+
+    def call_soon_threadsafe(self, callback, *args, context=None):
+        try:
+            return super().call_soon_threadsafe(callback, *args, context=context)
+        except RuntimeError:
+            if self.is_closed():
+                return None
+            raise
+
+
+class _QuietLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self):
+        return _QuietLoop()
+
+
+@contextlib.contextmanager
+def _quiet_loops():
+    """Orbax's restores inside create `_QuietLoop`s (it makes a fresh loop per restore)."""
+    previous = asyncio.get_event_loop_policy()
+    asyncio.set_event_loop_policy(_QuietLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(previous)
+
+
 def _notice(msg: str) -> None:
     if jax.process_index() == 0:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
@@ -212,8 +248,9 @@ class Checkpointer:
 
     def _read_meta(self, step: int) -> dict:
         try:
-            return self._mngr.restore(step, args=ocp.args.Composite(
-                meta=ocp.args.JsonRestore()))["meta"]
+            with _quiet_loops():
+                return self._mngr.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - any failure to read the JSON is damage
             raise self._damaged(step, e) from e
 
@@ -248,8 +285,10 @@ class Checkpointer:
         self._check_items(step)
         self.verify(step)
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+            with _quiet_loops():
+                out = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    meta=ocp.args.JsonRestore()))
         except Exception as e:  # noqa: BLE001 - classified into one of two one-line errors
             raise self._restore_error(step, e, "this model/optimizer") from e
         return out["state"], out["meta"]
@@ -329,8 +368,10 @@ class Checkpointer:
         restore_args = jax.tree_util.tree_map(
             lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
         try:
-            out = self._mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item=item, restore_args=restore_args, partial_restore=True)))
+            with _quiet_loops():
+                out = self._mngr.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
+                                                 partial_restore=True)))
         except Exception as e:  # noqa: BLE001 - classified into one of two one-line errors
             raise self._restore_error(step, e, "this model's parameters") from e
         return out["state"]["params"]
