@@ -58,7 +58,9 @@ def _drop_closed_loop_callbacks() -> None:
     `loop.call_soon_threadsafe` from a C++ thread and TensorStore prints the resulting
     `RuntimeError('Event loop is closed')` through `sys.excepthook` (`PyErr_Print`). That
     traceback is noise next to our one-line error, so exactly that exception is dropped (shown
-    with GPTJAX_DEBUG); every other one goes to the previous hooks.
+    with GPTJAX_DEBUG); every other one goes to the previous hooks. The Checkpointer's restores
+    already avoid it at the source (gptjax.train.checkpoint._QuietLoop, which library users get
+    too); this catches any other Orbax call that fails the same way in the entry scripts.
     """
     def closed_loop(exc_type, exc) -> bool:
         return (not os.environ.get("GPTJAX_DEBUG") and exc_type is RuntimeError
