@@ -79,9 +79,12 @@ def test_sharded_steps_equal_one_device(mesh, reference):
             assert np.abs(a[1] - b[1]).max() <= 2 * 2 * 1e-3, name
         else:
             # Adam's first steps are nearly sign(g) * lr, so an entry whose gradient is at
-            # rounding level may move by a visible fraction of lr (1e-3): allow 5% of it. The
-            # gradients themselves are compared at fp32 tolerance below.
-            np.testing.assert_allclose(a, b, atol=5e-5, err_msg=name)
+            # rounding level may move by up to 2 lr (two steps) with another reduction order:
+            # all but 0.1% of the entries within 5% of lr, none beyond 4 lr. The gradients
+            # themselves are compared at fp32 tolerance below.
+            off = np.abs(a - b) > 5e-5
+            assert off.mean() < 1e-3, (name, int(off.sum()), off.size)
+            assert np.abs(a - b).max() <= 2 * 2 * 1e-3, name
 
 
 def _grads(setup):

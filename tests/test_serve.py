@@ -279,13 +279,15 @@ def test_disconnecting_stream_is_cancelled(server):
 def test_queue_full_gets_429_and_queued_requests_time_out(server):
     """A second app on the same engine whose batcher is not running: requests only queue."""
     app = serving.make_app(server.engine, batcher := serving.Batcher(server.engine, max_queue=1),
-                           model_name="tiny", request_timeout_s=1.0)
+                           model_name="tiny", request_timeout_s=5.0)  # the second's window
     srv, th, url = _start(app)
     try:
         with httpx.Client(base_url=url, timeout=30.0) as c, \
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
+            deadline = time.time() + 60
             while batcher.queued() == 0:
+                assert time.time() < deadline, "the first request never queued"
                 time.sleep(0.01)
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"

@@ -57,6 +57,16 @@ def slow_steps(server, monkeypatch):
     monkeypatch.setattr(server.engine, "generate", slow)
 
 
+def _wait_until(cond, what, timeout=60.0, during=None):
+    """Polls `cond` until it holds; fails (instead of spinning forever) after `timeout` s."""
+    end = time.monotonic() + timeout
+    while not cond():
+        if during is not None:
+            during()
+        assert time.monotonic() < end, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
 def _stream_text(s, body, client=None, on_first=None):
     pieces, done = {}, False
     with (client or s.client).stream("POST", "/v1/completions", json=dict(body, stream=True)) as r:
@@ -161,20 +171,25 @@ def _reuse(server, why):
 
 
 @pytest.mark.parametrize("why", ["finish", "cancel", "timeout"])
-def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, why):
+def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, monkeypatch, why):
     """Slots full of long streams; one row finishes, is cancelled or times out while a request
     waits: the waiting request is inserted into that slot before the next decode step."""
+    if why == "timeout":
+        # Steps of at least 50 ms: the long rows (60 tokens) outlive the fourth request's 1 s
+        # timeout with seconds to spare, and the test has that second to queue a request.
+        slow = server.engine.generate
+        monkeypatch.setattr(server.engine, "generate",
+                            lambda active: (time.sleep(0.03), slow(active))[1])
     ev = threading.Event()
     clients = [httpx.Client(base_url=server.url, timeout=60.0) for _ in range(SLOTS)]
     with concurrent.futures.ThreadPoolExecutor(SLOTS + 1) as ex:
         longs = [ex.submit(_stream_text, server, {"prompt": "ab", "max_tokens": 60, "seed": i},
                            clients[i]) for i in range(SLOTS - 1)]
-        while server.batcher.running() < SLOTS - 1:
-            time.sleep(0.01)
+        _wait_until(lambda: server.batcher.running() >= SLOTS - 1, "the long rows to run")
         if why == "finish":
             fourth = ex.submit(_post, server, {"prompt": "ab", "max_tokens": 15})
         elif why == "timeout":
-            server.app.state.request_timeout_s = 0.3
+            server.app.state.request_timeout_s = 1.0
             fourth = ex.submit(clients[-1].post, "/v1/completions",
                                json={"prompt": "ab", "max_tokens": 60})
         else:
@@ -187,13 +202,11 @@ def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, why):
                             ev.wait(30)
                             return  # closes the connection mid-stream
             fourth = ex.submit(leave)
-        while server.batcher.running() < SLOTS:
-            time.sleep(0.01)
+        _wait_until(lambda: server.batcher.running() >= SLOTS, "all slots to run")
         server.app.state.request_timeout_s = 60.0
         waiting = ex.submit(_post, server, {"prompt": "cd", "max_tokens": 3})
-        while server.batcher.queued() == 0:
-            assert not waiting.done()
-            time.sleep(0.005)
+        _wait_until(lambda: server.batcher.queued() > 0, "the request to queue",
+                    during=lambda: not waiting.done() or pytest.fail("it did not wait"))
         ev.set()
         assert waiting.result(60)["choices"][0]["text"]
         r = fourth.result(60)
@@ -268,14 +281,14 @@ def test_metrics_parse_and_count_the_requests_sent(server):
 def test_queue_full_gets_429_with_retry_after(server):
     """A second app on the same engine whose scheduler is not running: requests only queue."""
     batcher = serving.ContinuousBatcher(server.engine, max_queue=1)
-    app = serving.make_app(server.engine, batcher, model_name="tiny", request_timeout_s=1.0)
+    # (the first request's 5 s timeout is the window for the second one to find the queue full)
+    app = serving.make_app(server.engine, batcher, model_name="tiny", request_timeout_s=5.0)
     srv, th, url = _start(app)
     try:
         with httpx.Client(base_url=url, timeout=30.0) as c, \
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
-            while batcher.queued() == 0:
-                time.sleep(0.01)
+            _wait_until(lambda: batcher.queued() > 0, "the first request to queue")
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["retry-after"]) >= 1

@@ -67,8 +67,16 @@ def test_vmap_over_seeds_equals_each_seed_alone():
         print(f"seed {s}: sweep {out.losses[i]} alone {losses}")
         np.testing.assert_allclose(out.losses[i], losses, rtol=2e-5, atol=2e-6)
         got = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x[i]), out.state.params)
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(
-            a, np.asarray(b), rtol=1e-4, atol=1e-5), got, state.params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                                jax.tree_util.tree_leaves(state.params)):
+            name, b = jax.tree_util.keystr(path), np.asarray(b)
+            if name.endswith("['c_attn']['bias']"):
+                # The key bias's gradient is analytically zero: its rounding noise, which Adam
+                # (noise / eps) turns into steps of up to lr, is all that differs.
+                np.testing.assert_allclose(a[[0, 2]], b[[0, 2]], rtol=1e-4, atol=1e-5)
+                assert np.abs(a[1] - b[1]).max() <= 2 * STEPS * 3e-3, name
+            else:
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=name)
     # Different seeds are different models (dropout, init and batches differ).
     assert np.abs(out.losses[0] - out.losses[1]).max() > 1e-3
 

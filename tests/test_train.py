@@ -146,8 +146,22 @@ def test_gradient_accumulation_matches_one_big_batch():
     n4, m4 = f4(s4, b, jax.random.key(0))
     np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
     np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
-    for a, bb in zip(jax.tree_util.tree_leaves(n1.params), jax.tree_util.tree_leaves(n4.params)):
-        np.testing.assert_allclose(a, bb, atol=2e-6)
+    lr = base_config().optim.learning_rate  # (no warmup: the first step's rate)
+    for path, a in jax.tree_util.tree_leaves_with_path(n1.params):
+        a, bb = np.asarray(a), np.asarray(_leaf(n4.params, path))
+        if jax.tree_util.keystr(path).endswith("['c_attn']['bias']"):
+            # The key bias's gradient is analytically zero (softmax is shift-invariant per
+            # query): rounding noise that Adam (noise / eps) turns into steps of up to lr.
+            np.testing.assert_allclose(a[[0, 2]], bb[[0, 2]], atol=2e-6)
+            assert np.abs(a[1] - bb[1]).max() <= 2 * lr
+        else:
+            np.testing.assert_allclose(a, bb, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def _leaf(tree, path):
+    for k in path:
+        tree = tree[k.key]
+    return tree
 
 
 def test_nonfinite_step_is_skipped():

@@ -117,6 +117,8 @@ class Layout:
 # Documents per grain record: a worker tokenizes a chunk of documents and returns their ids in
 # one array, so the per-record cost of moving results between processes is paid per chunk.
 CHUNK_DOCS = 256
+# Threads of a grain worker that read chunks while it tokenizes.
+READ_THREADS = 2
 
 
 _M_ARENA_MAX = -8  # glibc malloc.h
@@ -231,7 +233,10 @@ def _tokenized(chunks: _Chunks, tokenizer: Tokenizer, workers: int):
         data_source=chunks,
         sampler=grain.IndexSampler(len(chunks), shuffle=False, num_epochs=1),
         operations=[__getattr__("_GrainTokenize")(tokenizer)], worker_count=workers,
-        worker_buffer_size=4)  # chunks a worker may run ahead, so no worker waits on another
+        worker_buffer_size=4,  # chunks a worker may run ahead, so no worker waits on another
+        # grain's default (16 reading threads, 500 chunks read ahead per worker) holds far more
+        # documents than a worker that tokenizes at ~1 M tokens/s can use.
+        read_options=grain.ReadOptions(num_threads=READ_THREADS, prefetch_buffer_size=8))
     try:
         yield from loader
     except Exception as e:  # noqa: BLE001 - grain's worker failures come in several types

@@ -215,7 +215,7 @@ class Checkpointer:
                                           meta=ocp.args.JsonSave(meta)), force=force)
         if started:
             self._unsealed = step
-            faults.after_save_started(step)
+            faults.after_save_started(step, self.directory)
             if not self._async:
                 self._seal(block=True)
         return started

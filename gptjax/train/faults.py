@@ -60,7 +60,14 @@ def after_step() -> None:
         time.sleep(float(s))
 
 
-def after_save_started(step: int) -> None:
-    """SIGKILL this process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight)."""
+def after_save_started(step: int, directory: str) -> None:
+    """SIGKILL this process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight).
+
+    Orbax creates the step's temporary directory on a background thread, so the kill waits
+    (up to 10 s) until `<directory>/<step>.orbax-checkpoint-tmp` exists: a save in flight."""
     if _int("GPTJAX_FAULT_KILL_IN_SAVE") == step:
+        tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
+        end = time.monotonic() + 10
+        while not os.path.isdir(tmp) and time.monotonic() < end:
+            time.sleep(0.001)
         os.kill(os.getpid(), signal.SIGKILL)
