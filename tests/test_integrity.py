@@ -313,6 +313,31 @@ def test_reads_finishing_after_a_failed_restore_print_nothing():
         type(plain).call_soon_threadsafe(loop, print)  # what a plain loop does: the traceback
 
 
+def test_failed_reads_collected_after_a_failed_restore_log_nothing(caplog, monkeypatch):
+    """The second leftover the truncation test met in CI: a read task that failed too, collected
+    later with asyncio's "Task exception was never retrieved" and a traceback."""
+    import asyncio
+    import logging
+    from gptjax.train import checkpoint
+    monkeypatch.delenv("GPTJAX_DEBUG", raising=False)
+    context = {"message": "Task exception was never retrieved",
+               "exception": ValueError("OUT_OF_RANGE: Requested byte range [0, 331)")}
+    with pytest.raises(ValueError), checkpoint._quiet_loops():
+        failed = asyncio.new_event_loop()
+        raise ValueError("the restore failed")
+    with checkpoint._quiet_loops():
+        fine = asyncio.new_event_loop()
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        failed.call_exception_handler(context)  # abandoned: dropped, even while still open
+        assert not caplog.records
+        fine.call_exception_handler(context)  # an intact restore's loop still reports
+        assert len(caplog.records) == 1 and "never retrieved" in caplog.records[0].message
+        fine.close()
+        fine.call_exception_handler(context)  # closed: dropped
+        assert len(caplog.records) == 1
+    failed.close()
+
+
 def test_damage_is_found_anywhere_in_the_exception_chain(tmp_path):
     """Orbax's generic wrapper on top, tensorstore's byte-range error as its cause."""
     ck = Checkpointer(str(tmp_path / "c"), async_save=False)

@@ -118,13 +118,18 @@ def _ignore_abandoned_restore_callbacks() -> None:
 
 
 class _QuietLoop(asyncio.SelectorEventLoop):
-    """An event loop that drops callbacks scheduled on it after it closed.
+    """An event loop that stays quiet about the leftovers of a failed restore.
 
     When one read of a restore fails, Orbax closes its loop while tensorstore still finishes
-    the other reads; each of them then calls `call_soon_threadsafe` on the closed loop, and
-    tensorstore prints that RuntimeError's traceback itself (through `sys.excepthook`, not the
-    unraisable hook), after the one-line error. Their results are no longer wanted.
+    the other reads. Each of them then calls `call_soon_threadsafe` on the closed loop, which
+    tensorstore reports with a traceback (through `sys.excepthook`), and the tasks of reads that
+    failed too are collected later with "Task exception was never retrieved" and a traceback
+    (through the loop's exception handler and asyncio's logger). All of it comes after the
+    one-line error and says nothing more: once the loop is closed, or its restore failed
+    (`abandoned`), both are dropped (GPTJAX_DEBUG shows the exception handler's).
     """
+
+    abandoned = False
 
     def call_soon_threadsafe(self, callback, *args, context=None):
         try:
@@ -134,19 +139,36 @@ class _QuietLoop(asyncio.SelectorEventLoop):
                 return None
             raise
 
+    def call_exception_handler(self, context):
+        if (self.abandoned or self.is_closed()) and not os.environ.get("GPTJAX_DEBUG"):
+            return None
+        return super().call_exception_handler(context)
+
 
 class _QuietLoopPolicy(asyncio.DefaultEventLoopPolicy):
+    def __init__(self):
+        super().__init__()
+        self.loops = []
+
     def new_event_loop(self):
-        return _QuietLoop()
+        loop = _QuietLoop()
+        self.loops.append(loop)
+        return loop
 
 
 @contextlib.contextmanager
 def _quiet_loops():
-    """Orbax's restores inside create `_QuietLoop`s (it makes a fresh loop per restore)."""
+    """Orbax's restores inside create `_QuietLoop`s (it makes a fresh loop per restore); when
+    the restore fails they are marked abandoned."""
     previous = asyncio.get_event_loop_policy()
-    asyncio.set_event_loop_policy(_QuietLoopPolicy())
+    policy = _QuietLoopPolicy()
+    asyncio.set_event_loop_policy(policy)
     try:
         yield
+    except BaseException:
+        for loop in policy.loops:
+            loop.abandoned = True
+        raise
     finally:
         asyncio.set_event_loop_policy(previous)
 
