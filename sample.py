@@ -2,7 +2,7 @@
   python sample.py --workdir runs/default --prompt "def " --max_new_tokens 100
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x --weights int8
-Intentionally thin: gptjax.train.workdir loads, gptjax.inference.textgen completes and streams.
+Intentionally thin: gptjax.runs.workdir loads, gptjax.inference.textgen completes and streams.
 """
 
 import sys
@@ -12,7 +12,7 @@ from absl import app, flags
 from gptjax.cli import parse_flags, run_cli
 from gptjax.inference.sampling import prepare_for_decoding
 from gptjax.inference.textgen import check_request, complete
-from gptjax.train.workdir import load_pretrained
+from gptjax.runs.pretrained import load_pretrained
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
 _HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")

@@ -13,7 +13,7 @@ from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
 from gptjax.train.loop import train_and_evaluate
 from gptjax.train.memory import dry_run
-from gptjax.train.multihost import maybe_init_distributed
+from gptjax.multihost import maybe_init_distributed
 from gptjax.train.run_data import prepare_data
 
 _CONFIG = define_config_file(

@@ -265,7 +265,7 @@ def quality(args) -> dict:
     from gptjax.data import load_texts
     from gptjax.eval.perplexity import perplexity, wikitext_detokenize
     from gptjax.inference.quant import dequantize_params, quantize_params
-    from gptjax.train.workdir import load_pretrained
+    from gptjax.runs.pretrained import load_pretrained
 
     config, params, tok = load_pretrained(workdir=args.quality)
     with open(os.path.join(args.quality, "config.json")) as fh:

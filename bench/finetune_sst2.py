@@ -54,7 +54,7 @@ from gptjax.eval.zero_shot import zero_shot_accuracy  # noqa: E402
 from gptjax.finetune import finetune  # noqa: E402
 from gptjax.train.hostmem import prepare_host_for_training  # noqa: E402
 from gptjax.train.loop import train_and_evaluate  # noqa: E402
-from gptjax.train.workdir import load_pretrained  # noqa: E402
+from gptjax.runs.pretrained import load_pretrained  # noqa: E402
 
 # --smoke: the defaults it replaces (explicit flags still win): a 1-layer, 32-wide GPT with a
 # 512-piece tokenizer (the corpus has 329 distinct characters) pretrained for 2 steps, finetuned

@@ -14,13 +14,13 @@ import importlib
 
 from gptjax.config import ConfigError, GPTConfig, PRESETS
 from gptjax.nn.convert import from_hf, to_hf
+from gptjax.nn.losses import lm_loss
 from gptjax.nn.model import GPT, abstract_params, init_cache, init_params
-from gptjax.train.losses import lm_loss
 
 _LAZY = {
     "generate": "gptjax.inference.sampling",
     "prepare_for_decoding": "gptjax.inference.sampling",
-    "load_pretrained": "gptjax.train.workdir",
+    "load_pretrained": "gptjax.runs.pretrained",
     "train_and_evaluate": "gptjax.train.loop",
 }
 

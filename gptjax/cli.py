@@ -24,7 +24,7 @@ from gptjax.config import ConfigError
 from gptjax.inference import sampling
 from gptjax.nn.convert import ConversionError
 from gptjax.sharding import ShardingError
-from gptjax.train.checkpoint import CheckpointError
+from gptjax.runs.checkpoint import CheckpointError
 
 if TYPE_CHECKING:  # an annotation only: sample.py and serve.py do not load the training loop
     from gptjax.train.loop import TrainResult
@@ -59,7 +59,7 @@ def _drop_closed_loop_callbacks() -> None:
     `RuntimeError('Event loop is closed')` through `sys.excepthook` (`PyErr_Print`). That
     traceback is noise next to our one-line error, so exactly that exception is dropped (shown
     with GPTJAX_DEBUG); every other one goes to the previous hooks. The Checkpointer's restores
-    already avoid it at the source (gptjax.train.checkpoint._QuietLoop, which library users get
+    already avoid it at the source (gptjax.runs.checkpoint._QuietLoop, which library users get
     too); this catches any other Orbax call that fails the same way in the entry scripts.
     """
     def closed_loop(exc_type, exc) -> bool:

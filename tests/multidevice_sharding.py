@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from gptjax.defaults import base_config, model_config
 from gptjax import sharding as shd
-from gptjax.train.checkpoint import Checkpointer
+from gptjax.runs.checkpoint import Checkpointer
 from gptjax.train.experiment import model_config_from
 from gptjax.train.setup import Setup
 
@@ -88,7 +88,7 @@ def test_sharded_steps_equal_one_device(mesh, reference):
 
 
 def _grads(setup):
-    from gptjax.train.losses import lm_loss
+    from gptjax.nn.losses import lm_loss
     from gptjax.nn.model import GPT
 
     mc = setup.model_cfg

@@ -24,7 +24,7 @@ from gptjax.finetune import loop as ft
 from gptjax.finetune.batches import encode_examples
 from gptjax.nn.param_layout import unstack_layers
 from gptjax.train.optim import make_optimizer
-from gptjax.train.workdir import load_pretrained
+from gptjax.runs.pretrained import load_pretrained
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
@@ -219,7 +219,7 @@ def test_load_pretrained_restores_params_only_as_plain_arrays(pretrained):
     """The params-only (Orbax partial) restore gives the checkpoint's exact parameters as
     uncommitted single-device arrays, so a jitted function fed them and then its own outputs
     compiles once (mesh-placed arrays from a full train-state restore compiled twice)."""
-    from gptjax.train.checkpoint import Checkpointer
+    from gptjax.runs.checkpoint import Checkpointer
     from gptjax.train.setup import Setup
 
     model_cfg, params, _ = load_pretrained(workdir=str(pretrained), step=2)

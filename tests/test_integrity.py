@@ -3,7 +3,7 @@ damage reported as a mismatch, garbage transformers weights, a changed config on
 throughput of the last logged step, and what a failed or resumed run leaves and says.
 
 Every case runs train.py / sample.py or a short script in a subprocess (faults injected through
-gptjax.train.faults' environment variables or by editing files) and checks the exit status, the
+gptjax.runs.faults' environment variables or by editing files) and checks the exit status, the
 one-line `error:` / `warning:` messages and what is on disk. The smallest model (1 x 32) and one
 shared base run keep the whole module to about two minutes on 2 CPU cores.
 """
@@ -25,7 +25,7 @@ import numpy as np
 import optax
 import pytest
 
-from gptjax.train.checkpoint import Checkpointer, DamagedCheckpointError
+from gptjax.runs.checkpoint import Checkpointer, DamagedCheckpointError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,7 @@ def flip_bytes(path, rng, n=8):
 _DAMAGE_SCRIPT = textwrap.dedent("""
     import json, pathlib, random, shutil, sys
     import jax, jax.numpy as jnp, numpy as np
-    from gptjax.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
+    from gptjax.runs.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
 
 
     def main():
@@ -254,7 +254,7 @@ def test_train_step_skips_a_nonfinite_update():
 _TRUNCATE_SCRIPT = textwrap.dedent("""
     import json, os, pathlib, shutil, sys
     import jax, jax.numpy as jnp
-    from gptjax.train.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
+    from gptjax.runs.checkpoint import Checkpointer, CheckpointError, DamagedCheckpointError
     root = pathlib.Path(sys.argv[1])
     state = {"params": {"w": jnp.arange(5000.0), "b": jnp.ones((60, 40))}, "step": jnp.int32(3)}
     ck = Checkpointer(str(root / "src"), async_save=False)
@@ -299,7 +299,7 @@ def test_reads_finishing_after_a_failed_restore_print_nothing():
     Orbax closed the failed restore's event loop schedules its callback on the closed loop.
     Inside the restore's loops that callback is dropped; any other misuse still raises."""
     import asyncio
-    from gptjax.train import checkpoint
+    from gptjax.runs import checkpoint
     with checkpoint._quiet_loops():
         loop = asyncio.new_event_loop()
     assert isinstance(loop, checkpoint._QuietLoop)
@@ -318,7 +318,7 @@ def test_failed_reads_collected_after_a_failed_restore_log_nothing(caplog, monke
     later with asyncio's "Task exception was never retrieved" and a traceback."""
     import asyncio
     import logging
-    from gptjax.train import checkpoint
+    from gptjax.runs import checkpoint
     monkeypatch.delenv("GPTJAX_DEBUG", raising=False)
     context = {"message": "Task exception was never retrieved",
                "exception": ValueError("OUT_OF_RANGE: Requested byte range [0, 331)")}

@@ -20,15 +20,18 @@ PKG = REPO / "gptjax"
 # Bottom up. A module's layer is that of its longest matching prefix.
 LAYERS = [
     ("config + sharding", ["gptjax.config", "gptjax.sharding", "gptjax.defaults",
-                           "gptjax.plotting"]),
+                           "gptjax.plotting", "gptjax.multihost"]),
     ("nn", ["gptjax.nn"]),
     ("data", ["gptjax.data"]),
-    ("train", ["gptjax.train"]),
-    ("inference", ["gptjax.inference"]),
+    ("runs", ["gptjax.runs"]),
+    ("train | inference", ["gptjax.train", "gptjax.inference"]),
     ("eval", ["gptjax.eval"]),
     ("finetune", ["gptjax.finetune"]),
     ("sweep + cli", ["gptjax.sweep", "gptjax.cli"]),
 ]
+# Packages on one floor are siblings: none imports another, though both stand on the floors below.
+SIBLINGS = [p for _, prefixes in LAYERS if len(prefixes) > 1 and all(
+    (PKG / q.split(".", 1)[1]).is_dir() for q in prefixes) for p in prefixes]
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 MAX_ENTRY_SCRIPT_LINES = 80
@@ -145,6 +148,29 @@ def test_no_import_reaches_a_higher_layer():
                 bad.append(f"{mod} ({LAYERS[_layer(mod)][0]}) imports {t} "
                            f"({LAYERS[_layer(t)][0]})")
     assert not bad, "imports against the layer order:\n" + "\n".join(sorted(bad))
+
+
+def _package(module: str) -> str:
+    """The sibling package (of SIBLINGS) a module belongs to, or '' for none."""
+    return next((p for p in SIBLINGS if module == p or module.startswith(p + ".")), "")
+
+
+def test_siblings_on_one_floor_never_import_each_other():
+    assert {"gptjax.train", "gptjax.inference"} <= set(SIBLINGS)
+    bad = []
+    for mod, targets in _edges(include_parents=False).items():
+        for t in targets:
+            if _package(mod) and _package(t) and _package(mod) != _package(t):
+                bad.append(f"{mod} imports its sibling {t}")
+    assert not bad, "siblings import each other:\n" + "\n".join(sorted(bad))
+
+
+def test_inference_and_eval_never_import_training():
+    """Function-local imports included: inference and evaluation read runs through gptjax.runs."""
+    bad = [f"{mod} imports {t}" for mod, targets in _edges(include_parents=False).items()
+           if mod.startswith(("gptjax.inference", "gptjax.eval"))
+           for t in targets if t == "gptjax.train" or t.startswith("gptjax.train.")]
+    assert not bad, "\n".join(sorted(bad))
 
 
 def _find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:

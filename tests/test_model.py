@@ -7,7 +7,7 @@ import pytest
 
 from gptjax import GPT, GPTConfig, PRESETS, init_params
 from gptjax.config import PUBLISHED_PARAMS, ConfigError
-from gptjax.train.losses import lm_loss
+from gptjax.nn.losses import lm_loss
 from gptjax.nn.layers import _flat_dot
 from gptjax.nn.model import group_caches, init_cache, logical_axes, ungroup_caches
 from gptjax.nn.param_layout import stack_layers, unstack_layers

@@ -1,7 +1,7 @@
 """Reliability, end to end through the entry scripts: preemption, kill -9 mid-save, non-finite
 steps, damaged or foreign checkpoints, bad config/flags/data, and fuzzed prompts and task rows.
 
-Every case runs train.py / sample.py in a subprocess (faults injected with gptjax.train.faults'
+Every case runs train.py / sample.py in a subprocess (faults injected with gptjax.runs.faults'
 environment variables) and checks the exit status, the one-line `error:` message (never a
 traceback) and, where a run continues, that its losses equal an uninterrupted run's bit for bit.
 """
@@ -187,7 +187,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(env, refere
         assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
     stopped = int(outs[0][0].split("SIGTERM: stopped after step ")[1].split()[0])
     assert 4 <= stopped < 40 and steps(wd)[-1] == stopped
-    # Each process wrote the checksums of its own files (gptjax.train.integrity).
+    # Each process wrote the checksums of its own files (gptjax.runs.integrity).
     for i in range(2):
         assert (wd / "checkpoints" / str(stopped) / f"checksums.process_{i}.json").is_file()
 

@@ -70,7 +70,7 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["trained", "hf"])
 def model(request, trained, hf_dir):
-    from gptjax.train.workdir import load_pretrained
+    from gptjax.runs.pretrained import load_pretrained
 
     kw = {"workdir": str(trained)} if request.param == "trained" else {"hf_dir": str(hf_dir)}
     config, params, tok = load_pretrained(**kw)

@@ -27,8 +27,8 @@ import numpy as np
 from gptjax.eval.scoring import round_up
 from gptjax.inference import sampling
 from gptjax.nn.model import GPT
-from gptjax.train.losses import token_nll
-from gptjax.train.workdir import load_pretrained
+from gptjax.nn.losses import token_nll
+from gptjax.runs.pretrained import load_pretrained
 
 try:
     # lm_eval.models first: it registers lm-eval's own backends (lazily), which it skips once

@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 
 from gptjax.eval import fewshot, zeroshot_run
 from gptjax.eval import perplexity as ppl
-from gptjax.train.workdir import load_pretrained
+from gptjax.runs.pretrained import load_pretrained
 
 
 def parse_ints(value: str, name: str, minimum: int = 0) -> list:

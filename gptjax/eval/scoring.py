@@ -18,7 +18,7 @@ import numpy as np
 
 from gptjax.config import GPTConfig
 from gptjax.nn.model import GPT
-from gptjax.train.losses import token_nll
+from gptjax.nn.losses import token_nll
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -22,7 +22,7 @@ from gptjax.eval import zeroshot_run
 from gptjax.eval.zero_shot import zero_shot_accuracy
 from gptjax.finetune.decoder import pretrained_decoder
 from gptjax.finetune.loop import finetune, load_task_from_config, subset
-from gptjax.train.checkpoint import Checkpointer
+from gptjax.runs.checkpoint import Checkpointer
 
 
 # ================================================================================ zero-shot

@@ -1,7 +1,7 @@
 """The decoder a finetuning run starts from: pretrained (all or the first n blocks) or fresh.
 
 `config.init.kind` names the source: 'workdir' (a train.py work directory), 'hf' (a transformers
-/ OpenAI directory), both loaded by gptjax.train.workdir.load_pretrained, or 'scratch' (random
+/ OpenAI directory), both loaded by gptjax.runs.pretrained.load_pretrained, or 'scratch' (random
 init with a tokenizer built from the task's training texts). `init.transfer_layers` keeps only
 the first n pretrained blocks, the rest freshly initialised (GPT-1 Figure 2, left).
 """
@@ -19,7 +19,7 @@ from gptjax.data.tokenizers import build_tokenizer
 from gptjax.nn.model import init_params
 from gptjax.nn.param_layout import stack_layers, unstack_layers
 from gptjax.train.experiment import model_config_from
-from gptjax.train.workdir import load_pretrained
+from gptjax.runs.pretrained import load_pretrained
 
 INIT_KINDS = ("workdir", "hf", "scratch")
 

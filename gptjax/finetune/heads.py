@@ -38,7 +38,7 @@ import optax
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import check_task_type
 from gptjax.nn.model import GPT
-from gptjax.train.losses import lm_loss
+from gptjax.nn.losses import lm_loss
 
 # GPT-1 initialised every new weight (the three token embeddings, the head) from N(0, 0.02).
 INIT_STD = 0.02

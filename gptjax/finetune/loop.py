@@ -39,10 +39,10 @@ from gptjax.finetune.decoder import init_decoder
 from gptjax.finetune.metrics import compute_metrics
 from gptjax.nn.model import abstract_params
 from gptjax.plotting import plot_metrics
-from gptjax.train.checkpoint import Checkpointer, CheckpointError
+from gptjax.runs.checkpoint import Checkpointer, CheckpointError
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState
-from gptjax.train.workdir import METRICS, SUMMARY, MetricsWriter, write_run_config, write_summary
+from gptjax.runs.workdir import METRICS, SUMMARY, MetricsWriter, write_run_config, write_summary
 
 
 # ================================================================================ steps

@@ -1,6 +1,6 @@
 """Text in, text out: encode prompts, complete them, and stream the text as it is decoded.
 
-The model and tokenizer come from `gptjax.train.workdir.load_pretrained` (sample.py, the server).
+The model and tokenizer come from `gptjax.runs.pretrained.load_pretrained` (sample.py, the server).
 """
 
 from __future__ import annotations

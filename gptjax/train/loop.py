@@ -26,18 +26,12 @@ from gptjax.config import GPTConfig
 from gptjax.data import LMBatcher, eval_batches
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
-from gptjax.train import faults
-from gptjax.train.checkpoint import Checkpointer, CheckpointError
-from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
-from gptjax.train.metrics import mfu, peak_flops
-from gptjax.train.preemption import PreemptionGuard
-from gptjax.train.run_data import load_data, make_batcher, train_size
-from gptjax.train.setup import Setup
-from gptjax.train.step import TrainState
-from gptjax.train.workdir import (
+from gptjax.runs import faults
+from gptjax.runs.checkpoint import Checkpointer, CheckpointError
+from gptjax.runs.pretrained import check_checkpoint_meta
+from gptjax.runs.workdir import (
     METRICS,
     MetricsWriter,
-    check_checkpoint_meta,
     config_changes,
     last_logged_loss,
     remove_empty_dirs,
@@ -45,6 +39,12 @@ from gptjax.train.workdir import (
     write_run_config,
     write_summary,
 )
+from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
+from gptjax.train.metrics import mfu, peak_flops
+from gptjax.train.preemption import PreemptionGuard
+from gptjax.train.run_data import load_data, make_batcher, train_size
+from gptjax.train.setup import Setup
+from gptjax.train.step import TrainState
 
 
 @dataclasses.dataclass

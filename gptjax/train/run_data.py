@@ -21,7 +21,7 @@ from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
 from gptjax.train.experiment import build_source, model_config_from, run_tokenizer
-from gptjax.train.multihost import main_process_first
+from gptjax.multihost import main_process_first
 
 PIPELINES = ("single", "sharded")
 

@@ -19,7 +19,7 @@ import optax
 from gptjax import sharding as shd
 from gptjax.config import GPTConfig
 from gptjax.nn.model import init_boxed
-from gptjax.train.checkpoint import abstract_with_shardings
+from gptjax.runs.checkpoint import abstract_with_shardings
 from gptjax.train.experiment import mesh_shape
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState, make_eval_step, make_train_step

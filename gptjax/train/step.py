@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import GPTConfig
-from gptjax.train.losses import lm_loss
+from gptjax.nn.losses import lm_loss
 from gptjax.nn.model import GPT
 
 

@@ -43,7 +43,7 @@ from gptjax.inference.serving.engine import (
     sample_rows,
     start_compile_counter,
 )
-from gptjax.train.workdir import load_pretrained
+from gptjax.runs.pretrained import load_pretrained
 
 __all__ = [
     "Batcher", "CompletionRequest", "ContinuousBatcher", "Engine", "Job", "MAX_LOGPROBS",
@@ -88,7 +88,7 @@ def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="12
     """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped.
 
     Args:
-      workdir, hf_dir, tokenizer_path, step: the model (see gptjax.train.workdir.load_pretrained).
+      workdir, hf_dir, tokenizer_path, step: the model (see gptjax.runs.pretrained.load_pretrained).
       host, port: where to listen.
       batching: "continuous" (decode slots) or "static" (waves; kept for comparison).
       slots, cache_buckets, max_prefill_tokens: continuous batching (see SlotEngine and

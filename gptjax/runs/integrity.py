@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 # The coordination service client (a key-value store shared by the processes) is only reachable
-# through this private module, as in gptjax.train.multihost.
+# through this private module, as in gptjax.multihost.
 from jax._src import distributed
 
 CHECKSUMS = "checksums.process_{}.json"

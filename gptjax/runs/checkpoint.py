@@ -7,7 +7,7 @@ Orbax writes each step to `<step>.orbax-checkpoint-tmp` and renames it to `<step
 every file is written, so a crash or `kill -9` mid-save never leaves a half-written step that
 `latest_step()` would pick; a training run removes such leftovers when it starts, and says so.
 Once a save is complete each process records checksums of the files it wrote
-(gptjax.train.integrity); every restore checks them before Orbax reads anything, since Orbax
+(gptjax.runs.integrity); every restore checks them before Orbax reads anything, since Orbax
 itself restores overwritten array bytes without an error. A finalized step that is later damaged
 (files deleted, truncated or overwritten) fails to restore with a one-line
 `DamagedCheckpointError`; `restore_latest` then sets it aside and uses the one before. A state
@@ -29,8 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from gptjax.train import faults, integrity
-from gptjax.train.multihost import barrier
+from gptjax.runs import faults, integrity
+from gptjax.multihost import barrier
 
 
 class CheckpointError(ValueError):
