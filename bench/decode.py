@@ -15,12 +15,12 @@ because on a shared machine torch's OpenMP threads stall whenever another proces
 
 gptjax decodes with parameters prepared once by `prepare_for_decoding(config, params,
 weights=W)` for W in --weights: fp32 (the c_proj kernels copied to [out, in]), bf16 or int8
-(per-output-channel scales; gptjax.inference.quant). Reports generated tokens/s (prefill
-included), the ratio gptjax / transformers per round, the fraction of the memory-bandwidth
-roofline (steps/s x the bytes of the prepared parameters / a large numpy copy's bandwidth), and
-XLA's own count of the bytes one compiled decode step accesses (cost analysis): with int8
-weights it is about a quarter of fp32's, i.e. the int8 kernels are streamed as int8, not
-through a dequantized fp32 copy.
+(per-output-channel scales; gptjax.nn.quant), which GPT's own call reads. Reports generated
+tokens/s (prefill included), the ratio gptjax / transformers per round, the fraction of the
+memory-bandwidth roofline (steps/s x the bytes of the prepared parameters / a large numpy copy's
+bandwidth), and XLA's own count of the bytes one compiled decode step accesses (cost
+analysis): with int8 weights it is about a quarter of fp32's, i.e. the int8 kernels are streamed
+as int8, not through a dequantized fp32 copy.
 
 Why the int8 matmul is a multiply-and-reduce (gptjax.nn.quant.matmul): on this CPU (Xeon with
 AVX-512/VNNI, XLA:CPU in jax 0.10.2), all 49 GPT-2 small matrices at batch 1, ms per step,
@@ -251,7 +251,7 @@ def _print_table(result: dict) -> None:
                      f"{r[n + '_ms_per_step']:.1f}"]
             if n.startswith("gptjax"):
                 cells += [f"{r[n + '_roofline_fraction']:.2f}",
-                          f"{r[n + '_step_bytes_accessed'] / 1e6:.0f} MB"]
+                          _megabytes(r[n + '_step_bytes_accessed'])]
                 for t in ("transformers", "transformers_1thread"):
                     rs = r.get(f"ratio_{n}_vs_{t}")
                     cells.append(", ".join(f"{x:.2f}x" for x in rs) if rs else "")
@@ -260,11 +260,16 @@ def _print_table(result: dict) -> None:
             print("| " + " | ".join(cells) + " |")
 
 
+def _megabytes(n: float) -> str:
+    """Bytes as MB, with decimals below 10 MB (the --smoke model's step is ~0.1 MB)."""
+    return f"{n / 1e6:.0f} MB" if n >= 1e7 else f"{n / 1e6:.3f} MB"
+
+
 def quality(args) -> dict:
     """Perplexity (run's validation split, WikiText-2) and greedy agreement, per weight format."""
     from gptjax.data import load_texts
     from gptjax.eval.perplexity import perplexity, wikitext_detokenize
-    from gptjax.inference.quant import dequantize_params, quantize_params
+    from gptjax.nn.quant import dequantize_params, quantize_params
     from gptjax.runs.pretrained import load_pretrained
 
     config, params, tok = load_pretrained(workdir=args.quality)

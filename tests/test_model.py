@@ -11,6 +11,7 @@ from gptjax.nn.losses import lm_loss
 from gptjax.nn.layers import _flat_dot
 from gptjax.nn.model import group_caches, init_cache, logical_axes, ungroup_caches
 from gptjax.nn.param_layout import stack_layers, unstack_layers
+from gptjax.nn.quant import quantize_params
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -259,13 +260,18 @@ def test_cached_decoding_equals_full_forward(name, scan):
 def test_grouped_cache_step_equals_each_group_alone(scan):
     """One call over two grouped caches (different rows, ring lengths and write indexes: the
     serving engine's short and long slots) gives each group's logits and cache exactly as a call
-    over that cache alone; also through the weight-only decoder's forward."""
-    from gptjax.inference import quant as iquant
-
+    over that cache alone; with fp32 and with weight-only int8 parameters."""
     cfg = GPTConfig.preset("tiny", scan_layers=scan)
     params = init_params(cfg, jax.random.key(0))
+    for p in (params, quantize_params(cfg, params, "int8")):
+        _check_grouped_call(cfg, lambda c, t, pos: GPT(cfg).apply({"params": p}, t, pos, cache=c))
+    with pytest.raises(ValueError, match="grouped cache .* needs positions_BxT"):
+        GPT(cfg).apply({"params": params}, _tokens(cfg, B=3, T=1), cache=group_caches(
+            [init_cache(cfg, 2, 16), init_cache(cfg, 1, 40)]))
+
+
+def _check_grouped_call(cfg, apply):
     x = _tokens(cfg, B=3, T=12)
-    apply = lambda c, t, pos: GPT(cfg).apply({"params": params}, t, pos, cache=c)  # noqa: E731
     # group a: 2 rows, 16 slots, 5 prompt tokens; group b: 1 row, 40 slots, 11 prompt tokens.
     pa = jnp.broadcast_to(jnp.arange(5), (2, 5))
     pb = jnp.arange(11)[None]
@@ -275,15 +281,12 @@ def test_grouped_cache_step_equals_each_group_alone(scan):
     pos = jnp.array([[5], [5], [11]])
     la, ca1 = apply(ca, tok[:2], pos[:2])
     lb, cb1 = apply(cb, tok[2:], pos[2:])
-    for fwd in (apply, lambda c, t, p: iquant.forward(cfg, params, t, p, c)):
-        lg, cg = jax.jit(fwd)(group_caches([ca, cb]), tok, pos)
-        np.testing.assert_allclose(lg, jnp.concatenate([la, lb]), rtol=1e-6, atol=1e-6)
-        ga, gb = ungroup_caches(cg)
-        for got, want in ((ga, ca1), (gb, cb1)):
-            for u, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-                np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="grouped cache .* needs positions_BxT"):
-        GPT(cfg).apply({"params": params}, tok, cache=group_caches([ca, cb]))
+    lg, cg = jax.jit(apply)(group_caches([ca, cb]), tok, pos)
+    np.testing.assert_allclose(lg, jnp.concatenate([la, lb]), rtol=1e-6, atol=1e-6)
+    ga, gb = ungroup_caches(cg)
+    for got, want in ((ga, ca1), (gb, cb1)):
+        for u, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
 
 
 def test_left_padding_with_positions_matches_unpadded():

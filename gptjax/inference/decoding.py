@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.inference import quant
 from gptjax.nn.model import GPT, init_cache
 from gptjax.nn.quant import WEIGHT_FORMATS, check_weights  # noqa: F401 (re-exported)
+from gptjax.nn.quant import quantize_params
 from gptjax.nn.param_layout import decode_layout as to_decode_layout
 
 Array = jax.Array
@@ -41,7 +41,7 @@ TokensToLogits = Callable[[Array, Array, Any], tuple]
 class DecodeParams:
     """Parameters prepared by `prepare_for_decoding`; every decoding function that takes params
     takes these too. `params` holds the c_proj kernels in `gptjax.nn.param_layout.decode_layout`
-    when `out_in` is set, and bf16/int8 kernels (gptjax.inference.quant) when `weights` says so."""
+    when `out_in` is set, and bf16/int8 kernels (gptjax.nn.quant) when `weights` says so."""
 
     params: Any
     out_in: bool = flax.struct.field(pytree_node=False, default=False)
@@ -67,7 +67,7 @@ def prepare_for_decoding(config: GPTConfig, params: Any, *, out_in: Optional[boo
     numbers as with the plain params (to fp32 rounding).
 
     `weights="bf16"` or `"int8"` stores every Linear kernel and the token embedding / tied head
-    in that format (int8: per-output-channel fp32 scales; gptjax.inference.quant), which a
+    in that format (int8: per-output-channel fp32 scales; gptjax.nn.quant), which the model's
     decode step streams with 2x / 4x fewer bytes; activations, cache and logits stay fp32, and
     the outputs are those of the dequantized weights (to fp32 rounding). `out_in` does not apply.
 
@@ -91,7 +91,7 @@ def prepare_for_decoding(config: GPTConfig, params: Any, *, out_in: Optional[boo
                              f"weights={params.weights!r}; prepare the original params instead")
         return params
     if weights not in (None, "fp32"):
-        return DecodeParams(quant.quantize_params(config, params, weights), False, weights)
+        return DecodeParams(quantize_params(config, params, weights), False, weights)
     if out_in is None:
         out_in = _on_cpu(params)
     return DecodeParams(to_decode_layout(config, params) if out_in else params, bool(out_in))
@@ -207,14 +207,10 @@ def prefill(config: GPTConfig, params: Any, tokens_BxP: Array, lengths_B: Array,
     """
     B, P = tokens_BxP.shape
     cache = init_cache(config, B, max_len)
-    params, decode_layout, weights = _unwrap(params)
+    params, decode_layout, _ = _unwrap(params)
     tokens_BxP, pos_BxP = jnp.asarray(tokens_BxP, jnp.int32), prompt_positions(lengths_B, P)
-    if weights != "fp32":
-        logits, cache = quant.forward(config, params, tokens_BxP, pos_BxP, cache,
-                                      last_logits_only=last_only)
-    else:
-        logits, cache = GPT(config, decode_layout).apply(
-            {"params": params}, tokens_BxP, pos_BxP, cache=cache, last_logits_only=last_only)
+    logits, cache = GPT(config, decode_layout).apply(
+        {"params": params}, tokens_BxP, pos_BxP, cache=cache, last_logits_only=last_only)
     return (logits[:, -1] if last_only else logits), cache
 
 
@@ -231,13 +227,9 @@ def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Ar
     Returns:
       (logits_BxV fp32 for the next token, new cache).
     """
-    params, decode_layout, weights = _unwrap(params)
-    if weights != "fp32":
-        logits_Bx1xV, cache = quant.forward(config, params, tokens_B[:, None],
-                                            positions_B[:, None], cache)
-    else:
-        logits_Bx1xV, cache = GPT(config, decode_layout).apply(
-            {"params": params}, tokens_B[:, None], positions_B[:, None], cache=cache)
+    params, decode_layout, _ = _unwrap(params)
+    logits_Bx1xV, cache = GPT(config, decode_layout).apply(
+        {"params": params}, tokens_B[:, None], positions_B[:, None], cache=cache)
     return logits_Bx1xV[:, 0], cache
 
 

@@ -1,7 +1,12 @@
-"""The decoder's building blocks: initialisers with logical axes, Linear, layer norm, activations.
+"""The decoder's building blocks: initialisers with logical axes, Linear, the token embedding,
+layer norm, activations.
 
 Every parameter is created with logical axis names (`vocab`, `embed`, `mlp`, `heads`,
 `head_dim`, `position`); gptjax.sharding maps them to mesh axes.
+
+Weight-only bf16/int8 (gptjax.nn.quant): a matrix parameter `name` may be given as a
+`WeightOnly` stored under `name_q` instead (`param_or_weight_only`); Linear, Embed and GPT's
+untied head then multiply by the stored values as they are (`einsum_fp32`).
 """
 
 from __future__ import annotations
@@ -58,11 +63,49 @@ def layer_norm(cfg: GPTConfig, name: str) -> nn.LayerNorm:
                         bias_init=zeros_init(("embed",)), name=name)
 
 
+def param_or_weight_only(module: nn.Module, name: str, init: Callable, shape: tuple,
+                         dtype: Any) -> Any:
+    """The parameter `name` of `module` (created by `init` when initialising), or the
+    gptjax.nn.quant.WeightOnly the parameters hold in its place as `name + "_q"`."""
+    if module.has_variable("params", name + "_q"):
+        return module.get_variable("params", name + "_q")
+    return module.param(name, init, shape, dtype)
+
+
+def einsum_fp32(eq: str, x: Array, kernel: Any, dtype: Any) -> Array:
+    """einsum(eq, x, kernel) as fp32, for a kernel given as an array (both cast to `dtype`, fp32
+    accumulation) or as a WeightOnly (read as stored by gptjax.nn.quant.linear, whose kernel
+    letters are the input letters, shared with x, and the output letters, in any order)."""
+    if isinstance(kernel, quant.WeightOnly):
+        return quant.linear(eq, x, kernel, None)
+    return jnp.einsum(eq, x.astype(dtype), kernel.astype(dtype),
+                      preferred_element_type=jnp.float32)
+
+
+class Embed(nn.Embed):
+    """flax's Embed, also taking its table as a WeightOnly `embedding_q` ([N, C], int8 rows with
+    one fp32 scale each, or bf16) in place of `embedding`; `attend` is the tied output head."""
+
+    def setup(self):
+        self.embedding = param_or_weight_only(
+            self, "embedding", self.embedding_init, (self.num_embeddings, self.features),
+            self.param_dtype)
+
+    def __call__(self, ids: Array) -> Array:
+        if isinstance(self.embedding, quant.WeightOnly):
+            return quant.take(self.embedding, ids, self.dtype)
+        return super().__call__(ids)
+
+    def attend(self, x_BxTxC: Array) -> Array:
+        """Logits [B, T, N] fp32: x against every row of the table (computed in `dtype`)."""
+        return einsum_fp32("BTC,VC->BTV", x_BxTxC, self.embedding, self.dtype)
+
+
 class Linear(nn.Module):
     """y = einsum(eq, x, kernel) + bias; a Conv1D-like layer with named, shaped parameters.
 
     Given a `kernel_q` parameter (a gptjax.nn.quant.WeightOnly) instead of `kernel`, the layer
-    multiplies by that bf16/int8 kernel (gptjax.inference.quant builds such parameters).
+    multiplies by that bf16/int8 kernel (gptjax.nn.quant.quantize_params builds such parameters).
     """
 
     eq: str
@@ -78,17 +121,17 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        if self.has_variable("params", "kernel_q"):  # weight-only bf16/int8 for decoding
-            bias = self.get_variable("params", "bias") if self.use_bias else None
-            return quant.linear(self.eq, x, self.get_variable("params", "kernel_q"), bias)
         x_letters, rest = self.eq.split(",")
         k_letters, y_letters = rest.split("->")
         n_in = sum(c in x_letters for c in k_letters)
         perm = out_in_perm(len(k_letters), n_in) if self.out_in else tuple(range(len(k_letters)))
         # Created kernel first, then bias: flax derives each parameter's init rng from that order.
         kernel_axes = tuple(self.kernel_axes[i] for i in perm)
-        kernel = self.param("kernel", normal_init(self.std, kernel_axes),
-                            tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
+        kernel = param_or_weight_only(self, "kernel", normal_init(self.std, kernel_axes),
+                                      tuple(self.kernel_shape[i] for i in perm), self.param_dtype)
+        if isinstance(kernel, quant.WeightOnly):  # weight-only bf16/int8 for decoding
+            bias = self.get_variable("params", "bias") if self.use_bias else None
+            return quant.linear(self.eq, x, kernel, bias)
         bias = None
         if self.use_bias:
             bias = self.param("bias", zeros_init(self.bias_axes), self.bias_shape,

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from gptjax.config import GPTConfig, check_scan_config
 from gptjax.nn.attention import attention
-from gptjax.nn.layers import Linear, activation, layer_norm, normal_init, resid_std
+from gptjax.nn.layers import (Embed, Linear, activation, einsum_fp32, layer_norm, normal_init,
+                              param_or_weight_only, resid_std)
 
 Array = jax.Array
 Cache = dict
@@ -238,6 +239,9 @@ class GPT(nn.Module):
     Returns:
       logits, or a tuple (logits, [hidden], [cache]) with the requested extras in that order.
 
+    Parameters from `gptjax.nn.quant.quantize_params` (weight-only bf16/int8 matrices) are
+    taken as they are: the same call then streams the narrow weights (decoding).
+
     `GPT(config, decode_layout=True)` takes parameters converted by
     `gptjax.nn.param_layout.decode_layout(config, params)`: the same numbers with the c_proj
     kernels stored [out, in], which a CPU decode step reads faster (see
@@ -264,8 +268,8 @@ class GPT(nn.Module):
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         positions_BxT = positions_BxT.astype(jnp.int32)
 
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dt, param_dtype=pdt,
-                       embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="wte")
+        wte = Embed(cfg.vocab_size, cfg.n_embd, dtype=dt, param_dtype=pdt,
+                    embedding_init=normal_init(cfg.init_std, ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.n_ctx, cfg.n_embd, dtype=dt, param_dtype=pdt,
                        embedding_init=normal_init(cfg.init_std, ("position", "embed")), name="wpe")
         tok_BxTxC = wte(tokens_BxT) if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC
@@ -292,14 +296,12 @@ class GPT(nn.Module):
 
         x_head_BxTxC = x_BxTxC[:, -1:] if last_logits_only else x_BxTxC
         if cfg.tie_embeddings:
-            head_VxC = wte.embedding
-            logits_BxTxV = jnp.einsum("BTC,VC->BTV", x_head_BxTxC.astype(dt), head_VxC.astype(dt),
-                                      preferred_element_type=jnp.float32)
+            logits_BxTxV = wte.attend(x_head_BxTxC)
         else:
-            head_CxV = self.param("lm_head", normal_init(cfg.init_std, ("embed", "vocab")),
-                                  (cfg.n_embd, cfg.vocab_size), pdt)
-            logits_BxTxV = jnp.einsum("BTC,CV->BTV", x_head_BxTxC.astype(dt), head_CxV.astype(dt),
-                                      preferred_element_type=jnp.float32)
+            head_CxV = param_or_weight_only(self, "lm_head",
+                                            normal_init(cfg.init_std, ("embed", "vocab")),
+                                            (cfg.n_embd, cfg.vocab_size), pdt)
+            logits_BxTxV = einsum_fp32("BTC,CV->BTV", x_head_BxTxC, head_CxV, dt)
         logits_BxTxV = logits_BxTxV.astype(jnp.float32)
 
         out = [logits_BxTxV]

@@ -1,4 +1,5 @@
-"""Weight-only bfloat16 and int8 kernels for decoding, and the matmul that reads them as stored.
+"""Weight-only bfloat16 and int8 kernels for decoding: the format, the model's parameters in it,
+and the matmul and row gather that read it as stored.
 
 A decode step multiplies a few rows of activations by every kernel, so its speed is the speed at
 which the kernels stream from memory, and fewer bytes per weight is the way past the fp32
@@ -14,8 +15,16 @@ it: more bytes than fp32 weights), and int8 x int8 -> int32 dots run XLA:CPU's s
 integer path (bench/decode.py's docstring has the measurements). With many rows (a prefill)
 the kernel is dequantized once and multiplied with a dot.
 
-`Linear` (gptjax.nn.layers) takes a `WeightOnly` stored as its `kernel_q` parameter in place of
-`kernel`; gptjax.inference.quant builds such parameters for the whole model.
+`quantize_params` turns every Linear kernel and the token embedding (which is also the tied output
+head, the largest matrix) of a GPT's parameters into WeightOnly matrices, each stored under its
+name + `_q` (`kernel_q`, `embedding_q`, `lm_head_q`); layer norms, biases and position embeddings
+stay fp32, and so do activations, the KV cache and the logits. The model itself reads them:
+`Linear`, `Embed` (lookup and tied head) and GPT's untied head take the WeightOnly in place of the
+plain parameter (gptjax.nn.layers.param_or_weight_only), so
+`GPT(config).apply({"params": quantize_params(config, params, "int8")}, ...)` decodes with int8
+weights. `dequantize_params` gives back ordinary parameters holding the numbers the quantized ones
+stand for: the reference for tests, and what perplexity is measured with (bench/decode.py
+--quality).
 """
 
 from __future__ import annotations
@@ -26,6 +35,8 @@ from typing import Any, Optional
 import flax
 import jax
 import jax.numpy as jnp
+
+from gptjax.config import GPTConfig
 
 Array = jax.Array
 
@@ -117,6 +128,15 @@ def matmul(x_RxI: Array, w: WeightOnly) -> Array:
     return y_RxO if w.scale is None else y_RxO * w.scale[None, :]
 
 
+def take(w: WeightOnly, ids: Array, dtype: Any) -> Array:
+    """Rows `ids` of dequantize(w) in `dtype` (an embedding lookup): one stored row gathered and
+    scaled per id, never the whole table converted."""
+    rows = jnp.take(w.values, ids, axis=0).astype(jnp.float32)
+    if w.scale is not None:
+        rows = rows * jnp.take(w.scale, ids, axis=0)[..., None]
+    return rows.astype(dtype)
+
+
 def linear(eq: str, x: Array, w: WeightOnly, bias: Optional[Array]) -> Array:
     """einsum(eq, x, kernel) + bias with the kernel given as a WeightOnly (see `Linear`).
 
@@ -143,3 +163,68 @@ def linear(eq: str, x: Array, w: WeightOnly, bias: Optional[Array]) -> Array:
     got = batch_letters + out_letters
     y = jnp.transpose(y, [got.index(c) for c in y_letters])
     return y if bias is None else y + bias.astype(y.dtype)
+
+
+# (module, Linear) -> number of input dims of its kernel (the dims it shares with x).
+_LINEAR_N_IN = {("attn", "c_attn"): 1, ("attn", "c_proj"): 2, ("mlp", "c_fc"): 1,
+                ("mlp", "c_proj"): 1}
+
+
+def quantize_params(config: GPTConfig, params: Any, weights: str) -> Any:
+    """Parameters (training layout) with their large matrices stored as `weights`.
+
+    Args:
+      config: the model's config (scan_layers: kernels carry a leading layer dim).
+      params: fp32 parameters as trained or imported (not the decode layout).
+      weights: "bf16" or "int8" (per-output-channel fp32 scales).
+
+    Returns:
+      The same tree with each Linear's `kernel` replaced by `kernel_q`, `wte.embedding` by
+      `wte.embedding_q` ([V, C]: one scale per vocabulary row serves the lookup and the head)
+      and an untied `lm_head` by `lm_head_q`; GPT(config).apply takes it as it takes `params`.
+    """
+    check_weights(weights)
+    lead = 1 if config.scan_layers else 0
+
+    def walk(tree, path):
+        out = {}
+        for k, v in tree.items():
+            if k == "kernel" and tuple(path[-2:]) in _LINEAR_N_IN:
+                out["kernel_q"] = quantize(v, _LINEAR_N_IN[tuple(path[-2:])], weights, lead=lead)
+            elif isinstance(v, dict):
+                out[k] = walk(v, path + (k,))
+            else:
+                out[k] = v
+        return out
+
+    out = walk(dict(params), ())
+    out["wte"] = {"embedding_q": quantize(params["wte"]["embedding"].T, 1, weights)}
+    if "lm_head" in params:
+        del out["lm_head"]
+        out["lm_head_q"] = quantize(params["lm_head"], 1, weights)
+    return out
+
+
+def dequantize_params(config: GPTConfig, params: Any) -> Any:
+    """Plain fp32 parameters holding the numbers `quantize_params`' output stands for."""
+    lead = 1 if config.scan_layers else 0
+
+    def kernel(w: WeightOnly) -> Array:
+        return jax.vmap(to_kernel)(w) if lead else to_kernel(w)
+
+    def walk(tree):
+        out = {}
+        for k, v in tree.items():
+            if k == "kernel_q":
+                out["kernel"] = kernel(v)
+            elif k == "embedding_q":
+                out["embedding"] = dequantize(v)
+            elif k == "lm_head_q":
+                out["lm_head"] = to_kernel(v)
+            elif isinstance(v, dict):
+                out[k] = walk(v)
+            else:
+                out[k] = v
+        return out
+
+    return walk(dict(params))
