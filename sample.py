@@ -3,7 +3,7 @@
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x --weights int8
   python sample.py --workdir runs/x --execution attention_impl=xla   # a TPU run on a CPU
-Intentionally thin: gptjax.runs.workdir loads, gptjax.inference.textgen completes and streams.
+Intentionally thin: gptjax.runs.pretrained loads, gptjax.inference.textgen completes and streams.
 """
 
 import sys

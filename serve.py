@@ -6,7 +6,7 @@
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
        -d '{"prompt": "To be", "max_tokens": 20, "seed": 0}'
 
-Intentionally thin: gptjax.inference.serving loads (gptjax.runs.workdir), batches, decodes and
+Intentionally thin: gptjax.inference.serving loads (gptjax.runs.pretrained), batches, decodes and
 answers.
 """
 
