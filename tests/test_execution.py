@@ -18,7 +18,8 @@ from gptjax.config import EXECUTION_FIELDS, ConfigError, GPTConfig, parse_execut
 from gptjax.defaults import base_config
 from gptjax.nn.model import GPT, init_params
 from gptjax.nn.param_layout import convert_layout, stack_layers
-from gptjax.runs.pretrained import load_pretrained
+from gptjax.runs.checkpoint import CheckpointError
+from gptjax.runs.pretrained import check_checkpoint_meta, execution_change, load_pretrained
 from gptjax.train.optim import make_optimizer
 from test_reliability import assert_one_line_error, env, losses, run, train_flags  # noqa: F401
 
@@ -159,6 +160,28 @@ def test_the_partition_of_the_fields():
     for bad in ("remat", "vocab_size=3", "scan_layers=maybe", "attn_pdrop=x"):
         with pytest.raises(ConfigError, match="execution override"):
             parse_execution(bad)
+
+
+def test_checkpoint_meta_compares_the_architecture_only():
+    here = GPTConfig.preset("tiny", remat="full", attention_impl="auto", scan_layers=True)
+    tok = {"kind": "char", "vocab_size": 256}
+    old = GPTConfig.preset("tiny").to_dict()  # what checkpoints have always saved: every field
+    check_checkpoint_meta(60, {"model_config": old, "tokenizer": tok}, model_cfg=here,
+                          tokenizer=tok)
+    meta = {"model_config": old}
+    assert execution_change(meta, here) == (
+        "attention_impl 'xla' -> 'auto', remat 'none' -> 'full', scan_layers False -> True")
+    assert execution_change(meta, here.with_execution(**GPTConfig.preset(
+        "tiny").execution())) is None
+    predates = {k: v for k, v in old.items() if k != "use_bias"}  # saved before the field
+    check_checkpoint_meta(60, {"model_config": predates}, model_cfg=here, tokenizer=tok)
+    for field, value in (("n_layer", 3), ("n_embd", 64), ("param_dtype", "bfloat16")):
+        with pytest.raises(CheckpointError) as e:
+            check_checkpoint_meta(60, {"model_config": dict(old, **{field: value})},
+                                  model_cfg=here, tokenizer=tok)
+        assert str(e.value) == (
+            f"checkpoint step 60 is of another architecture than this config ({field} "
+            f"{value!r} there, {old[field]!r} here); use another --workdir")
 
 
 def test_convert_layout_moves_params_and_adam_moments_exactly():

@@ -144,11 +144,11 @@ def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
         step = ckpt.latest_step() if step is None else step
         check_checkpoint_meta(step, meta, model_cfg=model_cfg,
                               tokenizer=tokenizer_info(tokenizer))
-        # Only the layout of the saved execution matters to the read (its kernel may be one
-        # this host cannot trace, e.g. cudnn on a CPU).
+        # Read in the saved layout. The shapes do not depend on the kernel, so they are traced
+        # with xla (a run's own may not trace on this host, e.g. cudnn on a CPU).
         saved_scan = saved_execution(meta, model_cfg)["scan_layers"]
-        params = ckpt.restore_params(
-            abstract_params(model_cfg.with_execution(scan_layers=saved_scan)), step)
+        params = ckpt.restore_params(abstract_params(model_cfg.with_execution(
+            scan_layers=saved_scan, attention_impl="xla")), step)
     finally:
         ckpt.close()
     if saved_scan != model_cfg.scan_layers:
