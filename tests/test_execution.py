@@ -186,15 +186,17 @@ def test_checkpoint_meta_compares_the_architecture_only():
 
 def test_convert_layout_moves_params_and_adam_moments_exactly():
     cfg = GPTConfig.preset("tiny-gpt3")  # two attention kinds: a scan period of 2
-    params = init_params(cfg, jax.random.key(0))
     tx, _ = make_optimizer(base_config().optim, 100)  # train.py's: clipping, AdamW with a decay mask
-    state = {"params": params, "opt": tx.update(params, tx.init(params), params)[1]}
-    scan_cfg = cfg.with_execution(scan_layers=True)
+
+    def state_of(config):  # parameters and the optimizer state after one update (moments != 0)
+        params = init_params(config, jax.random.key(0))
+        return {"params": params, "opt": tx.update(params, tx.init(params), params)[1]}
+    state = jax.jit(state_of, static_argnums=0)(cfg)
     stacked = convert_layout(cfg, state, scan_layers=True)
-    want = jax.tree_util.tree_structure(
-        {"params": init_params(scan_cfg, jax.random.key(0)),
-         "opt": tx.init(init_params(scan_cfg, jax.random.key(0)))})
-    assert jax.tree_util.tree_structure(stacked) == want
+    want = jax.eval_shape(lambda: state_of(cfg.with_execution(scan_layers=True)))
+    assert jax.tree_util.tree_structure(stacked) == jax.tree_util.tree_structure(want)
+    assert [x.shape for x in jax.tree_util.tree_leaves(stacked)] == [
+        x.shape for x in jax.tree_util.tree_leaves(want)]
     back = convert_layout(cfg, stacked, scan_layers=False)
     assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(state)
     for x, y in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(back)):
