@@ -136,6 +136,23 @@ def test_library_loaders_apply_execution_overrides(runs, capsys):
         load_pretrained(workdir=stopped, execution={"n_embd": 64})
 
 
+def test_hf_directory_loads_with_an_execution_override(runs, tmp_path, capsys):
+    from conftest import small_hf_lm
+
+    small_hf_lm("gpt2", 0, vocab_size=64, n_positions=32, n_embd=32, n_layer=2,
+                n_head=2).save_pretrained(tmp_path)
+    tok_dir = str(runs[1] / "tokenizer")  # a gptjax tokenizer (tokenizer.json), 40 characters
+    cfg, params, _ = load_pretrained(hf_dir=str(tmp_path), tokenizer_path=tok_dir)
+    assert "execution" not in capsys.readouterr().err
+    cfg2, params2, _ = load_pretrained(hf_dir=str(tmp_path), tokenizer_path=tok_dir,
+                                       execution="scan_layers=true,remat=full")
+    assert (cfg2.scan_layers, cfg2.remat) == (True, "full") and "h" in params2
+    assert f"note: loading {tmp_path} with another execution: remat 'none' -> 'full', " \
+           "scan_layers False -> True" in capsys.readouterr().err
+    np.testing.assert_allclose(_logits(cfg2, params2), _logits(cfg, params), rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_serve_loads_with_an_execution_override(runs, monkeypatch, capsys):
     """serve.py's `serve` loads the model with the override (stopped before the engine builds:
     loading is all that the override concerns)."""

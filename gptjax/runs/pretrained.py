@@ -100,8 +100,9 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
       execution: execution fields to run the model with instead of the run's (or the HF
         config's): a dict, or text like 'attention_impl=xla,remat=full' (see
         gptjax.config.parse_execution). The returned config has them; parameters come in the
-        layout its `scan_layers` says. A run's checkpoint saved with another execution is named
-        on one stderr line (`note: loading step N with another execution: ...`).
+        layout its `scan_layers` says. Running under another execution than the checkpoint was
+        saved with (or the HF config says) is named on one stderr line (`note: loading step N
+        with another execution: remat 'none' -> 'full'`).
 
     Returns:
       (GPTConfig, params, tokenizer).
@@ -123,7 +124,14 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
     run_cfg = model_cfg.with_execution(**overrides)
     if run_cfg.scan_layers != model_cfg.scan_layers:
         params = convert_layout(run_cfg, params, run_cfg.scan_layers)
+    _note(f"loading {hf_dir}", describe_changes(model_cfg.execution(), run_cfg.execution()))
     return run_cfg, params, tokenizer
+
+
+def _note(what: str, change: Optional[str]) -> None:
+    """One stderr line naming an execution change (process 0), if there is one."""
+    if change and jax.process_index() == 0:
+        print(f"note: {what} with another execution: {change}", file=sys.stderr, flush=True)
 
 
 def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
@@ -153,10 +161,7 @@ def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
         ckpt.close()
     if saved_scan != model_cfg.scan_layers:
         params = convert_layout(model_cfg, params, model_cfg.scan_layers)
-    change = execution_change(meta, model_cfg)
-    if change and jax.process_index() == 0:
-        print(f"note: loading step {step} with another execution: {change}", file=sys.stderr,
-              flush=True)
+    _note(f"loading step {step}", execution_change(meta, model_cfg))
     return model_cfg, jax.device_put(params), tokenizer
 
 
