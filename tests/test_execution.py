@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from gptjax.config import EXECUTION_FIELDS, ConfigError, GPTConfig, parse_execution
-from gptjax.defaults import base_config
+from gptjax.defaults import base_config, finetune_config
 from gptjax.nn.model import GPT, init_params
 from gptjax.nn.param_layout import convert_layout, stack_layers
 from gptjax.runs.checkpoint import CheckpointError
@@ -111,6 +111,7 @@ def test_library_loaders_apply_execution_overrides(runs, capsys):
     """load_pretrained (sample.py, serve.py), eval's load_models and finetune's decoder."""
     from gptjax.eval.run import load_models
     from gptjax.finetune.decoder import pretrained_decoder
+    from gptjax.finetune.dryrun import decoder_config
 
     stopped = str(runs[1])
     cfg, params, _ = load_pretrained(workdir=stopped)
@@ -131,6 +132,9 @@ def test_library_loaders_apply_execution_overrides(runs, capsys):
                                           execution="remat=full,embd_pdrop=0.2"))
     cfg4, _, _ = pretrained_decoder(init)
     assert (cfg4.remat, cfg4.embd_pdrop) == ("full", 0.2)
+    ft = finetune_config("sst2")  # finetune.py --dry_run reads the same init (no weights)
+    ft.init.update(kind="workdir", path=stopped, execution="remat=full")
+    assert decoder_config(ft) == cfg4.with_execution(embd_pdrop=cfg.embd_pdrop)
     assert capsys.readouterr().err.count("with another execution") == 3
     with pytest.raises(ConfigError, match="n_embd: not an execution field"):
         load_pretrained(workdir=stopped, execution={"n_embd": 64})

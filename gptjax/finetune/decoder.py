@@ -41,7 +41,7 @@ def pretrained_decoder(init: ml_collections.ConfigDict, step: Optional[int] = No
     if not init.path:
         raise ValueError(f"init.kind={init.kind!r} needs init.path (a train.py work directory "
                          "or a Hugging Face / OpenAI model directory)")
-    execution = init.get("execution") or None  # (configs written before it lack the field)
+    execution = init.execution or None
     if init.kind == "workdir":
         return load_pretrained(workdir=init.path, step=step, execution=execution)
     if init.kind != "hf":

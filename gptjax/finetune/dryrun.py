@@ -64,7 +64,7 @@ def decoder_config(config: ml_collections.ConfigDict) -> GPTConfig:
     with open(path) as fh:
         d = json.load(fh)
     base = config_from_hf(d) if init.kind == "hf" else GPTConfig.from_dict(d)
-    return base.with_execution(**parse_execution(init.get("execution") or ""))
+    return base.with_execution(**parse_execution(init.execution))
 
 
 def _scratch_vocab(tc: ml_collections.ConfigDict) -> int:
