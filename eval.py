@@ -3,7 +3,6 @@
   python eval.py --mode=fewshot --workdir runs/a --tasks 2D+,1DC --shots 0,1,4 --out runs/eval
   python eval.py --mode=zeroshot --workdir runs/a --steps all --tasks lambada=l.jsonl --out runs/zs
   python eval.py --mode=lm_eval --hf_dir path/to/gpt2 --tasks hellaswag --include_path my_tasks
-
 Intentionally thin: gptjax.eval does the work.
 """
 
@@ -12,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import run_cli
+from gptjax.cli import define_execution_flag, run_cli
 from gptjax.eval import run
 
 _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval"],
@@ -20,8 +19,8 @@ _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeros
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
-_STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir, e.g. 500,1000, "
-                             "or all.")
+_EXECUTION = define_execution_flag()  # e.g. --execution attention_impl=xla
+_STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir (500,1000 or all).")
 _OUT = flags.DEFINE_string("out", "", "Directory for JSON/markdown results and plots.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
 # perplexity
@@ -52,7 +51,8 @@ def _run():
     specs = [s for v in _TASKS.value for s in v.split(",") if s]
     if _MODE.value != "perplexity" and not specs:
         raise ValueError(f"--mode={_MODE.value} needs --tasks (e.g. --tasks 2D+,1DC)")
-    models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps)
+    models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps,
+                             execution=_EXECUTION.value)
     kw = dict(seed=_SEED.value, batch_size=_BATCH.value, out=_OUT.value)
     if _MODE.value == "fewshot":
         run.run_fewshot(models, specs, run.parse_ints(_SHOTS.value, "shots"),

@@ -2,22 +2,20 @@
   python sample.py --workdir runs/default --prompt "def " --max_new_tokens 100
   python sample.py --hf_dir path/to/gpt2 --prompt_file prompts.txt --num_beams 4
   echo "Once upon a time" | python sample.py --workdir runs/x --weights int8
-Intentionally thin: gptjax.runs.workdir loads, gptjax.inference.textgen completes and streams.
+  python sample.py --workdir runs/x --execution attention_impl=xla   # a TPU run on a CPU
+Intentionally thin: gptjax.runs.pretrained loads, gptjax.inference.textgen completes and streams.
 """
 
 import sys
 
 from absl import app, flags
 
-from gptjax.cli import parse_flags, run_cli
+from gptjax.cli import ModelFlags, parse_flags, run_cli
 from gptjax.inference.sampling import prepare_for_decoding
 from gptjax.inference.textgen import check_request, complete
 from gptjax.runs.pretrained import load_pretrained
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir (default: it).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --step / --execution
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (fit to the context).")
@@ -51,8 +49,7 @@ def _write(row, text):  # (a textgen on_text callback: row index, new text)
 def _run():
     if _N.value < 1:
         raise ValueError(f"--num_samples={_N.value}: must be >= 1")
-    config, params, tok = load_pretrained(workdir=_WORKDIR.value, hf_dir=_HF_DIR.value,
-                                          tokenizer_path=_TOKENIZER.value, step=_STEP.value)
+    config, params, tok = load_pretrained(**_MODEL.load_args())
     params = prepare_for_decoding(config, params, weights=_WEIGHTS.value)  # once for all
     temp = _TEMP.value if _TEMP.value is not None else (1.0 if _BEAMS.value > 1 else 0.8)
     opts = dict(temperature=temp, top_k=_TOP_K.value, top_p=_TOP_P.value,

@@ -6,19 +6,16 @@
   curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \
        -d '{"prompt": "To be", "max_tokens": 20, "seed": 0}'
 
-Intentionally thin: gptjax.inference.serving loads (gptjax.runs.workdir), batches, decodes and
+Intentionally thin: gptjax.inference.serving loads (gptjax.runs.pretrained), batches, decodes and
 answers.
 """
 
 from absl import app, flags
 
-from gptjax.cli import run_cli
+from gptjax.cli import ModelFlags, run_cli
 from gptjax.inference.serving import serve
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py run directory.")
-_HF_DIR = flags.DEFINE_string("hf_dir", None, "A local transformers GPT-2/OpenAI-GPT directory.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir (default: it).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --step / --execution
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _NAME = flags.DEFINE_string("model_name", None, "Model id in the API (default: the dir's name).")
@@ -44,8 +41,7 @@ _WEIGHTS = flags.DEFINE_enum("weights", "fp32", ["fp32", "bf16", "int8"], "Decod
 def main(argv):
     del argv
     run_cli(lambda: serve(
-        workdir=_WORKDIR.value, hf_dir=_HF_DIR.value, tokenizer_path=_TOKENIZER.value,
-        step=_STEP.value, host=_HOST.value, port=_PORT.value, batching=_BATCHING.value,
+        **_MODEL.load_args(), host=_HOST.value, port=_PORT.value, batching=_BATCHING.value,
         slots=_SLOTS.value, cache_buckets=_CACHE.value, max_prefill_tokens=_PREFILL.value,
         batch_sizes=_BATCH.value, prompt_buckets=_PROMPT_BUCKETS.value, max_queue=_QUEUE.value,
         batch_window_ms=_WINDOW.value, request_timeout=_TIMEOUT.value, model_name=_NAME.value,

@@ -3,6 +3,7 @@
 Every way a user can get a run wrong ends in one line on stderr, `error: <what, and what is
 allowed>`, and exit status 2: a config flag naming no config key (`define_config_file`), a flag
 value of the wrong type (`parse_flags`), and any user error raised while running (`run_cli`).
+The scripts that load a trained model share its flags (`ModelFlags`, `define_execution_flag`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import is_config_flag
 
-from gptjax.config import ConfigError
+from gptjax.config import EXECUTION_FIELDS, ConfigError
 from gptjax.inference import sampling
 from gptjax.nn.convert import ConversionError
 from gptjax.sharding import ShardingError
@@ -166,10 +167,8 @@ def define_config_file(name: str, default: Optional[str], help_string: str, **kw
                 fail(msg)
         fail(f"--{name}: cannot load the config: {_config_error(e)}")
     # `--help` lists the flags of the entry script only; the config flag is defined here, so it
-    # is declared a key flag of the script that called us (absl names __main__ by sys.argv[0]).
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
-                                             flags.FLAGS[name])
+    # is declared a key flag of the script that called us.
+    _key_flag_of_caller(holder)
     return holder
 
 
@@ -213,6 +212,50 @@ def parse_flags(argv: list) -> list:
                 fail(f"--{name}={flag.config_filename}: cannot load the config file: "
                      f"{str(e).strip().splitlines()[-1]}")
     return rest
+
+
+def _key_flag_of_caller(flag, depth: int = 2) -> None:
+    """Lists `flag` in `--helpshort` of the entry script that defined it through a helper here
+    (absl names __main__ by sys.argv[0])."""
+    caller = sys._getframe(depth).f_globals.get("__name__", "")
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller,
+                                             flags.FLAGS[flag.name])
+
+
+def _execution_flag(depth: int):
+    holder = flags.DEFINE_string(
+        "execution", None, "Run the model with other execution fields than it was saved with, "
+        f"e.g. attention_impl=xla,remat=full (fields: {', '.join(EXECUTION_FIELDS)}).")
+    _key_flag_of_caller(holder, depth + 1)
+    return holder
+
+
+def define_execution_flag():
+    """`--execution`: run a loaded model with other execution fields than it was trained with
+    (passed as `execution` to gptjax.runs.pretrained.load_pretrained)."""
+    return _execution_flag(depth=2)
+
+
+class ModelFlags:
+    """The flags of a model to load (sample.py, serve.py): --workdir or --hf_dir (with
+    --tokenizer), --step, and --execution; `load_args()` are load_pretrained's arguments."""
+
+    def __init__(self):
+        self.workdir = flags.DEFINE_string("workdir", None, "A train.py run directory.")
+        self.hf_dir = flags.DEFINE_string("hf_dir", None,
+                                          "A local transformers GPT-2/OpenAI-GPT directory.")
+        self.tokenizer = flags.DEFINE_string("tokenizer", None,
+                                             "GPT-2 BPE files for --hf_dir (default: it).")
+        self.step = flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+        for holder in (self.workdir, self.hf_dir, self.tokenizer, self.step):
+            _key_flag_of_caller(holder)
+        self.execution = _execution_flag(depth=2)
+
+    def load_args(self) -> dict:
+        """workdir, hf_dir, tokenizer_path, step and execution, as the flags give them."""
+        return dict(workdir=self.workdir.value, hf_dir=self.hf_dir.value,
+                    tokenizer_path=self.tokenizer.value, step=self.step.value,
+                    execution=self.execution.value)
 
 
 def sample_after_training(config: ml_collections.ConfigDict, result: TrainResult) -> None:

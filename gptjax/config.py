@@ -2,6 +2,13 @@
 
 Every difference between GPT-1, GPT-2 and GPT-3 is a field here; the model never branches on a
 model name. The presets come from one table each, citing the paper they come from.
+
+A GPTConfig holds two kinds of fields. The *architecture* defines the weights: their shapes, what
+they compute and how they are stored (`architecture()`). The *execution* (`EXECUTION_FIELDS`,
+`execution()`) says how a step computes with them: the attention kernel, rematerialisation,
+`nn.scan` over the layers, the compute dtype and the dropout rates. A checkpoint belongs to one
+architecture and runs under any execution: resuming or loading it compares the architecture only
+and takes the execution from here (`with_execution`), naming what changed (`describe_changes`).
 """
 
 from __future__ import annotations
@@ -16,6 +23,13 @@ ATTENTION_IMPLS = ("xla", "cudnn", "pallas", "splash", "auto")
 REMAT_POLICIES = ("none", "full", "dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
+# How a step computes with the weights, not what the weights are: any of these may change between
+# a checkpoint and the run that resumes or loads it. Everything else in GPTConfig is architecture.
+# (`scan_layers` changes the parameter tree's layout, stacked or per layer, but not one number:
+# gptjax.nn.param_layout.convert_layout moves a checkpoint's tree between the two.)
+EXECUTION_FIELDS = ("attention_impl", "remat", "scan_layers", "dtype",
+                    "embd_pdrop", "attn_pdrop", "resid_pdrop")
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the value and what is allowed."""
@@ -23,9 +37,11 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class GPTConfig:
-    """The architecture of a GPT decoder.
+    """A GPT decoder: its architecture (what defines the weights) and its execution (how a step
+    computes with them, `EXECUTION_FIELDS`). Both are plain fields, so `GPTConfig(remat="full")`
+    and `--config.model.remat=full` set them alike; `architecture()` and `execution()` split them.
 
-    Attributes:
+    Architecture (a checkpoint is refused by a run whose architecture differs):
       vocab_size: number of token embeddings (rows of `wte`).
       n_ctx: context length, the number of learned positions (rows of `wpe`).
       n_layer: number of transformer blocks.
@@ -37,8 +53,6 @@ class GPTConfig:
       final_norm: a last LayerNorm `ln_f` before the output head (GPT-2/3: True; GPT-1: False).
       layer_norm_epsilon: LayerNorm epsilon (1e-5 in the released GPT-1/GPT-2 code).
       activation: MLP nonlinearity; 'gelu_tanh' is the tanh approximation the originals used.
-      embd_pdrop, attn_pdrop, resid_pdrop: dropout after the embedding sum, on attention
-        probabilities, and on each residual branch.
       use_bias: biases in the dense layers and LayerNorms (all GPTs: True; nanoGPT's `bias`
         flag, False in its recipes, drops both).
       tie_embeddings: output head shares `wte` (all GPTs: True).
@@ -49,11 +63,19 @@ class GPTConfig:
         context) or 'local' (causal and banded: a query attends to the `local_window` most recent
         positions, itself included). GPT-3 alternates ('dense', 'local').
       local_window: band width of 'local' layers.
+      param_dtype: storage dtype of parameters (fp32 master weights under bf16 compute). It is
+        architecture: it is the dtype of the checkpoint's arrays and of the Adam moments trained
+        with them, and restoring into another would silently round or widen the master weights.
+        To decode in lower precision, convert at load time (`--weights bf16|int8`,
+        gptjax.inference.decoding.prepare_for_decoding).
+
+    Execution (any change is accepted on resume and load, and named in one line):
       attention_impl: which attention kernel computes attention (see gptjax.nn.attention).
       dtype: compute dtype of activations and matmuls.
-      param_dtype: storage dtype of parameters (fp32 master weights under bf16 compute).
       scan_layers: build the blocks with `nn.scan` (one compiled block, stacked parameters).
       remat: rematerialisation policy of each block: 'none', 'full' or 'dots' (save matmul outputs).
+      embd_pdrop, attn_pdrop, resid_pdrop: dropout after the embedding sum, on attention
+        probabilities, and on each residual branch (training only; a rate, not a weight).
     """
 
     vocab_size: int = 50257
@@ -156,7 +178,28 @@ class GPTConfig:
                               f"{[f.name for f in dataclasses.fields(self)]}")
         return dataclasses.replace(self, **changes)
 
+    def with_execution(self, **changes: Any) -> "GPTConfig":
+        """A copy with some execution fields changed (validated); the architecture stays.
+
+        Raises:
+          ConfigError: a name that is not an execution field (an architecture field or unknown).
+        """
+        other = sorted(set(changes) - set(EXECUTION_FIELDS))
+        if other:
+            raise ConfigError(f"{', '.join(other)}: not an execution field (a change of "
+                              f"architecture needs another run); allowed: {list(EXECUTION_FIELDS)}")
+        return dataclasses.replace(self, **changes)
+
+    def architecture(self) -> dict:
+        """The fields that define the weights (every field but `EXECUTION_FIELDS`), as JSON."""
+        return {k: v for k, v in self.to_dict().items() if k not in EXECUTION_FIELDS}
+
+    def execution(self) -> dict:
+        """The fields that say how a step computes (`EXECUTION_FIELDS`)."""
+        return {k: getattr(self, k) for k in EXECUTION_FIELDS}
+
     def to_dict(self) -> dict:
+        """Every field, architecture and execution, as JSON (what model_config.json holds)."""
         d = dataclasses.asdict(self)
         d["attention_pattern"] = list(self.attention_pattern)
         return d
@@ -244,6 +287,50 @@ def check_scan_config(config: GPTConfig) -> None:
         raise ConfigError(
             f"n_layer={config.n_layer} is not a multiple of len(attention_pattern)="
             f"{len(config.attention_pattern)}, which scan_layers=True requires")
+
+
+def describe_changes(before: dict, after: dict) -> Optional[str]:
+    """The fields whose values differ, on one line (`remat 'none' -> 'full', ...`); None if none.
+
+    Args:
+      before: field values (e.g. the execution a checkpoint was saved with).
+      after: field values (e.g. this run's); only the keys of `after` are compared.
+    """
+    diff = [k for k in after if k in before and before[k] != after[k]]
+    return ", ".join(f"{k} {before[k]!r} -> {after[k]!r}" for k in diff) or None
+
+
+def parse_execution(text: str) -> dict:
+    """`attention_impl=xla,remat=full,scan_layers=true` -> {field: value} of execution fields.
+
+    Booleans are true/false (or 1/0), the dropout rates numbers, the rest names. The values are
+    checked where they are applied (`GPTConfig.with_execution`).
+
+    Raises:
+      ConfigError: an item that is not `field=value`, a field that is not an execution field, or
+        a value of the wrong type; the message names it.
+    """
+    out = {}
+    for item in (x.strip() for x in text.split(",")):
+        if not item:
+            continue
+        name, eq, value = (x.strip() for x in item.partition("="))
+        if not eq or name not in EXECUTION_FIELDS:
+            raise ConfigError(f"execution override {item!r}: give field=value with a field of "
+                              f"{list(EXECUTION_FIELDS)}")
+        if name == "scan_layers":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ConfigError(f"execution override {item!r}: scan_layers is true or false")
+            out[name] = value.lower() in ("true", "1")
+        elif name.endswith("_pdrop"):
+            try:
+                out[name] = float(value)
+            except ValueError:
+                raise ConfigError(f"execution override {item!r}: {name} is a number in [0, 1)"
+                                  ) from None
+        else:
+            out[name] = value
+    return out
 
 
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:

@@ -234,6 +234,8 @@ def _finetune_init() -> ml_collections.ConfigDict:
                                          # tokenizer directory
     i.transfer_layers = -1               # pretrained blocks kept (-1 = all; GPT-1 Figure 2)
     i.transfer_embeddings = True
+    i.execution = ""                     # workdir/hf: execution overrides of the pretrained
+                                         # decoder, e.g. 'attention_impl=xla,remat=full'
     return i
 
 

@@ -33,7 +33,8 @@ def checkpoint_steps(workdir: str) -> list:
 
 
 def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
-                tokenizer_path: Optional[str] = None, steps: Sequence[int] | str = ()) -> list:
+                tokenizer_path: Optional[str] = None, steps: Sequence[int] | str = (),
+                execution: Optional[str] = None) -> list:
     """(name, config, params, tokenizer, info) for every model named.
 
     Args:
@@ -43,6 +44,8 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
         OpenAI GPT's BPE files, or a saved gptjax tokenizer directory.
       steps: checkpoint steps to evaluate in every workdir (a curve against training step), or
         'all' for every checkpoint each workdir holds.
+      execution: execution overrides for every model (e.g. 'attention_impl=xla'; see
+        gptjax.runs.pretrained.load_pretrained).
 
     Returns:
       The models, in the order named (each workdir once per step).
@@ -55,11 +58,12 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
     models = []
     for wd in workdirs:
         for step in (checkpoint_steps(wd) if steps == "all" else steps) or [None]:
-            config, params, tok = load_pretrained(workdir=wd, step=step)
+            config, params, tok = load_pretrained(workdir=wd, step=step, execution=execution)
             name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
             models.append((name, config, params, tok, {"step": step, "path": wd}))
     for hd in hf_dirs:
-        config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path)
+        config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path,
+                                              execution=execution)
         models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
                        {"path": hd}))
     return models

@@ -31,7 +31,8 @@ def pretrained_decoder(init: ml_collections.ConfigDict, step: Optional[int] = No
       init: kind 'workdir' (a train.py work directory at `path`, its latest checkpoint or
         `step`) or 'hf' (a transformers / OpenAI GPT-2 directory at `path`; the tokenizer is the
         GPT-2 or OpenAI GPT BPE files in `tokenizer_path` or `path`, or a saved gptjax tokenizer
-        directory).
+        directory); `execution` ('' or e.g. 'attention_impl=xla,remat=full') runs the decoder
+        with other execution fields than it was pretrained with.
       step: a pretraining checkpoint step (workdir only); None = the latest.
 
     Returns:
@@ -40,11 +41,13 @@ def pretrained_decoder(init: ml_collections.ConfigDict, step: Optional[int] = No
     if not init.path:
         raise ValueError(f"init.kind={init.kind!r} needs init.path (a train.py work directory "
                          "or a Hugging Face / OpenAI model directory)")
+    execution = init.execution or None
     if init.kind == "workdir":
-        return load_pretrained(workdir=init.path, step=step)
+        return load_pretrained(workdir=init.path, step=step, execution=execution)
     if init.kind != "hf":
         raise ValueError(f"init.kind={init.kind!r}: load_pretrained takes 'workdir' or 'hf'")
-    return load_pretrained(hf_dir=init.path, tokenizer_path=init.tokenizer_path or None)
+    return load_pretrained(hf_dir=init.path, tokenizer_path=init.tokenizer_path or None,
+                           execution=execution)
 
 
 def transfer_layers(config: GPTConfig, pretrained: dict, fresh: dict, n_layers: int,

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import defaults
-from gptjax.config import GPTConfig
+from gptjax.config import GPTConfig, parse_execution
 from gptjax.data.tasks import get_task
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS, build_tokenizer
 from gptjax.finetune import heads
@@ -63,7 +63,8 @@ def decoder_config(config: ml_collections.ConfigDict) -> GPTConfig:
                          f"(got {init.path!r})")
     with open(path) as fh:
         d = json.load(fh)
-    return config_from_hf(d) if init.kind == "hf" else GPTConfig.from_dict(d)
+    base = config_from_hf(d) if init.kind == "hf" else GPTConfig.from_dict(d)
+    return base.with_execution(**parse_execution(init.execution))
 
 
 def _scratch_vocab(tc: ml_collections.ConfigDict) -> int:

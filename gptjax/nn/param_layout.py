@@ -114,3 +114,34 @@ def unstack_layers(config: GPTConfig, params: dict) -> dict:
     for i in range(config.n_layer):
         out[f"h_{i}"] = jax.tree_util.tree_map(lambda x: x[i // P], params["h"][f"block_{i % P}"])
     return out
+
+
+def _is_params(x: Any) -> bool:
+    """Whether `x` is a decoder's parameter tree (or one shaped like it: an Adam moment)."""
+    return isinstance(x, dict) and ("h_0" in x or isinstance(x.get("h"), dict) and "block_0"
+                                    in x["h"])
+
+
+def convert_layout(config: GPTConfig, tree: Any, scan_layers: bool) -> Any:
+    """Every parameter tree inside `tree` moved to the per-layer or the scan layout.
+
+    Works on a train state as well as on parameters: the optimizer's moments have the
+    parameters' tree (optax keeps them in the same dicts, with masked-out leaves as empty
+    nodes), so each dict shaped like the parameters is converted and everything else (the step,
+    Adam's count) is kept. Stacking and slicing move numbers without changing one.
+
+    Args:
+      config: the architecture (its attention_pattern is the scan period).
+      tree: any pytree holding parameter-shaped dicts, in either layout.
+      scan_layers: the target: stacked for `nn.scan` (True) or one `h_{i}` per layer.
+
+    Returns:
+      `tree` with every parameter-shaped dict in the target layout.
+    """
+    def convert(x):
+        if not _is_params(x):
+            return x
+        if scan_layers:
+            return x if "h" in x else stack_layers(config, x)
+        return unstack_layers(config, x) if "h" in x else x
+    return jax.tree_util.tree_map(convert, tree, is_leaf=_is_params)

@@ -324,13 +324,20 @@ class Checkpointer:
         `check_meta(step, meta)` runs before the state is read; it raises CheckpointError when
         the checkpoint belongs to another run (architecture, tokenizer), which is not skipped.
 
+        Args:
+          abstract_state: the state to restore into, or a function of the step's metadata that
+            gives it (a step saved in another parameter layout is read in its own).
+          check_meta: see above.
+
         Returns:
           (step, state, meta) of the restored checkpoint, or None.
         """
         while (step := self.latest_step()) is not None:
             try:
-                check_meta(step, self.restore_meta(step))
-                state, meta = self.restore(abstract_state, step)
+                saved_meta = self.restore_meta(step)
+                check_meta(step, saved_meta)
+                target = abstract_state(saved_meta) if callable(abstract_state) else abstract_state
+                state, meta = self.restore(target, step)
                 return step, state, meta
             except DamagedCheckpointError as e:
                 aside = self.set_aside(step)

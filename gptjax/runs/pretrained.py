@@ -3,26 +3,46 @@
 `load_pretrained` reads a decoder from a train.py work directory (its latest checkpoint, after
 checking that the checkpoint's metadata matches the run's `model_config.json` and tokenizer) or
 from a transformers / OpenAI model directory, for sampling, serving, evaluation and finetuning.
+A checkpoint is checked against the architecture only; it loads under any execution (attention
+kernel, remat, scan, compute dtype, dropout: `GPTConfig.EXECUTION_FIELDS`), the run's own or the
+caller's `execution` overrides, and a change from the execution it was saved with is named in one
+line (a `scan_layers` change moves the parameters to the other layout).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from typing import Optional
+import sys
+from typing import Optional, Union
 
 import jax
 
-from gptjax.config import GPTConfig
+from gptjax.config import EXECUTION_FIELDS, GPTConfig, describe_changes, parse_execution
 from gptjax.data.tokenizers import from_hf_files, load_tokenizer, tokenizer_info
 from gptjax.nn.convert import from_hf
 from gptjax.nn.model import abstract_params
+from gptjax.nn.param_layout import convert_layout
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
+
+
+def _architecture_of(saved: dict) -> dict:
+    """The architecture a checkpoint's `model_config` records; fields it predates take their
+    defaults (a field is added with the default that keeps older models as they were)."""
+    fields = {f.name: f.default for f in dataclasses.fields(GPTConfig)}
+    out = {k: v for k, v in saved.items() if k not in EXECUTION_FIELDS}  # (unknown keys too)
+    for k, default in fields.items():
+        if k not in EXECUTION_FIELDS and k not in out:
+            out[k] = list(default) if isinstance(default, tuple) else default
+    return out
 
 
 def check_checkpoint_meta(step: int, meta: dict, *, model_cfg: GPTConfig, tokenizer: dict
                           ) -> None:
     """Raises CheckpointError when checkpoint `step` belongs to another run than this one.
+
+    Only the architecture is compared: the execution (`EXECUTION_FIELDS`) may differ.
 
     Args:
       step: the checkpoint's step.
@@ -30,7 +50,7 @@ def check_checkpoint_meta(step: int, meta: dict, *, model_cfg: GPTConfig, tokeni
       model_cfg: this run's architecture.
       tokenizer: this run's tokenizer as {kind, vocab_size, fingerprint}.
     """
-    saved, here = meta.get("model_config") or {}, model_cfg.to_dict()
+    saved, here = _architecture_of(meta.get("model_config") or {}), model_cfg.architecture()
     if saved != here:
         diff = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
         what = "; ".join(f"{k} {saved.get(k)!r} there, {here.get(k)!r} here" for k in diff[:3])
@@ -45,8 +65,26 @@ def check_checkpoint_meta(step: int, meta: dict, *, model_cfg: GPTConfig, tokeni
                 "tokenizer/ directory back or use another --workdir")
 
 
+def saved_execution(meta: dict, model_cfg: GPTConfig) -> dict:
+    """The execution checkpoint metadata `meta` was saved with (fields it lacks: `model_cfg`'s).
+
+    Args:
+      meta: a checkpoint's metadata, of `model_cfg`'s architecture (check_checkpoint_meta).
+      model_cfg: this run's config.
+    """
+    saved = meta.get("model_config") or {}
+    return {k: saved.get(k, v) for k, v in model_cfg.execution().items()}
+
+
+def execution_change(meta: dict, model_cfg: GPTConfig) -> Optional[str]:
+    """What `model_cfg` runs differently from the execution `meta` was saved with, on one line
+    (`remat 'none' -> 'full'`), or None when nothing does."""
+    return describe_changes(saved_execution(meta, model_cfg), model_cfg.execution())
+
+
 def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = None,
-                    tokenizer_path: Optional[str] = None, step: Optional[int] = None):
+                    tokenizer_path: Optional[str] = None, step: Optional[int] = None,
+                    execution: Union[dict, str, None] = None):
     """(GPTConfig, params, tokenizer) of a pretrained decoder: a gptjax run or an HF directory.
 
     The parameters come back as uncommitted single-device jax arrays, so the jitted functions
@@ -59,6 +97,12 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
       tokenizer_path: with hf_dir, where its tokenizer is (default: hf_dir): a gptjax tokenizer
         directory (tokenizer.json, no vocab.json), or GPT-2's / OpenAI GPT's BPE files.
       step: a checkpoint step of `workdir`; None = the latest.
+      execution: execution fields to run the model with instead of the run's (or the HF
+        config's): a dict, or text like 'attention_impl=xla,remat=full' (see
+        gptjax.config.parse_execution). The returned config has them; parameters come in the
+        layout its `scan_layers` says. Running under another execution than the checkpoint was
+        saved with (or the HF config says) is named on one stderr line (`note: loading step N
+        with another execution: remat 'none' -> 'full'`).
 
     Returns:
       (GPTConfig, params, tokenizer).
@@ -66,27 +110,41 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
     Raises:
       ValueError: unless exactly one of workdir / hf_dir is given, or when the tokenizer has
         more ids than the model has embeddings.
+      ConfigError: an `execution` item that is not an execution field or not a valid value.
       CheckpointError: when `workdir` is not a gptjax run, or its checkpoint does not match
-        its model_config.json or tokenizer.
+        its model_config.json (architecture) or tokenizer.
     """
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir (a gptjax run) or --hf_dir "
                          "(a transformers model directory)")
+    overrides = parse_execution(execution) if isinstance(execution, str) else (execution or {})
     if workdir is not None:
-        return _load_workdir(workdir, step)
-    return _load_hf(hf_dir, tokenizer_path or hf_dir)
+        return _load_workdir(workdir, step, overrides)
+    model_cfg, params, tokenizer = _load_hf(hf_dir, tokenizer_path or hf_dir)
+    run_cfg = model_cfg.with_execution(**overrides)
+    if run_cfg.scan_layers != model_cfg.scan_layers:
+        params = convert_layout(run_cfg, params, run_cfg.scan_layers)
+    _note(f"loading {hf_dir}", describe_changes(model_cfg.execution(), run_cfg.execution()))
+    return run_cfg, params, tokenizer
 
 
-def _load_workdir(workdir: str, step: Optional[int]):
+def _note(what: str, change: Optional[str]) -> None:
+    """One stderr line naming an execution change (process 0), if there is one."""
+    if change and jax.process_index() == 0:
+        print(f"note: {what} with another execution: {change}", file=sys.stderr, flush=True)
+
+
+def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
     """A run's checkpoint: only the parameters are read (an Orbax partial restore: no optimizer
-    state, no mesh), after checking that model_config.json and tokenizer/ are its own."""
+    state, no mesh), after checking that model_config.json and tokenizer/ are its own; they are
+    read in the layout they were saved in and moved to the one `overrides` ask for."""
     if not os.path.isdir(workdir):
         raise CheckpointError(f"work directory {workdir!r} does not exist")
     workdir = os.path.abspath(workdir)
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise CheckpointError(f"{workdir} is not a gptjax work directory (no config.json)")
     with open(os.path.join(workdir, "model_config.json")) as fh:
-        model_cfg = GPTConfig.from_dict(json.load(fh))
+        model_cfg = GPTConfig.from_dict(json.load(fh)).with_execution(**overrides)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
     tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
     try:
@@ -94,9 +152,16 @@ def _load_workdir(workdir: str, step: Optional[int]):
         step = ckpt.latest_step() if step is None else step
         check_checkpoint_meta(step, meta, model_cfg=model_cfg,
                               tokenizer=tokenizer_info(tokenizer))
-        params = ckpt.restore_params(abstract_params(model_cfg), step)
+        # Read in the saved layout. The shapes do not depend on the kernel, so they are traced
+        # with xla (a run's own may not trace on this host, e.g. cudnn on a CPU).
+        saved_scan = saved_execution(meta, model_cfg)["scan_layers"]
+        params = ckpt.restore_params(abstract_params(model_cfg.with_execution(
+            scan_layers=saved_scan, attention_impl="xla")), step)
     finally:
         ckpt.close()
+    if saved_scan != model_cfg.scan_layers:
+        params = convert_layout(model_cfg, params, model_cfg.scan_layers)
+    _note(f"loading step {step}", execution_change(meta, model_cfg))
     return model_cfg, jax.device_put(params), tokenizer
 
 

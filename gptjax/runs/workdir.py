@@ -1,8 +1,8 @@
 """A run directory: what train.py writes there (the config, metrics, the summary).
 
 A train.py work directory holds `config.json` (the experiment), `model_config.json` (the
-GPTConfig), `tokenizer/`, `checkpoints/` (Orbax steps whose metadata records the architecture
-and the tokenizer's fingerprint), `metrics.jsonl` (+ `tensorboard/`), `loss.png` and
+GPTConfig), `tokenizer/`, `checkpoints/` (Orbax steps whose metadata records the model config,
+architecture and execution, and the tokenizer's fingerprint), `metrics.jsonl` (+ `tensorboard/`), `loss.png` and
 `summary.json`. `gptjax.runs.pretrained` reads a decoder back from such a directory.
 """
 
@@ -118,8 +118,9 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int =
                    ) -> Optional[str]:
     """The fields in which `config` differs from the run's saved `config.json`, on one line.
 
-    The architecture (`model.*`) is left out: a checkpoint of another architecture is refused
-    (`check_checkpoint_meta`). None when nothing differs or there is no saved config.
+    The model (`model.*`) is left out: a checkpoint of another architecture is refused
+    (`check_checkpoint_meta`) and a change of execution is named on its own line
+    (`execution_change`). None when nothing differs or there is no saved config.
 
     Args:
       workdir: the run directory.

@@ -28,7 +28,8 @@ from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
-from gptjax.runs.pretrained import check_checkpoint_meta
+from gptjax.nn.param_layout import convert_layout
+from gptjax.runs.pretrained import check_checkpoint_meta, execution_change, saved_execution
 from gptjax.runs.workdir import (
     METRICS,
     MetricsWriter,
@@ -172,18 +173,39 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                Setup(config, model_cfg, tc.steps), batcher, ckpt, init_rng, train_rng)
 
 
+def _saved_layout_setup(run: Run, meta: dict) -> Setup:
+    """The run's Setup, or one for the parameter layout checkpoint `meta` was saved in (its
+    `scan_layers`; the rest of the execution does not change the state's tree)."""
+    saved_scan = saved_execution(meta, run.model_cfg)["scan_layers"]
+    if saved_scan == run.model_cfg.scan_layers:
+        return run.setup
+    return Setup(run.config, run.model_cfg.with_execution(scan_layers=saved_scan),
+                 run.config.train.steps)
+
+
 def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     """The latest intact checkpoint of the run (and the data position it saved), or a new state.
+
+    A checkpoint of this architecture resumes under this config's execution, whatever it was
+    saved with (one line names the change); one saved with the other `scan_layers` is read in
+    its layout, then its parameters and optimizer moments are moved to this run's.
 
     Returns:
       (state, what the loop carries over: `skipped_steps` so far and the last `train_loss`).
     """
     with run.setup.mesh:
-        resumed = run.ckpt.restore_latest(run.setup.abstract_sharded_state(), functools.partial(
-            check_checkpoint_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info))
+        resumed = run.ckpt.restore_latest(
+            lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(),
+            functools.partial(check_checkpoint_meta, model_cfg=run.model_cfg,
+                              tokenizer=run.tok_info))
     carried = {"skipped_steps": 0, "train_loss": float("nan")}
     if resumed is not None:
         latest, state, meta = resumed
+        if saved_execution(meta, run.model_cfg)["scan_layers"] != run.model_cfg.scan_layers:
+            with run.setup.mesh:
+                state = jax.device_put(convert_layout(run.model_cfg, state,
+                                                      run.model_cfg.scan_layers),
+                                       run.setup.state_shardings)
         run.batcher.restore(meta["data"])
         truncate_log(run.metrics_path, latest)
         # (JSON metadata; older runs lack these, their log has the loss)
@@ -191,10 +213,13 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
         loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
         carried["train_loss"] = float("nan") if loss is None else float(loss)
         changes = config_changes(run.workdir, run.config)
+        execution = execution_change(meta, run.model_cfg)
         if run.is_main:
             if changes:
                 print(f"warning: this config differs from the one {run.workdir} was run with: "
                       f"{changes}", file=sys.stderr, flush=True)
+            if execution:
+                print(f"resuming step {latest} with another execution: {execution}", flush=True)
             print(f"resumed from step {latest} ({run.ckpt.directory})", flush=True)
     else:
         state = run.setup.init_state(run.init_rng)

@@ -84,11 +84,12 @@ def _check_flags(*, port: int, max_queue: int, batch_window_ms: float, request_t
 def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="127.0.0.1",
           port=8000, batching="continuous", slots=8, cache_buckets="", max_prefill_tokens=256,
           batch_sizes="1,2,4,8", prompt_buckets="", max_queue=64, batch_window_ms=50.0,
-          request_timeout=60.0, model_name=None, weights="fp32") -> None:
+          request_timeout=60.0, model_name=None, weights="fp32", execution=None) -> None:
     """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped.
 
     Args:
-      workdir, hf_dir, tokenizer_path, step: the model (see gptjax.runs.pretrained.load_pretrained).
+      workdir, hf_dir, tokenizer_path, step, execution: the model and execution overrides
+        (see gptjax.runs.pretrained.load_pretrained).
       host, port: where to listen.
       batching: "continuous" (decode slots) or "static" (waves; kept for comparison).
       slots, cache_buckets, max_prefill_tokens: continuous batching (see SlotEngine and
@@ -114,7 +115,8 @@ def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="12
     pb = _int_list("prompt_buckets", prompt_buckets)
     cb = _int_list("cache_buckets", cache_buckets)
     config, params, tok = load_pretrained(workdir=workdir, hf_dir=hf_dir,
-                                          tokenizer_path=tokenizer_path, step=step)
+                                          tokenizer_path=tokenizer_path, step=step,
+                                          execution=execution)
     name = model_name or os.path.basename(os.path.normpath(workdir or hf_dir))
     # The engines take params prepared by prepare_for_decoding as they are.
     params = prepare_for_decoding(config, params, weights=weights)
