@@ -288,8 +288,8 @@ def test_queue_full_gets_429_and_queued_requests_time_out(server):
     """A second app on a second engine whose scheduler is not running: requests only queue."""
     engine = serving.Engine(server.cfg, server.params, slots=4, page_size=8,
                             prompt_buckets=(16, 64))  # the same shapes: nothing compiles
-    batcher = serving.Scheduler(engine, server.tok, serving.ServerMetrics(), max_queue=1)
-    app = serving.make_app(engine, batcher, model_name="tiny",
+    scheduler = serving.Scheduler(engine, server.tok, serving.ServerMetrics(), max_queue=1)
+    app = serving.make_app(engine, scheduler, model_name="tiny",
                            request_timeout_s=5.0)  # the second's window
     srv, th, url = _start(app)
     try:
@@ -297,20 +297,20 @@ def test_queue_full_gets_429_and_queued_requests_time_out(server):
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
             deadline = time.time() + 60
-            while batcher.queued() == 0:
+            while scheduler.queued() == 0:
                 assert time.time() < deadline, "the first request never queued"
                 time.sleep(0.01)
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             r = first.result()
             assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
-            batcher.start()
+            scheduler.start()
             r = c.post("/v1/completions", json={"prompt": "to be", "max_tokens": 4, "seed": 0})
             assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 4
     finally:
         srv.should_exit = True
         th.join(timeout=10)
-        batcher.stop()
+        scheduler.stop()
 
 
 def test_serve_cli_bad_workdir_is_one_line(tmp_path):

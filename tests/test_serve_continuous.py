@@ -33,17 +33,17 @@ def server():
     cfg = GPTConfig.preset("tiny", vocab_size=len(CHARS), n_ctx=64, n_layer=2)
     params = jax.tree_util.tree_map(lambda x: x * 4.0, init_params(cfg, jax.random.key(1)))
     tok = CharTokenizer(CHARS)
-    app, batcher, engine = serving.build_server(
+    app, scheduler, engine = serving.build_server(
         cfg, params, tok, slots=SLOTS, page_size=8, prompt_buckets=(16, 64), max_queue=16,
         request_timeout_s=60.0, model_name="tiny", log=lambda *a: None)
     srv, th, url = _start(app)
     client = httpx.Client(base_url=url, timeout=60.0)
-    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, batcher=batcher,
+    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, scheduler=scheduler,
                                 engine=engine, app=app, client=client)
     client.close()
     srv.should_exit = True
     th.join(timeout=10)
-    batcher.stop()
+    scheduler.stop()
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_every_row_of_a_mixed_batch_equals_generate(server):
         assert texts == [w[0] for w in want], b
         if lp is not None:
             np.testing.assert_allclose(lp["token_logprobs"], want[0][1], atol=1e-5)
-    inserts = [e for e in server.batcher.trace if e[0] == "insert"]
+    inserts = [e for e in server.scheduler.trace if e[0] == "insert"]
     assert len({e[2] for e in inserts}) > 1  # rows joined a running batch at different steps
 
 
@@ -165,13 +165,13 @@ def test_short_row_reads_its_own_pages_beside_a_long_one(server, slow_steps, mon
     assert all(next(b for b in eng.page_buckets if b >= sum(r)) < 2 * 8 for r in both)
     assert short["choices"][0]["text"] == _reference(server, "a", max_tokens=3)[0]
     assert out["long"][0] == _reference(server, "to be", max_tokens=50, temperature=0.8, seed=3)[0]
-    _wait_until(lambda: server.batcher.running() == 0, "the slots to be freed")
+    _wait_until(lambda: server.scheduler.running() == 0, "the slots to be freed")
     assert len(eng.free_pages) == eng.n_pages - 1
 
 
 def _reuse(server, why):
     """Steps dispatched when the last inserted row's slot was freed by `why`, and when refilled."""
-    trace = list(server.batcher.trace)
+    trace = list(server.scheduler.trace)
     i = max(k for k, e in enumerate(trace) if e[0] == "insert")
     slot = trace[i][1]
     freed = next(e for e in reversed(trace[:i]) if e[1] == slot)
@@ -194,7 +194,7 @@ def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, monkeypatch, 
     with concurrent.futures.ThreadPoolExecutor(SLOTS + 1) as ex:
         longs = [ex.submit(_stream_text, server, {"prompt": "ab", "max_tokens": 60, "seed": i},
                            clients[i]) for i in range(SLOTS - 1)]
-        _wait_until(lambda: server.batcher.running() >= SLOTS - 1, "the long rows to run")
+        _wait_until(lambda: server.scheduler.running() >= SLOTS - 1, "the long rows to run")
         if why == "finish":
             fourth = ex.submit(_post, server, {"prompt": "ab", "max_tokens": 15})
         elif why == "timeout":
@@ -211,10 +211,10 @@ def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, monkeypatch, 
                             ev.wait(30)
                             return  # closes the connection mid-stream
             fourth = ex.submit(leave)
-        _wait_until(lambda: server.batcher.running() >= SLOTS, "all slots to run")
+        _wait_until(lambda: server.scheduler.running() >= SLOTS, "all slots to run")
         server.app.state.request_timeout_s = 60.0
         waiting = ex.submit(_post, server, {"prompt": "cd", "max_tokens": 3})
-        _wait_until(lambda: server.batcher.queued() > 0, "the request to queue",
+        _wait_until(lambda: server.scheduler.queued() > 0, "the request to queue",
                     during=lambda: not waiting.done() or pytest.fail("it did not wait"))
         ev.set()
         assert waiting.result(60)["choices"][0]["text"]
@@ -291,15 +291,15 @@ def test_metrics_parse_and_count_the_requests_sent(server):
 
 def test_queue_full_gets_429_with_retry_after(server):
     """A second app on the same engine whose scheduler is not running: requests only queue."""
-    batcher = serving.Scheduler(server.engine, server.tok, serving.ServerMetrics(), max_queue=1)
+    scheduler = serving.Scheduler(server.engine, server.tok, serving.ServerMetrics(), max_queue=1)
     # (the first request's 5 s timeout is the window for the second one to find the queue full)
-    app = serving.make_app(server.engine, batcher, model_name="tiny", request_timeout_s=5.0)
+    app = serving.make_app(server.engine, scheduler, model_name="tiny", request_timeout_s=5.0)
     srv, th, url = _start(app)
     try:
         with httpx.Client(base_url=url, timeout=30.0) as c, \
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
-            _wait_until(lambda: batcher.queued() > 0, "the first request to queue")
+            _wait_until(lambda: scheduler.queued() > 0, "the first request to queue")
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["retry-after"]) >= 1

@@ -181,13 +181,17 @@ def init_pages(config: Any, n_pages: int, page_size: int, dtype: Any = None) -> 
     return {f"h_{i}": kv() for i in range(config.n_layer)}
 
 
+def write_positions(cache: dict, positions_BxT: Array) -> Array:
+    """A dense cache's slot positions with this call's written at its index."""
+    return jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache["index"]))
+
+
 def cache_view(cache: Any, positions_BxT: Array) -> tuple:
     """(per-layer storage, view) of a model call at these positions over `cache`: a dense cache
     dict (`init_cache`) or a PagedCache."""
     if isinstance(cache, PagedCache):
         return cache.layers, cache.view
-    k_pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache["index"]))
-    return cache["layers"], DenseView(cache["index"], k_pos_BxS)
+    return cache["layers"], DenseView(cache["index"], write_positions(cache, positions_BxT))
 
 
 def updated_cache(cache: Any, layers: Any, view: Any, T: int) -> Any:

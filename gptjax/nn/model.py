@@ -26,7 +26,8 @@ import jax.numpy as jnp
 
 from gptjax.config import GPTConfig, check_scan_config
 from gptjax.nn.attention import attention
-from gptjax.nn.kv_cache import DenseView, PagedCache, cache_view, updated_cache
+from gptjax.nn.kv_cache import (DenseView, PagedCache, cache_view, updated_cache,
+                               write_positions)  # noqa: F401 (write_positions: re-exported)
 from gptjax.nn.layers import Linear, activation, layer_norm, normal_init, resid_std
 
 Array = jax.Array
@@ -352,11 +353,6 @@ def logical_axes(config: GPTConfig):
       A pytree of PartitionSpecs of logical names, shaped like the parameters.
     """
     return nn.get_partition_spec(abstract_params(config, boxed=True))
-
-
-def write_positions(cache: Cache, positions_BxT: Array):
-    """A dense cache's slot positions with this call's written at its index."""
-    return jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache["index"]))
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None,

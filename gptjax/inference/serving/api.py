@@ -276,6 +276,7 @@ def _add_info_routes(app: FastAPI, engine: Engine, scheduler: Scheduler,
     async def health():
         return {"status": "ok", "model": model_name, "queued": scheduler.queued(),
                 "running": scheduler.running(),
+                "compilations_at_warmup": app.state.compiles_at_start,
                 "compilations_after_warmup": compilations() - app.state.compiles_at_start,
                 "stats": metrics.stats(), "shapes": engine.describe()}
 
