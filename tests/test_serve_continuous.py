@@ -362,3 +362,40 @@ def test_host_time_per_token_does_not_grow_with_the_output():
     host = per_token[0] + per_token[1]
     start, end = np.median(host[100:300]), np.median(host[-200:])
     assert end <= 2 * start, (start, end)
+
+
+class _Bytes:
+    """UTF-8 bytes as tokens (a character may span several), as a byte-level BPE's are."""
+    eos_id = None
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stops, want", [((), "héllo wörld, 日本語 ok"),
+                                         (("語 o",), "héllo wörld, 日本"),
+                                         (("ö",), "héllo w")])
+def test_incremental_detokenization_emits_whole_characters(stops, want):
+    """Tokens that split characters: the deltas are never a partial character, add up to the
+    whole text (cut at the first stop string, which may span tokens), and each token decodes
+    only the row's tail (at most CONTEXT_TOKENS + the pending ids)."""
+    from gptjax.inference.serving import detok
+
+    text = "héllo wörld, 日本語 ok"
+    ids = list(text.encode())
+    tok, calls = _Bytes(), []
+    decode = tok.decode
+    tok.decode = lambda x: (calls.append(len(x)), decode(x))[1]
+    row = serving.make_row([0], seed=0, temperature=1.0, top_p=1.0, max_tokens=len(ids),
+                           logprobs=None, stops=stops, index=0)
+    deltas = []
+    for i, t in enumerate(ids):
+        delta, _ = detok.advance(tok, None, row, t, 0.0, [], [],
+                                 "length" if i == len(ids) - 1 else None)
+        deltas.append(delta)
+        if row.finish_reason is not None:
+            break
+    assert "".join(deltas) == want and row.text == want
+    assert not any("\ufffd" in d for d in deltas)
+    assert row.finish_reason == ("stop" if stops else "length")
+    assert max(calls) <= detok.CONTEXT_TOKENS + 4  # a UTF-8 character is at most 4 bytes
