@@ -65,9 +65,10 @@ def _int_list(flag: str, text: str) -> Optional[tuple]:
 
 def _check_flags(*, port: int, max_queue: int, request_timeout: float, slots: int,
                  page_size: int, pages: int, max_prefill_tokens: int) -> None:
-    if slots < 1 or page_size < 1 or max_prefill_tokens < 1:
-        raise ValueError(f"--slots={slots}, --page_size={page_size}, --max_prefill_tokens="
-                         f"{max_prefill_tokens}: must be >= 1")
+    for flag, value in (("slots", slots), ("page_size", page_size),
+                        ("max_prefill_tokens", max_prefill_tokens)):
+        if value < 1:
+            raise ValueError(f"--{flag}={value}: must be >= 1")
     if pages < 0:
         raise ValueError(f"--pages={pages}: must be >= 0 (0: enough for every slot)")
     if not 0 <= port <= 65535:
