@@ -160,10 +160,19 @@ def _model(args):
     return cfg, init_params(cfg, jax.random.key(0)), CharTokenizer(chars)
 
 
+def _answer(body, text):
+    """A whole completion as the baselines answer it: JSON, or one streamed chunk."""
+    from fastapi.responses import StreamingResponse  # heavy: only in a server process
+
+    if body.get("stream"):
+        chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
+        return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
+    return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+
+
 def _hf_app(cfg, params, tok):
     import torch  # heavy: the transformers server only
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
     from transformers import GPT2LMHeadModel
 
     from gptjax.nn.convert import to_hf
@@ -186,10 +195,7 @@ def _hf_app(cfg, params, tok):
     async def completions(request: Request):
         b = await request.json()
         text = await asyncio.to_thread(run, b)
-        if b.get("stream"):
-            chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
-            return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
-        return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+        return _answer(b, text)
 
     @app.get("/health")
     async def health():
@@ -202,7 +208,6 @@ def _static_app(cfg, params, tok, args):
     import jax  # heavy: only in a server process
     import numpy as np
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
 
     from gptjax.inference import sampling, serving
 
@@ -242,10 +247,7 @@ def _static_app(cfg, params, tok, args):
             waiting.append((b, fut, asyncio.get_running_loop()))
             cv.notify()
         text = await fut
-        if b.get("stream"):
-            chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
-            return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
-        return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+        return _answer(b, text)
 
     @app.get("/health")
     async def health():
