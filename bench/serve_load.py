@@ -1,4 +1,4 @@
-"""Load test of the completions server under a fixed mixed workload: continuous vs static batching.
+"""Load test of the completions server under a fixed mixed workload, against static batching.
 
   python bench/serve_load.py                 # random-init 6 x 384 GPT-2-shaped model, n_ctx 1024
   python bench/serve_load.py --servers continuous,static --duration 60 --requests 96
@@ -12,9 +12,13 @@ Each server runs in its own process (`--serve KIND`), the clients (httpx, asynci
       (in requests/s for this workload), reporting end-to-end latency, time to first token and
       time per output token (streamed requests) p50/p95/p99 for short and long requests; then
       the same arrival times with the long requests left out ("no long" baseline).
-Servers: `continuous` (gptjax, 8 decode slots), `static` (gptjax, waves: `--batching static`)
-and `hf`, a minimal transformers server (one request at a time, the same weights; phase b only).
-Prints one line per (server, phase, size) and, with --json, writes every number.
+Servers: `continuous` (the gptjax server: 8 decode slots, a paged KV cache), `static` (a
+baseline kept here, not in the product: requests arriving within 50 ms, up to 8, decoded as one
+wave by `sampling.generate` with the batch padded to 8 rows and max_tokens rounded up to a power
+of two, so its few shapes compile at warm-up; streamed answers come in one chunk at the end) and
+`hf`, a minimal transformers server (one request at a time, the same weights; phase b only).
+Prints one line per (server, phase, size), the warm-up compilations, and, with --json, writes
+every number.
 """
 
 import argparse
@@ -156,10 +160,19 @@ def _model(args):
     return cfg, init_params(cfg, jax.random.key(0)), CharTokenizer(chars)
 
 
+def _answer(body, text):
+    """A whole completion as the baselines answer it: JSON, or one streamed chunk."""
+    from fastapi.responses import StreamingResponse  # heavy: only in a server process
+
+    if body.get("stream"):
+        chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
+        return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
+    return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+
+
 def _hf_app(cfg, params, tok):
     import torch  # heavy: the transformers server only
     from fastapi import FastAPI, Request
-    from fastapi.responses import StreamingResponse
     from transformers import GPT2LMHeadModel
 
     from gptjax.nn.convert import to_hf
@@ -182,14 +195,64 @@ def _hf_app(cfg, params, tok):
     async def completions(request: Request):
         b = await request.json()
         text = await asyncio.to_thread(run, b)
-        if b.get("stream"):
-            chunk = json.dumps({"choices": [{"text": text, "index": 0}]})
-            return StreamingResponse(iter([f"data: {chunk}\n\n", "data: [DONE]\n\n"]))
-        return {"choices": [{"text": text}], "usage": {"completion_tokens": len(text)}}
+        return _answer(b, text)
 
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+    return app
+
+
+def _static_app(cfg, params, tok, args):
+    """The static-batching baseline: waves of up to 8 requests through `sampling.generate`."""
+    import jax  # heavy: only in a server process
+    import numpy as np
+    from fastapi import FastAPI, Request
+
+    from gptjax.inference import sampling, serving
+
+    serving.start_compile_counter()
+    params = sampling.prepare_for_decoding(cfg, params)
+    rows, cv, waiting, app = 8, threading.Condition(), [], FastAPI()
+
+    def wave(prompts, max_tokens):
+        budget = max(16, 1 << (max(max_tokens) - 1).bit_length())
+        padded = prompts + [prompts[0]] * (rows - len(prompts))
+        out = sampling.generate(cfg, params, padded, max_new_tokens=budget, temperature=0.8,
+                                rng=jax.random.key(len(waiting)), prompt_bucket=32)
+        return [np.asarray(out.tokens[i][:m]).tolist() for i, m in enumerate(max_tokens)]
+
+    def loop():
+        while True:
+            with cv:
+                while not waiting:
+                    cv.wait()
+                cv.wait(timeout=0.05)
+                batch = [waiting.pop(0) for _ in range(min(rows, len(waiting)))]
+            for (b, fut, lp), ids in zip(batch, wave([b["prompt"] for b, _, _ in batch],
+                                                     [b["max_tokens"] for b, _, _ in batch])):
+                lp.call_soon_threadsafe(fut.set_result, tok.decode(ids))
+
+    for budget in (16, 32, 64, 128, 256, 512):  # warm-up: every shape a request reaches
+        if budget <= max(args.sizes[1]) * 2:
+            wave([[1] * 4], [budget])
+    compiles_at_start = serving.compilations()
+    threading.Thread(target=loop, daemon=True).start()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        b = await request.json()
+        fut = asyncio.get_running_loop().create_future()
+        with cv:
+            waiting.append((b, fut, asyncio.get_running_loop()))
+            cv.notify()
+        text = await fut
+        return _answer(b, text)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok",
+                "compilations_after_warmup": serving.compilations() - compiles_at_start}
     return app
 
 
@@ -201,11 +264,11 @@ def serve_main(args) -> None:
     cfg, params, tok = _model(args)
     if args.serve == "hf":
         app = _hf_app(cfg, params, tok)
+    elif args.serve == "static":
+        app = _static_app(cfg, params, tok, args)
     else:
         app, _, _ = serving.build_server(
-            cfg, params, tok, batching=args.serve, slots=args.slots,
-            cache_buckets=tuple(int(x) for x in args.cache_buckets.split(",")) or None,
-            batch_sizes=tuple(int(x) for x in args.batch_sizes.split(",")),
+            cfg, params, tok, slots=args.slots, page_size=args.page_size,
             prompt_buckets=tuple(int(x) for x in args.prompt_buckets.split(",")),
             max_queue=1024, request_timeout_s=3600.0, model_name="bench",
             log=lambda *a: print(*a, file=sys.stderr, flush=True))
@@ -220,8 +283,8 @@ def _spawn(kind, args):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     flags = [f"--{k}={getattr(args, k)}" for k in ("n_layer", "n_embd", "n_ctx", "vocab", "slots",
-                                                   "cache_buckets", "batch_sizes",
-                                                   "prompt_buckets")]
+                                                   "page_size", "prompt_buckets")]
+    flags += ["--smoke"] if args.smoke else []
     proc = subprocess.Popen([sys.executable, __file__, "--serve", kind, f"--port={port}", *flags],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url, t0 = f"http://127.0.0.1:{port}", time.perf_counter()
@@ -236,14 +299,14 @@ def _spawn(kind, args):
         time.sleep(0.5)
 
 
-def _stop(proc, url) -> int:
-    """Stop a server; returns its compilations after warm-up (-1 where it does not say)."""
+def _stop(proc, url) -> tuple:
+    """Stop a server; returns its compilations at and after warm-up (-1 where it does not say)."""
     import httpx  # optional: httpx (test extras)
 
-    compiles = httpx.get(url + "/health", timeout=10).json().get("compilations_after_warmup", -1)
+    h = httpx.get(url + "/health", timeout=10).json()
     proc.terminate()
     proc.wait(timeout=60)
-    return compiles
+    return h.get("compilations_at_warmup", -1), h.get("compilations_after_warmup", -1)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -280,7 +343,7 @@ def _run_server(kind, args, results, reqs, rate_holder):
             for size, r in res[phase].items():
                 print(_line(kind, phase, size, r), flush=True)
     finally:
-        res["compilations_after_warmup"] = _stop(proc, url)
+        res["compilations_at_warmup"], res["compilations_after_warmup"] = _stop(proc, url)
 
 
 def _parse():
@@ -292,8 +355,7 @@ def _parse():
     p.add_argument("--servers", default="static,continuous,hf",
                    help="the first gptjax one sets the open-loop rate (static: as the issue asks)")
     p.add_argument("--slots", type=int, default=8)
-    p.add_argument("--cache_buckets", default="64,256,1024")
-    p.add_argument("--batch_sizes", default="1,8", help="static batching's batch buckets")
+    p.add_argument("--page_size", type=int, default=16)
     p.add_argument("--prompt_buckets", default="32,1024")
     p.add_argument("--clients", type=int, default=16, help="phase b: closed-loop clients")
     p.add_argument("--duration", type=float, default=60.0, help="phase b: seconds")
@@ -309,7 +371,7 @@ def _parse():
     args.sizes = (SHORT, LONG)
     if args.smoke:
         args.n_layer, args.n_embd, args.n_ctx, args.vocab = 1, 64, 128, 32
-        args.cache_buckets, args.prompt_buckets, args.batch_sizes = "64,128", "32,128", "1,4"
+        args.prompt_buckets = "32,128"
         args.clients, args.duration, args.requests, args.slots = 4, 3.0, 16, 4
         args.sizes = ((6, 8), (24, 32))
     return args
@@ -323,8 +385,8 @@ def main():
 
     reqs = workload(args.requests, args.seed, args.vocab, *args.sizes)
     print(f"model: {args.n_layer} layers x {args.n_embd}, vocab {args.vocab}, n_ctx {args.n_ctx}; "
-          f"device {jax.devices()[0].device_kind}; {args.slots} slots, cache buckets "
-          f"{args.cache_buckets}; load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)",
+          f"device {jax.devices()[0].device_kind}; {args.slots} slots, page size "
+          f"{args.page_size}; load average {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)",
           flush=True)
     results, rate = {}, {}
     for kind in args.servers.split(","):
@@ -337,8 +399,8 @@ def main():
               f"x{c['latency']['short']['e2e_p95'] / c['latency-nolong']['short']['e2e_p95']:.2f}, "
               f"static x{s['latency']['short']['e2e_p95'] / s['latency-nolong']['short']['e2e_p95']:.2f}",
               flush=True)
-    print(f"compilations after warm-up: "
-          f"{ {k: v.get('compilations_after_warmup') for k, v in results.items() if isinstance(v, dict)} }; "
+    print(f"compilations at / after warm-up: "
+          f"{ {k: (v.get('compilations_at_warmup'), v.get('compilations_after_warmup')) for k, v in results.items() if isinstance(v, dict)} }; "
           f"load average after: {os.getloadavg()[0]:.2f}")
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=1))

@@ -9,7 +9,8 @@ from gptjax import GPT, GPTConfig, PRESETS, init_params
 from gptjax.config import PUBLISHED_PARAMS, ConfigError
 from gptjax.nn.losses import lm_loss
 from gptjax.nn.layers import _flat_dot
-from gptjax.nn.model import group_caches, init_cache, logical_axes, ungroup_caches
+from gptjax.nn.kv_cache import PagedCache, PagedView, init_pages
+from gptjax.nn.model import init_cache, logical_axes
 from gptjax.nn.param_layout import stack_layers, unstack_layers
 from gptjax.nn.quant import quantize_params
 
@@ -256,37 +257,70 @@ def test_cached_decoding_equals_full_forward(name, scan):
     np.testing.assert_allclose(np.concatenate(steps, 1), full, atol=1e-5)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_grouped_cache_step_equals_each_group_alone(scan):
-    """One call over two grouped caches (different rows, ring lengths and write indexes: the
-    serving engine's short and long slots) gives each group's logits and cache exactly as a call
-    over that cache alone; with fp32 and with weight-only int8 parameters."""
-    cfg = GPTConfig.preset("tiny", scan_layers=scan)
+@pytest.mark.parametrize("preset, scan, weights", [("tiny", False, "fp32"), ("tiny", True, "fp32"),
+                                                    ("tiny-gpt3", False, "fp32"),
+                                                    ("tiny", False, "int8")])
+def test_paged_cache_steps_equal_dense_cache_steps(preset, scan, weights):
+    """Rows of different lengths whose keys/values live in scattered pages of one pool (the
+    serving engine's paged cache) decode exactly as each row alone over a dense cache: logits of
+    every step, and the keys/values the pool then holds; dense and local (GPT-3) layers; fp32 and
+    weight-only int8 parameters."""
+    cfg = GPTConfig.preset(preset, scan_layers=scan)
     params = init_params(cfg, jax.random.key(0))
-    for p in (params, quantize_params(cfg, params, "int8")):
-        _check_grouped_call(cfg, lambda c, t, pos: GPT(cfg).apply({"params": p}, t, pos, cache=c))
-    with pytest.raises(ValueError, match="grouped cache .* needs positions_BxT"):
-        GPT(cfg).apply({"params": params}, _tokens(cfg, B=3, T=1), cache=group_caches(
-            [init_cache(cfg, 2, 16), init_cache(cfg, 1, 40)]))
+    if weights == "int8":
+        params = quantize_params(cfg, params, "int8")
+    G, N = 4, 16
+    lens = [5, 11, 2]
+    tables = [[3, 7], [1, 9, 4, 12], [15, 6]]  # each row's pages, out of order, never page 0
+    x = _tokens(cfg, B=3, T=16)
+    apply = lambda c, t, pos: GPT(cfg).apply({"params": params}, t, pos, cache=c)  # noqa: E731
+    pool = init_pages(cfg, N, G)
+    want = []
+    for b, L in enumerate(lens):  # the reference: each row alone, prompt then 3 steps, dense
+        logits, c = apply(init_cache(cfg, 1, 16), x[b:b + 1, :L], jnp.arange(L)[None])
+        steps = []
+        for t in range(3):
+            lg, c = apply(c, x[b:b + 1, L + t:L + t + 1], jnp.array([[L + t]]))
+            steps.append(lg[0, 0])
+        want.append((steps, c))
+        # The prompt's keys/values written into the row's pages (what the engine's insert does).
+        slots = jnp.array([tables[b][p // G] * G + p % G for p in range(L)])
+        pool = jax.tree_util.tree_map(
+            lambda P, d: _pages_put(P, d, slots, L), pool, c["layers"])
+    step = jax.jit(apply)
+    for t in range(3):
+        pos = [L + t for L in lens]
+        ids, rows, starts = [], [], []
+        for b, p in enumerate(pos):
+            for j in range(p // G + 1):
+                ids.append(tables[b][j])
+                rows.append(b)
+                starts.append(j * G)
+        pad = 16 - len(ids)  # padded to a bucket: rows == B (3) are padding
+        view = PagedView(jnp.array([[tables[b][p // G] * G + p % G] for b, p in enumerate(pos)]),
+                         jnp.array(ids + [0] * pad), jnp.array(rows + [3] * pad),
+                         jnp.array(starts + [0] * pad))
+        tok = jnp.stack([x[b, pos[b]] for b in range(3)])[:, None]
+        lg, out = step(PagedCache(pool, view), tok, jnp.array(pos)[:, None])
+        pool = out.layers
+        for b in range(3):
+            np.testing.assert_allclose(lg[b, 0], want[b][0][t], rtol=1e-5, atol=1e-5)
+    for b, L in enumerate(lens):  # every position of every row, in its page of the pool
+        slots = jnp.array([tables[b][p // G] * G + p % G for p in range(L + 3)])
+        for P, d in zip(jax.tree_util.tree_leaves(pool),
+                        jax.tree_util.tree_leaves(want[b][1]["layers"])):
+            got = P.reshape(P.shape[:-4] + (-1,) + P.shape[-2:])[..., slots, :, :]
+            ref = jnp.moveaxis(d[..., :L + 3], -1, -3)  # [.., H, D, S] -> [.., S, H, D]
+            np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="paged cache .* needs positions_BxT"):
+        GPT(cfg).apply({"params": params}, tok, cache=PagedCache(pool, view))
 
 
-def _check_grouped_call(cfg, apply):
-    x = _tokens(cfg, B=3, T=12)
-    # group a: 2 rows, 16 slots, 5 prompt tokens; group b: 1 row, 40 slots, 11 prompt tokens.
-    pa = jnp.broadcast_to(jnp.arange(5), (2, 5))
-    pb = jnp.arange(11)[None]
-    _, ca = apply(init_cache(cfg, 2, 16), x[:2, :5], pa)
-    _, cb = apply(init_cache(cfg, 1, 40), x[2:, :11], pb)
-    tok = x[:, 11:12]
-    pos = jnp.array([[5], [5], [11]])
-    la, ca1 = apply(ca, tok[:2], pos[:2])
-    lb, cb1 = apply(cb, tok[2:], pos[2:])
-    lg, cg = jax.jit(apply)(group_caches([ca, cb]), tok, pos)
-    np.testing.assert_allclose(lg, jnp.concatenate([la, lb]), rtol=1e-6, atol=1e-6)
-    ga, gb = ungroup_caches(cg)
-    for got, want in ((ga, ca1), (gb, cb1)):
-        for u, v in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
-            np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-6)
+def _pages_put(pool, dense, slots, L):
+    """A one-row dense cache's first L slots ([.., H, D, S]) into pool slots ([.., N, G, H, D])."""
+    flat = pool.reshape(pool.shape[:-4] + (-1,) + pool.shape[-2:])
+    kv = jnp.moveaxis(dense[..., :L], -1, -3)
+    return flat.at[..., slots, :, :].set(kv).reshape(pool.shape)
 
 
 def test_left_padding_with_positions_matches_unpadded():

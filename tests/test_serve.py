@@ -55,17 +55,17 @@ def server():
     # Sharper than the random init's near-uniform distribution, so the text has structure.
     params = jax.tree_util.tree_map(lambda x: x * 4.0, params)
     tok = CharTokenizer(CHARS)
-    app, batcher, engine = serving.build_server(
-        cfg, params, tok, batch_sizes=(1, 4), prompt_buckets=(16, 64), max_queue=16,
-        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None, batching="static")
+    app, scheduler, engine = serving.build_server(
+        cfg, params, tok, slots=4, page_size=8, prompt_buckets=(16, 64), max_queue=16,
+        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None)
     srv, th, url = _start(app)
     client = httpx.Client(base_url=url, timeout=60.0)
-    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, batcher=batcher,
-                                engine=engine, app=app, client=client)
+    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, scheduler=scheduler,
+                                metrics=scheduler.metrics, engine=engine, app=app, client=client)
     client.close()
     srv.should_exit = True
     th.join(timeout=10)
-    batcher.stop()
+    scheduler.stop()
 
 
 def _reference(s, prompt, *, max_tokens, temperature=1.0, top_p=1.0, seed=0):
@@ -119,10 +119,11 @@ def test_batch_mates_do_not_change_a_completion(server):
     # Same max_tokens everywhere: each distinct value compiles another `generate` reference.
     reqs = [{"prompt": "hello there", "max_tokens": 15, "seed": 3 + i,
              "temperature": 0.5 + 0.2 * i, "top_p": 0.95} for i in range(4)]
-    waves_before = server.batcher.stats["waves"]
+    steps_before = server.metrics.counts["steps"]
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         outs = list(ex.map(lambda b: _post(server, b), reqs))
-    assert server.batcher.stats["waves"] - waves_before < 4  # some were batched together
+    # Some were decoded together: alone, each takes 14 steps (its first token comes from insert).
+    assert server.metrics.counts["steps"] - steps_before < 4 * 14
     for b, out in zip(reqs, outs):
         assert out["choices"][0]["text"] == _reference(
             server, b["prompt"], max_tokens=b["max_tokens"], temperature=b["temperature"],
@@ -171,7 +172,7 @@ def test_models_and_health(server):
     models = server.client.get("/v1/models").json()
     assert models["object"] == "list" and models["data"][0]["id"] == "tiny"
     h = server.client.get("/health").json()
-    assert h["status"] == "ok" and h["shapes"]["batch_sizes"] == [1, 4]
+    assert h["status"] == "ok" and h["shapes"]["slots"] == 4 and h["shapes"]["page_size"] == 8
 
 
 def test_no_recompilation_after_warmup(server):
@@ -181,7 +182,9 @@ def test_no_recompilation_after_warmup(server):
     known to move when XLA compiles.
     """
     health_before = server.client.get("/health").json()["compilations_after_warmup"]
-    before, step_cache = serving.compilations(), serving.engine._step_core._cache_size()
+    cores = (serving.engine._prefill_core, serving.engine._insert_core,
+             serving.engine._generate_core)
+    before, cached = serving.compilations(), [f._cache_size() for f in cores]
     bodies = [{"prompt": "x" * n, "max_tokens": m, "seed": n, "temperature": t, "top_p": p,
                "logprobs": lp}
               for n, m, t, p, lp in [(1, 1, 0.0, 1.0, None), (16, 48, 1.0, 0.5, 0),
@@ -192,7 +195,7 @@ def test_no_recompilation_after_warmup(server):
     _stream(server, {"prompt": ["ab", "cd", "ef"], "max_tokens": 20, "seed": 1})
     _post(server, {"prompt": "to be", "n": 4, "max_tokens": 5, "seed": 1, "stop": "e"})
     assert serving.compilations() == before
-    assert serving.engine._step_core._cache_size() == step_cache
+    assert [f._cache_size() for f in cores] == cached
     assert server.client.get("/health").json()["compilations_after_warmup"] == health_before
 
     # Control: a function never compiled before moves both counts by the same amount.
@@ -213,7 +216,7 @@ def test_no_recompilation_after_warmup(server):
     ({"prompt": "to be", "top_p": 0}, 400, "top_p"),
     ({"prompt": "to be", "logprobs": 6}, 400, "logprobs"),
     ({"prompt": "to be", "seed": -1}, 400, "seed"),
-    ({"prompt": "to be", "n": 5}, 400, "n"),  # more choices than the largest batch (4)
+    ({"prompt": "to be", "n": 5}, 400, "n"),  # more choices than decode slots (4)
     ({"prompt": "to be", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ({"prompt": "x" * 64}, 400, "prompt"),  # longer than the context
     ({"prompt": "x" * 40, "max_tokens": 30}, 400, "max_tokens"),  # prompt + completion > n_ctx
@@ -257,8 +260,8 @@ def test_unknown_route_is_an_openai_error(server):
 
 
 def test_disconnecting_stream_is_cancelled(server):
-    before = server.batcher.stats["cancelled"]
-    tokens_before = server.batcher.stats["tokens"]
+    before = server.metrics.counts["cancelled"]
+    tokens_before = server.metrics.counts["tokens"]
     with server.client.stream("POST", "/v1/completions",
                               json={"prompt": "a", "max_tokens": 60, "seed": 0,
                                     "stream": True}) as r:
@@ -266,40 +269,48 @@ def test_disconnecting_stream_is_cancelled(server):
             if line.startswith("data: {"):
                 break  # leave after the first chunk: the connection closes
     deadline = time.time() + 20
-    while server.batcher.stats["cancelled"] == before:
+    while server.metrics.counts["cancelled"] == before:
         assert time.time() < deadline, "disconnect was not noticed"
         time.sleep(0.05)
-    while server.batcher.queued() or server.client.get("/health").json()["stats"].get(
+    while server.scheduler.queued() or server.client.get("/health").json()["stats"].get(
             "tokens", 0) == tokens_before:
         assert time.time() < deadline
         time.sleep(0.05)
     assert _post(server, {"prompt": "to be", "max_tokens": 3})["choices"][0]["text"]
+    end = time.time() + 20
+    while server.scheduler.running():  # the cancelled row's slot and pages are given back
+        assert time.time() < end
+        time.sleep(0.05)
+    assert len(server.engine.free_pages) == server.engine.n_pages - 1
 
 
 def test_queue_full_gets_429_and_queued_requests_time_out(server):
-    """A second app on the same engine whose batcher is not running: requests only queue."""
-    app = serving.make_app(server.engine, batcher := serving.Batcher(server.engine, max_queue=1),
-                           model_name="tiny", request_timeout_s=5.0)  # the second's window
+    """A second app on a second engine whose scheduler is not running: requests only queue."""
+    engine = serving.Engine(server.cfg, server.params, slots=4, page_size=8,
+                            prompt_buckets=(16, 64))  # the same shapes: nothing compiles
+    scheduler = serving.Scheduler(engine, server.tok, serving.ServerMetrics(), max_queue=1)
+    app = serving.make_app(engine, scheduler, model_name="tiny",
+                           request_timeout_s=5.0)  # the second's window
     srv, th, url = _start(app)
     try:
         with httpx.Client(base_url=url, timeout=30.0) as c, \
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
             deadline = time.time() + 60
-            while batcher.queued() == 0:
+            while scheduler.queued() == 0:
                 assert time.time() < deadline, "the first request never queued"
                 time.sleep(0.01)
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             r = first.result()
             assert r.status_code == 503 and r.json()["error"]["code"] == "timeout"
-            batcher.start()
+            scheduler.start()
             r = c.post("/v1/completions", json={"prompt": "to be", "max_tokens": 4, "seed": 0})
             assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 4
     finally:
         srv.should_exit = True
         th.join(timeout=10)
-        batcher.stop()
+        scheduler.stop()
 
 
 def test_serve_cli_bad_workdir_is_one_line(tmp_path):

@@ -1,4 +1,5 @@
-"""Continuous batching end to end: a real uvicorn server on loopback with 4 decode slots.
+"""Continuous batching end to end: a real uvicorn server on loopback with 4 decode slots, and the
+host time per token of one long request.
 
 Reference: `gptjax.inference.sampling.generate` on the same params and seed, for every row of a
 mixed batch; the scheduler's trace (which slot was freed / filled before which decode step) for
@@ -32,18 +33,17 @@ def server():
     cfg = GPTConfig.preset("tiny", vocab_size=len(CHARS), n_ctx=64, n_layer=2)
     params = jax.tree_util.tree_map(lambda x: x * 4.0, init_params(cfg, jax.random.key(1)))
     tok = CharTokenizer(CHARS)
-    app, batcher, engine = serving.build_server(
-        cfg, params, tok, batching="continuous", slots=SLOTS, prompt_buckets=(16, 64),
-        cache_buckets=(32, 64), max_queue=16, request_timeout_s=60.0, model_name="tiny",
-        log=lambda *a: None)
+    app, scheduler, engine = serving.build_server(
+        cfg, params, tok, slots=SLOTS, page_size=8, prompt_buckets=(16, 64), max_queue=16,
+        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None)
     srv, th, url = _start(app)
     client = httpx.Client(base_url=url, timeout=60.0)
-    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, batcher=batcher,
+    yield types.SimpleNamespace(url=url, cfg=cfg, params=params, tok=tok, scheduler=scheduler,
                                 engine=engine, app=app, client=client)
     client.close()
     srv.should_exit = True
     th.join(timeout=10)
-    batcher.stop()
+    scheduler.stop()
 
 
 @pytest.fixture
@@ -51,9 +51,9 @@ def slow_steps(server, monkeypatch):
     """Decode steps of at least 20 ms, so that the timing of a test does not depend on the CPU."""
     fast = server.engine.generate
 
-    def slow(active):
+    def slow():
         time.sleep(0.02)
-        return fast(active)
+        return fast()
     monkeypatch.setattr(server.engine, "generate", slow)
 
 
@@ -114,7 +114,7 @@ def test_every_row_of_a_mixed_batch_equals_generate(server):
         assert texts == [w[0] for w in want], b
         if lp is not None:
             np.testing.assert_allclose(lp["token_logprobs"], want[0][1], atol=1e-5)
-    inserts = [e for e in server.batcher.trace if e[0] == "insert"]
+    inserts = [e for e in server.scheduler.trace if e[0] == "insert"]
     assert len({e[2] for e in inserts}) > 1  # rows joined a running batch at different steps
 
 
@@ -135,34 +135,43 @@ def test_short_request_after_long_one_finishes_first(server, slow_steps):
     assert done["short"] < done["long"]
 
 
-def test_long_row_grows_its_own_ring_while_short_rows_keep_theirs(server, slow_steps):
-    """A long request takes the long slot group, whose ring grows with it (32 -> 64 slots, rolled
-    mid-request); a short one decodes beside it over the short group's 32-slot ring, both in one
-    model call (a grouped cache). Both equal solo `generate`."""
+def test_short_row_reads_its_own_pages_beside_a_long_one(server, slow_steps, monkeypatch):
+    """A long request and a short one decode in the same steps; each step reads the pages the
+    rows hold (the long row's ceil(pos / 8), the short one's 1), not rows x the longest row, and
+    every page is given back when they end. Both equal solo `generate`."""
     eng = server.engine
-    assert [n for _, n in eng.groups] == [SLOTS - 1, 1]
+    reads, generate = [], eng.generate
+
+    def counting():
+        active = eng.active()
+        held = [(eng.length[s] + eng.asked[s] - 1) // eng.page_size + 1
+                for s in np.flatnonzero(active)]
+        reads.append(held)
+        return generate()
+    monkeypatch.setattr(eng, "generate", counting)
     started, out = threading.Event(), {}
     body = {"prompt": "to be", "max_tokens": 50, "temperature": 0.8, "seed": 3}
     th = threading.Thread(target=lambda: out.update(long=_stream_text(server, body,
                                                                       on_first=started.set)))
     th.start()
     assert started.wait(30)
-    fused = eng.model_calls[2]
+    _wait_until(lambda: max((max(r) for r in reads if r), default=0) >= 3, "the long row to grow")
     short = _post(server, {"prompt": "a", "max_tokens": 3, "seed": 0})
-    lens = eng.cache_lens
-    assert eng.model_calls[2] > fused  # short and long rows stepped in one model call
     th.join(60)
-    assert lens[0] == 32
-    inserts = [e for e in server.batcher.trace if e[0] == "insert"]
-    assert [e[1] for e in inserts[-2:]] == [SLOTS - 1, 0]
+    both = [r for r in reads if len(r) == 2]
+    assert both and all(min(r) == 1 and max(r) >= 3 for r in both)  # short: 1 page, long: more
+    # The page bucket a shared step reads: the sum of the rows' pages, rounded up to a power of
+    # two, less than two rows at the long row's length.
+    assert all(next(b for b in eng.page_buckets if b >= sum(r)) < 2 * 8 for r in both)
     assert short["choices"][0]["text"] == _reference(server, "a", max_tokens=3)[0]
     assert out["long"][0] == _reference(server, "to be", max_tokens=50, temperature=0.8, seed=3)[0]
-    assert eng.cache_lens[1] == 64
+    _wait_until(lambda: server.scheduler.running() == 0, "the slots to be freed")
+    assert len(eng.free_pages) == eng.n_pages - 1
 
 
 def _reuse(server, why):
     """Steps dispatched when the last inserted row's slot was freed by `why`, and when refilled."""
-    trace = list(server.batcher.trace)
+    trace = list(server.scheduler.trace)
     i = max(k for k, e in enumerate(trace) if e[0] == "insert")
     slot = trace[i][1]
     freed = next(e for e in reversed(trace[:i]) if e[1] == slot)
@@ -179,13 +188,13 @@ def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, monkeypatch, 
         # timeout with seconds to spare, and the test has that second to queue a request.
         slow = server.engine.generate
         monkeypatch.setattr(server.engine, "generate",
-                            lambda active: (time.sleep(0.03), slow(active))[1])
+                            lambda: (time.sleep(0.03), slow())[1])
     ev = threading.Event()
     clients = [httpx.Client(base_url=server.url, timeout=60.0) for _ in range(SLOTS)]
     with concurrent.futures.ThreadPoolExecutor(SLOTS + 1) as ex:
         longs = [ex.submit(_stream_text, server, {"prompt": "ab", "max_tokens": 60, "seed": i},
                            clients[i]) for i in range(SLOTS - 1)]
-        _wait_until(lambda: server.batcher.running() >= SLOTS - 1, "the long rows to run")
+        _wait_until(lambda: server.scheduler.running() >= SLOTS - 1, "the long rows to run")
         if why == "finish":
             fourth = ex.submit(_post, server, {"prompt": "ab", "max_tokens": 15})
         elif why == "timeout":
@@ -202,10 +211,10 @@ def test_freed_slot_is_reused_at_the_next_step(server, slow_steps, monkeypatch, 
                             ev.wait(30)
                             return  # closes the connection mid-stream
             fourth = ex.submit(leave)
-        _wait_until(lambda: server.batcher.running() >= SLOTS, "all slots to run")
+        _wait_until(lambda: server.scheduler.running() >= SLOTS, "all slots to run")
         server.app.state.request_timeout_s = 60.0
         waiting = ex.submit(_post, server, {"prompt": "cd", "max_tokens": 3})
-        _wait_until(lambda: server.batcher.queued() > 0, "the request to queue",
+        _wait_until(lambda: server.scheduler.queued() > 0, "the request to queue",
                     during=lambda: not waiting.done() or pytest.fail("it did not wait"))
         ev.set()
         assert waiting.result(60)["choices"][0]["text"]
@@ -276,19 +285,21 @@ def test_metrics_parse_and_count_the_requests_sent(server):
     assert m1[("gptjax_compilations_after_warmup_total", ())] == (
         serving.compilations() - server.app.state.compiles_at_start)
     assert ("gptjax_queue_length", ()) in m1 and ("gptjax_running_slots", ()) in m1
+    assert delta("gptjax_steps_total") > 0 and delta("gptjax_requests_cancelled_total") == 0
+    assert m1[("gptjax_host_seconds_total", (("thread", "detokenizer"),))] > 0
 
 
 def test_queue_full_gets_429_with_retry_after(server):
     """A second app on the same engine whose scheduler is not running: requests only queue."""
-    batcher = serving.ContinuousBatcher(server.engine, max_queue=1)
+    scheduler = serving.Scheduler(server.engine, server.tok, serving.ServerMetrics(), max_queue=1)
     # (the first request's 5 s timeout is the window for the second one to find the queue full)
-    app = serving.make_app(server.engine, batcher, model_name="tiny", request_timeout_s=5.0)
+    app = serving.make_app(server.engine, scheduler, model_name="tiny", request_timeout_s=5.0)
     srv, th, url = _start(app)
     try:
         with httpx.Client(base_url=url, timeout=30.0) as c, \
                 concurrent.futures.ThreadPoolExecutor(1) as ex:
             first = ex.submit(c.post, "/v1/completions", json={"prompt": "to be"})
-            _wait_until(lambda: batcher.queued() > 0, "the first request to queue")
+            _wait_until(lambda: scheduler.queued() > 0, "the first request to queue")
             r = c.post("/v1/completions", json={"prompt": "to be"})
             assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
             assert int(r.headers["retry-after"]) >= 1
@@ -297,3 +308,94 @@ def test_queue_full_gets_429_with_retry_after(server):
     finally:
         srv.should_exit = True
         th.join(timeout=10)
+
+
+class _HostLog(serving.ServerMetrics):
+    """ServerMetrics that also keeps every host-time report, in order, per thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = {"scheduler": [], "detokenizer": []}
+
+    def add_host_time(self, thread, seconds, tokens):
+        super().add_host_time(thread, seconds, tokens)
+        self.log[thread].append((seconds, tokens))
+
+
+def test_host_time_per_token_does_not_grow_with_the_output():
+    """One request of 1,200 tokens on a tiny model with a 2048-token context: the host threads'
+    own CPU time per token (scheduler bookkeeping + detokenizer; `time.thread_time`, so neither
+    the device's work nor waiting on a loaded machine counts) is, over the last 200 tokens, at
+    most 2x what it is over tokens 100-300. Decoding a row's whole text at every token (O(n)
+    per token) grows several-fold over such a run."""
+    import asyncio
+
+    chars = CHARS
+    cfg = GPTConfig.preset("tiny", vocab_size=len(chars), n_ctx=2048, n_layer=1, n_embd=16)
+    params = init_params(cfg, jax.random.key(0))
+    tok = CharTokenizer(chars)
+    metrics = _HostLog()
+    engine = serving.Engine(cfg, params, slots=1, page_size=64, prompt_buckets=(16, 2048))
+    sched = serving.Scheduler(engine, tok, metrics)
+    sched.start()
+    n = 1200
+    try:
+        loop = asyncio.new_event_loop()
+        row = serving.make_row(tok.encode("to be"), seed=0, temperature=1.0, top_p=1.0,
+                               max_tokens=n, logprobs=None, stops=("zzzzzz", "qqq"), index=0)
+        job = serving.Job([row], loop, time.monotonic() + 600)
+        sched.submit(job)
+
+        async def wait():
+            while (await job.queue.get())[0] != "finish":
+                pass
+        loop.run_until_complete(asyncio.wait_for(wait(), 600))
+        loop.close()
+    finally:
+        sched.stop()
+    assert len(row.new_ids) == n and len(row.text) == n
+    per_token = []
+    for thread in ("scheduler", "detokenizer"):
+        log = metrics.log[thread]  # (seconds, tokens) per report: spread over its tokens
+        assert sum(k for _, k in log) == n, thread
+        per_token.append(np.concatenate([np.full(k, s / k) for s, k in log if k]))
+    host = per_token[0] + per_token[1]
+    start, end = np.median(host[100:300]), np.median(host[-200:])
+    assert end <= 2 * start, (start, end)
+
+
+class _Bytes:
+    """UTF-8 bytes as tokens (a character may span several), as a byte-level BPE's are."""
+    eos_id = None
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@pytest.mark.parametrize("stops, want", [((), "héllo wörld, 日本語 ok"),
+                                         (("語 o",), "héllo wörld, 日本"),
+                                         (("ö",), "héllo w")])
+def test_incremental_detokenization_emits_whole_characters(stops, want):
+    """Tokens that split characters: the deltas are never a partial character, add up to the
+    whole text (cut at the first stop string, which may span tokens), and each token decodes
+    only the row's tail (at most CONTEXT_TOKENS + the pending ids)."""
+    from gptjax.inference.serving import detok
+
+    text = "héllo wörld, 日本語 ok"
+    ids = list(text.encode())
+    tok, calls = _Bytes(), []
+    decode = tok.decode
+    tok.decode = lambda x: (calls.append(len(x)), decode(x))[1]
+    row = serving.make_row([0], seed=0, temperature=1.0, top_p=1.0, max_tokens=len(ids),
+                           logprobs=None, stops=stops, index=0)
+    deltas = []
+    for i, t in enumerate(ids):
+        delta, _ = detok.advance(tok, None, row, t, 0.0, [], [],
+                                 "length" if i == len(ids) - 1 else None)
+        deltas.append(delta)
+        if row.finish_reason is not None:
+            break
+    assert "".join(deltas) == want and row.text == want
+    assert not any("\ufffd" in d for d in deltas)
+    assert row.finish_reason == ("stop" if stops else "length")
+    assert max(calls) <= detok.CONTEXT_TOKENS + 4  # a UTF-8 character is at most 4 bytes

@@ -222,7 +222,8 @@ def decode_step(config: GPTConfig, params: Any, tokens_B: Array, positions_B: Ar
       config, params: the model.
       tokens_B: the newest token of each row.
       positions_B: its position (the row's previous position + 1).
-      cache: the cache after the previous step.
+      cache: the cache after the previous step: a dense one (`init_cache`, as `prefill` makes)
+        or a page pool with this step's view (gptjax.nn.kv_cache.PagedCache, the server's).
 
     Returns:
       (logits_BxV fp32 for the next token, new cache).

@@ -18,7 +18,7 @@ static window; parameters are then `h.block_{j}` stacked over n_layer / period.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from gptjax.config import GPTConfig, check_scan_config
 from gptjax.nn.attention import attention
+from gptjax.nn.kv_cache import DenseView, PagedCache, cache_view, updated_cache
 from gptjax.nn.layers import (Embed, Linear, activation, einsum_fp32, layer_norm, normal_init,
                               param_or_weight_only, resid_std)
 
@@ -54,7 +55,7 @@ class CausalSelfAttention(_LayerPart):
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
-                 layer_cache: Optional[dict], cache_index: Optional[Array]):
+                 layer_cache: Optional[dict], cache_view: Any):
         cfg = self.config
         C, H, D = cfg.n_embd, cfg.n_head, cfg.d_head
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -74,28 +75,14 @@ class CausalSelfAttention(_LayerPart):
         new_cache = None
         if layer_cache is None:
             out_BxTxHxD = attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, q_pos_BxT)
-        elif isinstance(layer_cache["k"], tuple):
-            # A grouped cache (`group_caches`): consecutive rows in groups, each group with its
-            # own ring of slots and write index. One call shares the weights' reads over every
-            # group; only the attention runs per group, each over its own ring.
-            outs, ks, vs, o = [], [], [], 0
-            for g, (kc, vc) in enumerate(zip(layer_cache["k"], layer_cache["v"])):
-                n = kc.shape[0] // H
-                rows = slice(o, o + n)
-                out_g, k_g, v_g = self._cached(q_BxTxHxD[rows], k_BxTxHxD[rows],
-                                               v_BxTxHxD[rows], q_pos_BxT[rows], k_pos_BxS[g],
-                                               kc, vc, cache_index[g], attend)
-                outs.append(out_g)
-                ks.append(k_g)
-                vs.append(v_g)
-                o += n
-            out_BxTxHxD = jnp.concatenate(outs, axis=0)
-            new_cache = {"k": tuple(ks), "v": tuple(vs)}
         else:
-            out_BxTxHxD, k_NxDxS, v_NxDxS = self._cached(
-                q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, k_pos_BxS, layer_cache["k"],
-                layer_cache["v"], cache_index, attend)
-            new_cache = {"k": k_NxDxS, "v": v_NxDxS}
+            # The cache view (gptjax.nn.kv_cache) writes this call's keys/values and attends over
+            # what each row may see; a bare index is a dense cache's, with k_pos_BxS its slots'
+            # positions.
+            view = cache_view if hasattr(cache_view, "attend") else DenseView(cache_view,
+                                                                              k_pos_BxS)
+            out_BxTxHxD, new_cache = view.attend(layer_cache, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD,
+                                                 q_pos_BxT, attend, self.window)
         # jnp.einsum contracts its summed letters in sorted order, D before H, and XLA then
         # transposes this kernel into [D, H, C] on every call; inside the decode loop that copy
         # (a second read and a write of the kernel per step) is not hoisted. Naming the head
@@ -107,37 +94,6 @@ class CausalSelfAttention(_LayerPart):
                          out_in=self.decode_layout, name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
         return y_BxTxC, new_cache
-
-    def _cached(self, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, k_pos_BxS, k_cache, v_cache,
-                cache_index, attend):
-        """Attention over a cache: writes this call's keys/values at `cache_index`, attends.
-
-        Heads are folded into the batch (N = B*H rows, one head each) and the cache holds each
-        row's keys and values as one [D, S] matrix, the operand layout XLA:CPU's batched dots
-        want for q.k (contracting D) and p.v (contracting S). A decode step then reads and
-        updates the cache in place. A [B, S, H, D] cache would be copied whole into this order
-        on every step, and [B, H, D, S] still costs copies at batch 1 (XLA drops the unit batch
-        axis from the dots, and the reshape between the in-place update and the dot defeats the
-        aliasing).
-        """
-        H, D = self.config.n_head, self.config.d_head
-        dt = jnp.dtype(self.config.dtype)
-        B, T = q_BxTxHxD.shape[:2]
-
-        def rows_NxDxT(x_BxTxHxD):
-            return jnp.transpose(x_BxTxHxD, (0, 2, 3, 1)).reshape(B * H, D, T)
-
-        # Write this call's keys/values into slots [index, index + T).
-        k_NxDxS = jax.lax.dynamic_update_slice(
-            k_cache, rows_NxDxT(k_BxTxHxD).astype(k_cache.dtype), (0, 0, cache_index))
-        v_NxDxS = jax.lax.dynamic_update_slice(
-            v_cache, rows_NxDxT(v_BxTxHxD).astype(v_cache.dtype), (0, 0, cache_index))
-        q_NxTx1xD = jnp.transpose(q_BxTxHxD, (0, 2, 1, 3)).reshape(B * H, T, 1, D)
-        # The transposes below fold into the attention dots; nothing is copied.
-        out_NxTx1xD = attend(q_NxTx1xD, jnp.swapaxes(k_NxDxS, 1, 2)[:, :, None].astype(dt),
-                             jnp.swapaxes(v_NxDxS, 1, 2)[:, :, None].astype(dt),
-                             jnp.repeat(q_pos_BxT, H, axis=0), jnp.repeat(k_pos_BxS, H, axis=0))
-        return jnp.transpose(out_NxTx1xD.reshape(B, H, T, D), (0, 2, 1, 3)), k_NxDxS, v_NxDxS
 
 
 class Mlp(nn.Module):
@@ -167,18 +123,18 @@ class Block(_LayerPart):
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
-                 layer_cache: Optional[dict], cache_index: Optional[Array]):
+                 layer_cache: Optional[dict], cache_view: Any):
         cfg = self.config
         attn = CausalSelfAttention(cfg, self.window, self.deterministic, self.decode_layout,
                                    name="attn")
         mlp = Mlp(cfg, self.deterministic, self.decode_layout, name="mlp")
         ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
         if cfg.norm_position == "pre":
-            a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_index)
+            a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_view)
             x_BxTxC = x_BxTxC + a
             x_BxTxC = x_BxTxC + mlp(ln_2(x_BxTxC))
         else:
-            a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_index)
+            a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_view)
             x_BxTxC = ln_1(x_BxTxC + a)
             x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
@@ -199,7 +155,7 @@ class Period(nn.Module):
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_index):
+    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_view):
         cfg = self.config
         block_cls = Block
         if cfg.remat != "none":
@@ -210,7 +166,7 @@ class Period(nn.Module):
             name = f"block_{j}"
             c = None if period_cache is None else period_cache[name]
             x_BxTxC, c = block_cls(cfg, window, self.deterministic, self.decode_layout,
-                                   name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_index)
+                                   name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_view)
             if new_cache is not None:
                 new_cache[name] = c
         return x_BxTxC, new_cache
@@ -226,8 +182,10 @@ class GPT(nn.Module):
       positions_BxT: position of each token; defaults to 0..T-1 (or continuing the cache).
         -1 marks padding: such tokens are never attended to.
       deterministic: disable dropout (pass rngs={'dropout': key} when False).
-      cache: a KV cache from `init_cache`; the call then writes its keys/values at the cache's
-        index and returns (logits, new_cache).
+      cache: a KV cache: a dense one from `init_cache` (the call writes its keys/values at the
+        cache's index) or a page pool, `gptjax.nn.kv_cache.PagedCache` (at the slots its view
+        names; positions_BxT required); the call returns (logits, new_cache). The attention sees
+        the cache only through its view's `attend` (gptjax.nn.kv_cache).
       return_hidden: also return the final hidden states [B, T, C] (after ln_f when it exists),
         the features the GPT-1 task heads read.
       inputs_embeds_BxTxC: token embeddings to use instead of looking up tokens_BxT (which may
@@ -259,12 +217,12 @@ class GPT(nn.Module):
         cfg = self.config
         B, T = (tokens_BxT if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC).shape[:2]
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        cache_index = None if cache is None else cache["index"]
         default_pos = positions_BxT is None and cache is None
         if positions_BxT is None:
-            if isinstance(cache_index, tuple):
-                raise ValueError("a grouped cache (group_caches) needs positions_BxT")
-            start = 0 if cache is None else cache_index
+            if isinstance(cache, PagedCache):
+                raise ValueError("a paged cache (gptjax.nn.kv_cache.PagedCache) needs "
+                                 "positions_BxT")
+            start = 0 if cache is None else cache["index"]
             positions_BxT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32), (B, T))
         positions_BxT = positions_BxT.astype(jnp.int32)
 
@@ -280,16 +238,14 @@ class GPT(nn.Module):
         # Positions as attention sees them: None states "0..T-1 in every row, no cache", which
         # lets slot-masked kernels (cuDNN, splash, the blocked banded path) run.
         attn_pos_BxT = None if default_pos else positions_BxT
-        if cache is None:
-            k_pos_BxS = attn_pos_BxT
-            layers_cache = None
-        else:
-            k_pos_BxS = write_positions(cache, positions_BxT)
-            layers_cache = cache["layers"]
+        k_pos_BxS, layers_cache, view = attn_pos_BxT, None, None
+        if cache is not None:
+            layers_cache, view = cache_view(cache, positions_BxT)
+            k_pos_BxS = getattr(view, "k_pos_BxS", None)
 
         blocks = _scanned_blocks if cfg.scan_layers else _looped_blocks
         x_BxTxC, new_layers = blocks(cfg, deterministic, self.decode_layout, x_BxTxC,
-                                     attn_pos_BxT, k_pos_BxS, layers_cache, cache_index)
+                                     attn_pos_BxT, k_pos_BxS, layers_cache, view)
 
         if cfg.final_norm:
             x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
@@ -308,14 +264,13 @@ class GPT(nn.Module):
         if return_hidden:
             out.append(x_BxTxC)
         if cache is not None:
-            out.append({"layers": new_layers, "pos": k_pos_BxS,
-                        "index": jax.tree_util.tree_map(lambda i: i + T, cache_index)})
+            out.append(updated_cache(cache, new_layers, view, T))
         return out[0] if len(out) == 1 else tuple(out)
 
 
 def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
                     q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
-                    layers_cache: Optional[dict], cache_index: Optional[Array]):
+                    layers_cache: Optional[dict], view: Any):
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
     scanned = nn.scan(
@@ -323,14 +278,13 @@ def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxTxC, new_layers = scanned(cfg, deterministic, decode_layout, name="h")(
-        x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS,
-        cache_index)
+        x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS, view)
     return x_BxTxC, None if layers_cache is None else {"h": new_layers}
 
 
 def _looped_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
                    q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
-                   layers_cache: Optional[dict], cache_index: Optional[Array]):
+                   layers_cache: Optional[dict], view: Any):
     """The blocks one after another (submodules `h_{i}` of the calling GPT)."""
     block_cls = Block
     if cfg.remat != "none":
@@ -341,7 +295,7 @@ def _looped_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_B
         c = None if layers_cache is None else layers_cache[name]
         w = None if cfg.layer_kinds()[i] == "dense" else window
         x_BxTxC, c = block_cls(cfg, w, deterministic, decode_layout, name=name)(
-            x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_index)
+            x_BxTxC, q_pos_BxT, k_pos_BxS, c, view)
         if new_layers is not None:
             new_layers[name] = c
     return x_BxTxC, new_layers
@@ -400,34 +354,6 @@ def logical_axes(config: GPTConfig):
       A pytree of PartitionSpecs of logical names, shaped like the parameters.
     """
     return nn.get_partition_spec(abstract_params(config, boxed=True))
-
-
-def write_positions(cache: Cache, positions_BxT: Array):
-    """The cache's slot positions with this call's written at its index (per group for a
-    grouped cache: each group's rows, at its own index)."""
-    if not isinstance(cache["index"], tuple):
-        return jax.lax.dynamic_update_slice(cache["pos"], positions_BxT, (0, cache["index"]))
-    out, o = [], 0
-    for pos_BxS, index in zip(cache["pos"], cache["index"]):
-        n = pos_BxS.shape[0]
-        out.append(jax.lax.dynamic_update_slice(pos_BxS, positions_BxT[o:o + n], (0, index)))
-        o += n
-    return tuple(out)
-
-
-def group_caches(caches: Sequence[Cache]) -> Cache:
-    """Several caches (each its own rows, ring length and write index) as one grouped cache: the
-    same tree with each leaf a tuple over the caches. A model call over it takes the groups'
-    rows concatenated in order; the weights are read once for all of them and each group's rows
-    attend over their own ring (CausalSelfAttention). `ungroup_caches` splits the result."""
-    return jax.tree_util.tree_map(lambda *xs: tuple(xs), *caches)
-
-
-def ungroup_caches(cache: Cache) -> list:
-    """The caches `group_caches` was given, from a grouped cache (e.g. a model call's result)."""
-    n = len(cache["index"])
-    return [jax.tree_util.tree_map(lambda t: t[g], cache, is_leaf=lambda x: isinstance(x, tuple))
-            for g in range(n)]
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_len: Optional[int] = None,

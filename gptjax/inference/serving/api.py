@@ -1,4 +1,4 @@
-"""The HTTP API: OpenAI-style completions over the engine and batcher (FastAPI).
+"""The HTTP API: OpenAI-style completions over the engine and its scheduler (FastAPI).
 
 POST /v1/completions (prompt str or list, max_tokens, temperature, top_p, n, stop, seed, stream,
 logprobs), GET /v1/models, GET /health, GET /metrics (Prometheus text); errors are OpenAI-style
@@ -25,18 +25,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptjax.inference.serving.batcher import Batcher, QueueFull
 from gptjax.inference.serving.engine import (
     MAX_LOGPROBS,
     Engine,
-    Job,
-    ShapePlan,
     compilations,
     start_compile_counter,
 )
 from gptjax.inference.serving.metrics import CONTENT_TYPE, ServerMetrics, StatusCounter
-from gptjax.inference.serving.scheduler import ContinuousBatcher
-from gptjax.inference.serving.slots import SlotEngine
+from gptjax.inference.serving.requests import Job, make_row
+from gptjax.inference.serving.scheduler import QueueFull, Scheduler
 
 MAX_STOP = 4
 
@@ -78,9 +75,9 @@ class CompletionRequest(BaseModel):
     user: Optional[str] = None
 
 
-def _build_rows(req, engine: Engine) -> tuple:
+def _build_rows(req, engine: Engine, tok) -> tuple:
     """(rows, prompt token count) for a validated request, or RequestError."""
-    cfg, tok, plan = engine.config, engine.tokenizer, engine.plan
+    cfg = engine.config
     prompts = req.prompt
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                     and isinstance(prompts[0], int)):
@@ -92,9 +89,9 @@ def _build_rows(req, engine: Engine) -> tuple:
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise RequestError(400, f"stop={stops!r}: give up to {MAX_STOP} non-empty strings",
                            "stop")
-    if len(prompts) * req.n > plan.max_rows:
+    if len(prompts) * req.n > engine.slots:
         raise RequestError(400, f"{len(prompts)} prompt(s) x n={req.n} = {len(prompts) * req.n} "
-                           f"choices: at most {plan.max_rows} per request (the largest batch)",
+                           f"choices: at most {engine.slots} per request (the decode slots)",
                            "n")
     id_lists = []
     for j, p in enumerate(prompts):
@@ -127,10 +124,10 @@ def _build_rows(req, engine: Engine) -> tuple:
     rows = []
     for j, ids in enumerate(id_lists):
         for i in range(req.n):
-            rows.append(engine.make_row(ids, seed=seed + i, temperature=req.temperature,
-                                        top_p=req.top_p, max_tokens=req.max_tokens,
-                                        logprobs=req.logprobs, stops=tuple(stops),
-                                        index=j * req.n + i))
+            rows.append(make_row(ids, seed=seed + i, temperature=req.temperature,
+                                 top_p=req.top_p, max_tokens=req.max_tokens,
+                                 logprobs=req.logprobs, stops=tuple(stops),
+                                 index=j * req.n + i))
     return rows, sum(len(x) for x in id_lists)
 
 
@@ -193,27 +190,26 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
 
 
 # ---------------------------------------------------------------------------- job events
-async def _next_event(job: Job, batcher) -> tuple:
+async def _next_event(job: Job, metrics: ServerMetrics) -> tuple:
     """The job's next event; RequestError 503 once its deadline (plus a second) has passed."""
     remaining = job.deadline - time.monotonic()
     try:
         return await asyncio.wait_for(job.queue.get(), timeout=max(remaining, 0.0) + 1.0)
     except asyncio.TimeoutError:
-        batcher.stats["timed_out"] += 1
+        metrics.count("timed_out")
         raise RequestError(503, "the request timed out (server busy); retry or raise "
                            "--request_timeout", None, "timeout") from None
 
 
-async def _collect(job: Job, batcher, metrics: ServerMetrics) -> None:
+async def _collect(job: Job, metrics: ServerMetrics) -> None:
     """Wait until every row of the job has finished (the rows hold the results)."""
     left = len(job.rows)
     while left:
-        ev = await _next_event(job, batcher)
+        ev = await _next_event(job, metrics)
         if ev[0] == "finish":
             left -= 1
         elif ev[0] == "error":
             raise RequestError(ev[1], ev[2], None, ev[3])
-    batcher.stats["completed"] += 1
     metrics.observe_job(job)
 
 
@@ -230,14 +226,14 @@ def _stream_chunk(ev: tuple, offsets: collections.Counter) -> dict:
     return {"text": "", "index": ev[1], "logprobs": None, "finish_reason": ev[2]}
 
 
-async def _stream(job: Job, base: dict, batcher, metrics: ServerMetrics):
+async def _stream(job: Job, base: dict, metrics: ServerMetrics):
     """Server-sent events of a streaming request: chunks, then `data: [DONE]` (or one error)."""
     left = len(job.rows)
     offsets = collections.Counter()
     try:
         while left:
             try:
-                ev = await _next_event(job, batcher)
+                ev = await _next_event(job, metrics)
             except RequestError as e:
                 ev = ("error", e.status, e.message, e.code)
             if ev[0] == "error":
@@ -247,13 +243,12 @@ async def _stream(job: Job, base: dict, batcher, metrics: ServerMetrics):
             if ev[0] == "finish":
                 left -= 1
             yield f"data: {json.dumps(dict(base, choices=[_stream_chunk(ev, offsets)]))}\n\n"
-        batcher.stats["completed"] += 1
         metrics.observe_job(job)
         yield "data: [DONE]\n\n"
     finally:
         # Client gone (the response task is cancelled) or done: free the rows' batch slots.
         if left:
-            batcher.stats["cancelled"] += 1
+            metrics.count("cancelled")
         job.cancel()
 
 
@@ -272,23 +267,22 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
 
-def _add_info_routes(app: FastAPI, engine: Engine, batcher, model_name: str) -> None:
+def _add_info_routes(app: FastAPI, engine: Engine, scheduler: Scheduler,
+                     model_name: str) -> None:
     created = int(time.time())
-    slots = engine.slots if isinstance(engine, SlotEngine) else engine.plan.max_rows
+    metrics = scheduler.metrics
 
     @app.get("/health")
     async def health():
-        shapes = engine.describe() if isinstance(engine, SlotEngine) else engine.plan.describe()
-        return {"status": "ok", "model": model_name, "queued": batcher.queued(),
-                "running": batcher.running(),
-                "batching": "continuous" if isinstance(batcher, ContinuousBatcher) else "static",
+        return {"status": "ok", "model": model_name, "queued": scheduler.queued(),
+                "running": scheduler.running(),
+                "compilations_at_warmup": app.state.compiles_at_start,
                 "compilations_after_warmup": compilations() - app.state.compiles_at_start,
-                "stats": dict(batcher.stats), "shapes": shapes}
+                "stats": metrics.stats(), "shapes": engine.describe()}
 
     @app.get("/metrics")
-    async def metrics():
-        return PlainTextResponse(app.state.metrics.render(
-            batcher, slots=slots,
+    async def metrics_route():
+        return PlainTextResponse(metrics.render(
             compilations_after_warmup=compilations() - app.state.compiles_at_start),
             media_type=CONTENT_TYPE)
 
@@ -298,50 +292,52 @@ def _add_info_routes(app: FastAPI, engine: Engine, batcher, model_name: str) -> 
                                             "created": created, "owned_by": "gptjax"}]}
 
 
-def _retry_after(batcher, metrics: ServerMetrics) -> str:
+def _retry_after(metrics: ServerMetrics) -> str:
     """Seconds a refused client should wait: the mean time to first token so far (1 to 60)."""
     h = metrics.ttft
     mean = h.sum / sum(h.counts) if sum(h.counts) else 1.0
     return str(min(60, max(1, math.ceil(mean))))
 
 
-def _add_completions_route(app: FastAPI, engine: Engine, batcher, model_name: str) -> None:
-    metrics = app.state.metrics
+def _add_completions_route(app: FastAPI, engine: Engine, scheduler: Scheduler,
+                           model_name: str) -> None:
+    metrics = scheduler.metrics
+    tok = scheduler.detok.tok
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
         if req.model is not None and req.model != model_name:
             raise RequestError(404, f"model={req.model!r} does not exist: this server serves "
                                f"{model_name!r} (GET /v1/models)", "model", "model_not_found")
-        rows, prompt_tokens = _build_rows(req, engine)
+        rows, prompt_tokens = _build_rows(req, engine, tok)
         # Read per request, so a running server's timeout can be changed (tests do).
         job = Job(rows, asyncio.get_running_loop(),
                   time.monotonic() + app.state.request_timeout_s)
         try:
-            batcher.submit(job)
+            scheduler.submit(job)
         except QueueFull as e:
             raise RequestError(429, f"server overloaded: {e}", None, "queue_full",
-                               {"Retry-After": _retry_after(batcher, metrics)}) from None
+                               {"Retry-After": _retry_after(metrics)}) from None
         base = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
                 "created": int(time.time()), "model": model_name}
         if req.stream:
-            return StreamingResponse(_stream(job, base, batcher, metrics),
+            return StreamingResponse(_stream(job, base, metrics),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         try:
-            await _collect(job, batcher, metrics)
+            await _collect(job, metrics)
         finally:
             job.cancel()
         return _completion_body(base, rows, prompt_tokens)
 
 
-def make_app(engine: Engine, batcher, *, model_name: str = "gptjax",
+def make_app(engine: Engine, scheduler: Scheduler, *, model_name: str = "gptjax",
              request_timeout_s: float = 60.0) -> FastAPI:
-    """The FastAPI application (the batcher is started and stopped by the caller).
+    """The FastAPI application (the scheduler is started and stopped by the caller).
 
     Args:
-      engine: the Engine (static batching) or SlotEngine (continuous) that decodes.
-      batcher: the Batcher or ContinuousBatcher that queues requests for it.
+      engine: the Engine that decodes.
+      scheduler: the Scheduler that queues requests for it (its metrics are the server's).
       model_name: the model id the API reports and accepts.
       request_timeout_s: seconds a request may wait and decode before it gets HTTP 503.
 
@@ -349,58 +345,48 @@ def make_app(engine: Engine, batcher, *, model_name: str = "gptjax",
       The app; its /health and /metrics count compilations from this call on.
     """
     app = FastAPI(title="gptjax", version="0.1.0")
-    app.state.metrics = ServerMetrics()
-    app.add_middleware(StatusCounter, metrics=app.state.metrics)
+    app.state.metrics = scheduler.metrics
+    app.add_middleware(StatusCounter, metrics=scheduler.metrics)
     _add_error_handlers(app)
-    _add_info_routes(app, engine, batcher, model_name)
-    _add_completions_route(app, engine, batcher, model_name)
+    _add_info_routes(app, engine, scheduler, model_name)
+    _add_completions_route(app, engine, scheduler, model_name)
     app.state.request_timeout_s = request_timeout_s
     app.state.compiles_at_start = compilations()
     return app
 
 
-def build_server(config, params, tokenizer, *, batching: str = "continuous", slots: int = 8,
-                 cache_buckets=None, max_prefill_tokens: int = 256, batch_sizes=(1, 2, 4, 8),
-                 prompt_buckets=None, max_queue: int = 64, batch_window_s: float = 0.05,
-                 request_timeout_s: float = 60.0, model_name: str = "gptjax", warmup=True,
-                 start=True, log=print) -> tuple:
-    """Engine + warmed-up compiled shapes + batcher + app.
+def build_server(config, params, tokenizer, *, slots: int = 8, page_size: int = 16,
+                 pages=None, max_prefill_tokens: int = 256, prompt_buckets=None,
+                 max_queue: int = 64, request_timeout_s: float = 60.0,
+                 model_name: str = "gptjax", warmup=True, start=True, log=print) -> tuple:
+    """Engine + warmed-up compiled shapes + scheduler + app.
 
     Args:
       config, params, tokenizer: the model (params as they are, or already prepared by
         `gptjax.inference.decoding.prepare_for_decoding`, e.g. in another weight format).
-      batching: "continuous" (decode slots, rows join and leave at every step) or "static"
-        (waves).
-      slots, cache_buckets, max_prefill_tokens: continuous batching (see SlotEngine and
-        ContinuousBatcher).
-      batch_sizes, batch_window_s: static batching (see ShapePlan and Batcher).
-      prompt_buckets, max_queue: prompt-length buckets and the most waiting requests (both).
+      slots, page_size, pages, prompt_buckets: the engine (see Engine).
+      max_queue, max_prefill_tokens: the scheduler (see Scheduler).
       request_timeout_s, model_name: see make_app.
       warmup: compile every shape now (else on first use).
-      start: start the batcher's thread.
+      start: start the scheduler's threads.
       log: where the warm-up lines go.
 
     Returns:
-      (app, batcher, engine).
+      (app, scheduler, engine).
     """
     start_compile_counter()
-    if batching == "continuous":
-        engine = SlotEngine(config, params, tokenizer, slots=slots, prompt_buckets=prompt_buckets,
-                            cache_buckets=cache_buckets)
-        shapes = engine.describe()
-        batcher = ContinuousBatcher(engine, max_queue=max_queue,
-                                    max_prefill_tokens=max_prefill_tokens)
-    elif batching == "static":
-        engine = Engine(config, params, tokenizer,
-                        ShapePlan(config.n_ctx, batch_sizes, prompt_buckets))
-        shapes = engine.plan.describe()
-        batcher = Batcher(engine, max_queue=max_queue, batch_window_s=batch_window_s)
-    else:
-        raise ValueError(f"batching={batching!r}: give 'continuous' or 'static'")
+    engine = Engine(config, params, slots=slots, page_size=page_size, pages=pages,
+                    prompt_buckets=prompt_buckets)
+    scheduler = Scheduler(engine, tokenizer, ServerMetrics(), max_queue=max_queue,
+                          max_prefill_tokens=max_prefill_tokens)
     if warmup:
-        log(f"warming up {batching} batching, shapes {shapes} ...")
-        log(f"warm-up done in {engine.warmup():.1f} s")
-    app = make_app(engine, batcher, model_name=model_name, request_timeout_s=request_timeout_s)
+        before = compilations()
+        log(f"warming up, shapes {engine.describe()} ...")
+        make_row([0], seed=0, temperature=1.0, top_p=1.0, max_tokens=1, logprobs=None,
+                 stops=(), index=0)  # the host side's one compile: a seed's key
+        seconds = engine.warmup()
+        log(f"warm-up done in {seconds:.1f} s, {compilations() - before} compilations")
+    app = make_app(engine, scheduler, model_name=model_name, request_timeout_s=request_timeout_s)
     if start:
-        batcher.start()
-    return app, batcher, engine
+        scheduler.start()
+    return app, scheduler, engine

@@ -1,25 +1,29 @@
-"""The serving engine: the compiled shapes, and decode waves of rows on the host.
+"""The serving engine: prefill, insert and generate over a decode state with a paged KV cache.
 
-  * `sample_rows` and the jitted `_prefill_core` / `_pad_cache` / `_step_core`: the per-step
-    device work. Every row has its own PRNG key, temperature and top_p, so a row's output does
-    not depend on which other rows share its batch: row r's token t is drawn exactly as
-    `gptjax.inference.sampling.generate([prompt_r], rng=key_r)` draws it (key fold_in(key_r, t),
-    the same warping), so a completion equals `generate` with the same seed.
-  * `ShapePlan`: the fixed set of compiled shapes. Batches are padded to a batch bucket B,
-    prompts left-padded to a prompt bucket P, and the cache has S = next power of two
-    >= P + max_tokens slots. `Engine.warmup` compiles every (B, P) prefill and (B, S) decode
-    step a request can reach; the batcher never forms a batch outside that set, so no request
-    compiles after warm-up (`compilations()` counts XLA compiles; /health reports them).
-  * `Engine`: model, tokenizer and plan; `run_wave` decodes one batch of rows step by step on the
-    host (one device round trip per token, the next step dispatched before the last one is read),
-    which is what makes streaming, stop strings, cancellation and timeouts per row possible.
+The shape JetStream and vLLM's model runner settled on:
+  * `prefill(ids)`: one prompt, left-padded to a prompt bucket, through the model into a dense
+    cache of its own -> its keys/values and the logits of its first token.
+  * `insert(prefix, slot, ...)`: that prompt into a free decode slot: its keys/values scattered
+    into the pages the slot is given, its first token drawn, the slot's key and settings set.
+  * `generate()`: one decode step over every slot holding a row, each row attending over its own
+    pages (gptjax.nn.kv_cache.PagedView: a flat list of the pages rows hold, in a few bucketed
+    lengths), so a short row does not pay for a long one.
+
+The decode state is one pytree (`empty_state`): the page pool per layer [n_pages, page, H, D],
+each slot's block table (its pages), newest token, position, step, PRNG key, temperature and
+top_p. Page 0 is never given to a row: free slots and a table's unused entries point at it, and
+what is written there is never read. Pages are given at insert, as many as the row can use
+(prompt + max_tokens - 1 positions), and returned when the slot is freed (`release`).
+
+Every row samples from its own PRNG key folded with its own step, with its own temperature and
+top_p (`sample_rows`), so a completion equals `gptjax.inference.sampling.generate` with the same
+seed whatever else shares the step. The compiled shapes are fixed: a prefill and an insert per
+prompt bucket, a step per page bucket; `warmup` compiles them all (`compilations()` counts XLA
+compiles), so nothing compiles while serving.
 """
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import dataclasses
 import functools
 import threading
 import time
@@ -32,7 +36,7 @@ import numpy as np
 from gptjax.config import GPTConfig
 from gptjax.inference.decoding import decode_step, prefill, prepare_for_decoding
 from gptjax.inference.sampling import warp_logits
-from gptjax.nn.model import init_cache
+from gptjax.nn.kv_cache import PagedCache, PagedView, init_pages
 
 Array = jax.Array
 
@@ -100,344 +104,238 @@ def sample_rows(key_data_Bx2: Array, t: Array, logits_BxV: Array, temperature_B:
     return jnp.where(greedy_B, jnp.argmax(logits_BxV, axis=-1), sampled_B).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _prefill_core(params, tokens_BxP, lengths_B, *, config):
-    logits_BxPxV, cache = prefill(config, params, tokens_BxP, lengths_B, tokens_BxP.shape[1])
-    return logits_BxPxV[:, -1].astype(jnp.float32), cache
-
-
-@functools.lru_cache(maxsize=None)
-def _slot_axis(config: GPTConfig) -> int:
-    """The slot axis of the model's cached keys/values, read off `init_cache` (layout-agnostic)."""
-    a = jax.tree_util.tree_leaves(jax.eval_shape(lambda: init_cache(config, 1, 2)["layers"]))[0]
-    b = jax.tree_util.tree_leaves(jax.eval_shape(lambda: init_cache(config, 1, 3)["layers"]))[0]
-    return next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "slots"))
-def _pad_cache(cache, *, config, slots):
-    """Grow a prefilled cache to `slots` slots: empty slots hold zeros and position -1."""
-    axis = _slot_axis(config)
-
-    def pad(x):
-        widths = [(0, 0)] * x.ndim
-        widths[axis] = (0, slots - x.shape[axis])
-        return jnp.pad(x, widths)
-    S = cache["pos"].shape[1]
-    return {"layers": jax.tree_util.tree_map(pad, cache["layers"]),
-            "pos": jnp.pad(cache["pos"], ((0, 0), (0, slots - S)), constant_values=-1),
-            "index": cache["index"]}
-
-
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _step_core(params, cache, logits_BxV, key_data_Bx2, t, temperature_B, top_p_B, lengths_B, *,
-               config):
-    tok_B = sample_rows(key_data_Bx2, t, logits_BxV, temperature_B, top_p_B)
-    logp_BxV = jax.nn.log_softmax(logits_BxV)
+def _drawn(logits_BxV, key_data_Bx2, t_B, temperature_B, top_p_B) -> tuple:
+    """(token, its logprob, top logprobs, their ids) per row."""
+    tok_B = sample_rows(key_data_Bx2, t_B, logits_BxV, temperature_B, top_p_B)
+    logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32))
     chosen_B = jnp.take_along_axis(logp_BxV, tok_B[:, None], axis=-1)[:, 0]
     top_v_BxK, top_i_BxK = jax.lax.top_k(logp_BxV, MAX_LOGPROBS)
-    logits_BxV, cache = decode_step(config, params, tok_B, lengths_B + t, cache)
-    return (tok_B, chosen_B, top_v_BxK, top_i_BxK), logits_BxV.astype(jnp.float32), cache
+    return tok_B, chosen_B, top_v_BxK, top_i_BxK
+
+
+def empty_state(config: GPTConfig, slots: int, n_pages: int, page_size: int) -> dict:
+    """The decode state: a page pool and every slot free (tables pointing at page 0)."""
+    pages_per_row = -(-config.n_ctx // page_size)
+    z = functools.partial(jnp.zeros, (slots,))
+    return {"pool": init_pages(config, n_pages, page_size),
+            "table": jnp.zeros((slots, pages_per_row), jnp.int32),
+            "tokens": z(jnp.int32), "pos": z(jnp.int32), "t": z(jnp.int32),
+            "key": jnp.zeros((slots, 2), jnp.uint32), "temp": z(jnp.float32),
+            "top_p": jnp.ones((slots,), jnp.float32)}
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _prefill_core(params, tokens_1xP, length_1, *, config):
+    logits_1xV, cache = prefill(config, params, tokens_1xP, length_1, tokens_1xP.shape[1],
+                                last_only=True)
+    return logits_1xV.astype(jnp.float32), cache["layers"]
+
+
+@functools.partial(jax.jit, donate_argnames=("state",))
+def _insert_core(state, logits_1xV, layers, length, slot, table_M, key_data_2, temp, top_p):
+    """A prefilled prompt into `slot`: keys/values of positions 0..length-1 (left-padded to P in
+    `layers`, [.., H, D, P]) into the slot's pages, its first token drawn (step 0)."""
+    M = table_M.shape[0]
+    N, G = jax.tree_util.tree_leaves(state["pool"])[0].shape[-4:-2]
+    P = jax.tree_util.tree_leaves(layers)[0].shape[-1]
+    pos_P = jnp.arange(P, dtype=jnp.int32) - (P - length)
+    dest_P = jnp.where(pos_P >= 0, table_M[jnp.clip(pos_P // G, 0, M - 1)] * G + pos_P % G, N * G)
+
+    def put(pool, dense):
+        flat = pool.reshape(pool.shape[:-4] + (N * G,) + pool.shape[-2:])
+        kv = jnp.moveaxis(dense, -1, -3).astype(pool.dtype)  # [.., P, H, D]
+        return flat.at[..., dest_P, :, :].set(kv, mode="drop").reshape(pool.shape)
+
+    out = _drawn(logits_1xV, key_data_2[None], jnp.zeros((1,), jnp.int32), temp[None],
+                 top_p[None])
+    new = dict(state, pool=jax.tree_util.tree_map(put, state["pool"], layers),
+               table=state["table"].at[slot].set(table_M),
+               tokens=state["tokens"].at[slot].set(out[0][0]),
+               pos=state["pos"].at[slot].set(length), t=state["t"].at[slot].set(1),
+               key=state["key"].at[slot].set(key_data_2), temp=state["temp"].at[slot].set(temp),
+               top_p=state["top_p"].at[slot].set(top_p))
+    return out, new
+
+
+@functools.partial(jax.jit, static_argnames=("config", "n_flat"), donate_argnames=("state",))
+def _generate_core(params, state, active_B, *, config, n_flat):
+    """One step over the active slots: each feeds its newest token at its position and draws the
+    next; the attention reads a flat list of `n_flat` pages (the active rows' pages, padded)."""
+    table_BxM, pos_B = state["table"], state["pos"]
+    B, M = table_BxM.shape
+    G = jax.tree_util.tree_leaves(state["pool"])[0].shape[-3]
+    n_B = jnp.where(active_B, pos_B // G + 1, 0)
+    ends_B = jnp.cumsum(n_B)
+    i_P = jnp.arange(n_flat, dtype=jnp.int32)
+    row_P = jnp.searchsorted(ends_B, i_P, side="right").astype(jnp.int32)  # B: padding
+    rowc_P = jnp.minimum(row_P, B - 1)
+    j_P = i_P - (ends_B - n_B)[rowc_P]
+    page_P = jnp.where(row_P < B, table_BxM[rowc_P, jnp.clip(j_P, 0, M - 1)], 0)
+    page_B = table_BxM[jnp.arange(B), jnp.clip(pos_B // G, 0, M - 1)]
+    write_B = jnp.where(active_B, page_B * G + pos_B % G, -1)
+    view = PagedView(write_B[:, None], page_P, row_P, j_P * G)
+    logits_BxV, cache = decode_step(config, params, state["tokens"], jnp.where(active_B, pos_B, 0),
+                                    PagedCache(state["pool"], view))
+    out = _drawn(logits_BxV, state["key"], state["t"], state["temp"], state["top_p"])
+    step_B = active_B.astype(jnp.int32)
+    return out, dict(state, pool=cache.layers, tokens=jnp.where(active_B, out[0], state["tokens"]),
+                     pos=pos_B + step_B, t=state["t"] + step_B)
 
 
 # ---------------------------------------------------------------------------- shapes
-def _pow2_at_least(n: int, minimum: int = 16) -> int:
-    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _default_prompt_buckets(n_ctx: int) -> tuple:
+def default_prompt_buckets(n_ctx: int) -> tuple:
+    """16, 64, 256, 1024, 4096 below n_ctx, and n_ctx."""
     return tuple(sorted({b for b in (16, 64, 256, 1024, 4096) if b < n_ctx} | {n_ctx}))
 
 
-class ShapePlan:
-    """The compiled shapes: batch buckets, prompt buckets, and the cache sizes they reach.
+# ---------------------------------------------------------------------------- the engine
+class Engine:
+    """A model over `slots` decode slots and a page pool: prefill, insert, generate, release.
+
+    Host-side it keeps each slot's page list and how many tokens the device was asked for, so it
+    knows, without reading the device, which slots a step advances and how many pages it reads.
 
     Args:
-      n_ctx: the model's context; every request has prompt + max_tokens <= n_ctx.
-      batch_sizes: batch buckets (rows of a wave are padded up to one); the largest is the most
-        rows a wave holds.
-      prompt_buckets: prompt-length buckets; the largest must be >= n_ctx - 1.
+      config: the architecture.
+      params: the parameters, or `prepare_for_decoding`'s result (e.g. another weight format).
+      slots: decode slots (the most rows decoded together).
+      page_size: positions per KV page.
+      pages: pages in the pool, page 0 included (default: every slot can hold a full context,
+        slots * ceil(n_ctx / page_size) + 1); fewer makes a request wait for pages to free up.
+      prompt_buckets: prompt lengths prefills are padded to; the largest must be >= n_ctx - 1.
     """
 
-    def __init__(self, n_ctx: int, batch_sizes=(1, 2, 4, 8), prompt_buckets=None):
-        self.n_ctx = n_ctx
-        self.batch_sizes = tuple(sorted({int(b) for b in batch_sizes}))
+    def __init__(self, config: GPTConfig, params: Any, *, slots: int = 8, page_size: int = 16,
+                 pages: Optional[int] = None, prompt_buckets=None):
+        self.config = config
+        self.params = prepare_for_decoding(config, params)
+        self.slots, self.page_size = int(slots), int(page_size)
+        if self.slots < 1 or self.page_size < 1:
+            raise ValueError(f"slots={slots}, page_size={page_size}: must be >= 1")
+        self.pages_per_row = -(-config.n_ctx // self.page_size)
+        self.n_pages = int(pages) if pages else self.slots * self.pages_per_row + 1
+        if self.n_pages < self.pages_per_row + 1:
+            raise ValueError(f"pages={pages}: need at least ceil(n_ctx / page_size) + 1 = "
+                             f"{self.pages_per_row + 1} (a full context and the null page)")
         self.prompt_buckets = tuple(sorted({int(p) for p in (
-            prompt_buckets or _default_prompt_buckets(n_ctx))}))
-        if not self.batch_sizes or self.batch_sizes[0] < 1:
-            raise ValueError(f"batch_sizes={batch_sizes}: give positive batch sizes")
-        if not self.prompt_buckets or self.prompt_buckets[0] < 1:
-            raise ValueError(f"prompt_buckets={prompt_buckets}: give positive prompt lengths")
-        if self.prompt_buckets[-1] < n_ctx - 1:
-            raise ValueError(f"prompt_buckets={self.prompt_buckets}: the largest must be >= "
-                             f"n_ctx - 1 = {n_ctx - 1} so that every prompt that fits has a bucket")
-        # (P, S) pairs a single request can reach: prompt length in (previous bucket, P], and
-        # 1 <= max_tokens <= n_ctx - length. A batch only forms within this set.
-        self.pairs = set()
-        prev = 0
-        for P in self.prompt_buckets:
-            shortest = prev + 1
-            if shortest < n_ctx:
-                for mt in range(1, n_ctx - shortest + 1):
-                    self.pairs.add((P, self.slots(P, mt)))
-            prev = P
-        self.slot_sizes = tuple(sorted({S for _, S in self.pairs}))
+            prompt_buckets or default_prompt_buckets(config.n_ctx))}))
+        if self.prompt_buckets[0] < 1 or self.prompt_buckets[-1] < config.n_ctx - 1:
+            raise ValueError(f"prompt_buckets={self.prompt_buckets}: give positive lengths, the "
+                             f"largest >= n_ctx - 1 = {config.n_ctx - 1}")
+        # A step reads the active rows' pages, padded to a power of two: from the slots (one
+        # page each) to every page a step can hold.
+        lo = _pow2_at_least(self.slots)
+        hi = _pow2_at_least(min(self.n_pages - 1, self.slots * self.pages_per_row))
+        self.page_buckets = tuple(1 << k for k in range(min(lo, hi).bit_length() - 1,
+                                                        hi.bit_length()))
+        self.reset()
 
-    @property
-    def max_rows(self) -> int:
-        return self.batch_sizes[-1]
+    def reset(self) -> None:
+        """Every slot free and every page back (also after a failed step: donated state is gone)."""
+        self.state = empty_state(self.config, self.slots, self.n_pages, self.page_size)
+        self.free_pages = list(range(self.n_pages - 1, 0, -1))
+        self.slot_pages = [[] for _ in range(self.slots)]
+        self.length = [0] * self.slots  # prompt length, tokens asked for, most tokens (per slot)
+        self.asked = [0] * self.slots
+        self.budget = [0] * self.slots
 
-    def batch_bucket(self, rows: int) -> int:
-        return next(b for b in self.batch_sizes if b >= rows)
-
+    # ------------------------------------------------------------------ host-side bookkeeping
     def prompt_bucket(self, length: int) -> int:
         return next(p for p in self.prompt_buckets if p >= length)
 
+    def pages_for(self, length: int, max_tokens: int) -> int:
+        """Pages a row uses: positions 0 .. length + max_tokens - 2 (the last token is not fed)."""
+        return max(1, -(-(length + max_tokens - 1) // self.page_size))
+
+    def can_insert(self, length: int, max_tokens: int) -> bool:
+        return self.pages_for(length, max_tokens) <= len(self.free_pages)
+
+    def free_slots(self) -> list:
+        return [s for s in range(self.slots) if not self.slot_pages[s]]
+
+    def active(self) -> np.ndarray:
+        """Slots the next step advances: holding a row that may still draw a token."""
+        return np.array([bool(self.slot_pages[s]) and self.asked[s] < self.budget[s]
+                         for s in range(self.slots)])
+
+    def release(self, slot: int) -> None:
+        """Free a slot and its pages (the row finished, was cancelled or timed out)."""
+        self.free_pages.extend(reversed(self.slot_pages[slot]))
+        self.slot_pages[slot] = []
+        self.budget[slot] = 0
+
+    # ------------------------------------------------------------------ device calls
+    def prefill(self, ids: list) -> tuple:
+        """(first-token logits [1, V], dense keys/values [.., H, D, P]) of one prompt."""
+        P = self.prompt_bucket(len(ids))
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, P - len(ids):] = ids
+        return _prefill_core(self.params, tokens, np.array([len(ids)], np.int32),
+                             config=self.config)
+
+    def insert(self, prefix: tuple, slot: int, *, length: int, max_tokens: int,
+               key_data: np.ndarray, temperature: float, top_p: float) -> tuple:
+        """A prefilled prompt into a free slot, with pages for every position the row can use;
+        returns the first token's outputs (device arrays: token, logprob, top logprobs, ids)."""
+        n = self.pages_for(length, max_tokens)
+        if self.slot_pages[slot] or n > len(self.free_pages):
+            raise RuntimeError(f"slot {slot} is taken or {n} pages are not free")
+        pages = [self.free_pages.pop() for _ in range(n)]
+        self.slot_pages[slot] = pages
+        self.length[slot], self.asked[slot], self.budget[slot] = length, 1, max_tokens
+        table = np.zeros((self.pages_per_row,), np.int32)
+        table[:n] = pages
+        out, self.state = _insert_core(self.state, prefix[0], prefix[1], np.int32(length),
+                                       np.int32(slot), table, np.asarray(key_data, np.uint32),
+                                       np.float32(temperature), np.float32(top_p))
+        return out
+
+    def generate(self) -> Optional[tuple]:
+        """One decode step over the active slots (None if there is none); returns (outputs per
+        slot as device arrays, the active mask). The host reads them later (`read`)."""
+        active = self.active()
+        if not active.any():
+            return None
+        flat = sum((self.length[s] + self.asked[s] - 1) // self.page_size + 1
+                   for s in np.flatnonzero(active))
+        n_flat = next(b for b in self.page_buckets if b >= flat)
+        out, self.state = _generate_core(self.params, self.state, active, config=self.config,
+                                         n_flat=n_flat)
+        for s in np.flatnonzero(active):
+            self.asked[s] += 1
+        return out, active
+
     @staticmethod
-    def slots(P: int, max_tokens: int) -> int:
-        return _pow2_at_least(P + max_tokens)
-
-    def shape_of(self, lengths, max_tokens) -> tuple:
-        """(P, S) for rows with these prompt lengths and max_tokens."""
-        P = self.prompt_bucket(max(lengths))
-        return P, self.slots(P, max(max_tokens))
-
-    def describe(self) -> dict:
-        return {"batch_sizes": list(self.batch_sizes), "prompt_buckets": list(self.prompt_buckets),
-                "cache_slots": list(self.slot_sizes)}
-
-
-# ---------------------------------------------------------------------------- rows and jobs
-@dataclasses.dataclass
-class Row:
-    """One choice being generated: a prompt, its sampling settings and its progress."""
-    ids: list
-    key_data: np.ndarray
-    temperature: float
-    top_p: float
-    max_tokens: int
-    logprobs: Optional[int]
-    stops: tuple
-    index: int
-    new_ids: list = dataclasses.field(default_factory=list)
-    emitted: int = 0
-    text: str = ""
-    finish_reason: Optional[str] = None
-    token_strs: list = dataclasses.field(default_factory=list)
-    token_logprobs: list = dataclasses.field(default_factory=list)
-    top_logprobs: list = dataclasses.field(default_factory=list)
-    first_at: Optional[float] = None  # time.monotonic() of the first and the latest token
-    last_at: Optional[float] = None
-
-
-class Job:
-    """One HTTP request: its rows, and a thread-safe channel of events back to its handler.
-
-    Events (tuples) delivered to `queue` on `loop`: ("delta", row_index, text, logprobs or None),
-    ("finish", row_index, reason), ("error", status, message, code).
-    """
-
-    def __init__(self, rows: list, loop: asyncio.AbstractEventLoop, deadline: float):
-        self.rows = rows
-        self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.deadline = deadline
-        self.arrived = time.monotonic()
-        self.cancelled = False
-        self.finished = False
-
-    def push(self, events: list) -> None:
-        if events and not self.loop.is_closed():
-            try:
-                self.loop.call_soon_threadsafe(self._put_all, events)
-            except RuntimeError:  # loop closed meanwhile
-                pass
-
-    def _put_all(self, events):
-        for e in events:
-            self.queue.put_nowait(e)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-def _held_back(text: str, stops: tuple) -> int:
-    """Length of the longest suffix of `text` that begins some stop string (not yet emitted)."""
-    n = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), n, -1):
-            if text.endswith(s[:k]):
-                n = k
-                break
-    return n
-
-
-def _pack_rows(rows: list, B: int, P: int) -> tuple:
-    """A wave's rows as device inputs: prompts left-padded to P, per-row keys and settings, padded
-    to B rows (padding rows decode greedily)."""
-    tokens = np.zeros((B, P), np.int32)
-    lengths = np.ones((B,), np.int32)
-    key_data = np.zeros((B, 2), np.uint32)
-    temps = np.zeros((B,), np.float32)
-    top_ps = np.ones((B,), np.float32)
-    for b, r in enumerate(rows):
-        tokens[b, P - len(r.ids):] = r.ids
-        lengths[b] = len(r.ids)
-        key_data[b] = r.key_data
-        temps[b] = r.temperature
-        top_ps[b] = r.top_p
-    return tokens, lengths, key_data, temps, top_ps
-
-
-# ---------------------------------------------------------------------------- engine
-class Engine:
-    """A model, its tokenizer and the compiled shapes; decodes waves of rows."""
-
-    def __init__(self, config: GPTConfig, params: Any, tokenizer: Any, plan: ShapePlan):
-        self.config = config
-        self.params = prepare_for_decoding(config, params)  # once, for every wave
-        self.tokenizer = tokenizer
-        self.plan = plan
-        self.eos_id = tokenizer.eos_id
+    def read(out) -> tuple:
+        """Device outputs on the host (numpy)."""
+        return jax.device_get(out)
 
     def warmup(self) -> float:
-        """Compile every shape the plan allows, and run one real wave; returns seconds taken."""
+        """Compile every prefill, insert and step shape; returns seconds taken."""
         start = time.perf_counter()
-        cfg, plan = self.config, self.plan
-        for B in plan.batch_sizes:
-            caches = {}
-            for P in plan.prompt_buckets:
-                logits, cache = _prefill_core(self.params, np.zeros((B, P), np.int32),
-                                              np.ones((B,), np.int32), config=cfg)
-                for (P2, S) in sorted(plan.pairs):
-                    if P2 == P:
-                        caches[S] = (logits, _pad_cache(cache, config=cfg, slots=S))
-            for S, (logits, cache) in sorted(caches.items()):
-                out = _step_core(self.params, cache, logits, np.zeros((B, 2), np.uint32),
-                                 np.int32(0), np.ones((B,), np.float32),
-                                 np.full((B,), 0.9, np.float32), np.ones((B,), np.int32),
-                                 config=cfg)
-                jax.block_until_ready(out)
-        # The host-side path once: key derivation, a wave of one row, decoding.
-        row = self.make_row([0], seed=0, temperature=1.0, top_p=1.0, max_tokens=2, logprobs=5,
-                            stops=("x",), index=0)
-        self.run_wave([(None, row)])
+        key = np.zeros((2,), np.uint32)
+        prev = 0
+        for P in self.prompt_buckets:
+            L = min(P, self.config.n_ctx - 1)
+            if L > prev:  # reachable by some prompt
+                self.read(self.insert(self.prefill([0] * L), 0, length=L, max_tokens=2,
+                                      key_data=key, temperature=1.0, top_p=0.9))
+                self.release(0)
+            prev = P
+        self.reset()
+        for n_flat in self.page_buckets:
+            self.length[0], self.asked[0], self.budget[0] = 1, 0, 2
+            self.slot_pages[0] = [1]
+            jax.block_until_ready(_generate_core(self.params, self.state, self.active(),
+                                                 config=self.config, n_flat=n_flat))
+            self.reset()
         return time.perf_counter() - start
 
-    def make_row(self, ids, *, seed, temperature, top_p, max_tokens, logprobs, stops,
-                 index) -> Row:
-        """A Row for one choice; its PRNG key is jax.random.key(seed mod 2**32), as `generate`'s.
-
-        Args:
-          ids: the prompt's token ids.
-          seed, temperature, top_p, max_tokens, logprobs, stops: the choice's request settings.
-          index: the choice's index in the response.
-
-        Returns:
-          The Row, with nothing generated yet.
-        """
-        key_data = np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)), np.uint32)
-        return Row(list(ids), key_data, float(temperature), float(top_p), int(max_tokens),
-                   logprobs, tuple(stops), index)
-
-    def run_wave(self, items: list) -> int:
-        """Decode (job, row) pairs together until every row finishes; returns tokens decoded.
-
-        Rows of cancelled or expired jobs stop early; finished rows keep their batch slot (fixed
-        shapes) until the wave ends.
-        """
-        cfg, plan = self.config, self.plan
-        n = len(items)
-        rows = [r for _, r in items]
-        P, S = plan.shape_of([len(r.ids) for r in rows], [r.max_tokens for r in rows])
-        tokens, lengths, key_data, temps, top_ps = _pack_rows(rows, plan.batch_bucket(n), P)
-        logits, cache = _prefill_core(self.params, tokens, lengths, config=cfg)
-        cache = _pad_cache(cache, config=cfg, slots=S)
-
-        def step(t, logits, cache):
-            return _step_core(self.params, cache, logits, key_data, np.int32(t), temps, top_ps,
-                              lengths, config=cfg)
-
-        active = set(range(n))
-        decoded = 0
-        t, steps = 0, S - P
-        pending = step(0, logits, cache)
-        while True:
-            # Dispatch step t+1 before reading step t: the device works while the host streams.
-            nxt = step(t + 1, pending[1], pending[2]) if t + 1 < steps else None
-            tok_B, lp_B, top_v, top_i = jax.device_get(pending[0])
-            now = time.monotonic()
-            events: dict = collections.defaultdict(list)
-            for b in sorted(active):
-                job, row = items[b]
-                if job is not None and (job.cancelled or job.finished):
-                    active.discard(b)
-                    continue
-                if job is not None and now > job.deadline:
-                    job.finished = True
-                    job.push([("error", 503, "the request timed out before it finished "
-                               "(server busy); retry or raise --request_timeout", "timeout")])
-                    active.discard(b)
-                    continue
-                decoded += 1
-                delta, lp = self._advance(row, int(tok_B[b]), float(lp_B[b]), top_v[b], top_i[b])
-                if delta or lp is not None:
-                    events[b].append(("delta", row.index, delta, lp))
-                if row.finish_reason is not None:
-                    events[b].append(("finish", row.index, row.finish_reason))
-                    active.discard(b)
-            by_job: dict = {}
-            for b, evs in events.items():
-                job = items[b][0]
-                if job is not None:
-                    by_job.setdefault(id(job), (job, []))[1].extend(evs)
-            for job, evs in by_job.values():
-                job.push(evs)
-            t += 1
-            if not active or nxt is None:
-                break
-            pending = nxt
-        return decoded
-
-    def _advance(self, row: Row, token: int, logprob: float, top_v, top_i):
-        """Append one token to a row: returns (new text to emit, logprobs entry or None)."""
-        tok = self.tokenizer
-        lp = None
-        row.last_at = time.monotonic()
-        if row.first_at is None:
-            row.first_at = row.last_at
-        if row.logprobs is not None:
-            s = tok.decode([token])
-            top = None
-            if row.logprobs > 0:
-                top = {}
-                for v, i in zip(top_v[:row.logprobs], top_i[:row.logprobs]):
-                    top.setdefault(tok.decode([int(i)]), float(v))
-            lp = {"tokens": [s], "token_logprobs": [logprob], "top_logprobs": [top]}
-            row.token_strs.append(s)
-            row.token_logprobs.append(logprob)
-            row.top_logprobs.append(top)
-        text = row.text
-        if self.eos_id is not None and token == self.eos_id:
-            row.finish_reason = "stop"
-            row.new_ids.append(token)
-        else:
-            row.new_ids.append(token)
-            text = tok.decode(row.new_ids)
-            cut = min((i for i in (text.find(s) for s in row.stops) if i >= 0), default=-1)
-            if cut >= 0:
-                text = text[:cut]
-                row.finish_reason = "stop"
-            elif len(row.new_ids) >= row.max_tokens:
-                row.finish_reason = "length"
-        row.text = text
-        if row.finish_reason is not None:
-            safe = len(text)
-        else:
-            # Hold back a partial UTF-8 character and anything that may become a stop string.
-            stripped = text.rstrip("\ufffd")
-            safe = len(stripped) - _held_back(stripped, row.stops)
-        delta = text[row.emitted:safe] if safe > row.emitted else ""
-        row.emitted = max(row.emitted, safe)
-        return delta, lp
-
+    def describe(self) -> dict:
+        return {"slots": self.slots, "page_size": self.page_size, "pages": self.n_pages,
+                "prompt_buckets": list(self.prompt_buckets),
+                "page_buckets": list(self.page_buckets)}

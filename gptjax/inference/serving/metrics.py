@@ -1,4 +1,8 @@
-"""Server metrics in the Prometheus text exposition format (version 0.0.4), for `GET /metrics`.
+"""Every server counter in one object (`ServerMetrics`), and `GET /metrics` in the Prometheus text
+exposition format (version 0.0.4).
+
+The scheduler, the detokenizer and the API report into it (`count`, `add_host_time`,
+`observe_job`, `count_status`); /metrics and /health read it.
 
 Written out here rather than through prometheus_client (no extra runtime dependency; the tests
 parse the output with prometheus_client's parser). Requests are counted by HTTP status by a pure
@@ -39,54 +43,80 @@ class Histogram:
         return out + [f"{name}_sum {self.sum!r}", f"{name}_count {total}"]
 
 
+_COUNTERS = (  # name, HELP: the counters /metrics shows (all of `counts`)
+    ("cancelled", "Requests whose client left before the end."),
+    ("timed_out", "Requests that passed their deadline."),
+    ("rejected_queue_full", "Requests refused with HTTP 429 (queue full)."),
+    ("completed", "Requests answered in full."),
+    ("tokens", "Tokens generated (all rows)."),
+    ("prefill_tokens", "Padded prompt tokens prefilled."),
+    ("steps", "Decode steps dispatched."),
+    ("failed_steps", "Decode steps that raised (their requests got HTTP 500)."),
+)
+
+
 class ServerMetrics:
-    """Counters and histograms of one server (thread-safe)."""
+    """Counters, gauges and histograms of one server (thread-safe)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self.requests = collections.Counter()  # HTTP status -> completion requests answered
+        self.counts = collections.Counter()  # see _COUNTERS; also "accepted", "rows"
+        self.host = collections.defaultdict(lambda: [0.0, 0])  # thread -> [seconds, tokens]
         self.ttft = Histogram(TTFT_BUCKETS)
         self.tpot = Histogram(TPOT_BUCKETS)
+        self._gauges = {"queued": lambda: 0, "running": lambda: 0, "slots": 0}
+        self.compiles_at_start = 0
+
+    def watch(self, *, queued, running, slots: int) -> None:
+        """Where the gauges are read: the scheduler's queue and slots."""
+        self._gauges = {"queued": queued, "running": running, "slots": slots}
+
+    def count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self.counts[name] += n
+
+    def add_host_time(self, thread: str, seconds: float, tokens: int) -> None:
+        """CPU seconds a host thread spent on `tokens` tokens (its own work, not the device's)."""
+        with self._lock:
+            h = self.host[thread]
+            h[0] += seconds
+            h[1] += tokens
 
     def count_status(self, status: int) -> None:
         with self._lock:
             self.requests[int(status)] += 1
 
+    def stats(self) -> dict:
+        with self._lock:
+            return dict(self.counts)
+
     def observe_job(self, job: Any) -> None:
         """A finished request: time to its first token, and each row's time per output token."""
         firsts = [r.first_at for r in job.rows if r.first_at is not None]
         with self._lock:
+            self.counts["completed"] += 1
             if firsts:
                 self.ttft.observe(max(0.0, min(firsts) - job.arrived))
             for r in job.rows:
                 if r.first_at is not None and len(r.new_ids) > 1:
                     self.tpot.observe((r.last_at - r.first_at) / (len(r.new_ids) - 1))
 
-    def render(self, batcher: Any, *, slots: int, compilations_after_warmup: int) -> str:
+    def render(self, *, compilations_after_warmup: int) -> str:
         """The exposition text: metric families with HELP and TYPE lines."""
-        st = batcher.stats
-        fams = [
-            ("gptjax_requests", "counter", "Completion requests answered, by HTTP status.",
-             [f'gptjax_requests_total{{code="{c}"}} {n}'
-              for c, n in sorted(self.requests.items())]),
-            ("gptjax_requests_cancelled", "counter", "Requests whose client left before the end.",
-             [f"gptjax_requests_cancelled_total {st.get('cancelled', 0)}"]),
-            ("gptjax_requests_timed_out", "counter", "Requests that passed their deadline.",
-             [f"gptjax_requests_timed_out_total {st.get('timed_out', 0)}"]),
-            ("gptjax_queue_length", "gauge", "Requests waiting for a decode slot.",
-             [f"gptjax_queue_length {batcher.queued()}"]),
-            ("gptjax_running_slots", "gauge", "Decode slots holding a row.",
-             [f"gptjax_running_slots {batcher.running()}"]),
-            ("gptjax_decode_slots", "gauge", "Decode slots (rows decoded together at most).",
-             [f"gptjax_decode_slots {slots}"]),
-            ("gptjax_generated_tokens", "counter", "Tokens generated (all rows).",
-             [f"gptjax_generated_tokens_total {st.get('tokens', 0)}"]),
-            ("gptjax_compilations_after_warmup", "counter",
-             "XLA compilations since warm-up (0 while serving: every shape is precompiled).",
-             [f"gptjax_compilations_after_warmup_total {compilations_after_warmup}"]),
-        ]
+        g = self._gauges
         with self._lock:
-            fams += [
+            st = dict(self.counts)
+            host = {k: tuple(v) for k, v in self.host.items()}
+            fams = [("gptjax_requests", "counter", "Completion requests answered, by HTTP status.",
+                     [f'gptjax_requests_total{{code="{c}"}} {n}'
+                      for c, n in sorted(self.requests.items())])]
+            for name, help_ in _COUNTERS:
+                metric = {"cancelled": "gptjax_requests_cancelled",
+                          "timed_out": "gptjax_requests_timed_out",
+                          "tokens": "gptjax_generated_tokens"}.get(name, f"gptjax_{name}")
+                fams.append((metric, "counter", help_, [f"{metric}_total {st.get(name, 0)}"]))
+            hist = [
                 ("gptjax_time_to_first_token_seconds", "histogram",
                  "From a request's arrival to its first generated token.",
                  self.ttft.lines("gptjax_time_to_first_token_seconds")),
@@ -94,6 +124,21 @@ class ServerMetrics:
                  "Per row: (last token time - first token time) / (tokens - 1).",
                  self.tpot.lines("gptjax_time_per_output_token_seconds")),
             ]
+        fams += [
+            ("gptjax_host_seconds", "counter",
+             "CPU seconds of the host threads' own work (scheduler bookkeeping, detokenizer).",
+             [f'gptjax_host_seconds_total{{thread="{t}"}} {s!r}' for t, (s, _) in
+              sorted(host.items())]),
+            ("gptjax_queue_length", "gauge", "Requests waiting for a decode slot.",
+             [f"gptjax_queue_length {g['queued']()}"]),
+            ("gptjax_running_slots", "gauge", "Decode slots holding a row.",
+             [f"gptjax_running_slots {g['running']()}"]),
+            ("gptjax_decode_slots", "gauge", "Decode slots (rows decoded together at most).",
+             [f"gptjax_decode_slots {g['slots']}"]),
+            ("gptjax_compilations_after_warmup", "counter",
+             "XLA compilations since warm-up (0 while serving: every shape is precompiled).",
+             [f"gptjax_compilations_after_warmup_total {compilations_after_warmup}"]),
+        ] + hist
         out = []
         for name, kind, help_, lines in fams:
             out += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"] + lines

@@ -1,13 +1,13 @@
-"""The continuous-batching scheduler: a thread that keeps the engine's decode slots full.
+"""The scheduler: one thread that keeps the engine's decode slots full.
 
-Each turn of its loop: admit requests from the FIFO queue into free slots (prefill and insert, at
-most `max_prefill_tokens` padded prompt tokens per turn, at least one request, so running rows keep
-streaming while a burst arrives; a long request in a long slot, a short one in a short slot, where
-one is free: `SlotEngine.pick_slot`), move each slot group's ring to the cache bucket its rows need
-so far (`need_now`), dispatch one decode step over all slots, then read the previous step's tokens
-(the device runs step k+1 while the host streams step k), emit them and free the slots of rows that
-finished, were cancelled (client gone) or passed their deadline. A freed slot is taken by a waiting
-request before the next step is dispatched.
+Each turn: free the slots of rows that ended (finished, stopped by a stop string on the
+detokenizer's thread, cancelled because the client left, or past their deadline); admit waiting
+requests first come first served into free slots while pages are free (prefill and insert, at
+most `max_prefill_tokens` padded prompt tokens per turn and at least one request, so running
+rows keep streaming while a burst arrives); dispatch one decode step over all slots; then read
+the previous turn's tokens (the device runs step k+1 while the host reads step k) and hand them
+to the detokenizer thread, which turns them into text and events. A request whose rows do not
+fit the queue (`max_queue` waiting) is refused with QueueFull (HTTP 429 with Retry-After).
 """
 
 from __future__ import annotations
@@ -15,31 +15,39 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 
-from gptjax.inference.serving.batcher import LoopThread, QueueFull
-from gptjax.inference.serving.engine import Job
-from gptjax.inference.serving.slots import SlotEngine, need, need_now
+from gptjax.inference.serving.detok import Detokenizer
+from gptjax.inference.serving.engine import Engine
+from gptjax.inference.serving.requests import Job
 
-_TIMEOUT_MSG = "the request timed out before it finished (server busy); retry or raise " \
-               "--request_timeout"
+TIMEOUT_MSG = ("the request timed out before it finished (server busy); retry or raise "
+               "--request_timeout")
 
 
-class ContinuousBatcher(LoopThread):
-    """Continuous batching over a SlotEngine, with the same interface as `Batcher`.
+class QueueFull(Exception):
+    """The server has `max_queue` requests waiting."""
+
+
+class Scheduler:
+    """The device loop's thread over an Engine, with a Detokenizer thread for the output.
 
     Args:
-      engine: the SlotEngine.
+      engine: the Engine.
+      tokenizer: for the detokenizer (and its end-of-text id).
+      metrics: the server's ServerMetrics: every counter is reported there.
       max_queue: most requests waiting for a slot; more are refused with QueueFull.
-      max_prefill_tokens: padded prompt tokens prefilled per step at most (at least one request).
+      max_prefill_tokens: padded prompt tokens prefilled per turn at most (at least one request).
     """
 
-    thread_name = "gptjax-scheduler"
-
-    def __init__(self, engine: SlotEngine, max_queue: int = 64, max_prefill_tokens: int = 256):
+    def __init__(self, engine: Engine, tokenizer: Any, metrics: Any, *, max_queue: int = 64,
+                 max_prefill_tokens: int = 256):
         self.engine = engine
+        self.metrics = metrics
+        self.eos_id = tokenizer.eos_id
+        self.detok = Detokenizer(tokenizer, metrics)
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self._pending: collections.deque = collections.deque()  # (job, row), first come first
@@ -47,12 +55,12 @@ class ContinuousBatcher(LoopThread):
         self._cv = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
-        self.stats = collections.Counter()
         self.steps = 0  # decode steps dispatched
         # (event, slot, steps dispatched before it, row index): what tests and debugging read.
         self.trace: collections.deque = collections.deque(maxlen=4096)
+        metrics.watch(queued=self.queued, running=self.running, slots=engine.slots)
 
-    # ------------------------------------------------------------------ the Batcher interface
+    # ------------------------------------------------------------------ requests in
     def submit(self, job: Job) -> None:
         """Queue a job's rows for free slots.
 
@@ -63,11 +71,11 @@ class ContinuousBatcher(LoopThread):
             self._prune()
             waiting = self.queued()
             if waiting >= self.max_queue:
-                self.stats["rejected_queue_full"] += 1
+                self.metrics.count("rejected_queue_full")
                 raise QueueFull(f"{waiting} requests are waiting (--max_queue={self.max_queue}); "
                                 "retry later")
             self._pending.extend((job, r) for r in job.rows)
-            self.stats["accepted"] += 1
+            self.metrics.count("accepted")
             self._cv.notify_all()
 
     def queued(self) -> int:
@@ -83,13 +91,29 @@ class ContinuousBatcher(LoopThread):
             self._pending = collections.deque(
                 (j, r) for j, r in self._pending if not (j.cancelled or j.finished))
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the thread
+    def start(self) -> None:
+        """Start the scheduler and detokenizer threads."""
+        self.detok.start()
+        self._thread = threading.Thread(target=self._loop, name="gptjax-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current turn (waits up to 30 s), then the detokenizer."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.detok.stop()
+
     def _loop(self) -> None:
         prev = None
         while not self._stop:
             try:
-                self._admit()
-                nxt = self._dispatch() if self.running() else None
+                self._sweep()
+                inserted = self._admit()
+                nxt = self._dispatch(inserted)
                 if prev is not None:
                     self._process(*prev)
                 prev = nxt
@@ -101,8 +125,36 @@ class ContinuousBatcher(LoopThread):
                     if not self._pending and not self._stop:
                         self._cv.wait(timeout=0.5)
 
-    def _take(self, free: int) -> list:
-        """Rows to admit now: first come first served, within the prefill cap."""
+    # ------------------------------------------------------------------ one turn
+    def _free(self, slot: int, why: str) -> None:
+        self._slots[slot] = None
+        self.engine.release(slot)
+        self.trace.append((why, slot, self.steps, -1))
+
+    def _expire(self, job: Job) -> None:
+        if not job.finished:
+            job.finished = True
+            self.metrics.count("timed_out")
+            job.push([("error", 503, TIMEOUT_MSG, "timeout")])
+
+    def _sweep(self) -> None:
+        """Free the slots of rows that ended, were cancelled or passed their deadline."""
+        now = time.monotonic()
+        for b, item in enumerate(self._slots):
+            if item is None:
+                continue
+            job, row = item
+            if row.done:
+                self._free(b, "finish")
+            elif job.cancelled or job.finished or now > job.deadline:
+                if not (job.cancelled or job.finished):
+                    self._expire(job)
+                self._free(b, "cancel" if job.cancelled else "timeout")
+
+    def _take(self) -> list:
+        """Rows to admit now: first come first served, within free slots, pages and the cap."""
+        eng = self.engine
+        free, pages = len(eng.free_slots()), len(eng.free_pages)
         taken, tokens, now = [], 0, time.monotonic()
         with self._cv:
             while self._pending and len(taken) < free:
@@ -114,80 +166,75 @@ class ContinuousBatcher(LoopThread):
                     self._pending.popleft()
                     self._expire(job)
                     continue
-                P = self.engine.plan.prompt_bucket(len(row.ids))
-                if taken and tokens + P > self.max_prefill_tokens:
-                    break
+                P = eng.prompt_bucket(len(row.ids))
+                need = eng.pages_for(len(row.ids), row.max_tokens)
+                if (taken and tokens + P > self.max_prefill_tokens) or need > pages:
+                    break  # the head waits (FIFO): nothing overtakes it
                 self._pending.popleft()
                 taken.append((job, row))
-                tokens += P
+                tokens, pages = tokens + P, pages - need
         return taken
 
-    def _admit(self) -> None:
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        taken = self._take(len(free)) if free else []
-        placed, open_ = [], set(free)
-        for job, row in taken:  # short and long rows in their own slot groups where they can
-            slot = self.engine.pick_slot(need(row), open_)
-            open_.discard(slot)
-            placed.append(((job, row), slot))
-        needs = {i: need_now(s[1]) for i, s in enumerate(self._slots) if s is not None}
-        needs.update((slot, need_now(row)) for (_, row), slot in placed)
-        self.engine.fit(needs)
-        prefilled: dict = {}  # choices of one prompt (n > 1) share its prefill
-        for (job, row), slot in placed:
+    def _admit(self) -> list:
+        """Prefill and insert the rows taken; returns [(slot, item, first-token outputs)]."""
+        inserted, prefixes = [], {}  # choices of one prompt (n > 1) share its prefill
+        for job, row in self._take():
+            slot = self.engine.free_slots()[0]
             key = tuple(row.ids)
-            if key not in prefilled:
-                prefilled[key] = self.engine.prefill(row.ids)
-            self.engine.insert(prefilled[key], row, slot)
-            self._slots[slot] = (job, row)
+            if key not in prefixes:
+                prefixes[key] = self.engine.prefill(row.ids)
+                self.metrics.count("prefill_tokens", self.engine.prompt_bucket(len(row.ids)))
+            out = self.engine.insert(prefixes[key], slot, length=len(row.ids),
+                                     max_tokens=row.max_tokens, key_data=row.key_data,
+                                     temperature=row.temperature, top_p=row.top_p)
+            item = self._slots[slot] = (job, row)
             self.trace.append(("insert", slot, self.steps, row.index))
-            self.stats["rows"] += 1
+            self.metrics.count("rows")
+            inserted.append((slot, item, out))
+        return inserted
 
-    def _dispatch(self) -> tuple:
-        active = np.array([s is not None for s in self._slots])
-        out = self.engine.generate(active)
-        self.steps += 1
-        self.stats["steps"] += 1
-        return out, list(self._slots)
+    def _dispatch(self, inserted: list) -> Optional[tuple]:
+        step = self.engine.generate()
+        if step is not None:
+            self.steps += 1
+            self.metrics.count("steps")
+        if step is None and not inserted:
+            return None
+        return inserted, step, list(self._slots)
 
-    def _free(self, slot: int, why: str) -> None:
-        self._slots[slot] = None
-        self.trace.append((why, slot, self.steps, -1))
+    def _process(self, inserted: list, step: Optional[tuple], snapshot: list) -> None:
+        """Read one turn's tokens (inserts' first tokens, then the step's) and hand them over."""
+        firsts, outs = self.engine.read(([o for _, _, o in inserted],
+                                         None if step is None else step[0]))
+        t0 = time.thread_time()
+        items = []
+        for (slot, item, _), out in zip(inserted, firsts):
+            self._emit(items, slot, item, [x[0] for x in out])
+        if step is not None:
+            for b in np.flatnonzero(step[1]):
+                if snapshot[b] is not None:
+                    self._emit(items, b, snapshot[b], [x[b] for x in outs])
+        self.detok.put(items)
+        self.metrics.add_host_time("scheduler", time.thread_time() - t0, len(items))
 
-    def _expire(self, job: Job) -> None:
-        if not job.finished:
-            job.finished = True
-            self.stats["timed_out"] += 1
-            job.push([("error", 503, _TIMEOUT_MSG, "timeout")])
-
-    def _process(self, out, snapshot: list) -> None:
-        """Read one step's tokens: emit them per job, free the slots of rows that are done."""
-        tok_B, lp_B, top_v, top_i = self.engine.read(out)
-        now = time.monotonic()
-        events: dict = {}
-        for b, item in enumerate(snapshot[:len(tok_B)]):  # the step's row bucket
-            if item is None or self._slots[b] is not item:
-                continue  # the row left its slot after this step was dispatched
-            job, row = item
-            if job.cancelled or job.finished or now > job.deadline:
-                if not (job.cancelled or job.finished):
-                    self._expire(job)
-                self._free(b, "cancel" if job.cancelled else "timeout")
-                continue
-            self.stats["tokens"] += 1
-            delta, lp = self.engine._advance(row, int(tok_B[b]), float(lp_B[b]), top_v[b],
-                                             top_i[b])
-            evs = events.setdefault(id(job), (job, []))[1]
-            if delta or lp is not None:
-                evs.append(("delta", row.index, delta, lp))
-            if row.finish_reason is not None:
-                evs.append(("finish", row.index, row.finish_reason))
-                self._free(b, "finish")
-        for job, evs in events.values():
-            job.push(evs)
+    def _emit(self, items: list, slot: int, item: tuple, out: list) -> None:
+        job, row = item
+        if self._slots[slot] is not item or row.done or job.cancelled or job.finished:
+            return  # the row left its slot, or ended, after this step was dispatched
+        row.sent += 1
+        self.metrics.count("tokens")
+        token = int(out[0])
+        finish = None
+        if self.eos_id is not None and token == self.eos_id:
+            finish = "stop"
+        elif row.sent >= row.max_tokens:
+            finish = "length"
+        if finish is not None:
+            row.done = True  # the slot is freed at the next turn's sweep
+        items.append((job, row, token, float(out[1]), out[2], out[3], finish))
 
     def _fail_all(self, e: Exception) -> None:
-        self.stats["failed_steps"] += 1
+        self.metrics.count("failed_steps")
         jobs = {id(s[0]): s[0] for s in self._slots if s is not None}
         self._slots = [None] * len(self._slots)
         self.engine.reset()  # the donated state may be gone
