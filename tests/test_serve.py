@@ -23,6 +23,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from gptjax import GPTConfig, init_params
 from gptjax.inference import sampling  # noqa: E402
+from gptjax.inference.decoding import prepare_for_decoding, weights_format  # noqa: E402
 from gptjax.inference import serving  # noqa: E402
 from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
 
@@ -319,3 +320,31 @@ def test_serve_cli_bad_workdir_is_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "config.json" in lines[0]
+
+
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_weight_only_server_equals_generate_with_the_same_weights(weights):
+    """serve.py --weights: the engine's paged steps run the one model on weight-only parameters,
+    and a completion equals sampling.generate's on the same prepared parameters."""
+    cfg = GPTConfig.preset("tiny", vocab_size=len(CHARS), n_ctx=64, n_layer=1)
+    params = jax.tree_util.tree_map(lambda x: x * 4.0, init_params(cfg, jax.random.key(0)))
+    params = prepare_for_decoding(cfg, params, weights=weights)
+    assert weights_format(params) == weights
+    tok = CharTokenizer(CHARS)
+    app, scheduler, _ = serving.build_server(
+        cfg, params, tok, slots=2, page_size=8, prompt_buckets=(16, 64), max_queue=4,
+        request_timeout_s=60.0, model_name="tiny", log=lambda *a: None)
+    srv, th, url = _start(app)
+    s = types.SimpleNamespace(cfg=cfg, params=params, tok=tok,
+                              client=httpx.Client(base_url=url, timeout=60.0))
+    try:
+        for prompt, temperature, seed in (("to be or not", 0.8, 3), ("a", 0.0, 0)):
+            body = _post(s, {"prompt": prompt, "max_tokens": 12, "temperature": temperature,
+                             "seed": seed})
+            text, _ = _reference(s, prompt, max_tokens=12, temperature=temperature, seed=seed)
+            assert body["choices"][0]["text"] == text
+    finally:
+        s.client.close()
+        srv.should_exit = True
+        th.join(timeout=10)
+        scheduler.stop()
