@@ -412,3 +412,35 @@ def test_failed_run_leaves_no_empty_workdir(env, tmp_path):
             .replace(f"{env[0]}/tfds", f"{tmp_path}/tfds") for a in train_flags(env[0], wd)]
     one_line_error(run(env, ["train.py", *args]), "empty corpus")
     assert not wd.exists()
+
+
+def test_fault_points_are_no_ops_unless_a_test_installs_them(tmp_path):
+    """The loop and the checkpointer call one `faults.Hooks` object: the no-op default unless a
+    GPTJAX_FAULT_* variable is set (read once) or a test installs its own."""
+    from gptjax.runs import faults  # local: this test only
+
+    assert type(faults.from_env({})) is faults.Hooks
+    assert type(faults.from_env({"GPTJAX_FAULT_NAN_STEP": "", "OTHER": "1"})) is faults.Hooks
+    env_faults = faults.from_env({"GPTJAX_FAULT_NAN_STEP": "3"})
+    batch = {"targets": np.zeros((2, 4), np.int32)}
+    assert env_faults.corrupt_batch(2, batch) is batch
+    assert np.isnan(env_faults.corrupt_batch(3, batch)["weights"]).all()
+    assert faults.Hooks().corrupt_batch(3, batch) is batch
+
+    class Recording(faults.Hooks):
+        def __init__(self):
+            self.saves = []
+
+        def after_save_started(self, step, directory):
+            self.saves.append((step, directory))
+
+    rec = Recording()
+    faults.install(rec)
+    try:
+        ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+        assert ck.save(3, {"w": jnp.ones(4)}, {"data": 3}, force=True)
+        ck.close()
+    finally:
+        faults.install(None)
+    assert rec.saves == [(3, str(tmp_path / "ck"))]
+    assert type(faults.active()) is faults.Hooks  # this process has no GPTJAX_FAULT_* set

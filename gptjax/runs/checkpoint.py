@@ -204,6 +204,7 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "meta"))
         self._async = async_save
+        self._hooks = faults.active()  # fault points: no-ops unless a test installs faults
         self._unsealed: Optional[int] = None  # the step saved last, before its checksums
         self._verified: set = set()  # steps whose checksums matched (or were written) here
         if leftovers:
@@ -237,7 +238,7 @@ class Checkpointer:
                                           meta=ocp.args.JsonSave(meta)), force=force)
         if started:
             self._unsealed = step
-            faults.after_save_started(step, self.directory)
+            self._hooks.after_save_started(step, self.directory)
             if not self._async:
                 self._seal(block=True)
         return started

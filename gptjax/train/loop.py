@@ -211,6 +211,7 @@ class Trainer:
 
     def __init__(self, run: Run, start: int, carried: dict, progress: bool):
         self.run, self.start = run, start
+        self.hooks = faults.active()  # the fault points: no-ops unless a test installs faults
         tc = run.config.train
         self.total_steps = tc.steps
         self.halt_mode = tc.nonfinite == "halt"
@@ -325,8 +326,8 @@ class Trainer:
         host_batch = run.batcher.batch(step)
         self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
         self.data_waits += 1
-        batch = run.setup.put_batch(faults.corrupt_batch(step, host_batch))
-        state, metrics = run.setup.train_step(faults.corrupt_state(step, state), batch,
+        batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
+        state, metrics = run.setup.train_step(self.hooks.corrupt_state(step, state), batch,
                                               run.train_rng)
         if self.pending is not None:
             # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
@@ -341,7 +342,7 @@ class Trainer:
     def _after_step(self, state: TrainState, done: int, guard: PreemptionGuard) -> bool:
         """Preemption, periodic evaluation and checkpoint after `done` steps; False stops."""
         run, tc = self.run, self.run.config.train
-        faults.after_step()
+        self.hooks.after_step()
         stop = guard.should_stop(done)  # SIGTERM/SIGINT: the same step on every host
         if self.pending is not None and (stop or run.ckpt.should_save(done)):
             # Metrics of a step about to be saved, now: a 'halt' run never saves a non-finite
