@@ -83,10 +83,17 @@ def _is_damage(e: BaseException) -> bool:
     return any(isinstance(x, FileNotFoundError) or _DAMAGE.search(str(x)) for x in _chain(e))
 
 
+def is_closed_loop_error(exc: BaseException) -> bool:
+    """Whether `exc` is asyncio's RuntimeError('Event loop is closed'): what a read left over
+    from a failed restore raises when it completes (dropped by this module's restores and by
+    gptjax.cli's hooks)."""
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 def _from_abandoned_read(unraisable) -> bool:
     """Whether an unraisable exception comes from the leftover reads of a failed restore."""
     exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    if is_closed_loop_error(exc):
         return True
     tb = getattr(exc, "__traceback__", None)
     while tb is not None:

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
-from gptjax.data import LMBatcher, eval_batches
+from gptjax.data import eval_batches
+from gptjax.data.batcher import Batcher
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults
@@ -98,7 +99,7 @@ class Run:
     model_cfg: GPTConfig
     seq_len: int
     setup: Setup
-    batcher: LMBatcher
+    batcher: Batcher
     ckpt: Checkpointer
     init_rng: jax.Array
     train_rng: jax.Array
@@ -312,8 +313,7 @@ class Trainer:
                         break
                 self._flush()
         finally:
-            if hasattr(run.batcher, "close"):
-                run.batcher.close()  # the prefetch thread
+            run.batcher.close()  # the prefetch thread
             run.ckpt.wait()  # whatever stopped the loop, a save in flight completes
             if self.pbar is not None:
                 self.pbar.close()
