@@ -25,7 +25,7 @@ from gptjax.config import EXECUTION_FIELDS, ConfigError
 from gptjax.inference import sampling
 from gptjax.nn.convert import ConversionError
 from gptjax.sharding import ShardingError
-from gptjax.runs.checkpoint import CheckpointError
+from gptjax.runs.checkpoint import CheckpointError, is_closed_loop_error
 
 if TYPE_CHECKING:  # an annotation only: sample.py and serve.py do not load the training loop
     from gptjax.train.loop import TrainResult
@@ -64,8 +64,7 @@ def _drop_closed_loop_callbacks() -> None:
     too); this catches any other Orbax call that fails the same way in the entry scripts.
     """
     def closed_loop(exc_type, exc) -> bool:
-        return (not os.environ.get("GPTJAX_DEBUG") and exc_type is RuntimeError
-                and str(exc) == "Event loop is closed")
+        return not os.environ.get("GPTJAX_DEBUG") and is_closed_loop_error(exc)
 
     previous = sys.excepthook
 

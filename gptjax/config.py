@@ -14,7 +14,10 @@ and takes the execution from here (`with_execution`), naming what changed (`desc
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+import functools
+from typing import Any, Optional
+
+from gptjax.checks import check_choice, check_int
 
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
@@ -114,9 +117,7 @@ class GPTConfig:
     def validate(self) -> None:
         """Raises ConfigError (one line, naming the value) for impossible combinations."""
         for name in ("vocab_size", "n_ctx", "n_layer", "n_head", "n_embd"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ConfigError(f"{name}={v!r}: must be a positive integer")
+            check_int(name, getattr(self, name), error=ConfigError)
         if self.head_dim is None:
             if self.n_embd % self.n_head:
                 raise ConfigError(
@@ -333,9 +334,7 @@ def parse_execution(text: str) -> dict:
     return out
 
 
-def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name}={value!r}: allowed values are {list(allowed)}")
+_check_choice = functools.partial(check_choice, error=ConfigError)
 
 
 # ---------------------------------------------------------------------------- presets

@@ -4,6 +4,8 @@ This module needs `XLA_FLAGS=--xla_force_host_platform_device_count=8` set befor
 imported, so test_sharding.py runs it in a subprocess; it is not collected on its own.
 """
 
+import functools
+
 import jax
 import ml_collections
 import numpy as np
@@ -29,7 +31,10 @@ def _config(mesh=(1, 1, 1)) -> ml_collections.ConfigDict:
     return c
 
 
+@functools.lru_cache(maxsize=None)
 def _setup(mesh):
+    """The trainer's Setup on `mesh`, built once per mesh for the whole module: the tests that
+    step, differentiate, lay out or restore on a mesh share its compiled functions."""
     c = _config(mesh)
     devices = jax.devices()[:1] if mesh == (1, 1, 1) else None
     return Setup(c, model_config_from(c), 10, devices=devices)
@@ -105,9 +110,14 @@ def _grads(setup):
     return jax.device_get(g)
 
 
+@pytest.fixture(scope="module")
+def reference_grads():
+    return _grads(_setup((1, 1, 1)))
+
+
 @pytest.mark.parametrize("mesh", MESHES)
-def test_sharded_gradients_equal_one_device(mesh):
-    ref = _grads(_setup((1, 1, 1)))
+def test_sharded_gradients_equal_one_device(mesh, reference_grads):
+    ref = reference_grads
     got = _grads(_setup(mesh))
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(ref)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=jax.tree_util.keystr(path))

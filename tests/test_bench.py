@@ -5,7 +5,6 @@ bench/step_faults.py measures a kept step buffer at 0 faults and rejects an unkn
 import json
 import math
 import os
-import pathlib
 import platform
 import re
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 @pytest.mark.slow

@@ -1,37 +1,27 @@
 """The entry scripts end to end: train.py then sample.py on a tiny run, and one-line errors."""
 
-import pathlib
 import subprocess
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO, subprocess_env
+
+ENV = subprocess_env()
 
 
 def _run(args, **kw):
     return subprocess.run([sys.executable] + args, cwd=REPO, capture_output=True, text=True,
-                          timeout=600, **kw)
+                          timeout=600, env=ENV, **kw)
 
 
 @pytest.fixture(scope="module")
-def tiny_workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
-    (tmp / "corpus.txt").write_text("".join(f"to be or not to be, line {i}\n" for i in range(400)))
-    wd = tmp / "run"
-    r = _run(["train.py", f"--workdir={wd}", "--no_progress",
-              "--config.data.dataset=local_text", f"--config.data.path={tmp / 'corpus.txt'}",
-              "--config.data.validation_fraction=0.1", f"--config.data.cache_dir={tmp}/cache",
-              f"--config.data.data_dir={tmp}/tfds", "--config.tokenizer.kind=char",
-              "--config.model.n_layer=1", "--config.model.n_embd=32", "--config.model.n_head=2",
-              "--config.model.n_ctx=32", "--config.train.steps=20", "--config.train.batch_size=4",
-              "--config.train.eval_every=0", "--config.train.save_every=10",
-              "--config.optim.warmup_steps=2", "--config.sample.max_new_tokens=20",
-              "--config.sample.prompt=to be"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "---------- sample ----------" in r.stdout and "to be" in r.stdout
+def tiny_workdir(tiny_run):
+    """conftest's tiny run (train.py, then its sample of "to be")."""
+    wd, stdout = tiny_run
+    assert "---------- sample ----------" in stdout and "to be" in stdout
     # gptjax's own corpus builder downloads nothing, and says so (not tfds's "Unknown size").
-    assert "Unknown size" not in r.stdout and "nothing to download" in r.stdout
+    assert "Unknown size" not in stdout and "nothing to download" in stdout
     return wd
 
 

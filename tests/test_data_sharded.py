@@ -3,7 +3,6 @@ number of processes, grain workers, bad records, and train.py end to end with tw
 
 import json
 import os
-import pathlib
 import signal
 import socket
 import subprocess
@@ -12,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import REPO, subprocess_env, tiny_train_flags
 from gptjax.data import sharded
+from gptjax.data.batcher import Batcher
 from gptjax.data.lm import MODES
 from gptjax.data.prefetch import Prefetcher
 from gptjax.data.tokenizers import CharTokenizer
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyz ,.\n"
 
 
@@ -172,12 +172,18 @@ def test_too_few_documents_for_the_shards_is_one_clear_error(tmp_path):
 def test_prefetcher_returns_the_batchers_batches_and_follows_a_jump(tmp_path):
     b = _batcher(tmp_path, _docs(), 0, 1)
     pf = Prefetcher(b, depth=2)
+    assert isinstance(b, Batcher) and isinstance(pf, Batcher)
+    assert not hasattr(b, "step") and not hasattr(pf, "step")  # the loop owns the step
     try:
         for step in [0, 1, 2, 10, 11, 3]:
             np.testing.assert_array_equal(pf.batch(step)["inputs"], b.batch(step)["inputs"])
         assert pf.state() == b.state()
+        pf.restore(dict(b.state(), step=7))
+        with pytest.raises(ValueError, match="seed=4, now 3"):
+            pf.restore(dict(b.state(), seed=4))
     finally:
         pf.close()
+    assert pf._thread is None
 
 
 # ================================================================================ end to end
@@ -185,15 +191,6 @@ def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _env(devices):
-    e = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    for k in list(e):
-        if k.startswith("GPTJAX_FAULT_"):
-            del e[k]
-    return e
 
 
 @pytest.fixture(scope="module")
@@ -205,17 +202,10 @@ def corpus(tmp_path_factory):
 
 
 def _args(corpus, host, workdir, steps=8, *extra):
-    return [sys.executable, "train.py", f"--workdir={workdir}", "--no_progress",
-            "--config.data.dataset=local_text", f"--config.data.path={corpus}/*.txt",
-            "--config.data.validation_fraction=0.1", "--config.data.pipeline=sharded",
-            "--config.data.virtual_shards=16", "--config.data.workers=0",
-            f"--config.data.cache_dir={host}/cache", f"--config.data.data_dir={host}/tfds",
-            "--config.tokenizer.kind=char", "--config.model.n_layer=1",
-            "--config.model.n_embd=32", "--config.model.n_head=2", "--config.model.n_ctx=16",
-            f"--config.train.steps={steps}", "--config.train.batch_size=4",
-            "--config.train.log_every=1", "--config.train.eval_every=0",
-            "--config.train.save_every=4", "--config.optim.warmup_steps=2",
-            "--config.sample.max_new_tokens=0", *extra]
+    return [sys.executable, "train.py", *tiny_train_flags(
+        f"{corpus}/*.txt", host, workdir,
+        {"data.pipeline": "sharded", "data.virtual_shards": 16, "data.workers": 0,
+         "model.n_ctx": 16, "train.steps": steps}, *extra)]
 
 
 def _losses(workdir):
@@ -226,14 +216,15 @@ def _losses(workdir):
 def test_two_processes_with_their_own_caches_train_as_one_and_resume_after_kill9(corpus,
                                                                                  tmp_path):
     one = tmp_path / "one"
+    env1, env2 = subprocess_env(devices=1), subprocess_env(devices=2)
     # The pre-tokenized format: --prepare_data writes the tokenizer and this host's shards and
     # exits; the training run then reads them and tokenizes nothing.
     r = subprocess.run(_args(corpus, tmp_path / "h0", one) + ["--prepare_data"], cwd=REPO,
-                       env=_env(2), capture_output=True, text=True, timeout=600)
+                       env=env2, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0 and "data ready" in r.stdout, r.stderr[-3000:]
     assert len(list((tmp_path / "h0").rglob("shard-*.npy"))) == 16
     assert not (one / "metrics.jsonl").exists()
-    r = subprocess.run(_args(corpus, tmp_path / "h0", one), cwd=REPO, env=_env(2),
+    r = subprocess.run(_args(corpus, tmp_path / "h0", one), cwd=REPO, env=env2,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "tokenizing" not in r.stdout, r.stdout
@@ -242,7 +233,7 @@ def test_two_processes_with_their_own_caches_train_as_one_and_resume_after_kill9
     procs = [subprocess.Popen(
         _args(corpus, tmp_path / f"h{i + 1}", two) + [
             f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"],
-        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=REPO, env=env1, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for i in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (out, err) in zip(procs, outs):
@@ -258,10 +249,10 @@ def test_two_processes_with_their_own_caches_train_as_one_and_resume_after_kill9
     # reproduces the uninterrupted run's losses bit for bit (the batches are the same).
     three = tmp_path / "three"
     r = subprocess.run(_args(corpus, tmp_path / "h3", three), cwd=REPO,
-                       env=dict(_env(2), GPTJAX_FAULT_KILL_IN_SAVE="8"), capture_output=True,
+                       env=dict(env2, GPTJAX_FAULT_KILL_IN_SAVE="8"), capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == -signal.SIGKILL
-    r = subprocess.run(_args(corpus, tmp_path / "h3", three), cwd=REPO, env=_env(2),
+    r = subprocess.run(_args(corpus, tmp_path / "h3", three), cwd=REPO, env=env2,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     c = _losses(three)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import configs.*)
 
+from conftest import PRETRAINED, REPO, tiny_corpus, tiny_run_config
 from gptjax.data.tasks import TASKS, load_task
 from gptjax.eval import run as eval_run
 from gptjax.eval import zeroshot_run
@@ -26,7 +27,6 @@ from gptjax.nn.param_layout import unstack_layers
 from gptjax.train.optim import make_optimizer
 from gptjax.runs.pretrained import load_pretrained
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
@@ -104,25 +104,7 @@ def pretrained(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("pretrain")
     text = "".join(f"{CHARS} line {i}: the film is good, the plot is bad.\n" for i in range(200))
-    (d / "corpus.txt").write_text(text)
-    c = base_config()
-    c.model = model_config("tiny", vocab_size=0, n_layer=1, n_head=2, n_embd=16, n_ctx=48,
-                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    c.data.dataset = "local_text"
-    c.data.path = str(d / "corpus.txt")
-    c.data.validation_fraction = 0.1
-    c.data.cache_dir = str(d / "cache")
-    c.data.data_dir = str(d / "tfds")
-    c.tokenizer.kind = "char"
-    c.optim.warmup_steps = 1
-    c.train.steps = 4
-    c.train.batch_size = 4
-    c.train.eval_every = 0
-    c.train.eval_batches = 1
-    c.train.eval_batch_size = 4
-    c.train.save_every = 2
-    c.train.async_checkpointing = False
-    c.sample.max_new_tokens = 0
+    c = tiny_run_config(tiny_corpus(d, text), d, PRETRAINED)
     train_and_evaluate(c, str(d / "run"), progress=False)
     return d / "run"
 

@@ -4,13 +4,13 @@ throughput of the last logged step, and what a failed or resumed run leaves and 
 
 Every case runs train.py / sample.py or a short script in a subprocess (faults injected through
 gptjax.runs.faults' environment variables or by editing files) and checks the exit status, the
-one-line `error:` / `warning:` messages and what is on disk. The smallest model (1 x 32) and one
-shared base run keep the whole module to about two minutes on 2 CPU cores.
+one-line `error:` / `warning:` messages and what is on disk. The smallest model (1 x 32) and the
+session's tiny run (conftest's `tiny_run`, shared with the reliability and CLI tests) keep the
+whole module to about two minutes on 2 CPU cores.
 """
 
 import json
 import math
-import os
 import pathlib
 import random
 import inspect
@@ -25,38 +25,8 @@ import numpy as np
 import optax
 import pytest
 
+from conftest import REPO, train_flags
 from gptjax.runs.checkpoint import Checkpointer, DamagedCheckpointError
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Shared corpus, caches and a persistent XLA cache (the subprocesses compile the same
-    programs, so only the first pays for it)."""
-    tmp = tmp_path_factory.mktemp("integrity")
-    (tmp / "corpus.txt").write_text("".join(f"to be or not to be, line {i}\n" for i in range(300)))
-    e = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp / "xla"), JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    for k in list(e):
-        if k.startswith("GPTJAX_FAULT_") or k == "GPTJAX_DEBUG":
-            del e[k]
-    return tmp, e
-
-
-def train_flags(tmp, workdir, *extra):
-    return [f"--workdir={workdir}", "--no_progress",
-            "--config.data.dataset=local_text", f"--config.data.path={tmp / 'corpus.txt'}",
-            "--config.data.validation_fraction=0.1", f"--config.data.cache_dir={tmp}/cache",
-            f"--config.data.data_dir={tmp}/tfds", "--config.tokenizer.kind=char",
-            "--config.model.n_layer=1", "--config.model.n_embd=32", "--config.model.n_head=2",
-            "--config.model.n_ctx=32", "--config.train.steps=4", "--config.train.batch_size=4",
-            "--config.train.log_every=1", "--config.train.eval_every=0",
-            "--config.train.save_every=2", "--config.train.keep_checkpoints=10",
-            "--config.optim.warmup_steps=2", "--config.optim.decay_steps=12",
-            "--config.sample.max_new_tokens=0", *extra]
 
 
 def run(env, args, faults=None):
@@ -88,12 +58,10 @@ def steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def base(env):
-    """A 4-step run with checkpoints at steps 2 and 4 (and Orbax's initial one at step 1)."""
-    wd = env[0] / "base"
-    r = run(env, ["train.py", *train_flags(env[0], wd)])
-    assert_clean(r)
-    assert steps(wd)[-2:] == [2, 4]
+def base(tiny_run):
+    """conftest's tiny run: 12 steps with checkpoints at steps 4, 8 and 12."""
+    wd = tiny_run[0]
+    assert steps(wd)[-3:] == [4, 8, 12]
     for s in steps(wd):
         assert (wd / "checkpoints" / str(s) / "checksums.process_0.json").is_file()
     return wd
@@ -164,21 +132,21 @@ def test_damaged_bytes_at_random_offsets_never_load(env, tmp_path):
     assert set(out.values()) == {"damaged"}, {k: v for k, v in out.items() if v != "damaged"}
 
 
-def test_damaged_latest_checkpoint_end_to_end(env, base):
-    wd = env[0] / "damaged"
+def test_damaged_latest_checkpoint_end_to_end(env, base, tmp_path):
+    wd = tmp_path / "flipped"
     shutil.copytree(base, wd)
     rng = random.Random(0)
-    data = sorted(p for p in (wd / "checkpoints" / "4" / "state").rglob("*")
+    data = sorted(p for p in (wd / "checkpoints" / "12" / "state").rglob("*")
                   if p.is_file() and "d" == p.parent.name)
     flip_bytes(rng.choice(data), rng)
     r = run(env, ["sample.py", f"--workdir={wd}", "--prompt=to be", "--max_new_tokens=2"])
-    one_line_error(r, "checkpoint step 4", "damaged", "does not match its checksum", "step=2")
-    # Training sets it aside (named in the warning), resumes from step 2 and ends finite.
+    one_line_error(r, "checkpoint step 12", "damaged", "does not match its checksum", "step=8")
+    # Training sets it aside (named in the warning), resumes from step 8 and ends finite.
     r = run(env, ["train.py", *train_flags(env[0], wd)])
     assert_clean(r)
-    assert "12.damaged" not in r.stderr and "4.damaged" in r.stderr, r.stderr[-2000:]
-    assert "resumed from step 2" in r.stdout and "steps 2->4" in r.stdout
-    assert (wd / "checkpoints" / "4.damaged").is_dir() and steps(wd)[-1] == 4
+    assert "8.damaged" not in r.stderr and "12.damaged" in r.stderr, r.stderr[-2000:]
+    assert "resumed from step 8" in r.stdout and "steps 8->12" in r.stdout
+    assert (wd / "checkpoints" / "12.damaged").is_dir() and steps(wd)[-1] == 12
     summary = json.load(open(wd / "summary.json"))
     assert math.isfinite(summary["val_loss"]) and summary["skipped_steps"] == 0
 
@@ -196,21 +164,21 @@ def test_checkpoint_without_checksums_loads_with_one_warning(env, base, tmp_path
     r = run(env, ["sample.py", f"--workdir={wd}", "--prompt=to be", "--max_new_tokens=2"])
     assert_clean(r)
     warnings = [ln for ln in r.stderr.splitlines() if "has no checksums" in ln]
-    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint step 4"), r.stderr
+    assert len(warnings) == 1 and warnings[0].startswith("warning: checkpoint step 12"), r.stderr
     # Checksums missing from a step saved with them: damaged, not unverified.
-    (wd / "checkpoints" / "2" / "meta" / "metadata").write_text(json.dumps(
-        dict(json.loads((wd / "checkpoints" / "2" / "meta" / "metadata").read_text()),
+    (wd / "checkpoints" / "8" / "meta" / "metadata").write_text(json.dumps(
+        dict(json.loads((wd / "checkpoints" / "8" / "meta" / "metadata").read_text()),
              checksums=1)))
     ck = Checkpointer(str(wd / "checkpoints"), async_save=False, read_only=True)
     with pytest.raises(DamagedCheckpointError, match="checksum files are missing"):
-        ck.verify(2)
+        ck.verify(8)
     ck.close()
 
 
 # ============================================================================ 2. non-finite state
 def test_nan_optimizer_state_saves_no_nan_checkpoint_and_stops(env, tmp_path):
     wd = tmp_path / "nan"
-    r = run(env, ["train.py", *train_flags(env[0], wd, "--config.train.steps=12",
+    r = run(env, ["train.py", *train_flags(env[0], wd, "--config.train.save_every=2",
                                            "--config.train.keep_checkpoints=2",
                                            "--config.train.max_consecutive_skips=3")],
             {"GPTJAX_FAULT_NAN_OPT_STATE": "4"})  # before the 5th step
@@ -392,12 +360,12 @@ def test_changed_config_is_reported_and_resume_says_so(env, base, tmp_path):
     assert len(changed) == 1 and changed[0].startswith("warning:"), r.stderr[-2000:]
     assert f"optim.learning_rate {lr!r} -> 0.0005" in changed[0], changed[0]
     assert "batch_size" not in changed[0]  # given, but not changed
-    assert "resumed from step 4" in r.stdout and "steps 4->4" in r.stdout
+    assert "resumed from step 12" in r.stdout and "steps 12->12" in r.stdout
     summary = json.load(open(wd / "summary.json"))
     logged = {x["step"]: x for x in records(base) if "loss" in x}
-    assert summary["train_loss"] == logged[4]["loss"]  # not NaN: no step ran in this run
+    assert summary["train_loss"] == logged[12]["loss"]  # not NaN: no step ran in this run
     # The last logged step is timed like the others, not over an empty window.
-    tps = [logged[s]["tokens_per_sec"] for s in (2, 3, 4)]
+    tps = [logged[s]["tokens_per_sec"] for s in (10, 11, 12)]
     assert tps[-1] <= 1.5 * max(tps[:-1]), tps
     # The same config again: nothing to report.
     r = run(env, ["train.py", *train_flags(env[0], wd, "--config.optim.learning_rate=0.0005")])
@@ -412,3 +380,35 @@ def test_failed_run_leaves_no_empty_workdir(env, tmp_path):
             .replace(f"{env[0]}/tfds", f"{tmp_path}/tfds") for a in train_flags(env[0], wd)]
     one_line_error(run(env, ["train.py", *args]), "empty corpus")
     assert not wd.exists()
+
+
+def test_fault_points_are_no_ops_unless_a_test_installs_them(tmp_path):
+    """The loop and the checkpointer call one `faults.Hooks` object: the no-op default unless a
+    GPTJAX_FAULT_* variable is set (read once) or a test installs its own."""
+    from gptjax.runs import faults  # local: this test only
+
+    assert type(faults.from_env({})) is faults.Hooks
+    assert type(faults.from_env({"GPTJAX_FAULT_NAN_STEP": "", "OTHER": "1"})) is faults.Hooks
+    env_faults = faults.from_env({"GPTJAX_FAULT_NAN_STEP": "3"})
+    batch = {"targets": np.zeros((2, 4), np.int32)}
+    assert env_faults.corrupt_batch(2, batch) is batch
+    assert np.isnan(env_faults.corrupt_batch(3, batch)["weights"]).all()
+    assert faults.Hooks().corrupt_batch(3, batch) is batch
+
+    class Recording(faults.Hooks):
+        def __init__(self):
+            self.saves = []
+
+        def after_save_started(self, step, directory):
+            self.saves.append((step, directory))
+
+    rec = Recording()
+    faults.install(rec)
+    try:
+        ck = Checkpointer(str(tmp_path / "ck"), async_save=False)
+        assert ck.save(3, {"w": jnp.ones(4)}, {"data": 3}, force=True)
+        ck.close()
+    finally:
+        faults.install(None)
+    assert rec.saves == [(3, str(tmp_path / "ck"))]
+    assert type(faults.active()) is faults.Hooks  # this process has no GPTJAX_FAULT_* set

@@ -14,13 +14,15 @@ import re
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 PKG = REPO / "gptjax"
 
 # Bottom up. A module's layer is that of its longest matching prefix.
 LAYERS = [
     ("config + sharding", ["gptjax.config", "gptjax.sharding", "gptjax.defaults",
-                           "gptjax.plotting", "gptjax.multihost"]),
+                           "gptjax.plotting", "gptjax.multihost", "gptjax.checks",
+                           "gptjax.glibc"]),
     ("nn", ["gptjax.nn"]),
     ("data", ["gptjax.data"]),
     ("runs", ["gptjax.runs"]),

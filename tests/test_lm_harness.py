@@ -8,12 +8,11 @@ agree to 1e-4 and the metrics to the same tolerance.
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, shared_data_dir
+from conftest import REPO, hf_gpt2_dir
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")
@@ -29,20 +28,8 @@ def _sentence(i, n=12):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    import torch  # optional: the reference backend's framework
-    import transformers  # optional: writes the transformers directory both backends read
-
-    bpe = shared_data_dir() / "gpt2_bpe"
-    if not bpe.is_dir():
-        pytest.skip(f"{bpe} is absent")
-    d = tmp_path_factory.mktemp("hf_gpt2")
-    torch.manual_seed(0)
     # initializer_range 0.1: peaked, input-dependent predictions (not near-uniform ones).
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=N_CTX, n_embd=32, n_layer=2,
-                                  n_head=2, initializer_range=0.1)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
-    shutil.copy(bpe / "encoder.json", d / "vocab.json")
-    shutil.copy(bpe / "vocab.bpe", d / "merges.txt")
+    d = hf_gpt2_dir(tmp_path_factory.mktemp("hf_gpt2"), N_CTX, initializer_range=0.1)
     return d
 
 

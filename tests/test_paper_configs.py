@@ -9,16 +9,14 @@ reproduction (config/train_gpt2.py), GPT-3 (Brown et al. 2020, Table 2.1 and App
 
 import importlib.util
 import math
-import pathlib
 
 import pytest
 
+from conftest import REPO
 from gptjax import sharding as shd
 from gptjax.config import REMAT_POLICIES, ConfigError
 from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
 from gptjax.train.optim import decay_mask, make_optimizer
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def load(name):

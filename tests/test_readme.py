@@ -4,7 +4,6 @@ Only the model directory is substituted: "path/to/local/gpt2" becomes a transfor
 GPT-2's real vocabulary and BPE files (from the shared data folder) and a small body.
 """
 
-import pathlib
 import re
 import shutil
 

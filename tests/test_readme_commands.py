@@ -15,13 +15,14 @@ pointing at the shared data), so `runs/...` and `path/to/gpt2` are the test's ow
   example, and stopped with Ctrl-C (SIGINT); its port is a free one, not 8000;
 - the commands in `SKIP` are not run; each entry says why, and a test checks each still matches a
   README command (a stale entry fails).
+- the bench commands in `BENCH_RUNS` run in tests/test_bench.py (the same command with --smoke,
+  its output checked there), not twice; a test checks they are still the same command.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ import time
 
 import pytest
 
-from conftest import REPO, shared_data_dir, shared_tfds_dir
+from conftest import REPO, hf_gpt2_dir, shared_data_dir, shared_tfds_dir
 
 # Command prefixes not run, and why. Keep this list short: a new entry needs a reason a user
 # would accept for a command the README tells them to run.
@@ -67,6 +68,14 @@ QUICK = [
     (r"^python bench/", "--smoke"),
     (r"^python train\.py .*--dry_run", "--config.model.n_layer=2"),
 ]
+
+# README commands that tests/test_bench.py's test_bench_script_smoke runs as written (the same
+# flags, with --smoke; its output file in its own folder) and checks the output of: run there, not
+# a second time here (a test below checks that they stay the same command).
+BENCH_RUNS = {
+    "python bench/attention.py --out attn.json": "attention.py",
+    "python bench/pod_compile.py --out pods.json": "pod_compile.py",
+}
 
 CLIENT_MARKER = 'httpx.Client(base_url="http://127.0.0.1:8000"'
 
@@ -141,6 +150,18 @@ def test_quick_variants_are_the_readme_s_own():
         assert any(re.search(pattern, c) for c in cmds), f"QUICK pattern {pattern!r} is stale"
 
 
+def test_bench_runs_are_test_bench_s_commands():
+    from test_bench import SMOKE_RUNS  # the flags test_bench_script_smoke gives each script
+
+    cmds = readme_commands(_readme())
+    for cmd, script in BENCH_RUNS.items():
+        assert cmd in cmds, f"stale BENCH_RUNS entry {cmd!r}"
+        assert quick(cmd).split()[:2] == ["python", f"bench/{script}"] and "--smoke" in quick(cmd)
+        flags = SMOKE_RUNS[script][0](REPO / "out", None)
+        assert [a for a in cmd.split()[2:] if a.startswith("--")] == [
+            a for a in flags if a.startswith("--")], (cmd, flags)
+
+
 # ------------------------------------------------------------------------------------ the run
 def _free_port() -> int:
     with socket.socket() as s:
@@ -159,13 +180,7 @@ def _make_root(tmp_path):
     shared.mkdir()
     (shared / "data").symlink_to(shared_data_dir())
     (shared / "tfds").symlink_to(shared_tfds_dir())
-    import transformers  # optional: the test dependency that writes the GPT-2 directory
-    hf = root / "path" / "to" / "gpt2"
-    cfg = transformers.GPT2Config(vocab_size=50257, n_positions=1024, n_embd=32, n_layer=2,
-                                  n_head=2)
-    transformers.GPT2LMHeadModel(cfg).save_pretrained(hf)
-    shutil.copy(shared_data_dir() / "gpt2_bpe" / "encoder.json", hf / "vocab.json")
-    shutil.copy(shared_data_dir() / "gpt2_bpe" / "vocab.bpe", hf / "merges.txt")
+    hf_gpt2_dir(root / "path" / "to" / "gpt2", 1024)
     (root / "prompts.txt").write_text("Hello, my name is\nThe meaning of life is\n")
     return root
 
@@ -219,7 +234,7 @@ def test_readme_commands_run_in_order(tmp_path):
                    os.pathsep)).rstrip(os.pathsep))
     times = []
     for cmd in readme_commands(_readme()):
-        if skip_reason(cmd):
+        if skip_reason(cmd) or cmd in BENCH_RUNS:
             continue
         cmd = quick(cmd)
         t0 = time.time()

@@ -5,7 +5,6 @@ count must be set before jax is imported.
 """
 
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,11 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from conftest import REPO
 from gptjax import sharding as shd
 from gptjax.nn import attention as A
 from gptjax.nn.kernels import context_mesh, mesh_platform
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_no_mesh_means_default_backend_and_direct_call():

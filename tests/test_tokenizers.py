@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import random
 import shutil
@@ -12,12 +11,12 @@ import sysconfig
 import numpy as np
 import pytest
 
+from conftest import shared_data_dir
 from gptjax.config import ConfigError
 from gptjax.data import tokenizers as tk
 from gptjax.data.tokenizers import sentencepiece as spm_module
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = pathlib.Path(os.environ.get("GPTJAX_SHARED_DATA", REPO.parent / "shared" / "data"))
+SHARED = shared_data_dir()
 KINDS = ("char", "sentencepiece", "gpt2_bpe")
 
 

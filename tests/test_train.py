@@ -5,7 +5,6 @@ import glob
 import json
 import math
 import os
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,8 @@ import optax
 import pytest
 from ml_collections import config_flags  # noqa: F401  (config files import gptjax.defaults)
 
+import conftest
+from conftest import REPO
 from gptjax.data.token_cache import load_tokens
 from gptjax.defaults import base_config, complete, model_config
 from gptjax.nn.model import init_params
@@ -23,32 +24,15 @@ from gptjax.train.experiment import build_source, model_config_from
 from gptjax.train.loop import train_and_evaluate
 from gptjax.train.step import TrainState, make_train_step
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
 
 def tiny_run_config(tmp_path, steps=12) -> ml_collections.ConfigDict:
+    """conftest's tiny run (its fixed schedule: a run stopped early has the same one) with 2
+    layers, dropout and periodic evaluation."""
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(400))
-    (tmp_path / "corpus.txt").write_text(text)
-    c = base_config()
-    c.model = model_config("tiny", vocab_size=0, n_layer=2, n_head=2, n_embd=32, n_ctx=32,
-                           embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
-    c.data.dataset = "local_text"
-    c.data.path = str(tmp_path / "corpus.txt")
-    c.data.validation_fraction = 0.1
-    c.data.cache_dir = str(tmp_path / "cache")
-    c.data.data_dir = str(tmp_path / "tfds")
-    c.tokenizer.kind = "char"
-    c.optim.warmup_steps = 3
-    c.optim.decay_steps = 12  # fixed, so a run stopped early has the same schedule
-    c.train.steps = steps
-    c.train.batch_size = 4
-    c.train.log_every = 1
-    c.train.eval_every = 4
-    c.train.eval_batches = 2
-    c.train.eval_batch_size = 8
-    c.train.save_every = 4
-    c.sample.max_new_tokens = 0
-    return c
+    return conftest.tiny_run_config(conftest.tiny_corpus(tmp_path, text), tmp_path, {
+        "model.n_layer": 2, "model.embd_pdrop": 0.1, "model.attn_pdrop": 0.1,
+        "model.resid_pdrop": 0.1, "optim.warmup_steps": 3, "train.steps": steps,
+        "train.eval_every": 4, "train.eval_batches": 2, "train.eval_batch_size": 8})
 
 
 def _losses(workdir):

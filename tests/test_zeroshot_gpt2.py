@@ -4,7 +4,6 @@ its reference package (rouge-score, sacrebleu, lm-eval's CoQA F1, scikit-learn's
 same predictions."""
 
 import json
-import shutil
 import string
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import REPO, shared_data_dir
+from conftest import PRETRAINED, REPO, hf_gpt2_dir, tiny_corpus, tiny_run_config
 
 from gptjax.data.tasks import load_task
 from gptjax.eval import gpt2_zeroshot as g2
@@ -31,41 +30,18 @@ S = ["the cat sat on the mat .", "a dog ran to the park .", "birds sang over gre
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A train.py work directory: a tiny character-level GPT with several checkpoints."""
-    from gptjax.defaults import base_config, model_config
     from gptjax.train.loop import train_and_evaluate
 
     d = tmp_path_factory.mktemp("pretrain")
-    (d / "corpus.txt").write_text("".join(f"{CHARS} {S[i % 6]}\n" for i in range(200)))
-    c = base_config()
-    c.model = model_config("tiny", vocab_size=0, n_layer=1, n_head=2, n_embd=16, n_ctx=64,
-                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
-    c.data.update(dataset="local_text", path=str(d / "corpus.txt"), validation_fraction=0.1,
-                  cache_dir=str(d / "cache"), data_dir=str(d / "tfds"))
-    c.tokenizer.kind = "char"
-    c.optim.warmup_steps = 1
-    c.train.update(steps=4, batch_size=4, eval_every=0, eval_batches=1, eval_batch_size=4,
-                   save_every=2, async_checkpointing=False)
-    c.sample.max_new_tokens = 0
-    train_and_evaluate(c, str(d / "run"), progress=False)
+    corpus = tiny_corpus(d, "".join(f"{CHARS} {S[i % 6]}\n" for i in range(200)))
+    train_and_evaluate(tiny_run_config(corpus, d, dict(PRETRAINED, **{"model.n_ctx": 64})),
+                       str(d / "run"), progress=False)
     return d / "run"
 
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    import torch  # optional: writes the transformers directory
-    import transformers  # optional: writes the transformers directory
-
-    bpe = shared_data_dir() / "gpt2_bpe"
-    if not bpe.is_dir():
-        pytest.skip(f"{bpe} is absent")
-    d = tmp_path_factory.mktemp("hf_gpt2")
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=50257, n_positions=128, n_embd=32, n_layer=2, n_head=2,
-        initializer_range=0.1)).save_pretrained(d)
-    shutil.copy(bpe / "encoder.json", d / "vocab.json")
-    shutil.copy(bpe / "vocab.bpe", d / "merges.txt")
-    return d
+    return hf_gpt2_dir(tmp_path_factory.mktemp("hf_gpt2"), 128, initializer_range=0.1)
 
 
 @pytest.fixture(scope="module", params=["trained", "hf"])

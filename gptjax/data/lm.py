@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from gptjax.checks import check_choice, check_int
+
 MODES = ("packed", "random_offset")
 
 
@@ -78,9 +80,9 @@ class LMBatcher:
         from (seed, step).
 
     Process p of P gets rows [p * B / P, (p + 1) * B / P) of the global batch, so the
-    concatenation over processes equals the one-process batch. The instance also counts steps
-    for iteration; `state()` / `restore()` save and restore that count with the seed, mode and
-    a fingerprint of the data for checkpoints.
+    concatenation over processes equals the one-process batch. A `gptjax.data.batcher.Batcher`:
+    `state()` is the seed, mode, shapes and a fingerprint of the data, which `restore()` checks
+    a checkpoint's against (the caller owns the step).
 
     Args:
       tokens: 1-D token ids (e.g. from `load_tokens`; a memmap is fine).
@@ -91,7 +93,6 @@ class LMBatcher:
       process_index: this process, in [0, process_count).
       process_count: number of data-loading processes.
       fingerprint: identifies `tokens`; defaults to `token_fingerprint(tokens)`.
-      step: first step that iteration yields.
     """
 
     def __init__(
@@ -105,10 +106,8 @@ class LMBatcher:
         process_count: int = 1,
         *,
         fingerprint: str | None = None,
-        step: int = 0,
     ):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; allowed: {', '.join(map(repr, MODES))}")
+        check_choice("mode", mode, MODES)
         tokens = tokens if isinstance(tokens, np.ndarray) else np.asarray(tokens)
         if tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D, got shape {np.shape(tokens)}")
@@ -127,8 +126,7 @@ class LMBatcher:
                 f"global_batch_size={global_batch_size} is not divisible by "
                 f"process_count={process_count}"
             )
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed={seed}; allowed: a non-negative integer")
+        check_int("seed", seed, 0)
         if len(tokens) < seq_len + 1:
             raise ValueError(
                 f"corpus has {len(tokens)} tokens, shorter than one sequence: seq_len={seq_len} "
@@ -143,7 +141,6 @@ class LMBatcher:
         self.process_index = int(process_index)
         self.process_count = int(process_count)
         self.fingerprint = fingerprint or token_fingerprint(tokens)
-        self.step = int(step)
         self.num_windows = (len(tokens) - 1) // self.seq_len
         self._perms: dict[int, np.ndarray] = {}
 
@@ -193,19 +190,10 @@ class LMBatcher:
             starts_B = all_starts[rows]
         return _gather(self.tokens, starts_B, self.seq_len)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        batch = self.batch(self.step)
-        self.step += 1
-        return batch
-
     def state(self) -> dict[str, Any]:
-        """Returns the iterator position as plain JSON-able values, for the checkpoint."""
+        """What defines the batches, as plain JSON-able values, for the checkpoint."""
         return dict(
             seed=self.seed,
-            step=self.step,
             mode=self.mode,
             fingerprint=self.fingerprint,
             seq_len=self.seq_len,
@@ -233,9 +221,11 @@ class LMBatcher:
                 )
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Checks `state` against this batcher and continues from its step."""
+        """Checks `state` against this batcher (its batches are a function of the step)."""
         self.check_state(state)
-        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Nothing to release (no threads or workers)."""
 
     @classmethod
     def from_state(
@@ -257,7 +247,7 @@ class LMBatcher:
           fingerprint: identifies `tokens`; defaults to `token_fingerprint(tokens)`.
 
         Returns:
-          A batcher whose next batch is the one after the saved step.
+          A batcher whose `batch(step)` is the saving batcher's for every step.
         """
         batcher = cls(
             tokens,
@@ -268,7 +258,6 @@ class LMBatcher:
             process_index,
             process_count,
             fingerprint=fingerprint,
-            step=int(state["step"]),
         )
         batcher.check_state(state)
         return batcher

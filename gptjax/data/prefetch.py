@@ -13,27 +13,35 @@ import threading
 import time
 from typing import Any
 
+from gptjax.data.batcher import Batcher
+
 
 class Prefetcher:
-    """Wraps a batcher; every other attribute (state, restore, ...) is the batcher's.
+    """A `Batcher` that builds the wrapped batcher's batches ahead; `state()` and `restore()`
+    are the wrapped batcher's.
 
     Args:
-      batcher: anything with `batch(step) -> dict`.
+      batcher: the batcher to wrap (`.batcher`).
       depth: batches built ahead (>= 1).
     """
 
-    def __init__(self, batcher: Any, depth: int = 2):
+    def __init__(self, batcher: Batcher, depth: int = 2):
         if depth < 1:
             raise ValueError(f"data.prefetch={depth}: allowed: 0 (no thread) or more")
         self.batcher, self.depth = batcher, int(depth)
         self.wait_s = 0.0  # seconds callers waited in batch(), summed
         self._next, self._queue, self._stop, self._thread = None, None, None, None
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.batcher, name)
+    def state(self) -> dict[str, Any]:
+        """The wrapped batcher's `state()`."""
+        return self.batcher.state()
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """The wrapped batcher's `restore(state)`."""
+        self.batcher.restore(state)
 
     def _start(self, step: int) -> None:
-        self.close()
+        self._stop_thread()
         self._queue, self._stop = queue.Queue(self.depth), threading.Event()
         q, stop = self._queue, self._stop
 
@@ -72,7 +80,11 @@ class Prefetcher:
         return b
 
     def close(self) -> None:
-        """Stop the thread (a later batch() starts it again)."""
+        """Stop the thread (a later batch() starts it again), then close the wrapped batcher."""
+        self._stop_thread()
+        self.batcher.close()
+
+    def _stop_thread(self) -> None:
         if self._stop is not None:
             self._stop.set()
             self._thread.join(timeout=10)

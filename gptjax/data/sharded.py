@@ -39,19 +39,18 @@ a pod the hosts share no local disk and a corpus is billions of tokens, so `data
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import hashlib
 import json
 import os
-import platform
-import sys
 import tempfile
 from typing import Any, Sequence
 
 import numpy as np
 from absl import flags
 
+from gptjax import glibc
+from gptjax.checks import check_choice, check_int
 from gptjax.data.lm import MODES, _rng
 from gptjax.data.token_cache import _write_npy_atomically, check_ids, token_dtype
 from gptjax.data.tokenizers import Tokenizer, fingerprint
@@ -124,7 +123,6 @@ CHUNK_DOCS = 256
 READ_THREADS = 2
 
 
-_M_ARENA_MAX = -8  # glibc malloc.h
 _one_heap_pid = None
 
 
@@ -139,14 +137,7 @@ def _one_malloc_heap() -> bool:
     global _one_heap_pid
     if _one_heap_pid == os.getpid():
         return True
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    if mallopt(_M_ARENA_MAX, 1) != 1:  # mallopt returns 1 on success
+    if not glibc.mallopt(glibc.M_ARENA_MAX, 1):
         return False
     _one_heap_pid = os.getpid()
     return True
@@ -338,8 +329,8 @@ def _write_shards(chunk_iter, chunk_shards: Sequence[int], shards: Sequence[int]
 
 # ================================================================================ batches
 class ShardedBatcher:
-    """Training batches from per-process token shards: the same interface as `LMBatcher`
-    (`batch(step)`, `state()`, `check_state()`, `restore()`), the global batch a pure function
+    """Training batches from per-process token shards, a `gptjax.data.batcher.Batcher` like
+    `LMBatcher` (`batch(step)`, `state()`, `restore()`, `close()`), the global batch a pure function
     of (seed, step) whatever the process count (see the module docstring).
 
     Args:
@@ -358,17 +349,15 @@ class ShardedBatcher:
                  mode: str = "packed", *, num_shards: int = DEFAULT_VIRTUAL_SHARDS,
                  process_index: int = 0, process_count: int = 1, fingerprint: str = "",
                  skipped_docs: int = 0):
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r}; allowed: {', '.join(map(repr, MODES))}")
-        if int(seed) != seed or seed < 0:
-            raise ValueError(f"seed={seed}; allowed: a non-negative integer")
+        check_choice("mode", mode, MODES)
+        check_int("seed", seed, 0)
         self.layout = Layout(int(global_batch_size), int(num_shards))
         self.streams = self.layout.streams_of_process(process_index, process_count)
         self.seq_len, self.global_batch_size = int(seq_len), int(global_batch_size)
         self.local_batch_size = self.global_batch_size // process_count
         self.seed, self.mode, self.num_shards = int(seed), mode, int(num_shards)
         self.process_index, self.process_count = int(process_index), int(process_count)
-        self.fingerprint, self.skipped_docs, self.step = fingerprint, skipped_docs, 0
+        self.fingerprint, self.skipped_docs = fingerprint, skipped_docs
         self._tokens = {}
         for k in self.streams:
             parts = [np.asarray(shard_tokens[v]) for v in self.layout.shards_of_stream(k)]
@@ -428,7 +417,8 @@ class ShardedBatcher:
                     targets=np.ascontiguousarray(win[:, 1:]))
 
     def state(self) -> dict:
-        return dict(seed=self.seed, step=self.step, mode=self.mode, fingerprint=self.fingerprint,
+        """What defines the batches, as plain JSON-able values, for the checkpoint."""
+        return dict(seed=self.seed, mode=self.mode, fingerprint=self.fingerprint,
                     seq_len=self.seq_len, global_batch_size=self.global_batch_size,
                     virtual_shards=self.num_shards)
 
@@ -444,8 +434,11 @@ class ShardedBatcher:
                                  f"{now!r} ({'the corpus, split or tokenizer differs' if key == 'fingerprint' else 'config changed'})")
 
     def restore(self, state: dict) -> None:
+        """Checks `state` against this batcher (its batches are a function of the step)."""
         self.check_state(state)
-        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Nothing to release (the tokenizing workers are done once the shards exist)."""
 
 
 def build_batcher(source: Any, split: str, tokenizer: Tokenizer, *, seq_len: int,

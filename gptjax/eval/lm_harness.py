@@ -17,17 +17,12 @@ imported only where lm-eval is wanted (gptjax.eval does not import it).
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gptjax.eval.scoring import round_up
+from gptjax.eval.scoring import round_up, score_targets
 from gptjax.inference import sampling
-from gptjax.nn.model import GPT
-from gptjax.nn.losses import token_nll
 from gptjax.runs.pretrained import load_pretrained
 
 try:
@@ -39,16 +34,6 @@ try:
     from lm_eval.api.registry import register_model
 except ImportError:
     raise ImportError("gptjax.eval.lm_harness needs lm-eval: pip install 'gptjax[eval]'") from None
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def token_logprobs(model_cfg, params, tokens_BxT, targets_BxT, weights_BxT):
-    """Per row: the summed log-probability of the weighted targets (position t predicts
-    targets_BxT[:, t]), and whether every weighted target is the argmax (lm-eval's is_greedy)."""
-    logits_BxTxV = GPT(model_cfg).apply({"params": params}, tokens_BxT).astype(jnp.float32)
-    logp_BxT = -token_nll(logits_BxTxV, targets_BxT)
-    greedy_BxT = (jnp.argmax(logits_BxTxV, -1) == targets_BxT) | (weights_BxT == 0)
-    return jnp.sum(logp_BxT * weights_BxT, -1), jnp.all(greedy_BxT, -1)
 
 
 @register_model("gptjax")
@@ -125,9 +110,9 @@ class GPTJaxLM(TemplateLM):
                 w, n = wholes[r], len(wholes[r]) - 1
                 tokens[j, :n], targets[j, :n] = w[:-1], w[1:]
                 weights[j, max(n - len(requests[r][2]), 0): n] = 1.0
-            logp, greedy = token_logprobs(self.config, self.params, tokens, targets, weights)
-            for j, r in enumerate(rows):
-                out[r] = (float(logp[j]), bool(greedy[j]))
+            nll, _, greedy = score_targets(self.config, self.params, tokens, targets, weights)
+            for j, r in enumerate(rows):  # (lm-eval's is_greedy)
+                out[r] = (-float(nll[j]), bool(greedy[j]))
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:

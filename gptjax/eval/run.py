@@ -7,6 +7,7 @@ import json
 import os
 from typing import Optional, Sequence
 
+from gptjax.checks import check_choice
 from gptjax.eval import fewshot, zeroshot_run
 from gptjax.eval import perplexity as ppl
 from gptjax.runs.pretrained import load_pretrained
@@ -76,8 +77,7 @@ def run_perplexity(models: list, *, text_path: str = "", tfds_name: str = "",
                    batch_size: int = 8, out: str = "") -> list:
     """Sliding-window perplexity of every model on one text; prints a line per model and
     writes out/perplexity.json when `out` is given. Returns the result dicts."""
-    if detokenize not in ppl.DETOKENIZERS:
-        raise ValueError(f"--detokenize={detokenize!r}: allowed {sorted(ppl.DETOKENIZERS)}")
+    check_choice("--detokenize", detokenize, sorted(ppl.DETOKENIZERS))
     raw = ppl.read_eval_text(text_path, tfds_name=tfds_name, split=split, data_dir=data_dir,
                              text_key=text_key, max_chars=max_chars)
     if detokenize == "wikitext":

@@ -2,8 +2,9 @@
 
     logp, count = score_continuations(config, params, [(context_ids, continuation_ids), ...])
 
-Perplexity (gptjax.eval.perplexity), few-shot likelihood tasks (gptjax.eval.fewshot) and GPT-1's
-zero-shot heuristics (gptjax.eval.zero_shot) all reduce to `weighted_nll`.
+Perplexity (gptjax.eval.perplexity), few-shot likelihood tasks (gptjax.eval.fewshot), GPT-1's
+zero-shot heuristics (gptjax.eval.zero_shot) and the lm-eval backend (gptjax.eval.lm_harness)
+all reduce to the one token scorer, `score_targets` (`weighted_nll` is it with next-token targets).
 """
 
 from __future__ import annotations
@@ -22,23 +23,37 @@ from gptjax.nn.losses import token_nll
 
 
 @functools.partial(jax.jit, static_argnums=0)
+def score_targets(model_cfg: GPTConfig, params, tokens_BxT, targets_BxT, weights_BxT):
+    """The token scorer: per row, the weighted NLL of the targets (position t predicts
+    targets_BxT[:, t]), the summed weights, and whether every weighted target is the argmax.
+
+    Args:
+      model_cfg, params: the decoder.
+      tokens_BxT: int token ids the model reads.
+      targets_BxT: int token ids predicted at each position.
+      weights_BxT: float weights of the predictions at each position (0: not scored).
+
+    Returns:
+      (sum of weighted NLL in nats, sum of weights, all weighted targets greedy), each [B].
+    """
+    logits_BxTxV = GPT(model_cfg).apply({"params": params}, tokens_BxT).astype(jnp.float32)
+    nll_BxT = token_nll(logits_BxTxV, targets_BxT)
+    greedy_BxT = (jnp.argmax(logits_BxTxV, -1) == targets_BxT) | (weights_BxT == 0)
+    return jnp.sum(nll_BxT * weights_BxT, -1), jnp.sum(weights_BxT, -1), jnp.all(greedy_BxT, -1)
+
+
 def weighted_nll(model_cfg: GPTConfig, params, tokens_BxT, weights_BxT):
     """Summed next-token NLL of each row, position t weighted by weights_BxT[:, t].
 
     Position t predicts token t + 1 (the last position's target is a dummy 0: give it weight 0).
 
-    Args:
-      model_cfg, params: the decoder.
-      tokens_BxT: int token ids.
-      weights_BxT: float weights of the predictions at each position.
-
     Returns:
       (sum of weighted NLL in nats, sum of weights), each [B].
     """
-    logits_BxTxV = GPT(model_cfg).apply({"params": params}, tokens_BxT)
-    targets_BxT = jnp.concatenate([tokens_BxT[:, 1:], jnp.zeros_like(tokens_BxT[:, :1])], 1)
-    nll_BxT = token_nll(logits_BxTxV, targets_BxT)
-    return jnp.sum(nll_BxT * weights_BxT, -1), jnp.sum(weights_BxT, -1)
+    tokens_BxT = np.asarray(tokens_BxT)
+    targets_BxT = np.concatenate([tokens_BxT[:, 1:], np.zeros_like(tokens_BxT[:, :1])], 1)
+    nll, n, _ = score_targets(model_cfg, params, tokens_BxT, targets_BxT, weights_BxT)
+    return nll, n
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gptjax import defaults
+from gptjax.checks import check_choice
 from gptjax.config import GPTConfig, parse_execution
 from gptjax.data.tasks import get_task
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS, build_tokenizer
@@ -51,8 +52,7 @@ def decoder_config(config: ml_collections.ConfigDict) -> GPTConfig:
       The GPTConfig before the task tokens are added.
     """
     init = config.init
-    if init.kind not in INIT_KINDS:
-        raise ValueError(f"init.kind={init.kind!r}: allowed values are {list(INIT_KINDS)}")
+    check_choice("init.kind", init.kind, INIT_KINDS)
     if init.kind == "scratch":
         return model_config_from(config, None if config.model.vocab_size > 0
                                  else _scratch_vocab(config.tokenizer))

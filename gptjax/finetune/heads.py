@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from gptjax.checks import check_int
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import check_task_type
 from gptjax.nn.model import GPT
@@ -208,8 +209,7 @@ class HeadConfig:
 
     def __post_init__(self):
         check_task_type(self.task_type)
-        if not isinstance(self.num_labels, int) or self.num_labels < 1:
-            raise ValueError(f"num_labels={self.num_labels!r}: must be a positive integer")
+        check_int("num_labels", self.num_labels)
         if self.task_type == "multiple_choice" and self.num_labels < 2:
             raise ValueError(f"num_labels={self.num_labels}: multiple choice needs >= 2 candidates")
         if not 0.0 <= self.dropout < 1.0:

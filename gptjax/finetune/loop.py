@@ -30,6 +30,7 @@ import optax
 from tqdm.auto import tqdm
 
 from gptjax import defaults
+from gptjax.checks import check_int
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import TaskData, TaskSpec, get_task, load_task, write_predictions
 from gptjax.data.tokenizers import load_tokenizer
@@ -247,9 +248,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
     os.makedirs(workdir, exist_ok=True)
     spec = get_task(config.task.name)
     tc = config.train
-    if tc.epochs < 1 or tc.batch_size < 1:
-        raise ValueError(f"train.epochs={tc.epochs}, train.batch_size={tc.batch_size}: both "
-                         "must be >= 1")
+    check_int("train.epochs", tc.epochs)
+    check_int("train.batch_size", tc.batch_size)
     data, train_ex, dev_ex = _load_splits(config, spec)
 
     k_dec, k_tok, k_head, k_train = jax.random.split(jax.random.key(config.seed), 4)

@@ -31,6 +31,7 @@ import jax.experimental
 import jax.numpy as jnp
 import numpy as np
 
+from gptjax.checks import check_int, is_int
 from gptjax.config import GPTConfig
 from gptjax.inference.beam_search import BeamScoring, beam_scoring, beam_search_loop
 from gptjax.inference.decoding import (
@@ -345,7 +346,7 @@ def _generate_sampled(config: GPTConfig, params: Any, tokens_BxP: np.ndarray,
     """Greedy or sampled decoding of packed prompts (arguments already checked)."""
     if rng is None:
         rng = jax.random.key(0)
-    elif _is_int(rng):
+    elif is_int(rng):
         rng = jax.random.key(int(rng))
     greedy = temperature == 0
     run = functools.partial(
@@ -374,20 +375,20 @@ def _check_options(config: GPTConfig, *, max_new_tokens: Any, temperature: Any, 
                    stream_callback: Any) -> None:
     """`generate`'s scalar options; raises ValueError naming the first bad one."""
     V = config.vocab_size
-    _check_int("max_new_tokens", max_new_tokens, 1)
+    check_int("max_new_tokens", max_new_tokens, 1)
     if (not isinstance(temperature, (int, float)) or not temperature >= 0.0
             or math.isinf(temperature)):
         raise ValueError(f"temperature={temperature!r}: must be a finite number >= 0 (0 is greedy)")
-    _check_int("top_k", top_k, 0)
+    check_int("top_k", top_k, 0)
     if not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p!r}: must be in (0, 1] (1 disables nucleus filtering)")
-    _check_int("num_beams", num_beams, 1)
+    check_int("num_beams", num_beams, 1)
     if not isinstance(length_penalty, (int, float)) or not math.isfinite(length_penalty):
         raise ValueError(f"length_penalty={length_penalty!r}: must be a finite number")
     if early_stopping not in (True, False, "never"):
         raise ValueError(f"early_stopping={early_stopping!r}: allowed values are True, False, "
                          "'never'")
-    _check_int("num_return_sequences", num_return_sequences, 1)
+    check_int("num_return_sequences", num_return_sequences, 1)
     if num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences={num_return_sequences} > num_beams={num_beams}: "
                          "beam search returns at most num_beams hypotheses per prompt")
@@ -395,11 +396,11 @@ def _check_options(config: GPTConfig, *, max_new_tokens: Any, temperature: Any, 
         raise ValueError(f"num_beams={num_beams} with temperature={temperature}, top_k={top_k}, "
                          f"top_p={top_p}: beam search is deterministic; sampling options need "
                          "num_beams=1")
-    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < V):
+    if eos_id is not None and (not is_int(eos_id) or not 0 <= eos_id < V):
         raise ValueError(f"eos_id={eos_id!r}: must be None or a token id in [0, {V})")
-    if not _is_int(pad_id):
+    if not is_int(pad_id):
         raise ValueError(f"pad_id={pad_id!r}: must be an integer")
-    _check_int("prompt_bucket", prompt_bucket, 1)
+    check_int("prompt_bucket", prompt_bucket, 1)
     if stream_callback is not None and (num_beams > 1 or not callable(stream_callback)):
         raise ValueError(f"stream_callback={short_repr(stream_callback)} with "
                          f"num_beams={num_beams}: streaming needs a callable and num_beams=1 "
@@ -412,7 +413,7 @@ def _checked_stop_sequences(config: GPTConfig, stop_sequences: Any) -> list:
     stops = []
     for q, s in enumerate(stop_sequences):
         s = list(s) if hasattr(s, "__len__") else None
-        if not s or not all(_is_int(t) and 0 <= t < V for t in s):
+        if not s or not all(is_int(t) and 0 <= t < V for t in s):
             raise ValueError(f"stop_sequences[{q}]={short_repr(stop_sequences[q])}: must be a "
                              f"non-empty sequence of token ids in [0, {V})")
         stops.append([int(t) for t in s])
@@ -436,12 +437,3 @@ def _checked_prompts(config: GPTConfig, prompts: Any, prompt_lengths: Any,
         if bad:
             raise ValueError(f"prompts[{b}] holds token id {bad[0]}: ids must be in [0, {V})")
     return rows
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"{name}={value!r}: must be an integer >= {minimum}")

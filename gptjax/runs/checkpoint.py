@@ -83,10 +83,17 @@ def _is_damage(e: BaseException) -> bool:
     return any(isinstance(x, FileNotFoundError) or _DAMAGE.search(str(x)) for x in _chain(e))
 
 
+def is_closed_loop_error(exc: BaseException) -> bool:
+    """Whether `exc` is asyncio's RuntimeError('Event loop is closed'): what a read left over
+    from a failed restore raises when it completes (dropped by this module's restores and by
+    gptjax.cli's hooks)."""
+    return isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)
+
+
 def _from_abandoned_read(unraisable) -> bool:
     """Whether an unraisable exception comes from the leftover reads of a failed restore."""
     exc = unraisable.exc_value
-    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    if is_closed_loop_error(exc):
         return True
     tb = getattr(exc, "__traceback__", None)
     while tb is not None:
@@ -204,6 +211,7 @@ class Checkpointer:
         self._mngr = ocp.CheckpointManager(self.directory, options=options,
                                            item_names=("state", "meta"))
         self._async = async_save
+        self._hooks = faults.active()  # fault points: no-ops unless a test installs faults
         self._unsealed: Optional[int] = None  # the step saved last, before its checksums
         self._verified: set = set()  # steps whose checksums matched (or were written) here
         if leftovers:
@@ -237,7 +245,7 @@ class Checkpointer:
                                           meta=ocp.args.JsonSave(meta)), force=force)
         if started:
             self._unsealed = step
-            faults.after_save_started(step, self.directory)
+            self._hooks.after_save_started(step, self.directory)
             if not self._async:
                 self._seal(block=True)
         return started

@@ -1,8 +1,10 @@
-"""Fault injection for the reliability tests: environment variables, all off unless set.
+"""Fault points of the training loop and the checkpointer: no-ops unless a test installs faults.
 
-tests/test_reliability.py runs train.py in a subprocess and needs faults at exact places that a
-test cannot reach from outside (a NaN at a given step, a SIGKILL while a checkpoint is being
-written). Each hook costs one dictionary lookup when its variable is unset.
+The loop and the `Checkpointer` call the methods of one `Hooks` object, `active()`; the default
+does nothing. tests/test_reliability.py (and the integrity tests) run train.py in a subprocess
+and need faults at exact places that a test cannot reach from outside (a NaN at a given step, a
+SIGKILL while a checkpoint is being written); they set environment variables, which `active()`
+reads once, the first time it is called, and only then installs `EnvFaults`:
 
   GPTJAX_FAULT_NAN_STEP=N         the batch of 0-based step N gets NaN loss weights, so that
                                   step's loss and gradients are non-finite.
@@ -13,6 +15,8 @@ written). Each hook costs one dictionary lookup when its variable is unset.
                                   signal while the run is in the middle of training).
   GPTJAX_FAULT_KILL_IN_SAVE=N     SIGKILL this process right after the (async) save of the
                                   checkpoint of step N has started, before Orbax finalizes it.
+
+An in-process test can `install()` a `Hooks` subclass of its own instead.
 """
 
 from __future__ import annotations
@@ -20,54 +24,105 @@ from __future__ import annotations
 import os
 import signal
 import time
+from typing import Mapping, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+PREFIX = "GPTJAX_FAULT_"
 
-def _int(name: str):
-    v = os.environ.get(name)
+
+class Hooks:
+    """The fault points, each a no-op: what a run without faults calls."""
+
+    def corrupt_batch(self, step: int, batch: dict) -> dict:
+        """The host batch of `step` as the step gets it."""
+        return batch
+
+    def corrupt_state(self, step: int, state):
+        """The train state as step `step` gets it."""
+        return state
+
+    def after_step(self) -> None:
+        """Called after every train step."""
+
+    def after_save_started(self, step: int, directory: str) -> None:
+        """Called once the (async) save of `step` into `directory` has started."""
+
+
+def _int(environ: Mapping[str, str], name: str) -> Optional[int]:
+    v = environ.get(name)
     return None if v in (None, "") else int(v)
 
 
-def corrupt_batch(step: int, batch: dict) -> dict:
-    """The batch of `step`, with NaN weights when GPTJAX_FAULT_NAN_STEP names this step."""
-    if _int("GPTJAX_FAULT_NAN_STEP") != step:
-        return batch
-    weights = batch.get("weights", np.ones(batch["targets"].shape, np.float32))
-    return dict(batch, weights=np.full_like(weights, np.nan, dtype=np.float32))
+class EnvFaults(Hooks):
+    """The faults that the GPTJAX_FAULT_* variables of `environ` name (read once, here)."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.nan_step = _int(environ, PREFIX + "NAN_STEP")
+        self.nan_opt_state = _int(environ, PREFIX + "NAN_OPT_STATE")
+        self.kill_in_save = _int(environ, PREFIX + "KILL_IN_SAVE")
+        sleep = environ.get(PREFIX + "STEP_SLEEP_S")
+        self.step_sleep_s = float(sleep) if sleep else 0.0
+
+    def corrupt_batch(self, step: int, batch: dict) -> dict:
+        """The batch of `step`, with NaN weights when GPTJAX_FAULT_NAN_STEP names this step."""
+        if self.nan_step != step:
+            return batch
+        weights = batch.get("weights", np.ones(batch["targets"].shape, np.float32))
+        return dict(batch, weights=np.full_like(weights, np.nan, dtype=np.float32))
+
+    def corrupt_state(self, step: int, state):
+        """`state`, with NaN in the first entries of each optimizer-state array when
+        GPTJAX_FAULT_NAN_OPT_STATE names this step."""
+        if self.nan_opt_state != step:
+            return state
+
+        def poison(x):
+            if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+                return x
+            return x.at[(0,) * (x.ndim - 1) + (slice(0, 3),)].set(jnp.nan)
+
+        return state.replace(opt_state=jax.tree_util.tree_map(poison, state.opt_state))
+
+    def after_step(self) -> None:
+        """Sleep GPTJAX_FAULT_STEP_SLEEP_S seconds (unset: return at once)."""
+        if self.step_sleep_s:
+            time.sleep(self.step_sleep_s)
+
+    def after_save_started(self, step: int, directory: str) -> None:
+        """SIGKILL this process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight).
+
+        Orbax creates the step's temporary directory on a background thread, so the kill waits
+        (up to 10 s) until `<directory>/<step>.orbax-checkpoint-tmp` exists: a save in flight."""
+        if self.kill_in_save == step:
+            tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
+            end = time.monotonic() + 10
+            while not os.path.isdir(tmp) and time.monotonic() < end:
+                time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
-def corrupt_state(step: int, state):
-    """`state`, with NaN in the first entries of each optimizer-state array when
-    GPTJAX_FAULT_NAN_OPT_STATE names this step."""
-    if _int("GPTJAX_FAULT_NAN_OPT_STATE") != step:
-        return state
-
-    def poison(x):
-        if x.ndim == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
-            return x
-        return x.at[(0,) * (x.ndim - 1) + (slice(0, 3),)].set(jnp.nan)
-
-    return state.replace(opt_state=jax.tree_util.tree_map(poison, state.opt_state))
+def from_env(environ: Mapping[str, str]) -> Hooks:
+    """`EnvFaults(environ)` when a GPTJAX_FAULT_* variable is set (non-empty), else `Hooks()`."""
+    if any(k.startswith(PREFIX) and v for k, v in environ.items()):
+        return EnvFaults(environ)
+    return Hooks()
 
 
-def after_step() -> None:
-    """Sleep GPTJAX_FAULT_STEP_SLEEP_S seconds (unset: return at once)."""
-    s = os.environ.get("GPTJAX_FAULT_STEP_SLEEP_S")
-    if s:
-        time.sleep(float(s))
+_active: Optional[Hooks] = None
 
 
-def after_save_started(step: int, directory: str) -> None:
-    """SIGKILL this process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight).
+def active() -> Hooks:
+    """The installed hooks; the first call installs `from_env(os.environ)` if none is."""
+    global _active
+    if _active is None:
+        _active = from_env(os.environ)
+    return _active
 
-    Orbax creates the step's temporary directory on a background thread, so the kill waits
-    (up to 10 s) until `<directory>/<step>.orbax-checkpoint-tmp` exists: a save in flight."""
-    if _int("GPTJAX_FAULT_KILL_IN_SAVE") == step:
-        tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
-        end = time.monotonic() + 10
-        while not os.path.isdir(tmp) and time.monotonic() < end:
-            time.sleep(0.001)
-        os.kill(os.getpid(), signal.SIGKILL)
+
+def install(hooks: Optional[Hooks]) -> None:
+    """Makes `hooks` the active ones (None: read the environment again at the next `active()`)."""
+    global _active
+    _active = hooks

@@ -8,6 +8,7 @@ are caught earlier, by `gptjax.cli.define_config_file` and `gptjax.cli.parse_fla
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, Optional
@@ -16,6 +17,7 @@ import jax
 import ml_collections
 
 from gptjax import sharding as shd
+from gptjax.checks import check_choice, check_int
 from gptjax.config import ConfigError, GPTConfig, check_scan_config
 from gptjax.data import TextSource, get_source
 from gptjax.data.lm import MODES as SAMPLING
@@ -26,14 +28,9 @@ from gptjax.train.optim import SCHEDULES
 NONFINITE = ("skip", "halt")
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _int(name: str, v: Any, lo: int) -> None:
-    if not _is_int(v) or v < lo:
-        what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
-        raise ConfigError(f"{name}={v!r}: must be {what}")
+# The checks of gptjax.checks, raising ConfigError.
+_int = functools.partial(check_int, error=ConfigError)
+_choice = functools.partial(check_choice, error=ConfigError)
 
 
 def _num(name: str, v: Any, lo: float, hi: float = math.inf, hi_open: bool = False) -> None:
@@ -41,11 +38,6 @@ def _num(name: str, v: Any, lo: float, hi: float = math.inf, hi_open: bool = Fal
     if not ok or v < lo or v > hi or (hi_open and v == hi):
         rng = f"[{lo}, {hi}{')' if hi_open else ']'}" if hi != math.inf else f">= {lo}"
         raise ConfigError(f"{name}={v!r}: must be a finite number {rng}")
-
-
-def _choice(name: str, v: Any, allowed) -> None:
-    if v not in allowed:
-        raise ConfigError(f"{name}={v!r}: allowed values are {list(allowed)}")
 
 
 def check_train_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

@@ -31,19 +31,16 @@ malloc (and dispatch) alone; GPTJAX_INLINE_CPU_DISPATCH=0 leaves JAX's dispatch 
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import platform
-import sys
 
 import jax
 from jax._src import xla_bridge  # JAX's own record of whether its backends exist yet
 
+from gptjax import glibc
+
 log = logging.getLogger("gptjax")
 
-_M_TRIM_THRESHOLD = -1  # glibc malloc.h
-_M_MMAP_MAX = -4
 _INT_MAX = 2 ** 31 - 1
 
 _applied = False
@@ -60,15 +57,8 @@ def keep_freed_memory() -> bool:
         return True
     if os.environ.get("GPTJAX_KEEP_FREED_MEMORY", "1") == "0":
         return False
-    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # mallopt returns 1 on success.
-    _applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    _applied = (glibc.mallopt(glibc.M_MMAP_MAX, 0)
+                and glibc.mallopt(glibc.M_TRIM_THRESHOLD, _INT_MAX))
     return _applied
 
 

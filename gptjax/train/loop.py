@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
-from gptjax.data import LMBatcher, eval_batches
+from gptjax.data import eval_batches
+from gptjax.data.batcher import Batcher
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults
@@ -99,7 +100,7 @@ class Run:
     model_cfg: GPTConfig
     seq_len: int
     setup: Setup
-    batcher: LMBatcher
+    batcher: Batcher
     ckpt: Checkpointer
     init_rng: jax.Array
     train_rng: jax.Array
@@ -236,6 +237,7 @@ class Trainer:
 
     def __init__(self, run: Run, start: int, carried: dict, progress: bool):
         self.run, self.start = run, start
+        self.hooks = faults.active()  # the fault points: no-ops unless a test installs faults
         tc = run.config.train
         self.total_steps = tc.steps
         self.halt_mode = tc.nonfinite == "halt"
@@ -336,8 +338,7 @@ class Trainer:
                         break
                 self._flush()
         finally:
-            if hasattr(run.batcher, "close"):
-                run.batcher.close()  # the prefetch thread
+            run.batcher.close()  # the prefetch thread
             run.ckpt.wait()  # whatever stopped the loop, a save in flight completes
             if self.pbar is not None:
                 self.pbar.close()
@@ -350,8 +351,8 @@ class Trainer:
         host_batch = run.batcher.batch(step)
         self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
         self.data_waits += 1
-        batch = run.setup.put_batch(faults.corrupt_batch(step, host_batch))
-        state, metrics = run.setup.train_step(faults.corrupt_state(step, state), batch,
+        batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
+        state, metrics = run.setup.train_step(self.hooks.corrupt_state(step, state), batch,
                                               run.train_rng)
         if self.pending is not None:
             # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
@@ -366,7 +367,7 @@ class Trainer:
     def _after_step(self, state: TrainState, done: int, guard: PreemptionGuard) -> bool:
         """Preemption, periodic evaluation and checkpoint after `done` steps; False stops."""
         run, tc = self.run, self.run.config.train
-        faults.after_step()
+        self.hooks.after_step()
         stop = guard.should_stop(done)  # SIGTERM/SIGINT: the same step on every host
         if self.pending is not None and (stop or run.ckpt.should_save(done)):
             # Metrics of a step about to be saved, now: a 'halt' run never saves a non-finite

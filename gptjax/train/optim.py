@@ -14,6 +14,8 @@ from typing import Any
 import jax
 import optax
 
+from gptjax.checks import check_choice
+
 SCHEDULES = ("cosine", "linear", "constant")
 
 
@@ -29,8 +31,7 @@ def lr_schedule(*, learning_rate: float, warmup_steps: int, decay_steps: int,
       schedule: 'cosine' (GPT-1/2/3 pretraining), 'linear' (GPT-1 finetuning) or 'constant'.
       min_lr: the floor.
     """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule={schedule!r}: allowed values are {list(SCHEDULES)}")
+    check_choice("schedule", schedule, SCHEDULES)
     if warmup_steps < 0 or decay_steps < warmup_steps:
         raise ValueError(f"warmup_steps={warmup_steps}, decay_steps={decay_steps}: need "
                          "0 <= warmup_steps <= decay_steps")

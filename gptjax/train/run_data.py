@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from gptjax.data import LMBatcher, load_tokens, sharded
+from gptjax.data.batcher import Batcher
 from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
@@ -61,7 +62,7 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
 
 def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
-                 train_tokens: Optional[np.ndarray], seq_len: int) -> Any:
+                 train_tokens: Optional[np.ndarray], seq_len: int) -> Batcher:
     """This process's training batcher (LMBatcher or sharded.ShardedBatcher), behind a
     Prefetcher when `data.prefetch` > 0."""
     dc, tc = config.data, config.train
@@ -80,11 +81,12 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
     return Prefetcher(batcher, dc.prefetch) if dc.prefetch else batcher
 
 
-def train_size(batcher: Any, train_tokens: Optional[np.ndarray]) -> str:
+def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     """The training tokens, as the start-up line reports them."""
     if train_tokens is not None:
         return f"{len(train_tokens):,}"
-    b = getattr(batcher, "batcher", batcher)
+    b = batcher.batcher if isinstance(batcher, Prefetcher) else batcher
+    assert isinstance(b, sharded.ShardedBatcher), type(b)  # no train tokens: the sharded pipeline
     return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
             f"{b.num_shards} virtual shards)")
 
@@ -98,7 +100,6 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     source, tokenizer, train_tokens, val_tokens = load_data(config, workdir)
     seq_len = config.data.seq_len or model_config_from(config, tokenizer.vocab_size).n_ctx
     batcher = make_batcher(config, source, tokenizer, train_tokens, seq_len)
-    if hasattr(batcher, "close"):
-        batcher.close()
+    batcher.close()
     return (f"[process {jax.process_index()}] data ready: {train_size(batcher, train_tokens)} "
             f"train / {len(val_tokens):,} val tokens, tokenizer in {workdir}/tokenizer")

@@ -79,6 +79,9 @@ class Setup:
             is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))
         self.state_shardings = TrainState(step=self.repl, params=param_sh, opt_state=opt_sh)
         self.batch_sharding = shd.batch_sharding(self.mesh, self.rules)
+        # One jitted init per Setup: every init_state call (each seed of a sweep) reuses it.
+        self._init_jit = jax.jit(self._with_rules(self._init_fn),
+                                 out_shardings=self.state_shardings)
 
     def _with_rules(self, fn):
         """Trace `fn` with the logical axis rules active, so activation constraints apply."""
@@ -91,8 +94,7 @@ class Setup:
     def init_state(self, rng: jax.Array) -> TrainState:
         """Initialise straight into the sharded layout (no full copy on one device)."""
         with self.mesh:
-            return jax.jit(self._with_rules(self._init_fn),
-                           out_shardings=self.state_shardings)(rng)
+            return self._init_jit(rng)
 
     def abstract_sharded_state(self):
         """The state's ShapeDtypeStructs with their target shardings (to restore into)."""

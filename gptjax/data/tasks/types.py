@@ -6,6 +6,8 @@ import collections
 import dataclasses
 from typing import Optional, Union
 
+from gptjax.checks import check_choice
+
 # GPT-1's four input transformations (section 3.3); finetuning heads frame inputs by them.
 TASK_TYPES = ("classification", "entailment", "similarity", "multiple_choice")
 
@@ -14,8 +16,7 @@ Label = Union[int, float, None]
 
 def check_task_type(task_type: str) -> None:
     """Raises ValueError naming `task_type` unless it is one of TASK_TYPES."""
-    if task_type not in TASK_TYPES:
-        raise ValueError(f"task_type={task_type!r}: allowed values are {list(TASK_TYPES)}")
+    check_choice("task_type", task_type, TASK_TYPES)
 
 
 @dataclasses.dataclass(frozen=True)
