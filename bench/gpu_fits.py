@@ -1,18 +1,20 @@
 """What fits on which GPU: the largest batch per model, precision and GPU, from XLA's GPU compiler.
 
-  python bench/gpu_fits.py                        # 6 models x 2 precisions: ~20 min on a 2-core CPU
+  python bench/gpu_fits.py                        # 6 models x 2 precisions: ~30 min on a 2-core CPU
   python bench/gpu_fits.py --only gpt2,gpt2-xl    # some models
   python bench/gpu_fits.py --smoke                # a 2-layer model, 128 tokens: ~1 min
 
 Needs the CUDA plugin (`pip install -e ".[gpu-aot]"`), no GPU. Each model's full train step
 (AdamW with fp32 master weights and moments, global-norm clipping, gptjax.train.setup) is compiled
 for a deviceless H200 (gptjax.train.gpus; the largest memory, so XLA's own rematerialisation pass,
-which only acts on a program over the device's memory, does not change it) at batch 1 and batch 8
-of the model's context, and XLA's memory per device (arguments + outputs - aliased +
-temporaries) is fitted as a + b x batch (exact for these steps: every buffer that grows with the
-batch grows linearly). The largest power-of-two batch whose memory is within JAX's share of
-each GPU's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, .75 by default) is the table's entry; 0 means
-batch 1 does not fit. Precisions: 'fp32' (fp32 compute, XLA attention) and 'bf16' (bf16 compute
+which only acts on a program over the device's memory, does not change it) at batch 1, 8 and 32
+of the model's context. XLA's memory per device (arguments + outputs - aliased + temporaries) is
+the larger of two peaks: the optimizer update's (fixed) and the backward pass's (linear in the
+batch), so it is modelled as max(M(1), a + b x batch) with the line through batch 8 and 32;
+it interpolates between the compiled batches and extrapolates the line above 32. The largest
+power-of-two batch whose memory is within JAX's share of each GPU's memory
+(XLA_PYTHON_CLIENT_MEM_FRACTION, .75 by default) is the table's entry; 0 means batch 1 does not
+fit. Precisions: 'fp32' (fp32 compute, XLA attention) and 'bf16' (bf16 compute
 with fp32 master weights, cuDNN attention). remat='full' (the most that fits), no dropout.
 Writes the markdown table to stdout and, with --out, the rows as JSON.
 """
@@ -40,7 +42,7 @@ MODELS = {"gpt2": "configs/gpt2.py:gpt2", "gpt2-medium": "configs/gpt2.py:gpt2-m
           "gpt2-large": "configs/gpt2.py:gpt2-large", "gpt2-xl": "configs/gpt2.py:gpt2-xl",
           "gpt3-xl": "configs/gpt3.py:gpt3-xl", "gpt3-2.7b": "configs/gpt3.py:gpt3-2.7b"}
 PRECISIONS = {"fp32": ("float32", "xla"), "bf16": ("bfloat16", "cudnn")}
-PROBE_BATCHES = (1, 8)
+PROBE_BATCHES = (1, 8, 32)
 COMPILE_FOR = "h200"
 
 
@@ -74,10 +76,10 @@ def step_bytes(config, dtype: str, impl: str, batch: int, devices) -> tuple:
     return int(used), res["seconds"]
 
 
-def largest_batch(a: float, b: float, budget: float, cap: int = 4096) -> int:
-    """The largest power of two n <= cap with a + b * n <= budget (0 if even 1 does not fit)."""
+def largest_batch(m1: float, a: float, b: float, budget: float, cap: int = 4096) -> int:
+    """The largest power of two n <= cap with max(m1, a + b * n) <= budget (0: none fits)."""
     n = 0
-    while (2 * n or 1) <= cap and a + b * (2 * n or 1) <= budget:
+    while (2 * n or 1) <= cap and max(m1, a + b * (2 * n or 1)) <= budget:
         n = 2 * n or 1
     return n
 
@@ -85,28 +87,31 @@ def largest_batch(a: float, b: float, budget: float, cap: int = 4096) -> int:
 def run_row(name: str, precision: str, smoke: bool, devices) -> dict:
     config = load_config(MODELS[name], smoke)
     dtype, impl = PRECISIONS[precision]
-    (m1, s1), (m8, s8) = (step_bytes(config, dtype, impl, b, devices) for b in PROBE_BATCHES)
-    per_row = (m8 - m1) / (PROBE_BATCHES[1] - PROBE_BATCHES[0])
-    fixed = m1 - per_row * PROBE_BATCHES[0]
+    measured = {b: step_bytes(config, dtype, impl, b, devices) for b in PROBE_BATCHES}
+    (m1, _), (m8, _), (m32, _) = (measured[b] for b in PROBE_BATCHES)
+    per_row = (m32 - m8) / (PROBE_BATCHES[2] - PROBE_BATCHES[1])
+    fixed = m8 - per_row * PROBE_BATCHES[1]
     seq = config.data.seq_len or config.model.n_ctx
     row = dict(model=name, precision=precision, seq_len=seq, remat="full", attention=impl,
-               gib_batch1=m1 / GIB, gib_batch8=m8 / GIB, gib_fixed=fixed / GIB,
-               gib_per_sequence=per_row / GIB, compile_s=s1 + s8, batch={})
+               gib_batch1=m1 / GIB, gib_batch8=m8 / GIB, gib_batch32=m32 / GIB,
+               gib_fixed=fixed / GIB, gib_per_sequence=per_row / GIB,
+               compile_s=sum(s for _, s in measured.values()), batch={})
     for gpu in gpus.GPUS:
         budget = gpus.device_memory(gpu) * gpus.allocator_fraction()
-        row["batch"][gpu] = largest_batch(fixed, per_row, budget)
+        row["batch"][gpu] = largest_batch(m1, fixed, per_row, budget)
     return row
 
 
 def markdown(rows: list) -> str:
     head = " | ".join(f"{g} ({gpus.device_memory(g) * gpus.allocator_fraction() / GIB:.1f} GiB)"
                       for g in gpus.GPUS)
-    out = [f"| model | compute | seq | GiB at batch 1 / per sequence | {head} |",
+    out = [f"| model | compute | seq | GiB at batch 1 / 8 / 32 | {head} |",
            "|---|---|---:|---:|" + "---:|" * len(gpus.GPUS)]
     for r in rows:
         cells = " | ".join(str(r["batch"][g]) if r["batch"][g] else "no" for g in gpus.GPUS)
         out.append(f"| {r['model']} | {r['precision']} | {r['seq_len']} | "
-                   f"{r['gib_batch1']:.1f} / {r['gib_per_sequence']:.2f} | {cells} |")
+                   f"{r['gib_batch1']:.1f} / {r['gib_batch8']:.1f} / {r['gib_batch32']:.1f} | "
+                   f"{cells} |")
     return "\n".join(out)
 
 
@@ -133,8 +138,8 @@ def main() -> None:
         for precision in PRECISIONS:
             rows.append(run_row(name, precision, args.smoke, devices))
             r = rows[-1]
-            print(f"{name} {precision}: {r['gib_batch1']:.2f} GiB at batch 1, "
-                  f"{r['gib_per_sequence']:.3f} GiB per sequence ({r['compile_s']:.0f} s)",
+            print(f"{name} {precision}: {r['gib_batch1']:.2f} / {r['gib_batch8']:.2f} / "
+                  f"{r['gib_batch32']:.2f} GiB at batch 1 / 8 / 32 ({r['compile_s']:.0f} s)",
                   file=sys.stderr, flush=True)
     print(markdown(rows))
     if args.out:

@@ -116,7 +116,8 @@ def _check_gpu_fits(proc, out):
     rows = json.loads((out / "fits.json").read_text())["rows"]
     assert [(r["model"], r["precision"]) for r in rows] == [("gpt2", "fp32"), ("gpt2", "bf16")]
     for r in rows:
-        assert r["gib_batch8"] > r["gib_batch1"] > 0 and r["gib_per_sequence"] > 0, r
+        assert r["gib_batch32"] > r["gib_batch8"] > r["gib_batch1"] > 0, r
+        assert r["gib_per_sequence"] > 0, r
         b = r["batch"]
         assert set(b) == {"h100", "h200", "a100-40gb", "a100-80gb", "l4", "rtx4090"}, b
         order = ["h200", "a100-80gb", "h100", "a100-40gb", "rtx4090", "l4"]  # by memory
