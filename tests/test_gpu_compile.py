@@ -160,3 +160,19 @@ def test_without_the_plugin_says_how_to_install(monkeypatch):
     monkeypatch.setattr("gptjax.train.memory.cuda_plugin_available", lambda: False)
     assert dry_run(_config("cudnn"), "unused", topology="h100") == gpus.GPU_INSTALL_HINT
     assert 'pip install -e ".[gpu-aot]"' in gpus.GPU_INSTALL_HINT
+
+
+def test_finetune_dry_run_for_an_8_gpu_node(tmp_path):
+    import json  # local: only this test writes a config.json
+    from gptjax.defaults import finetune_config  # local: finetuning configs only here
+    from gptjax.finetune import finetune_dry_run  # local: finetuning configs only here
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 500, "n_positions": 64, "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "activation_function": "gelu_new"}))
+    c = finetune_config("sst2", "")
+    c.init.kind, c.init.path = "hf", str(tmp_path)
+    c.train.batch_size = 8
+    out = finetune_dry_run(c, "a100-40gb:8").splitlines()
+    assert "data parallel over 8 gpu device(s)" in out[0], out[0]
+    assert any("8 NVIDIA A100-SXM4-40GB devices" in ln for ln in out), out
+    assert re.fullmatch(r"fits: yes \(\d+\.\d\d GiB of 29\.57 GiB per device\)", out[-1]), out[-1]
