@@ -87,15 +87,23 @@ def largest_batch(m1: float, a: float, b: float, budget: float, cap: int = 4096)
 def run_row(name: str, precision: str, smoke: bool, devices) -> dict:
     config = load_config(MODELS[name], smoke)
     dtype, impl = PRECISIONS[precision]
-    measured = {b: step_bytes(config, dtype, impl, b, devices) for b in PROBE_BATCHES}
+    seq = config.data.seq_len or config.model.n_ctx
+    row = dict(model=name, precision=precision, seq_len=seq, remat="full", attention=impl,
+               batch={})
+    measured = {}
+    for b in PROBE_BATCHES:
+        try:
+            measured[b] = step_bytes(config, dtype, impl, b, devices)
+        except RuntimeError as e:  # XLA refused to compile: the row says why, no batch entry
+            row["error"] = f"batch {b}: {str(e).splitlines()[0][:160]}"
+            row["batch"] = {g: None for g in gpus.GPUS}
+            return row
     (m1, _), (m8, _), (m32, _) = (measured[b] for b in PROBE_BATCHES)
     per_row = (m32 - m8) / (PROBE_BATCHES[2] - PROBE_BATCHES[1])
     fixed = m8 - per_row * PROBE_BATCHES[1]
-    seq = config.data.seq_len or config.model.n_ctx
-    row = dict(model=name, precision=precision, seq_len=seq, remat="full", attention=impl,
-               gib_batch1=m1 / GIB, gib_batch8=m8 / GIB, gib_batch32=m32 / GIB,
+    row.update(gib_batch1=m1 / GIB, gib_batch8=m8 / GIB, gib_batch32=m32 / GIB,
                gib_fixed=fixed / GIB, gib_per_sequence=per_row / GIB,
-               compile_s=sum(s for _, s in measured.values()), batch={})
+               compile_s=sum(s for _, s in measured.values()))
     for gpu in gpus.GPUS:
         budget = gpus.device_memory(gpu) * gpus.allocator_fraction()
         row["batch"][gpu] = largest_batch(m1, fixed, per_row, budget)
@@ -108,6 +116,10 @@ def markdown(rows: list) -> str:
     out = [f"| model | compute | seq | GiB at batch 1 / 8 / 32 | {head} |",
            "|---|---|---:|---:|" + "---:|" * len(gpus.GPUS)]
     for r in rows:
+        if "error" in r:
+            out.append(f"| {r['model']} | {r['precision']} | {r['seq_len']} | XLA error at "
+                       f"{r['error'].split(':')[0]} |" + " ? |" * len(gpus.GPUS))
+            continue
         cells = " | ".join(str(r["batch"][g]) if r["batch"][g] else "no" for g in gpus.GPUS)
         out.append(f"| {r['model']} | {r['precision']} | {r['seq_len']} | "
                    f"{r['gib_batch1']:.1f} / {r['gib_batch8']:.1f} / {r['gib_batch32']:.1f} | "
@@ -138,9 +150,9 @@ def main() -> None:
         for precision in PRECISIONS:
             rows.append(run_row(name, precision, args.smoke, devices))
             r = rows[-1]
-            print(f"{name} {precision}: {r['gib_batch1']:.2f} / {r['gib_batch8']:.2f} / "
-                  f"{r['gib_batch32']:.2f} GiB at batch 1 / 8 / 32 ({r['compile_s']:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print(f"{name} {precision}: " + (r["error"] if "error" in r else
+                  f"{r['gib_batch1']:.2f} / {r['gib_batch8']:.2f} / {r['gib_batch32']:.2f} GiB "
+                  f"at batch 1 / 8 / 32 ({r['compile_s']:.0f} s)"), file=sys.stderr, flush=True)
     print(markdown(rows))
     if args.out:
         with open(args.out, "w") as fh:
