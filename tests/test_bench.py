@@ -140,7 +140,7 @@ def _check_profile_step(proc, out):
     assert _floats(r"(\d+) ms/step untraced", proc.stdout), proc.stdout
     assert _floats(r"traced: (\d+) ms/step; thunk time (\d+) ms/step", proc.stdout), proc.stdout
     ops = re.findall(r"(?m)^ +([\d.]+) +([\d.]+)% +\d+  (\S+)$", proc.stdout)
-    # (At the smoke shape the optimizer's elementwise ops, inside the non-finite policy's cond,
+    # (At the smoke shape the optimizer's elementwise ops, with the non-finite policy's select,
     # can outrank the tiny matmuls, so no particular op is required among the top ten.)
     assert 1 <= len(ops) <= 10 and all(float(ms) >= 0 for ms, *_ in ops), proc.stdout
     assert 0 < sum(float(share) for _, share, _ in ops) <= 100.5, ops  # the top ops' shares
