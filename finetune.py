@@ -28,7 +28,8 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the finetuning step (no data, no weights) "
                              "for the local devices or --topology, print its memory, then exit.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice "
-                                "(e.g. v5e:2x2; needs libtpu, not a TPU).")
+                                "(v5e:2x2; needs libtpu) or GPUs (h100, h100:8, l4; needs the "
+                                "CUDA plugin).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices.")
 flags.mark_flags_as_required(["config"])
 

@@ -24,7 +24,8 @@ _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print every parameter's sharding and a per-device "
                              "memory plan for this config and mesh, then exit (allocates nothing).")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile the train step for this "
-                                "TPU slice (e.g. v5e:2x2, v5p:4x4x8; needs libtpu, not a TPU).")
+                                "TPU slice (v5e:2x2, v5p:4x4x8; needs libtpu) or GPUs (h100, "
+                                "h100:8 a node, h100:2x8 two nodes; needs the CUDA plugin).")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of slices, over the "
                                    "config's dcn mesh (mesh.dcn.data when the dcn is all ones).")
 _PREPARE = flags.DEFINE_bool("prepare_data", False, "Prepare the data and exit: the tokenizer, and "

@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# One prepared accelerator check: attention parity, GPT-2 small T=1024 bf16 training throughput and
-# MFU per attention implementation next to transformers (eager and torch.compile) and a
-# nanoGPT-style model, and decode tokens/s at batch 1 and 8 against the memory-bandwidth roofline.
+# One prepared accelerator check: the GPU kernel tests on the device, attention parity, GPT-2
+# small T=1024 bf16 training throughput and MFU per attention implementation next to transformers
+# (eager and torch.compile) and a nanoGPT-style model, and decode tokens/s at batch 1 and 8
+# against the memory-bandwidth roofline.
 # Needs no network: jax, flax, optax, torch and transformers (not ml_collections or tfds).
 #
-#   bash bench/device_check.sh [OUT_DIR]           # a GPU/TPU; under 8 minutes on one H100
+#   bash bench/device_check.sh [OUT_DIR]           # a GPU/TPU; within 10 minutes on one H100
 #   bash bench/device_check.sh --smoke [OUT_DIR]   # tiny shapes, end to end on a CPU in 1-3 minutes
 #
+# Within 10 minutes on a lent H100: the stage limits add up to 600 s (tests 120, attention 90,
+# train 270, decode 120); a stage past its limit is stopped and recorded. The tests stage runs
+# tests/test_attention.py, tests/test_model.py and tests/test_gpu_compile.py with
+# JAX_PLATFORMS=cuda,cpu (the kernels on the GPU, compared with the XLA reference).
 # OUT_DIR defaults to $GPTJAX_BENCH_OUT, else bench_out/<date>. It receives the raw JSON and log of
 # every stage and the summary: device_check.json and device_check.md. A stage that fails or runs
 # past its time limit is recorded with its exit status and the check goes on; the script exits 0
@@ -18,7 +23,7 @@ OUT=""
 for arg in "$@"; do
   case "$arg" in
     --smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     -*) echo "device_check.sh: unknown option $arg (allowed: --smoke, an output folder)" >&2; exit 2 ;;
     *) OUT="$arg" ;;
   esac
@@ -53,11 +58,16 @@ if [ "$SMOKE" = 1 ]; then
          --runners gptjax,gptjax:auto,hf,nano)
   DECODE=(--same_process --batch_sizes 1,2 --prompt_len 8 --new_tokens 8 --repeats 1 --skip_transformers)
   ATTN_LIMIT=120; TRAIN_LIMIT=240; DECODE_LIMIT=180
+  # The stage's machinery with one quick CPU test (the GPU tests need the device).
+  TESTS=(tests/test_attention.py -k "pallas_decode_against_a_cache"); TESTS_LIMIT=120
+  TESTS_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 else
   TRAIN=(--same_process --shapes gpt2_1024 --dtype bfloat16 --batch 16 --steps 5 --rounds 3 --warmup 3
          --runners gptjax,gptjax:cudnn,gptjax:pallas,gptjax:auto,hf,hf_compile,nano)
   DECODE=(--same_process --batch_sizes 1,8 --prompt_len 32 --new_tokens 128 --repeats 3 --skip_transformers)
-  ATTN_LIMIT=120; TRAIN_LIMIT=300; DECODE_LIMIT=120
+  ATTN_LIMIT=90; TRAIN_LIMIT=270; DECODE_LIMIT=120
+  TESTS=(tests/test_attention.py tests/test_model.py tests/test_gpu_compile.py); TESTS_LIMIT=120
+  TESTS_PLATFORMS="cuda,cpu"
 fi
 
 { date -u +%Y-%m-%dT%H:%M:%SZ; uname -a; nvidia-smi -L 2>/dev/null
@@ -65,6 +75,9 @@ fi
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
   git -C "$REPO" rev-parse --short HEAD 2>/dev/null; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
+
+stage tests "$TESTS_LIMIT" env JAX_PLATFORMS="$TESTS_PLATFORMS" "$PY" -m pytest -q -x \
+  -p no:cacheprovider "${TESTS[@]}"
 
 if [ "$SMOKE" = 1 ]; then
   # Off an accelerator --check interprets the Pallas and splash kernels (minutes on a small CPU);

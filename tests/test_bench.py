@@ -2,6 +2,7 @@
 every bench/*.py script runs end to end with --smoke and prints or writes real numbers;
 bench/step_faults.py measures a kept step buffer at 0 faults and rejects an unknown setting."""
 
+import importlib.util
 import json
 import math
 import os
@@ -110,6 +111,22 @@ def _check_finetune_sst2(proc, out):
     assert "| finetuned from pretraining, best epoch |" in (out / "results.md").read_text()
 
 
+def _check_gpu_fits(proc, out):
+    rows = json.loads((out / "fits.json").read_text())["rows"]
+    assert [(r["model"], r["precision"]) for r in rows] == [("gpt2", "fp32"), ("gpt2", "bf16")]
+    for r in rows:
+        assert r["gib_batch32"] > r["gib_batch8"] > r["gib_batch1"] > 0, r
+        assert r["gib_per_sequence"] > 0, r
+        b = r["batch"]
+        assert set(b) == {"h100", "h200", "a100-40gb", "a100-80gb", "l4", "rtx4090"}, b
+        order = ["h200", "a100-80gb", "h100", "a100-40gb", "rtx4090", "l4"]  # by memory
+        assert [b[g] for g in order] == sorted((b[g] for g in order), reverse=True), b
+        assert b["l4"] >= 1, b
+    fp32, bf16 = rows
+    assert bf16["gib_per_sequence"] < fp32["gib_per_sequence"], rows  # bf16 activations
+    assert "| gpt2 | bf16 | 128 |" in proc.stdout, proc.stdout
+
+
 def _check_pod_compile(proc, out):
     (row,) = json.loads((out / "pods.json").read_text())["rows"]
     assert row["name"] == "gpt1" and row["topology"] == "v5e:2x2", row
@@ -122,7 +139,7 @@ def _check_profile_step(proc, out):
     assert _floats(r"(\d+) ms/step untraced", proc.stdout), proc.stdout
     assert _floats(r"traced: (\d+) ms/step; thunk time (\d+) ms/step", proc.stdout), proc.stdout
     ops = re.findall(r"(?m)^ +([\d.]+) +([\d.]+)% +\d+  (\S+)$", proc.stdout)
-    # (At the smoke shape the optimizer's elementwise ops, inside the non-finite policy's cond,
+    # (At the smoke shape the optimizer's elementwise ops, with the non-finite policy's select,
     # can outrank the tiny matmuls, so no particular op is required among the top ten.)
     assert 1 <= len(ops) <= 10 and all(float(ms) >= 0 for ms, *_ in ops), proc.stdout
     assert 0 < sum(float(share) for _, share, _ in ops) <= 100.5, ops  # the top ops' shares
@@ -188,6 +205,7 @@ SMOKE_RUNS = {
     "decode.py": (lambda out, data: ["--json", str(out / "decode.json")], _check_decode),
     "finetune_sst2.py": (lambda out, data: ["--workdir", str(out), "--shared", str(data)],
                          _check_finetune_sst2),
+    "gpu_fits.py": (lambda out, data: ["--out", str(out / "fits.json")], _check_gpu_fits),
     "pod_compile.py": (lambda out, data: ["--out", str(out / "pods.json")], _check_pod_compile),
     "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),
     "recipe_e2e.py": (lambda out, data: ["--json", str(out / "e2e.json"), "--data",
@@ -212,6 +230,8 @@ def test_bench_script_smoke(script, tmp_path, request):
     """Each script runs its full code path at tiny sizes; a new script must add --smoke here."""
     if script == "step_faults.py" and not _IS_GLIBC_LINUX:
         pytest.skip("step_faults.py reads /proc/self/statm and sets glibc's malloc options")
+    if script == "gpu_fits.py" and importlib.util.find_spec("jax_cuda12_plugin") is None:
+        pytest.skip('gpu_fits.py needs the CUDA plugin: pip install -e ".[gpu-aot]" (CI has it)')
     data = request.getfixturevalue("shared_data") if script in NEEDS_SHARED_DATA else None
     flags, check = SMOKE_RUNS.get(script, (lambda out, data: [], None))
     proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--smoke",

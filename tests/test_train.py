@@ -158,6 +158,10 @@ def test_nonfinite_step_is_skipped():
     assert int(m["skipped"]) == 1 and not np.isfinite(float(m["loss"]))
     for x, y in zip(jax.tree_util.tree_leaves(new.params), jax.tree_util.tree_leaves(bad.params)):
         np.testing.assert_array_equal(x, y)
+    # Adam's moments and count too (a select per element keeps them, gptjax.train.step).
+    for x, y in zip(jax.tree_util.tree_leaves(new.opt_state),
+                    jax.tree_util.tree_leaves(bad.opt_state)):
+        np.testing.assert_array_equal(x, y)
     assert int(new.step) == 1
 
 

@@ -7,7 +7,8 @@ L2 + lambda * L1) is compiled for the longest batch the task can make: `train.ba
 examples of K sequences of `max_len` tokens. Finetuning is data parallel: the batch is split
 over every device and the parameters and optimizer state are replicated on each, as one GPU
 (or each chip of a small slice) holds them. With `topology` the devices are a TPU slice's
-(libtpu, no TPU) and the report ends with gptjax.train.topology's `fits:` line.
+(libtpu, no TPU) or deviceless NVIDIA GPUs' (the CUDA plugin, no GPU) and the report ends with
+gptjax.train.topology's `fits:` line.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from gptjax.nn.model import init_params
 from gptjax.train.experiment import model_config_from
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState
+from gptjax.train.gpus import GPU_INSTALL_HINT, cuda_plugin_available, gpu_name
 from gptjax.train.topology import (
     INSTALL_HINT,
     compile_lowered,
     compiled_report,
+    describe_target,
     libtpu_available,
-    topology_devices,
+    target_devices,
 )
 
 
@@ -97,7 +100,8 @@ def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = N
 
     Args:
       config: a finetuning config (missing fields take gptjax.defaults' values).
-      topology: a TPU topology name ('v5e:2x2', ...): compile for that slice (needs libtpu).
+      topology: a TPU topology name ('v5e:2x2', ...) or GPUs ('h100', 'h100:8'): compile for
+        those devices (needs libtpu or the CUDA plugin; gptjax.train.gpus).
       num_slices: slices of `topology` (the batch is split over all of their chips).
 
     Returns:
@@ -105,9 +109,11 @@ def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = N
       `fits: yes (...)` or `fits: no (...)`.
     """
     config = defaults.complete(config, defaults.finetune_config(config.task.name))
-    if topology and not libtpu_available():
+    if topology and gpu_name(topology) and not cuda_plugin_available():
+        return GPU_INSTALL_HINT
+    if topology and not gpu_name(topology) and not libtpu_available():
         return INSTALL_HINT
-    devices = topology_devices(topology, num_slices) if topology else jax.devices()
+    devices = target_devices(topology, num_slices) if topology else jax.devices()
     tc, spec = config.train, get_task(config.task.name)
     if tc.batch_size % len(devices):
         raise ValueError(f"train.batch_size={tc.batch_size} does not split over {len(devices)} "
@@ -147,7 +153,8 @@ def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = N
     tokens = tc.batch_size * k * max_len
     flops = model_cfg.flops_per_token(max_len) * tokens
     if topology:
-        return "\n".join(lines + compiled_report(res, mesh, topology, num_slices, tokens, flops))
+        target = describe_target(topology, num_slices, devices)
+        return "\n".join(lines + compiled_report(res, mesh, target, tokens, flops))
     if "error" in res:
         raise ValueError(f"the finetuning step does not compile: {res['error']}")
     ma = res["compiled"].memory_analysis()

@@ -34,9 +34,10 @@ from gptjax.train.topology import (
     INSTALL_HINT,
     dcn_for_slices,
     libtpu_available,
-    topology_devices,
+    target_devices,
     topology_report,
 )
+from gptjax.train.gpus import GPU_INSTALL_HINT, cuda_plugin_available, gpu_name
 
 
 def _nbytes_per_device(shapes: Any, shardings: Any) -> int:
@@ -133,8 +134,9 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
       config: a train.py experiment config (missing fields take gptjax.defaults' values).
       workdir: the run directory (where a tokenizer is built, if one is needed).
       compile_step: also compile the train step.
-      topology: a TPU topology name ('v5e:2x2', 'v5p:4x4x8', ...): compile the step for that
-        slice instead of the local devices (needs libtpu, no TPU) and end with a `fits:` line.
+      topology: a TPU topology name ('v5e:2x2', 'v5p:4x4x8', ...) or GPUs ('h100', 'h100:8',
+        'h100:2x8'; gptjax.train.gpus): compile the step for those devices instead of the local
+        ones (needs libtpu or the CUDA plugin, no TPU or GPU) and end with a `fits:` line.
       num_slices: slices of `topology`, over the config's dcn mesh (its data axis by default).
 
     Returns:
@@ -143,10 +145,14 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
     config = defaults.complete(config, defaults.base_config())
     devices = None
     if topology:
-        if not libtpu_available():
+        if gpu_name(topology):  # raises for an unknown name
+            if not cuda_plugin_available():
+                return GPU_INSTALL_HINT
+        elif not libtpu_available():
             return INSTALL_HINT
-        dcn_for_slices(config, num_slices)
-        devices = topology_devices(topology, num_slices)
+        else:
+            dcn_for_slices(config, num_slices)
+        devices = target_devices(topology, num_slices)
     check_train_config(config, None if devices is None else len(devices) // num_slices)
     vocab = None
     if config.model.vocab_size <= 0:

@@ -16,6 +16,7 @@ DATASHEET_PEAK_BF16 = {
     "A100": 312e12,
     "L4": 121e12,
     "A10G": 70e12,
+    "RTX 4090": 165.2e12,    # Ada whitepaper: BF16 with FP32 accumulate (gptjax.train.gpus)
     "TPU v6": 918e12,        # Trillium
     "TPU v5p": 459e12,
     "TPU v5 lite": 197e12,   # v5e
@@ -33,6 +34,7 @@ DATASHEET_BANDWIDTH = {
     "A100": 2.0e12,          # 80 GB SXM (40 GB: 1.55e12)
     "L4": 300e9,
     "A10G": 600e9,
+    "RTX 4090": 1008e9,
     "TPU v6": 1640e9,
     "TPU v5p": 2765e9,
     "TPU v5 lite": 819e9,

@@ -65,31 +65,24 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def update(_):
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            # A finite gradient can still give a non-finite update (an optimizer state holding
-            # NaNs or huge values): one reduction over the update catches it before it reaches
-            # the parameters. (Its square overflows above ~1e19 in fp32: such an update is
-            # garbage too.)
-            update_norm = optax.global_norm(updates).astype(jnp.float32)
-            if nonfinite != "skip":
-                return optax.apply_updates(state.params, updates), opt_state, update_norm
-            return jax.lax.cond(
-                jnp.isfinite(update_norm),
-                lambda _: (optax.apply_updates(state.params, updates), opt_state, update_norm),
-                lambda _: (state.params, state.opt_state, update_norm), None)
-
-        if nonfinite == "skip":
-            # lax.cond runs one branch, where a per-leaf jnp.where(finite, new, old) would read
-            # every parameter and optimizer slot once more (~4% of a GPT-2 small step on CPU).
-            # Under vmap (gptjax.sweep) it becomes that select again, with the same result.
-            params, opt_state, update_norm = jax.lax.cond(
-                finite, update,
-                lambda _: (state.params, state.opt_state, jnp.full((), jnp.nan, jnp.float32)),
-                None)
-        else:
-            params, opt_state, update_norm = update(None)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        # A finite gradient can still give a non-finite update (an optimizer state holding NaNs
+        # or huge values): one reduction over the update catches it before it reaches the
+        # parameters. (Its square overflows above ~1e19 in fp32: such an update is garbage too.)
+        update_norm = optax.global_norm(updates).astype(jnp.float32)
         ok = finite & jnp.isfinite(update_norm)
+        params = optax.apply_updates(state.params, updates)
+        if nonfinite == "skip":
+            # A select per element, not lax.cond: XLA fuses it into the update, which then writes
+            # the donated parameter and optimizer buffers in place. A lax.cond's branches return
+            # fresh buffers, so the updates, the new parameters and both Adam moments were held
+            # at once next to the gradients: 5 fp32 copies of the parameters in temporaries
+            # (GPT-2 XL, 8 x 1024, bf16, H100: 29.0 GiB of temporaries with remat=full, 10.1
+            # GiB with this select; BENCHMARKS.md "Remat and the update's temporaries").
+            def keep(new, old):
+                return jnp.where(ok, new, old)
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "update_norm": update_norm, "skipped": (~ok).astype(jnp.int32)}

@@ -1,14 +1,18 @@
-"""Compile the train step for a TPU slice this host does not have (`train.py --dry_run --topology`).
+"""Compile the train step for a TPU slice or GPUs this host does not have (`--dry_run --topology`).
 
 libtpu (`pip install -e ".[tpu]"`) describes any TPU slice by name (`v5e:2x2`, `v5p:4x4x8`, ...)
 without the hardware: `jax.experimental.topologies.get_topology_desc` gives its devices, a Mesh
 over them takes the config's mesh fields, and `jit(...).lower(abstract args).compile()` runs the
 real TPU compiler. XLA's memory analysis is then per chip, and a step that does not fit fails
 with XLA's own RESOURCE_EXHAUSTED message. Works with JAX_PLATFORMS=cpu (the host stays on CPU).
+GPU names (`h100`, `h100:8`, `h100:2x8`, gptjax.train.gpus) compile with XLA's GPU compiler for
+deviceless NVIDIA GPUs; XLA does not refuse a GPU program for its size, so the `fits:` line
+compares its memory analysis with what JAX's allocator gets of the GPU's memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import importlib.util
 import math
@@ -19,6 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from gptjax.train import gpus
 from gptjax.train.metrics import datasheet_peak
 from gptjax.train.setup import Setup
 
@@ -58,6 +63,44 @@ def chip_hbm(name: str, n_devices: int, num_slices: int = 1) -> int | None:
         return hbm
     chips = math.prod(int(d) for d in dims.lower().split("x")) * num_slices
     return hbm * chips // n_devices if n_devices >= chips else hbm
+
+
+@dataclasses.dataclass
+class Target:
+    """What a step is compiled for: devices, memory per device, bf16 peak, and how to name them."""
+    label: str
+    devices: list
+    memory: int | None           # bytes one device holds for the step (None: unknown)
+    peak: float | None           # dense bf16 FLOP/s per device
+    unit: str = "chip"           # 'chip' (TPU) or 'device' (GPU), in the report's lines
+    notes: tuple = ()            # lines about the memory budget
+
+
+def target_devices(topology: str, num_slices: int = 1) -> list:
+    """The devices of a TPU slice name ('v5e:2x2', x num_slices) or a GPU name ('h100:8')."""
+    if gpus.gpu_name(topology):
+        if num_slices != 1:
+            raise ValueError(f"--num_slices {num_slices} is for TPU slices; name GPU nodes in "
+                             "the topology (h100:2x8 is two nodes of 8)")
+        return gpus.gpu_devices(topology)
+    return topology_devices(topology, num_slices)
+
+
+def describe_target(topology: str, num_slices: int, devices: list) -> Target:
+    """The Target of `devices` (from `target_devices(topology, num_slices)`)."""
+    name = gpus.gpu_name(topology)
+    if name is None:
+        return Target(f"{topology} x {num_slices} slice(s)", devices,
+                      chip_hbm(topology, len(devices), num_slices), None)
+    total, frac = gpus.device_memory(name), gpus.allocator_fraction()
+    nodes, per_node = gpus.gpu_layout(topology)
+    note = (f"device memory {_gib(total)} per GPU; JAX's allocator gets {frac:.0%} of it "
+            f"(XLA_PYTHON_CLIENT_MEM_FRACTION; .75 by default, with preallocation): "
+            f"{_gib(total * frac)}")
+    peak = (f"bf16 peak {gpus.GPUS[name].peak_bf16 / 1e12:.1f} TFLOP/s dense "
+            f"({gpus.GPUS[name].source})")
+    return Target(f"{topology} ({nodes} node(s) x {per_node} GPU(s))", devices,
+                  int(total * frac), gpus.GPUS[name].peak_bf16, "device", (note, peak))
 
 
 def dcn_for_slices(config, num_slices: int) -> None:
@@ -116,33 +159,33 @@ def topology_report(setup: Setup, topology: str, num_slices: int, batch_size: in
                     seq_len: int) -> list:
     """Report lines for `setup`'s train step compiled for its mesh (the topology's devices).
 
-    The last line is exactly `fits: yes (X GiB of Y GiB per chip)` or `fits: no (<XLA's first
-    line>)`.
+    The last line is exactly `fits: yes (X GiB of Y GiB per chip)` (per device for GPUs) or
+    `fits: no (...)`.
     """
     tokens = batch_size * seq_len
-    return compiled_report(compile_step(setup, batch_size, seq_len), setup.mesh, topology,
-                           num_slices, tokens, setup.model_cfg.flops_per_token(seq_len) * tokens)
+    target = describe_target(topology, num_slices, list(setup.mesh.devices.flat))
+    return compiled_report(compile_step(setup, batch_size, seq_len), setup.mesh, target, tokens,
+                           setup.model_cfg.flops_per_token(seq_len) * tokens)
 
 
-def compiled_report(res: dict, mesh, topology: str, num_slices: int, tokens: int,
-                    analytic_flops: float) -> list:
-    """Report lines for a step compiled by `compile_lowered` on `mesh` (a TPU slice's devices).
+def compiled_report(res: dict, mesh, target: Target, tokens: int, analytic_flops: float) -> list:
+    """Report lines for a step compiled by `compile_lowered` on `mesh` (the target's devices).
 
     Args:
       res: compile_lowered's result.
       mesh: the mesh it was compiled for.
-      topology, num_slices: the slice(s) (for the HBM per chip).
+      target: the TPU slice(s) or GPUs (memory per device, peak).
       tokens: tokens per step.
       analytic_flops: the model's FLOPs per step (GPTConfig.flops_per_token x tokens).
 
     Returns:
-      Lines ending with exactly `fits: yes (X GiB of Y GiB per chip)` or `fits: no (...)`.
+      Lines ending with exactly `fits: yes (X GiB of Y GiB per chip)` (`per device` for GPUs)
+      or `fits: no (...)`.
     """
     devices = mesh.devices.flatten()
-    n = len(devices)
-    hbm = chip_hbm(topology, n, num_slices)
-    lines = [f"compile for {topology} x {num_slices} slice(s): {n} {devices[0].device_kind} "
-             f"devices, mesh {dict(mesh.shape)}: {res['seconds']:.1f} s"]
+    n, unit, hbm = len(devices), target.unit, target.memory
+    lines = [f"compile for {target.label}: {n} {devices[0].device_kind} "
+             f"devices, mesh {dict(mesh.shape)}: {res['seconds']:.1f} s", *target.notes]
     if "error" in res:
         return lines + [f"fits: no ({res['error']})"]
     compiled = res["compiled"]
@@ -151,22 +194,23 @@ def compiled_report(res: dict, mesh, topology: str, num_slices: int, tokens: int
     temp, alias = int(ma.temp_size_in_bytes), int(ma.alias_size_in_bytes)
     code = int(getattr(ma, "generated_code_size_in_bytes", 0))
     used = args + out - alias + temp + code
-    lines.append(f"XLA memory per chip: arguments (params + optimizer state + batch) {_gib(args)}, "
-                 f"outputs {_gib(out)} (aliased {_gib(alias)}), temporaries {_gib(temp)}, "
-                 f"code {_gib(code)}; total {_gib(used)} of "
-                 f"{_gib(hbm) if hbm else 'unknown'} HBM")
+    lines.append(f"XLA memory per {unit}: arguments (params + optimizer state + batch) "
+                 f"{_gib(args)}, outputs {_gib(out)} (aliased {_gib(alias)}), temporaries "
+                 f"{_gib(temp)}, code {_gib(code)}; total {_gib(used)} of "
+                 f"{_gib(hbm) if hbm else 'unknown'} {'HBM' if unit == 'chip' else 'usable'}")
     xla = _xla_flops(compiled)
+    xla_text = ("not reported by this compiler" if xla is None else
+                f"{xla * n:.3e} ({xla:.3e} per {unit}; it under-counts scanned layers and "
+                "includes remat recompute)")
     lines.append(f"FLOPs per step: analytic {analytic_flops:.3e} (flops_per_token x {tokens:,} "
-                 f"tokens); XLA cost analysis {'n/a' if xla is None else f'{xla * n:.3e}'} "
-                 f"({'n/a' if xla is None else f'{xla:.3e}'} per chip; it under-counts scanned "
-                 "layers and includes remat recompute)")
-    peak = datasheet_peak(devices[0])
+                 f"tokens); XLA cost analysis {xla_text}")
+    peak = target.peak or datasheet_peak(devices[0])
     if peak:
         for m in MFU_TARGETS:
             step = analytic_flops / (n * peak * m)
-            lines.append(f"at {m:.0%} MFU ({peak / 1e12:.0f} TFLOP/s bf16 per chip): "
+            lines.append(f"at {m:.0%} MFU ({peak / 1e12:.0f} TFLOP/s bf16 per {unit}): "
                          f"{step * 1e3:.3g} ms/step, {tokens / step * 86400:,.3e} tokens/day")
     if hbm is not None and used > hbm:
-        return lines + [f"fits: no ({_gib(used)} needed, {_gib(hbm)} per chip)"]
+        return lines + [f"fits: no ({_gib(used)} needed, {_gib(hbm)} per {unit})"]
     return lines + [f"fits: yes ({used / GIB:.2f} GiB of "
-                    f"{(hbm / GIB if hbm else float('nan')):.2f} GiB per chip)"]
+                    f"{(hbm / GIB if hbm else float('nan')):.2f} GiB per {unit})"]
