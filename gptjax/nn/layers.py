@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import GPTConfig
+from gptjax.nn import adapter as lora_adapter
 from gptjax.nn import quant
 from gptjax.nn.param_layout import out_in_perm
 
@@ -106,6 +107,7 @@ class Linear(nn.Module):
 
     Given a `kernel_q` parameter (a gptjax.nn.quant.WeightOnly) instead of `kernel`, the layer
     multiplies by that bf16/int8 kernel (gptjax.nn.quant.quantize_params builds such parameters).
+    Given a LoRA adapter in the `lora` collection (gptjax.nn.lora), it adds the adapter's branch.
     """
 
     eq: str
@@ -118,9 +120,18 @@ class Linear(nn.Module):
     dtype: Any
     param_dtype: Any
     out_in: bool = False  # kernel stored [out dims, in dims]; see param_layout.decode_layout
+    deterministic: bool = True  # no dropout on a LoRA branch
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
+        y = self._base(x)
+        if self.has_variable(lora_adapter.COLLECTION, lora_adapter.LEAF):
+            adapter = self.get_variable(lora_adapter.COLLECTION, lora_adapter.LEAF)
+            y = y + lora_adapter.branch(adapter, self.eq, x, self.dtype, self.deterministic,
+                                        self).astype(y.dtype)
+        return y
+
+    def _base(self, x: Array) -> Array:
         x_letters, rest = self.eq.split(",")
         k_letters, y_letters = rest.split("->")
         n_in = sum(c in x_letters for c in k_letters)

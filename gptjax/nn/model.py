@@ -61,7 +61,8 @@ class CausalSelfAttention(_LayerPart):
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         qkv_BxTxKxHxD = Linear("BTC,CKHD->BTKHD", (C, 3, H, D), ("embed", None, "heads", "head_dim"),
                                (3, H, D), (None, "heads", "head_dim"), cfg.init_std, cfg.use_bias,
-                               dt, pdt, name="c_attn")(x_BxTxC)
+                               dt, pdt, deterministic=self.deterministic,
+                               name="c_attn")(x_BxTxC)
         q_BxTxHxD = qkv_BxTxKxHxD[:, :, 0]
         k_BxTxHxD = qkv_BxTxKxHxD[:, :, 1]
         v_BxTxHxD = qkv_BxTxKxHxD[:, :, 2]
@@ -91,7 +92,8 @@ class CausalSelfAttention(_LayerPart):
         eq = "BTHD,HDC->BTC" if layer_cache is None else "BTHd,HdC->BTC"
         y_BxTxC = Linear(eq, (H, D, C), ("heads", "head_dim", "embed"), (C,),
                          ("embed",), resid_std(cfg), cfg.use_bias, dt, pdt,
-                         out_in=self.decode_layout, name="c_proj")(out_BxTxHxD)
+                         out_in=self.decode_layout, deterministic=self.deterministic,
+                         name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
         return y_BxTxC, new_cache
 
@@ -109,12 +111,13 @@ class Mlp(nn.Module):
         C, F = cfg.n_embd, cfg.d_mlp
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         h_BxTxF = Linear("BTC,CF->BTF", (C, F), ("embed", "mlp"), (F,), ("mlp",), cfg.init_std,
-                         cfg.use_bias, dt, pdt, name="c_fc")(x_BxTxC)
+                         cfg.use_bias, dt, pdt, deterministic=self.deterministic,
+                         name="c_fc")(x_BxTxC)
         h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
         h_BxTxF = activation(cfg.activation)(h_BxTxF)
         y_BxTxC = Linear("BTF,FC->BTC", (F, C), ("mlp", "embed"), (C,), ("embed",),
                          resid_std(cfg), cfg.use_bias, dt, pdt, out_in=self.decode_layout,
-                         name="c_proj")(h_BxTxF)
+                         deterministic=self.deterministic, name="c_proj")(h_BxTxF)
         return nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
 
 
@@ -274,7 +277,8 @@ def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
     scanned = nn.scan(
-        Period, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+        Period, variable_axes={"params": 0, "lora": 0},
+        split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxTxC, new_layers = scanned(cfg, deterministic, decode_layout, name="h")(
