@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_execution_flag, run_cli
+from gptjax.cli import define_execution_flag, define_peft_flag, run_cli
 from gptjax.eval import run
 
 _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval"],
@@ -19,7 +19,7 @@ _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeros
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
-_EXECUTION = define_execution_flag()  # e.g. --execution attention_impl=xla
+_EXECUTION, _PEFT = define_execution_flag(), define_peft_flag()  # --execution, --peft_dir
 _STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir (500,1000 or all).")
 _OUT = flags.DEFINE_string("out", "", "Directory for JSON/markdown results and plots.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
@@ -52,7 +52,7 @@ def _run():
     if _MODE.value != "perplexity" and not specs:
         raise ValueError(f"--mode={_MODE.value} needs --tasks (e.g. --tasks 2D+,1DC)")
     models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps,
-                             execution=_EXECUTION.value)
+                             execution=_EXECUTION.value, peft_dir=_PEFT.value)
     kw = dict(seed=_SEED.value, batch_size=_BATCH.value, out=_OUT.value)
     if _MODE.value == "fewshot":
         run.run_fewshot(models, specs, run.parse_ints(_SHOTS.value, "shots"),

@@ -15,7 +15,7 @@ from gptjax.inference.sampling import prepare_for_decoding
 from gptjax.inference.textgen import check_request, complete
 from gptjax.runs.pretrained import load_pretrained
 
-_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --step / --execution
+_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --peft_dir / --step / --execution
 _PROMPT = flags.DEFINE_string("prompt", None, "The prompt ('\\n' escapes allowed).")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "A file with one prompt per line.")
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 200, "Tokens to generate (fit to the context).")

@@ -14,7 +14,7 @@ from absl import app, flags
 from gptjax.cli import ModelFlags, run_cli
 from gptjax.inference.serving import serve
 
-_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --step / --execution
+_MODEL = ModelFlags()  # --workdir / --hf_dir / --tokenizer / --peft_dir / --step / --execution
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.")
 _NAME = flags.DEFINE_string("model_name", None, "Model id in the API (default: the dir's name).")

@@ -235,9 +235,24 @@ def define_execution_flag():
     return _execution_flag(depth=2)
 
 
+def _peft_flag(depth: int):
+    holder = flags.DEFINE_string("peft_dir", None, "A PEFT LoRA adapter directory "
+                                 "(adapter_config.json + adapter_model.safetensors) to merge "
+                                 "into the --hf_dir model.")
+    _key_flag_of_caller(holder, depth + 1)
+    return holder
+
+
+def define_peft_flag():
+    """`--peft_dir`: a PEFT LoRA adapter merged into the --hf_dir model (passed as `peft_dir` to
+    gptjax.runs.pretrained.load_pretrained)."""
+    return _peft_flag(depth=2)
+
+
 class ModelFlags:
     """The flags of a model to load (sample.py, serve.py): --workdir or --hf_dir (with
-    --tokenizer), --step, and --execution; `load_args()` are load_pretrained's arguments."""
+    --tokenizer and --peft_dir), --step, and --execution; `load_args()` are load_pretrained's
+    arguments."""
 
     def __init__(self):
         self.workdir = flags.DEFINE_string("workdir", None, "A train.py run directory.")
@@ -249,12 +264,14 @@ class ModelFlags:
         for holder in (self.workdir, self.hf_dir, self.tokenizer, self.step):
             _key_flag_of_caller(holder)
         self.execution = _execution_flag(depth=2)
+        self.peft_dir = _peft_flag(depth=2)
 
     def load_args(self) -> dict:
-        """workdir, hf_dir, tokenizer_path, step and execution, as the flags give them."""
+        """workdir, hf_dir, tokenizer_path, step, execution and peft_dir, as the flags give
+        them."""
         return dict(workdir=self.workdir.value, hf_dir=self.hf_dir.value,
                     tokenizer_path=self.tokenizer.value, step=self.step.value,
-                    execution=self.execution.value)
+                    execution=self.execution.value, peft_dir=self.peft_dir.value)
 
 
 def sample_after_training(config: ml_collections.ConfigDict, result: TrainResult) -> None:

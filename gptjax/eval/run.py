@@ -35,7 +35,7 @@ def checkpoint_steps(workdir: str) -> list:
 
 def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
                 tokenizer_path: Optional[str] = None, steps: Sequence[int] | str = (),
-                execution: Optional[str] = None) -> list:
+                execution: Optional[str] = None, peft_dir: Optional[str] = None) -> list:
     """(name, config, params, tokenizer, info) for every model named.
 
     Args:
@@ -47,6 +47,7 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
         'all' for every checkpoint each workdir holds.
       execution: execution overrides for every model (e.g. 'attention_impl=xla'; see
         gptjax.runs.pretrained.load_pretrained).
+      peft_dir: a PEFT LoRA adapter merged into every `hf_dirs` model (not for workdirs).
 
     Returns:
       The models, in the order named (each workdir once per step).
@@ -56,6 +57,8 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
                          "(a transformers directory); both repeatable")
     if steps and not workdirs:
         raise ValueError("--steps applies to --workdir runs only")
+    if peft_dir and not hf_dirs:
+        raise ValueError(f"--peft_dir={peft_dir!r} goes with --hf_dir (the model it adapts)")
     models = []
     for wd in workdirs:
         for step in (checkpoint_steps(wd) if steps == "all" else steps) or [None]:
@@ -64,7 +67,7 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
             models.append((name, config, params, tok, {"step": step, "path": wd}))
     for hd in hf_dirs:
         config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path,
-                                              execution=execution)
+                                              execution=execution, peft_dir=peft_dir)
         models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
                        {"path": hd}))
     return models

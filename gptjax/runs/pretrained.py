@@ -21,9 +21,11 @@ import jax
 
 from gptjax.config import EXECUTION_FIELDS, GPTConfig, describe_changes, parse_execution
 from gptjax.data.tokenizers import from_hf_files, load_tokenizer, tokenizer_info
+from gptjax.nn import lora
 from gptjax.nn.convert import from_hf
 from gptjax.nn.model import abstract_params
 from gptjax.nn.param_layout import convert_layout
+from gptjax.nn.peft import from_peft
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
 
 
@@ -84,7 +86,7 @@ def execution_change(meta: dict, model_cfg: GPTConfig) -> Optional[str]:
 
 def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = None,
                     tokenizer_path: Optional[str] = None, step: Optional[int] = None,
-                    execution: Union[dict, str, None] = None):
+                    execution: Union[dict, str, None] = None, peft_dir: Optional[str] = None):
     """(GPTConfig, params, tokenizer) of a pretrained decoder: a gptjax run or an HF directory.
 
     The parameters come back as uncommitted single-device jax arrays, so the jitted functions
@@ -103,6 +105,8 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
         layout its `scan_layers` says. Running under another execution than the checkpoint was
         saved with (or the HF config says) is named on one stderr line (`note: loading step N
         with another execution: remat 'none' -> 'full'`).
+      peft_dir: with hf_dir, a PEFT LoRA adapter directory (gptjax.nn.peft.from_peft) merged
+        into the weights (fp32).
 
     Returns:
       (GPTConfig, params, tokenizer).
@@ -117,10 +121,14 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
     if (workdir is None) == (hf_dir is None):
         raise ValueError("give exactly one of --workdir (a gptjax run) or --hf_dir "
                          "(a transformers model directory)")
+    if peft_dir is not None and hf_dir is None:
+        raise ValueError(f"--peft_dir={peft_dir!r} goes with --hf_dir (the model it adapts)")
     overrides = parse_execution(execution) if isinstance(execution, str) else (execution or {})
     if workdir is not None:
         return _load_workdir(workdir, step, overrides)
     model_cfg, params, tokenizer = _load_hf(hf_dir, tokenizer_path or hf_dir)
+    if peft_dir is not None:
+        params = lora.merge(model_cfg, params, from_peft(model_cfg, peft_dir)[1])
     run_cfg = model_cfg.with_execution(**overrides)
     if run_cfg.scan_layers != model_cfg.scan_layers:
         params = convert_layout(run_cfg, params, run_cfg.scan_layers)

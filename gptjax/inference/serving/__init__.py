@@ -82,12 +82,12 @@ def _check_flags(*, port: int, max_queue: int, request_timeout: float, slots: in
 def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="127.0.0.1",
           port=8000, slots=8, page_size=16, pages=0, max_prefill_tokens=256, prompt_buckets="",
           max_queue=64, request_timeout=60.0, model_name=None, weights="fp32",
-          execution=None) -> None:
+          execution=None, peft_dir=None) -> None:
     """Load a model, warm up every compiled shape, and serve the API with uvicorn until stopped.
 
     Args:
-      workdir, hf_dir, tokenizer_path, step, execution: the model and execution overrides
-        (see gptjax.runs.pretrained.load_pretrained).
+      workdir, hf_dir, tokenizer_path, step, execution, peft_dir: the model, execution
+        overrides and a PEFT adapter to merge (see gptjax.runs.pretrained.load_pretrained).
       host, port: where to listen.
       slots, page_size, pages: decode slots, positions per KV page, pages in the pool (0: every
         slot can hold a full context); see Engine.
@@ -108,7 +108,7 @@ def serve(*, workdir=None, hf_dir=None, tokenizer_path=None, step=None, host="12
     pb = _int_list("prompt_buckets", prompt_buckets)
     config, params, tok = load_pretrained(workdir=workdir, hf_dir=hf_dir,
                                           tokenizer_path=tokenizer_path, step=step,
-                                          execution=execution)
+                                          execution=execution, peft_dir=peft_dir)
     name = model_name or os.path.basename(os.path.normpath(workdir or hf_dir))
     # The engine takes params prepared by prepare_for_decoding as they are.
     params = prepare_for_decoding(config, params, weights=weights)
