@@ -23,6 +23,7 @@ import transformers
 from conftest import REPO, hf_gpt2_dir, shared_data_dir, small_hf_lm, subprocess_env
 from gptjax import GPT
 from gptjax.data.tokenizers import CharTokenizer, from_hf_files
+from gptjax.eval import run
 from gptjax.nn import lora, quant
 from gptjax.nn.convert import ConversionError, from_hf
 from gptjax.nn.param_layout import stack_layers
@@ -59,6 +60,7 @@ def _adapters(cfg, targets, rank=4, alpha=8, seed=1):
 
 # Jitted: one compile per model and tree instead of one per op.
 _lora_apply = jax.jit(lora.apply, static_argnums=0)
+_quantize = jax.jit(quant.quantize_params, static_argnums=(0, 2))
 _plain_apply = jax.jit(lambda cfg, params, x: GPT(cfg).apply({"params": params}, x),
                        static_argnums=0)
 
@@ -92,6 +94,11 @@ def test_exported_adapter_loads_in_peft(gpt2, tmp_path, targets, scan):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (
         4, 8, "gpt2-tiny")
+    # And back: the same adapters, bit for bit, in the same layout.
+    lora_cfg, back = from_peft(cfg, tmp_path)
+    assert lora_cfg == lora.LoraConfig(rank=4, alpha=8.0, targets=modules)
+    assert jax.tree.structure(back) == jax.tree.structure(ad)
+    jax.tree.map(np.testing.assert_array_equal, back, ad)
 
 
 def test_openai_gpt_adapter_loads_in_peft(tmp_path):
@@ -143,7 +150,7 @@ def test_int8_base_with_imported_adapter(gpt2, tmp_path):
     model, cfg, base = gpt2
     _peft_made(model, tmp_path)
     _, ad = from_peft(cfg, tmp_path)
-    q = jax.jit(quant.quantize_params, static_argnums=(0, 2))(cfg, base, "int8")
+    q = _quantize(cfg, base, "int8")
     merged = jax.jit(lora.merge, static_argnums=0)(cfg, q, ad)
     _close(_lora_apply(cfg, q, ad, TOKENS), _plain_apply(cfg, merged, TOKENS))
 
@@ -159,7 +166,7 @@ def test_merged_export_equals_merge_and_unload(gpt2, tmp_path):
     _close(_torch_logits(ours), _torch_logits(merged_by_peft))
     _close(_torch_logits(ours), _lora_apply(cfg, base, ad, TOKENS))
     # An int8 base is dequantized, then merged.
-    q = quant.quantize_params(cfg, base, "int8")
+    q = _quantize(cfg, base, "int8")
     export_merged_hf(cfg, q, ad, tmp_path / "hf8")
     ours8 = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf8").eval()
     _close(_torch_logits(ours8), _lora_apply(cfg, q, ad, TOKENS))
@@ -202,6 +209,11 @@ def test_load_pretrained_merges_a_peft_adapter(tmp_path):
     assert tok2.encode("Hello world") == tok.encode("Hello world") == [15496, 995]
     with pytest.raises(ValueError, match=r"^--peft_dir='x' goes with --hf_dir"):
         load_pretrained(workdir=str(tmp_path), peft_dir="x")
+    # eval.py's loader passes it on.
+    [(_, cfg, params, _, _)] = run.load_models([], [str(hf)], peft_dir=str(tmp_path / "adapter"))
+    _close(_plain_apply(cfg, params, TOKENS), theirs)
+    with pytest.raises(ValueError, match=r"^--peft_dir='x' goes with --hf_dir"):
+        run.load_models([str(tmp_path)], [], peft_dir="x")
 
 
 def _edit_config(d, **changes):
@@ -224,6 +236,8 @@ def _one_line(fn, pattern):
                              r"'none'$"),
     (dict(modules_to_save=["lm_head"]), r"modules_to_save=\['lm_head'\] \(modules_to_save"),
     (dict(rank_pattern={"c_fc": 8}), r"rank_pattern=\{'c_fc': 8\} \(per-module ranks\)"),
+    (dict(init_lora_weights="pissa"), r"init_lora_weights='pissa' \(an adapter over modified "
+                                      r"base weights\) is not supported"),
 ])
 def test_unsupported_peft_options_are_one_line(gpt2, tmp_path, change, pattern):
     _, cfg, _ = gpt2

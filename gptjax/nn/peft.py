@@ -54,7 +54,12 @@ _UNSUPPORTED = {"use_rslora": "rsLoRA scaling", "use_dora": "DoRA", "lora_bias":
                 "trainable_token_indices": "trainable tokens",
                 "layer_replication": "layer_replication",
                 "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)",
-                "use_bdlora": "use_bdlora"}
+                "use_bdlora": "block-diagonal LoRA", "arrow_config": "Arrow routing",
+                "kasa_config": "KaSA", "monteclora_config": "MonteCLoRA",
+                "loftq_config": "LoftQ (adapters of a quantized base)"}
+# Initialisations that only set the adapter's starting A and B (the file holds the trained ones);
+# the others (pissa, olora, corda, loftq, ...) change the base weights too.
+_PLAIN_INITS = (True, False, "gaussian")
 
 
 def peft_target_modules(modules) -> list:
@@ -151,7 +156,7 @@ def export_peft(model_cfg: GPTConfig, adapters: Any, out_dir,
     sd, rank, alpha, dropout, modules = to_peft_state_dict(model_cfg, adapters)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_alpha": round(alpha) if abs(alpha - round(alpha)) < 1e-9 else alpha,
         "lora_dropout": dropout, "target_modules": peft_target_modules(modules),
         "fan_in_fan_out": True, "bias": "none", "use_rslora": False, "use_dora": False,
         "modules_to_save": None, "init_lora_weights": True, "inference_mode": True,
@@ -193,6 +198,10 @@ def read_peft_config(peft_dir) -> dict:
         if cfg.get(key):
             raise ConversionError(f"{path}: {key}={cfg[key]!r} ({what}) is not supported by "
                                   "gptjax's LoRA; allowed: false / null / empty")
+    init = cfg.get("init_lora_weights", True)
+    if init not in _PLAIN_INITS:
+        raise ConversionError(f"{path}: init_lora_weights={init!r} (an adapter over modified base "
+                              "weights) is not supported; allowed: true, false, 'gaussian'")
     for key in ("r", "lora_alpha"):
         if not isinstance(cfg.get(key), (int, float)) or isinstance(cfg.get(key), bool):
             raise ConversionError(f"{path}: {key}={cfg.get(key)!r} must be a number")
