@@ -267,7 +267,11 @@ def test_bad_adapters_are_one_line(gpt2, tmp_path):
     mixed = _adapters(cfg, ("c_attn",))
     mixed["h_0"]["mlp"] = _adapters(cfg, ("c_fc",), rank=2)["h_0"]["mlp"]
     _one_line(lambda: export_peft(cfg, mixed, tmp_path / "c"),
-              r"^the adapters have different ranks \[2, 4\]; a PEFT LoRA config has one rank$")
+              r"^the adapters have different rank values \[2, 4\]; a PEFT LoRA config has one$")
+    # Adapters of another model.
+    _one_line(lambda: export_peft(wide, _adapters(cfg, ("c_fc",)), tmp_path / "d"),
+              r"^adapter h_0.mlp.c_fc has A \(32, 4\) and B \(4, 128\); this model's mlp.c_fc "
+              r"takes 48 inputs to 192 outputs$")
 
 
 def test_sample_py_takes_peft_dir(tmp_path):

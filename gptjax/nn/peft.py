@@ -95,8 +95,8 @@ def _one(values: dict, what: str):
     """The one value all adapters share, or a one-line error listing the different ones."""
     distinct = sorted(set(values.values()))
     if len(distinct) != 1:
-        raise ConversionError(f"the adapters have different {what}s {distinct}; a PEFT LoRA "
-                              f"config has one {what}")
+        raise ConversionError(f"the adapters have different {what} values {distinct}; a PEFT "
+                              f"LoRA config has one")
     return distinct[0]
 
 
@@ -117,6 +117,11 @@ def to_peft_state_dict(model_cfg: GPTConfig, adapters: Any) -> tuple:
         for m in modules:
             d_in, d_out = in_out[m]
             ad = per.get((i, m))
+            if ad is not None and (np.prod(ad.a.shape[:-1]), np.prod(ad.b.shape[1:])) != (
+                    d_in, d_out):
+                raise ConversionError(f"adapter h_{i}.{m} has A {tuple(ad.a.shape)} and B "
+                                      f"{tuple(ad.b.shape)}; this model's {m} takes {d_in} "
+                                      f"inputs to {d_out} outputs")
             a = np.zeros((rank, d_in), np.float32) if ad is None else np.asarray(
                 ad.a, np.float32).reshape(d_in, rank).T
             b = np.zeros((d_out, rank), np.float32) if ad is None else np.asarray(
