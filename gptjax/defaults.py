@@ -62,13 +62,31 @@ def base_config() -> ml_collections.ConfigDict:
     c.model_vocab_multiple = 1
 
     c.data = ml_collections.ConfigDict()
-    c.data.dataset = "python_stdlib"     # or 'local_text' (with path) or any tfds name (data_dir)
+    c.data.dataset = "python_stdlib"     # or 'local_text' (with path), 'prompt_completion' (with
+                                         # path) or any tfds name (data_dir)
     c.data.data_dir = ""                 # tfds data_dir ('' = gptjax's cache for its builders)
-    c.data.path = ""                     # files / glob for local_text
+    c.data.path = ""                     # files / glob for local_text; JSONL files / glob for
+                                         # prompt_completion (comma-separated for several)
     c.data.encoding = "utf-8"            # local_text: the files' encoding (e.g. 'latin-1')
     c.data.text_key = "text"
     c.data.val_split = "validation"
-    c.data.validation_fraction = config_dict.placeholder(float)
+    c.data.validation_fraction = config_dict.placeholder(float)  # None = 0.1 (local_text and
+                                         # prompt_completion without val_path)
+    # prompt_completion (gptjax.data.prompt_completion): one JSON object per line with a prompt
+    # and a completion; prompt and completion are tokenized separately and concatenated, then
+    # the tokenizer's end-of-text id (GPT-2's <|endoftext|>) when it has one. The loss counts
+    # completion tokens only: batches carry `weights`, 1 where the target is a completion (or
+    # end-of-text) token, 0 on prompt and padding (transformers' labels=-100). Validation: the
+    # rows of val_path, else validation_fraction of path's rows (a fixed seed-0 choice); its
+    # loss is completion-only too. A row may have at most seq_len + 1 tokens.
+    c.data.prompt_key = "prompt"
+    c.data.completion_key = "completion"
+    c.data.val_path = ""                 # JSONL file / glob of validation rows ('' = a fraction)
+    # 'pad': one row per sequence, right-padded (weight 0); 'pack': rows concatenated in file
+    # order and cut into windows like plain text (a row then attends to the earlier rows in
+    # its window: no document mask yet). data.sampling applies to both ('pad': 'packed' = each
+    # row once per epoch in a permutation, 'random_offset' = rows drawn with replacement).
+    c.data.pc_layout = "pad"
     c.data.max_train_bytes = 0           # python_stdlib: cap on the train split (0 = builder default)
     c.data.seq_len = 0                   # 0 = model.n_ctx
     c.data.sampling = "packed"           # 'packed' windows or nanoGPT's 'random_offset'
