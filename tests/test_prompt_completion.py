@@ -48,30 +48,35 @@ def test_loss_equals_transformers_with_labels_minus_100(tmp_path, shared_data, l
     from gptjax.nn.model import GPT  # heavy: flax model
 
     tok = build_tokenizer("gpt2_bpe", path=str(shared_data / "gpt2_bpe"))
-    rows = pc.read_rows(str(_jsonl(tmp_path / "qa.jsonl", QA)))
-    split = pc.tokenize_rows(rows, tok, 24, layout)
-    # The row is encode(prompt) + encode(completion) + <|endoftext|>, completion tokens marked.
-    p, c = tok.encode(QA[0][0]), tok.encode(QA[0][1])
-    assert split.tokens[: split.offsets[1]].tolist() == p + c + [50256]
-    assert split.mask[: split.offsets[1]].tolist() == [0] * len(p) + [1] * (len(c) + 1)
+    split = pc.tokenize_rows(pc.read_rows(str(_jsonl(tmp_path / "qa.jsonl", QA))), tok, 24,
+                             layout)
     bt = split.batcher(4, seed=3)
     b = bt.batch(0)
     assert b["inputs"].dtype == b["targets"].dtype == np.int32 and b["weights"].dtype == np.float32
+    # transformers' inputs and labels, built here from the rows: encode(prompt) +
+    # encode(completion) + <|endoftext|>, labels -100 on the prompt (and on padding)
+    ids = [tok.encode(p) + tok.encode(c) + [50256] for p, c in QA]
+    lab = [[-100] * len(tok.encode(p)) + x[len(tok.encode(p)):] for (p, c), x in zip(QA, ids)]
+    T1 = 25
+    if layout == "pad":
+        seq = np.array([ids[r] + [50256] * (T1 - len(ids[r])) for r in bt.rows(0)])
+        labels = np.array([lab[r] + [-100] * (T1 - len(lab[r])) for r in bt.rows(0)])
+    else:  # the packed windows: the rows in file order, windows at multiples of 24
+        stream, lstream = sum(ids, []), sum(lab, [])
+        starts = [next(s for s in range(0, len(stream) - 24, 24)
+                       if stream[s:s + T1] == row.tolist()) for row in np.c_[b["inputs"],
+                                                                            b["targets"][:, -1]]]
+        seq = np.array([stream[s:s + T1] for s in starts])
+        labels = np.array([[-100] + lstream[s + 1:s + T1] for s in starts])
+    np.testing.assert_array_equal(b["inputs"], seq[:, :-1])
+    np.testing.assert_array_equal(b["targets"], seq[:, 1:])
+    assert 0 < b["weights"].sum() < b["weights"].size
     hf = small_hf_lm("gpt2", 0, n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257)
     cfg, params = from_hf(hf)
     ours = float(lm_loss(GPT(cfg).apply({"params": params}, b["inputs"]), b["targets"],
                          b["weights"]))
-    seq = np.concatenate([b["inputs"], b["targets"][:, -1:]], axis=1)  # the T + 1 tokens
-    labels = np.where(np.c_[np.zeros((len(seq), 1)), b["weights"]] > 0, seq, -100)
-    if layout == "pad":
-        # the labels are the rows' completion tokens exactly: no prompt, no padding (a row
-        # with an empty prompt has its first token at position 0, which nothing predicts)
-        assert (labels >= 0).sum() == sum(len(tok.encode(QA[i][1])) + 1 - (QA[i][0] == "")
-                                          for i in bt.rows(0))
-        assert ((labels[:, 1:] >= 0) == (b["weights"] > 0)).all() and (labels[:, 0] < 0).all()
     with torch.no_grad():
-        ref = hf(torch.tensor(seq, dtype=torch.long), labels=torch.tensor(labels, dtype=torch.long)).loss.item()
-    assert 0 < b["weights"].sum() < b["weights"].size
+        ref = hf(torch.tensor(seq), labels=torch.tensor(labels)).loss.item()
     assert abs(ours - ref) <= 1e-5 * abs(ref), (ours, ref)
 
 
@@ -104,7 +109,13 @@ def test_batches_resume_and_split_over_processes(tmp_path, layout, sampling):
 def test_pad_epochs_continue_and_weights_mark_completions(tmp_path):
     """'pad': each row once per epoch, epochs continuing inside a batch (7 rows, batch 3);
     weights are 1 exactly where the target is a completion character."""
+    from gptjax.train.experiment import resolve_steps  # heavy: the training stack
+
     rows, tok, split = _char_split(tmp_path, "pad")
+    # len() counts the rows' positions, so train.epochs gives whole passes over the rows
+    assert len(split) == 7 * 24 and split.num_tokens < len(split)
+    config = tiny_run_config("", tmp_path, {"train.epochs": 3.0, "train.batch_size": 3})
+    assert resolve_steps(config, len(split), 24) == 7
     bt = split.batcher(3, seed=1)
     seen = np.concatenate([bt.rows(s) for s in range(14)])  # 42 = 6 epochs of 7
     assert all(sorted(seen[e * 7:(e + 1) * 7]) == list(range(7)) for e in range(6))
@@ -141,9 +152,12 @@ def test_eval_batches_count_every_completion_token_once(tmp_path):
     ('[1, 2]\n', r"d\.jsonl:1: a JSON list, not an object"),
     ('{"prompt": "a", "completion": 3}\n', r"d\.jsonl:1: field 'completion' is a int"),
     ('\n  \n', r"d\.jsonl: empty file \(no JSON rows\)"),
+    (b'\xef\xbb\xbf{"prompt": "a", "completion": "b"}\n{"prompt": "\xe9", "completion": "b"}',
+     r"d\.jsonl:2: not UTF-8 \(byte 12\)"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, text, match):
-    (tmp_path / "d.jsonl").write_text(text)
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(text) if isinstance(text, bytes) else f.write_text(text)
     with pytest.raises(ValueError, match=match) as e:
         pc.read_rows(str(tmp_path / "d.jsonl"))
     assert "\n" not in str(e.value)

@@ -96,12 +96,12 @@ def read_rows(paths: str | Sequence[str], prompt_key: str = "prompt",
               completion_key: str = "completion") -> list[Row]:
     """Every row of the JSONL files `paths` (files or globs), in file then line order.
 
-    Blank lines are skipped. Errors name the file and the 1-based line number.
+    Files are UTF-8; blank lines are skipped. Errors name the file and the 1-based line number.
 
     Raises:
       FileNotFoundError: a path does not exist or a glob matches no file.
-      ValueError: a file has no rows, a line is not a JSON object, or a field is missing or
-        not a string.
+      ValueError: a file has no rows, a line is not UTF-8 or not a JSON object, or a field is
+        missing or not a string.
     """
     if not prompt_key or not completion_key or prompt_key == completion_key:
         raise ValueError(f"prompt_key={prompt_key!r}, completion_key={completion_key!r}; "
@@ -109,8 +109,13 @@ def read_rows(paths: str | Sequence[str], prompt_key: str = "prompt",
     rows = []
     for path in expand_paths(paths):
         n = len(rows)
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:  # (a UTF-8 byte-order mark on the first line is not part of the row)
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                except UnicodeDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not UTF-8 (byte {e.start}); allowed: "
+                                     "UTF-8 JSON lines") from None
                 if line.strip():
                     rows.append(_row(line, f"{path}:{lineno}", (prompt_key, completion_key)))
         if len(rows) == n:
