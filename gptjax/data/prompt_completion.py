@@ -179,6 +179,20 @@ class PromptCompletionSource:
         return [t for i in idx for t in (rows[i].prompt, rows[i].completion)]
 
 
+def load_source(path: str | Sequence[str], val_path: str | Sequence[str] = "",
+                validation_fraction: float | None = None, prompt_key: str = "prompt",
+                completion_key: str = "completion") -> PromptCompletionSource:
+    """The 'train' and 'validation' rows of a run: `path`'s rows and `val_path`'s when it is
+    given, else `validation_fraction` (None = 0.1) of `path`'s rows (`split_validation`)."""
+    rows = read_rows(path, prompt_key, completion_key)
+    if val_path:
+        return PromptCompletionSource({"train": rows, "validation": read_rows(
+            val_path, prompt_key, completion_key)})
+    frac = 0.1 if validation_fraction is None else validation_fraction
+    return PromptCompletionSource(dict(zip(("train", "validation"),
+                                           split_validation(rows, frac))))
+
+
 # ================================================================================ tokenizing
 class PromptCompletionSplit:
     """A split's rows tokenized: one token stream, its completion mask and the row offsets.

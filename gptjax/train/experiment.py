@@ -23,6 +23,8 @@ from gptjax.data import TextSource, get_source
 from gptjax.data.lm import MODES as SAMPLING
 from gptjax.data.prompt_completion import DATASET as PC_DATASET
 from gptjax.data.prompt_completion import LAYOUTS as PC_LAYOUTS
+from gptjax.data.prompt_completion import PromptCompletionSource
+from gptjax.data.prompt_completion import load_source as load_pc_source
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS
 from gptjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from gptjax.train.optim import SCHEDULES
@@ -173,9 +175,13 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[in
     return mc
 
 
-def build_source(config: ml_collections.ConfigDict) -> TextSource:
-    """The text dataset named by `config.data` (tfds name, local text files, or the default)."""
+def build_source(config: ml_collections.ConfigDict) -> TextSource | PromptCompletionSource:
+    """The text dataset named by `config.data` (tfds name, local text files, or the default),
+    or the rows of data.dataset='prompt_completion'."""
     dc = config.data
+    if dc.dataset == PC_DATASET:  # JSONL rows (gptjax.data.prompt_completion)
+        return load_pc_source(dc.path, dc.val_path, dc.validation_fraction, dc.prompt_key,
+                              dc.completion_key)
     kwargs = {}
     if dc.dataset == "local_text":
         kwargs["paths"] = dc.path

@@ -81,14 +81,7 @@ def load_prompt_completion(config: ml_collections.ConfigDict, workdir: str) -> t
     if dc.pipeline != "single":
         raise ValueError(f"data.pipeline={dc.pipeline!r}: data.dataset='prompt_completion' "
                          "reads its JSONL rows in every process; allowed: 'single'")
-    keys = (dc.prompt_key, dc.completion_key)
-    rows = pc.read_rows(dc.path, *keys)
-    if dc.val_path:
-        splits = {"train": rows, "validation": pc.read_rows(dc.val_path, *keys)}
-    else:
-        frac = 0.1 if dc.validation_fraction is None else dc.validation_fraction
-        splits = dict(zip(("train", "validation"), pc.split_validation(rows, frac)))
-    source = pc.PromptCompletionSource(splits)
+    source = build_source(config)  # a PromptCompletionSource
     # Process 0 builds (and saves) the tokenizer first; the others then read it.
     tokenizer = main_process_first("tokenizer", lambda: run_tokenizer(config, workdir, source))
     seq_len = pc_seq_len(config, tokenizer)
@@ -129,6 +122,10 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
 
 def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     """The training tokens, as the start-up line reports them."""
+    if isinstance(train_tokens, pc.PromptCompletionSplit):
+        rows = f"{train_tokens.num_rows:,} rows"
+        return (f"{len(train_tokens):,} ({rows} x {train_tokens.seq_len} positions, padded)"
+                if train_tokens.layout == "pad" else f"{len(train_tokens):,} ({rows}, packed)")
     if train_tokens is not None:
         return f"{len(train_tokens):,}"
     b = batcher.batcher if isinstance(batcher, Prefetcher) else batcher
