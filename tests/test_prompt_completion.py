@@ -141,6 +141,30 @@ def test_eval_batches_count_every_completion_token_once(tmp_path):
                 np.testing.assert_array_equal(np.concatenate([a[k], b[k]]), whole[k])
 
 
+HELD_OUT = (2, 4)  # PCG64(0).permutation(7)[:2], sorted
+
+
+def test_validation_rows_from_a_file_or_a_fixed_fraction(tmp_path):
+    _jsonl(tmp_path / "a1.jsonl", QA[:4])
+    _jsonl(tmp_path / "a2.jsonl", QA[4:])
+    _jsonl(tmp_path / "val.jsonl", QA[:2])
+    src = pc.load_source(str(tmp_path / "a*.jsonl"), str(tmp_path / "val.jsonl"))
+    assert [(r.prompt, r.completion) for r in src.split("train")] == QA  # files sorted
+    assert src.split("train")[4].where == f"{tmp_path / 'a2.jsonl'}:1"
+    assert [(r.prompt, r.completion) for r in src.split("validation")] == QA[:2]
+    frac = pc.load_source(f"{tmp_path / 'a1.jsonl'},{tmp_path / 'a2.jsonl'}", "", 0.3)
+    train, val = frac.split("train"), frac.split("validation")
+    # round(0.3 * 7) = 2 rows held out by the fixed (seed 0) permutation, file order kept
+    assert [(r.prompt, r.completion) for r in val] == [QA[i] for i in HELD_OUT]
+    assert [(r.prompt, r.completion) for r in train] == [q for i, q in enumerate(QA)
+                                                         if i not in HELD_OUT]
+    with pytest.raises(ValueError, match="split 'test' is not in prompt_completion; allowed: "
+                       "train, validation"):
+        frac.split("test")
+    with pytest.raises(ValueError, match=r"validation_fraction=0.0; allowed: 0 < fraction < 1"):
+        pc.load_source(str(tmp_path / "a1.jsonl"), "", 0.0)
+
+
 # ================================================================================ errors
 @pytest.mark.parametrize("text,match", [
     ('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n',
