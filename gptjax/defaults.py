@@ -54,6 +54,50 @@ def optim_config(*, learning_rate: float, warmup_steps: int, schedule: str, min_
     return o
 
 
+def _data_config() -> ml_collections.ConfigDict:
+    """The `data` block of a pretraining config: the corpus, its splits and batching."""
+    d = ml_collections.ConfigDict()
+    d.dataset = "python_stdlib"     # or 'local_text' (with path), 'prompt_completion' (with
+                                    # path) or any tfds name (data_dir)
+    d.data_dir = ""                 # tfds data_dir ('' = gptjax's cache for its builders)
+    d.path = ""                     # files / glob for local_text; JSONL files / glob for
+                                    # prompt_completion (comma-separated for several)
+    d.encoding = "utf-8"            # local_text: the files' encoding (e.g. 'latin-1')
+    d.text_key = "text"
+    d.val_split = "validation"
+    d.validation_fraction = config_dict.placeholder(float)  # None = 0.1 (local_text and
+                                    # prompt_completion without val_path)
+    # prompt_completion (gptjax.data.prompt_completion): one JSON object per line with a prompt
+    # and a completion; prompt and completion are tokenized separately and concatenated, then
+    # the tokenizer's end-of-text id (GPT-2's <|endoftext|>) when it has one. The loss counts
+    # completion tokens only: batches carry `weights`, 1 where the target is a completion (or
+    # end-of-text) token, 0 on prompt and padding (transformers' labels=-100). Validation: the
+    # rows of val_path, else validation_fraction of path's rows (a fixed seed-0 choice); its
+    # loss is completion-only too. A row may have at most seq_len + 1 tokens.
+    d.prompt_key = "prompt"
+    d.completion_key = "completion"
+    d.val_path = ""                 # JSONL file / glob of validation rows ('' = a fraction)
+    # 'pad': one row per sequence, right-padded (weight 0); 'pack': rows concatenated in file
+    # order and cut into windows like plain text (a row then attends to the earlier rows in
+    # its window: no document mask yet). data.sampling applies to both ('pad': 'packed' = each
+    # row once per epoch in a permutation, 'random_offset' = rows drawn with replacement).
+    d.pc_layout = "pad"
+    d.max_train_bytes = 0           # python_stdlib: cap on the train split (0 = builder default)
+    d.seq_len = 0                   # 0 = model.n_ctx
+    d.sampling = "packed"           # 'packed' windows or nanoGPT's 'random_offset'
+    d.cache_dir = ""                # '' = ~/.cache/gptjax
+    # 'single': one process tokenizes each split into one cached file that every process reads
+    # (small corpora); 'sharded': each process reads and tokenizes only its virtual shards of the
+    # train split, with data.workers grain worker processes, into its own data.cache_dir
+    # (gptjax.data.sharded; pods with no shared disk). The global batch is the same for any
+    # number of processes in both.
+    d.pipeline = "single"
+    d.virtual_shards = 1024         # sharded: documents i -> shard i mod this; fixed per run
+    d.workers = 2                   # sharded: grain tokenizer processes (0 = in-process)
+    d.prefetch = 2                  # batches built ahead on a thread (0 = on demand)
+    return d
+
+
 def base_config() -> ml_collections.ConfigDict:
     """The pretraining experiment (train.py): every field a config may override, with its default."""
     c = ml_collections.ConfigDict()
@@ -61,27 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = model_config("tiny", vocab_size=0)
     c.model_vocab_multiple = 1
 
-    c.data = ml_collections.ConfigDict()
-    c.data.dataset = "python_stdlib"     # or 'local_text' (with path) or any tfds name (data_dir)
-    c.data.data_dir = ""                 # tfds data_dir ('' = gptjax's cache for its builders)
-    c.data.path = ""                     # files / glob for local_text
-    c.data.encoding = "utf-8"            # local_text: the files' encoding (e.g. 'latin-1')
-    c.data.text_key = "text"
-    c.data.val_split = "validation"
-    c.data.validation_fraction = config_dict.placeholder(float)
-    c.data.max_train_bytes = 0           # python_stdlib: cap on the train split (0 = builder default)
-    c.data.seq_len = 0                   # 0 = model.n_ctx
-    c.data.sampling = "packed"           # 'packed' windows or nanoGPT's 'random_offset'
-    c.data.cache_dir = ""                # '' = ~/.cache/gptjax
-    # 'single': one process tokenizes each split into one cached file that every process reads
-    # (small corpora); 'sharded': each process reads and tokenizes only its virtual shards of the
-    # train split, with data.workers grain worker processes, into its own data.cache_dir
-    # (gptjax.data.sharded; pods with no shared disk). The global batch is the same for any
-    # number of processes in both.
-    c.data.pipeline = "single"
-    c.data.virtual_shards = 1024         # sharded: documents i -> shard i mod this; fixed per run
-    c.data.workers = 2                   # sharded: grain tokenizer processes (0 = in-process)
-    c.data.prefetch = 2                  # batches built ahead on a thread (0 = on demand)
+    c.data = _data_config()
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.kind = "sentencepiece"   # a gptjax.data.tokenizers.KINDS name

@@ -21,6 +21,10 @@ from gptjax.checks import check_choice, check_int
 from gptjax.config import ConfigError, GPTConfig, check_scan_config
 from gptjax.data import TextSource, get_source
 from gptjax.data.lm import MODES as SAMPLING
+from gptjax.data.prompt_completion import DATASET as PC_DATASET
+from gptjax.data.prompt_completion import LAYOUTS as PC_LAYOUTS
+from gptjax.data.prompt_completion import PromptCompletionSource
+from gptjax.data.prompt_completion import load_source as load_pc_source
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS
 from gptjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
 from gptjax.train.optim import SCHEDULES
@@ -100,6 +104,20 @@ def _check_data(dc: ml_collections.ConfigDict) -> None:
     _choice("data.sampling", dc.sampling, SAMPLING)
     if dc.dataset == "local_text" and not dc.path:
         raise ConfigError("data.path='': data.dataset='local_text' needs text files or a glob")
+    if dc.dataset == PC_DATASET:
+        if not dc.path:
+            raise ConfigError("data.path='': data.dataset='prompt_completion' needs JSONL files "
+                              "or a glob")
+        _choice("data.pc_layout", dc.pc_layout, PC_LAYOUTS)
+        if dc.pipeline != "single":
+            raise ConfigError(f"data.pipeline={dc.pipeline!r}: data.dataset='prompt_completion' "
+                              "reads its rows in every process; allowed: 'single'")
+        for key in ("prompt_key", "completion_key"):
+            if not isinstance(dc[key], str) or not dc[key]:
+                raise ConfigError(f"data.{key}={dc[key]!r}; allowed: a non-empty JSON key")
+        if dc.prompt_key == dc.completion_key:
+            raise ConfigError(f"data.prompt_key and data.completion_key are both "
+                              f"{dc.prompt_key!r}; allowed: two different keys")
     if dc.validation_fraction is not None:
         _num("data.validation_fraction", dc.validation_fraction, 0.0, 1.0, hi_open=True)
 
@@ -157,9 +175,13 @@ def model_config_from(config: ml_collections.ConfigDict, vocab_size: Optional[in
     return mc
 
 
-def build_source(config: ml_collections.ConfigDict) -> TextSource:
-    """The text dataset named by `config.data` (tfds name, local text files, or the default)."""
+def build_source(config: ml_collections.ConfigDict) -> TextSource | PromptCompletionSource:
+    """The text dataset named by `config.data` (tfds name, local text files, or the default),
+    or the rows of data.dataset='prompt_completion'."""
     dc = config.data
+    if dc.dataset == PC_DATASET:  # JSONL rows (gptjax.data.prompt_completion)
+        return load_pc_source(dc.path, dc.val_path, dc.validation_fraction, dc.prompt_key,
+                              dc.completion_key)
     kwargs = {}
     if dc.dataset == "local_text":
         kwargs["paths"] = dc.path

@@ -25,6 +25,7 @@ from gptjax import defaults
 from gptjax.config import GPTConfig
 from gptjax.data import eval_batches
 from gptjax.data.batcher import Batcher
+from gptjax.data.prompt_completion import PromptCompletionSplit
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults
@@ -120,23 +121,27 @@ class Run:
         return tokenizer_info(self.tokenizer)
 
 
-def evaluate(setup: Setup, params, tokens: np.ndarray, seq_len: int, batch_size: int,
-             max_batches: int = -1) -> float:
-    """Mean next-token loss over non-overlapping windows of a split.
+def evaluate(setup: Setup, params, tokens: np.ndarray | PromptCompletionSplit, seq_len: int,
+             batch_size: int, max_batches: int = -1) -> float:
+    """Mean next-token loss over non-overlapping windows of a split; of a prompt/completion
+    split, the mean over its completion tokens (its own eval batches and weights).
 
     Args:
       setup: the run's setup (its mesh and jitted eval step).
       params: the parameters, sharded as the setup says.
-      tokens: the split's tokens.
+      tokens: the split's tokens, or its PromptCompletionSplit.
       seq_len: the window length.
-      batch_size: windows per batch (over all processes).
+      batch_size: windows (rows) per batch (over all processes).
       max_batches: batches to read; < 0 = the whole split.
     """
     tot, wsum = 0.0, 0.0
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if isinstance(tokens, PromptCompletionSplit):
+        batches = tokens.eval_batches(batch_size, **where)
+    else:
+        batches = eval_batches(tokens, seq_len, batch_size, **where)
     with setup.mesh:
-        for i, b in enumerate(eval_batches(tokens, seq_len, batch_size,
-                                           process_index=jax.process_index(),
-                                           process_count=jax.process_count())):
+        for i, b in enumerate(batches):
             if 0 <= max_batches <= i:
                 break
             s, w = setup.eval_step(params, setup.put_batch(b))

@@ -5,6 +5,9 @@ cached token file per split; the other processes then read them (gptjax.data.tok
 `data.pipeline='sharded'`: process 0 trains the tokenizer into the run directory (the storage
 hosts share); every process then tokenizes its own virtual shards of train into its own cache
 (gptjax.data.sharded). `prepare_data` is `train.py --prepare_data`.
+`data.dataset='prompt_completion'` (JSONL rows, gptjax.data.prompt_completion) reads and tokenizes
+its rows in memory in every process (no token cache: such sets are small), 'single' pipeline only;
+its "tokens" are then `PromptCompletionSplit`s, whose batches carry the completion weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from gptjax.data import LMBatcher, load_tokens, sharded
+from gptjax.data import prompt_completion as pc
 from gptjax.data.batcher import Batcher
 from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
@@ -36,6 +40,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     if dc.pipeline not in PIPELINES:
         raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
                          "per split) or 'sharded' (each process tokenizes its own share)")
+    if dc.dataset == pc.DATASET:
+        return load_prompt_completion(config, workdir)
 
     def source_and_tokenizer():
         source = build_source(config)
@@ -61,12 +67,45 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                                                 cache_dir=cache_dir)
 
 
+def pc_seq_len(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
+    """The sequence length prompt/completion rows are checked against: data.seq_len, else the
+    model's n_ctx (as `loop.prepare` takes it)."""
+    return config.data.seq_len or model_config_from(config, tokenizer.vocab_size).n_ctx
+
+
+def load_prompt_completion(config: ml_collections.ConfigDict, workdir: str) -> tuple:
+    """`load_data` of data.dataset='prompt_completion': (the rows as a PromptCompletionSource,
+    tokenizer, train and validation PromptCompletionSplits). Validation: the rows of
+    data.val_path when set, else data.validation_fraction (default 0.1) of data.path's rows."""
+    dc = config.data
+    if dc.pipeline != "single":
+        raise ValueError(f"data.pipeline={dc.pipeline!r}: data.dataset='prompt_completion' "
+                         "reads its JSONL rows in every process; allowed: 'single'")
+    source = build_source(config)  # a PromptCompletionSource
+    # Process 0 builds (and saves) the tokenizer first; the others then read it.
+    tokenizer = main_process_first("tokenizer", lambda: run_tokenizer(config, workdir, source))
+    seq_len = pc_seq_len(config, tokenizer)
+    train, val = (pc.tokenize_rows(source.split(s), tokenizer, seq_len, dc.pc_layout)
+                  for s in ("train", dc.val_split))
+    if val.layout == "pad" and val.num_rows < 2:  # (len() would be seq_len: under one window)
+        raise ValueError(f"the validation set has {val.num_rows} row; allowed: 2 or more "
+                         "(data.val_path or data.validation_fraction)")
+    return source, tokenizer, train, val
+
+
 def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
                  train_tokens: Optional[np.ndarray], seq_len: int) -> Batcher:
     """This process's training batcher (LMBatcher or sharded.ShardedBatcher), behind a
     Prefetcher when `data.prefetch` > 0."""
     dc, tc = config.data, config.train
-    if train_tokens is not None:
+    if isinstance(train_tokens, pc.PromptCompletionSplit):
+        if train_tokens.seq_len != seq_len:
+            raise ValueError(f"the prompt/completion rows were checked against seq_len "
+                             f"{train_tokens.seq_len} but the run's is {seq_len}; allowed: set "
+                             "data.seq_len")
+        batcher = train_tokens.batcher(tc.batch_size, config.seed, dc.sampling,
+                                       jax.process_index(), jax.process_count())
+    elif train_tokens is not None:
         batcher = LMBatcher(train_tokens, seq_len, tc.batch_size, config.seed, mode=dc.sampling,
                             process_index=jax.process_index(),
                             process_count=jax.process_count())
@@ -83,6 +122,10 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
 
 def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     """The training tokens, as the start-up line reports them."""
+    if isinstance(train_tokens, pc.PromptCompletionSplit):
+        rows = f"{train_tokens.num_rows:,} rows"
+        return (f"{len(train_tokens):,} ({rows} x {train_tokens.seq_len} positions, padded)"
+                if train_tokens.layout == "pad" else f"{len(train_tokens):,} ({rows}, packed)")
     if train_tokens is not None:
         return f"{len(train_tokens):,}"
     b = batcher.batcher if isinstance(batcher, Prefetcher) else batcher
