@@ -272,3 +272,31 @@ def test_lora_run_sigterm_then_same_command_is_bit_exact(tmp_path, hf_dir, lora_
     assert f"resumed from step {stopped}" in r.stdout and f"steps {stopped}->8" in r.stdout
     assert _losses(wd) == _losses(lora_ref[2]) and len(_losses(wd)) == 8
     assert json.load(open(wd / "summary.json"))["val_loss"] == ref.val_loss
+
+
+def test_dry_run_states_lora_and_full_memory_without_weights(tmp_path, hf_dir):
+    """train.py --dry_run with lora.rank > 0 reads only init.path's config.json: the LoRA plan
+    (frozen int8 base + adapters; optimizer state and gradients of the adapters only) and the
+    full-finetuning plan of the same model."""
+    from gptjax.train.lora_setup import make_setup
+    from gptjax.train.memory import dry_run, memory_plan
+    from gptjax.train.start import init_architecture
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(hf_dir / "config.json", tmp_path / "cfg" / "config.json")  # no weights
+    c = complete(_config(tmp_path, tmp_path / "cfg", lora__rank=8, lora__targets="all",
+                         lora__base_weights="int8"), base_config())
+    text = dry_run(c, str(tmp_path / "wd"), compile_step=False)
+    assert "full finetuning (lora.rank=0), memory plan" in text and "in int8, adapters" in text
+    mc = init_architecture(c)
+    lora_plan = memory_plan(make_setup(c, mc, 3), 4, 16)
+    c.lora.rank, c.lora.base_weights = 0, "fp32"
+    full = memory_plan(make_setup(c, mc, 3), 4, 16)
+    # 2 layers x rank 8 x (in + out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
+    n_ad = 2 * 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert lora_plan["adapters"] == lora_plan["gradients"] == 4 * n_ad
+    assert 2 * 4 * n_ad <= lora_plan["optimizer_state"] < 2 * 4 * n_ad + 64
+    assert full["params"] == 4 * mc.num_params() and full["gradients"] == full["params"]
+    # int8 kernels and embedding (fp32 scales, biases, norms, positions): about a quarter.
+    assert full["params"] / 4.2 < lora_plan["base"] < full["params"] / 3
+    assert lora_plan["params"] == lora_plan["base"] + lora_plan["adapters"]
+    assert not os.path.exists(tmp_path / "wd" / "tokenizer")  # nothing built or read
