@@ -169,8 +169,8 @@ def test_lora_run_merges_and_refuses_another_base(tmp_path, hf_dir, lora_ref):
     here = {"lora": dict(meta["lora"], rank=8), "base": meta["base"]}
     with pytest.raises(CheckpointError, match="has lora.rank=4, this config 8"):
         check_run_meta(8, meta, model_cfg=mc, tokenizer=meta["tokenizer"], init_meta=here)
-    with pytest.raises(CheckpointError, match="holds a LoRA adapters training state but this "
-                       "config trains full"):
+    with pytest.raises(CheckpointError, match=r"holds LoRA adapters but this config trains "
+                       r"the full model \(lora.rank=0\)"):
         check_run_meta(8, meta, model_cfg=mc, tokenizer=meta["tokenizer"], init_meta={})
     shutil.copytree(wd, tmp_path / "run")
     from transformers import GPT2LMHeadModel
