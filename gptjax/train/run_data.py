@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from gptjax.data import LMBatcher, load_tokens, sharded
+from gptjax.data import LMBatcher, eval_batches, load_tokens, sharded
 from gptjax.data import prompt_completion as pc
 from gptjax.data.batcher import Batcher
 from gptjax.data.corpora import default_cache_dir
@@ -146,3 +146,32 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
     batcher.close()
     return (f"[process {jax.process_index()}] data ready: {train_size(batcher, train_tokens)} "
             f"train / {len(val_tokens):,} val tokens, tokenizer in {workdir}/tokenizer")
+
+
+def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, seq_len: int,
+             batch_size: int, max_batches: int = -1) -> float:
+    """Mean next-token loss over non-overlapping windows of a split; of a prompt/completion
+    split, the mean over its completion tokens (its own eval batches and weights).
+
+    Args:
+      setup: the run's setup (its mesh and jitted eval step).
+      params: the parameters, sharded as the setup says.
+      tokens: the split's tokens, or its PromptCompletionSplit.
+      seq_len: the window length.
+      batch_size: windows (rows) per batch (over all processes).
+      max_batches: batches to read; < 0 = the whole split.
+    """
+    tot, wsum = 0.0, 0.0
+    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
+    if isinstance(tokens, pc.PromptCompletionSplit):
+        batches = tokens.eval_batches(batch_size, **where)
+    else:
+        batches = eval_batches(tokens, seq_len, batch_size, **where)
+    with setup.mesh:
+        for i, b in enumerate(batches):
+            if 0 <= max_batches <= i:
+                break
+            s, w = setup.eval_step(params, setup.put_batch(b))
+            tot += float(s)
+            wsum += float(w)
+    return tot / max(wsum, 1.0)
