@@ -9,6 +9,7 @@ import sys
 from absl import app, flags
 
 from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
+from gptjax.runs.export import export_run
 from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
 from gptjax.train.loop import train_and_evaluate
@@ -31,6 +32,10 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "With --topology: number of 
 _PREPARE = flags.DEFINE_bool("prepare_data", False, "Prepare the data and exit: the tokenizer, and "
                              "this process's token files (with data.pipeline=sharded, its share "
                              "of virtual shards; run it on every host, in parallel, once).")
+_EXPORT_HF = flags.DEFINE_string("export_hf", None, "Write the run in --workdir as a transformers "
+                                 "directory (a LoRA run merged into its base) and exit.")
+_EXPORT_PEFT = flags.DEFINE_string("export_peft", None, "Write a LoRA run's adapters (--workdir) "
+                                   "as a PEFT directory (adapter_config.json + safetensors), exit.")
 _COORD = flags.DEFINE_string("coordinator_address", None, "Multi-process: host:port of process 0.")
 _NPROC = flags.DEFINE_integer("num_processes", None, "Multi-process: number of processes.")
 _PID = flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
@@ -49,6 +54,9 @@ def _train(config, workdir):
     maybe_init_distributed(_COORD.value, _NPROC.value, _PID.value)
     if _DRY_RUN.value:
         print(dry_run(config, workdir, topology=_TOPOLOGY.value, num_slices=_NUM_SLICES.value))
+        return
+    if _EXPORT_HF.value or _EXPORT_PEFT.value:
+        print(export_run(workdir, hf_dir=_EXPORT_HF.value, peft_dir=_EXPORT_PEFT.value))
         return
     if _PREPARE.value:
         print(prepare_data(config, workdir))

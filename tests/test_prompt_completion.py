@@ -240,3 +240,32 @@ def test_train_and_evaluate_on_prompt_completion_rows(tmp_path):
         n += len(r.completion)
     assert result.val_loss == pytest.approx(tot / n, rel=1e-5)
     assert vals[-1] == result.val_loss
+
+
+def test_accumulated_loss_is_the_whole_batch_s_weighted_mean():
+    """With weights (completion-only), accumulation gives the same loss and update as one
+    microbatch, however unevenly the completion tokens fall into the microbatches."""
+    import jax.numpy as jnp
+    import optax
+
+    from gptjax import GPTConfig, init_params
+    from gptjax.train.step import TrainState, make_train_step
+
+    cfg = GPTConfig.preset("tiny", vocab_size=64, n_layer=1, n_head=2, n_embd=16, n_ctx=8)
+    params = init_params(cfg, jax.random.key(0))
+    rs = np.random.RandomState(0)
+    batch = {"inputs": rs.randint(0, 64, (4, 8)).astype(np.int32),
+             "targets": rs.randint(0, 64, (4, 8)).astype(np.int32),
+             "weights": np.zeros((4, 8), np.float32)}
+    batch["weights"][0, 2:] = 1.0  # 6 completion tokens in the first microbatch,
+    batch["weights"][3, 7:] = 1.0  # 1 in the second
+    opt = optax.sgd(0.1)
+    out = []
+    for accum in (1, 2):
+        step = jax.jit(make_train_step(cfg, opt, lambda s: 0.1, accum_steps=accum))
+        st = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt.init(params))
+        out.append(step(st, batch, jax.random.key(0)))
+    (s1, m1), (s2, m2) = out
+    np.testing.assert_allclose(m2["loss"], m1["loss"], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

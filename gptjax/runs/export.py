@@ -19,8 +19,9 @@ from gptjax.data.tokenizers import (GPT2BPETokenizer, OpenAIGPTTokenizer, Tokeni
 from gptjax.nn import lora
 from gptjax.nn.convert import ConversionError, config_to_hf, to_hf
 from gptjax.nn.peft import export_peft, from_peft
+from gptjax.runs.pretrained import is_lora_run, load_lora_run, load_pretrained
 
-__all__ = ["export_merged_hf", "export_peft", "from_peft", "write_hf_tokenizer"]
+__all__ = ["export_merged_hf", "export_peft", "export_run", "from_peft", "write_hf_tokenizer"]
 
 
 def export_merged_hf(model_cfg: GPTConfig, base: Any, adapters: Optional[Any], out_dir,
@@ -81,3 +82,46 @@ def write_hf_tokenizer(tokenizer: Union[Tokenizer, str, os.PathLike], out_dir,
     if model_max_length:
         config["model_max_length"] = int(model_max_length)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def export_run(workdir: str, *, hf_dir: Optional[str] = None, peft_dir: Optional[str] = None,
+               step: Optional[int] = None) -> str:
+    """`train.py --workdir RUN --export_hf DIR / --export_peft DIR`: a train.py run's model as a
+    transformers directory (a LoRA run's adapters merged into its base; the run's tokenizer files
+    when it is GPT-2's or GPT-1's BPE) and a LoRA run's adapters as a PEFT directory.
+
+    Args:
+      workdir: the train.py run.
+      hf_dir: where to write the merged transformers directory, or None.
+      peft_dir: where to write the PEFT adapter directory (LoRA runs only), or None.
+      step: the checkpoint step; None = the latest.
+
+    Returns:
+      One line per directory written.
+
+    Raises:
+      ValueError: neither directory given, or peft_dir for a run that is not a LoRA run.
+    """
+    if not hf_dir and not peft_dir:
+        raise ValueError("give --export_hf DIR and/or --export_peft DIR")
+    lines = []
+    if is_lora_run(workdir):
+        model_cfg, base, adapters, _, tokenizer = load_lora_run(workdir, step)
+        with open(os.path.join(workdir, "config.json")) as fh:
+            base_path = json.load(fh)["init"]["path"]
+        if peft_dir:
+            export_peft(model_cfg, adapters, peft_dir, base_model_name_or_path=base_path)
+            lines.append(f"PEFT adapter of {workdir} -> {peft_dir} (base: {base_path})")
+    elif peft_dir:
+        raise ValueError(f"--export_peft: {workdir} is not a LoRA run (config lora.rank is 0); "
+                         "allowed: --export_hf for its full weights")
+    else:
+        model_cfg, base, tokenizer = load_pretrained(workdir=workdir, step=step)
+        adapters = None
+    if hf_dir:
+        tok = tokenizer if isinstance(tokenizer, (GPT2BPETokenizer, OpenAIGPTTokenizer)) else None
+        export_merged_hf(model_cfg, base, adapters, hf_dir, tokenizer=tok)
+        lines.append(f"transformers model of {workdir} -> {hf_dir}"
+                     + ("" if tok else f" (no tokenizer files: its {tokenizer.kind!r} tokenizer "
+                                       "has no transformers equivalent)"))
+    return "\n".join(lines)

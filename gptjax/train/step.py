@@ -132,16 +132,25 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
 
 def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
                  accum_steps: int) -> tuple:
-    """(loss, grads) averaged over `accum_steps` microbatches with a `lax.scan`."""
+    """(loss, grads) over `accum_steps` microbatches with a `lax.scan`: their mean, or, when the
+    batch has `weights` (prompt/completion data), each microbatch's weighted mean counted by its
+    share of the batch's weight, so the loss is the whole batch's weighted mean (as without
+    accumulation) however unevenly the completion tokens fall into microbatches."""
     def split(x):
         return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
 
-    micro = (split(batch["inputs"]), split(batch["targets"]), split(batch.get("weights")),
+    weights = batch.get("weights")
+    micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
              jax.random.split(rng, accum_steps))
+    if weights is not None:
+        total = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1e-8)
 
     def body(acc, mb):
         inputs, targets, w, r = mb
         l, g = grad_fn(params, inputs, targets, w, r)
+        if w is not None:  # the microbatch's share, times accum_steps (divided out below)
+            share = jnp.sum(w.astype(jnp.float32)) / total * accum_steps
+            l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
         return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
 
     zero = (jnp.zeros((), jnp.float32),
