@@ -6,8 +6,11 @@ config.json, a train.py work directory's model_config.json, or the config's own 
 L2 + lambda * L1) is compiled for the longest batch the task can make: `train.batch_size`
 examples of K sequences of `max_len` tokens. Finetuning is data parallel: the batch is split
 over every device and the parameters and optimizer state are replicated on each, as one GPU
-(or each chip of a small slice) holds them. With `topology` the devices are a TPU slice's
-(libtpu, no TPU) or deviceless NVIDIA GPUs' (the CUDA plugin, no GPU) and the report ends with
+(or each chip of a small slice) holds them. With `lora.rank > 0` the step is the LoRA one
+(gptjax.finetune.lora): the state is the adapters, task-token deltas and head with their Adam
+moments, beside the frozen decoder at `lora.base_weights` (fp32, bf16 or int8); run the dry run
+with and without it to compare. With `topology` the devices are a TPU slice's (libtpu, no TPU)
+or deviceless NVIDIA GPUs' (the CUDA plugin, no GPU) and the report ends with
 gptjax.train.topology's `fits:` line.
 """
 

@@ -316,7 +316,7 @@ def forward(model_cfg: GPTConfig, params: dict, tokens_BxKxT: jax.Array, lengths
     return out, logits_NxTxV.reshape(B, K, T, -1)
 
 
-# ================================================================================ LoRA's task tokens
+# ============================================================================ LoRA's task tokens
 # A LoRA run freezes the decoder, but GPT-1's three task tokens are new rows of it, drawn at
 # random: frozen, the model could only route around them. Their deltas are trained instead: a
 # [3, C] leaf added to the (frozen) rows of the new ids where they are read, at the input and in

@@ -4,11 +4,12 @@
 evaluates the dev split(s) after every epoch, keeps the best checkpoint and writes the test
 predictions in the GLUE submission format. Its steps: `prepare` (data, decoder, run files) ->
 `Trainer.fit` (epochs, dev metrics, best checkpoint) -> test predictions -> summary. The decoder
-comes from gptjax.finetune.decoder (`config.init`).
+comes from gptjax.finetune.decoder (`config.init`). With `lora.rank > 0` the decoder is frozen
+and only LoRA adapters, the task-token rows and the head train (gptjax.finetune.lora).
 
 A work directory holds: config.json, model_config.json, finetune.json (task, head, special
-tokens), tokenizer/, metrics.jsonl (train records every `log_every` steps, dev metrics every
-epoch), checkpoints/ (the best epoch only), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
+tokens, a LoRA run's settings), tokenizer/, metrics.jsonl (train records every `log_every`
+steps, dev metrics every epoch), checkpoints/ (the best epoch only), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
 """
 
 from __future__ import annotations
@@ -433,7 +434,7 @@ def _finish(run: FinetuneRun, trainer: Trainer, pred_files: list, t0: float) -> 
     summary = {"task": run.spec.name, "main_metric": key, "best_epoch": best["epoch"],
                "best_step": best["step"], "best": best, "history": trainer.history,
                "train_examples": len(run.train), "steps": trainer.step,
-               "predictions": pred_files, "init": run.config.init.kind,
+               "predictions": pred_files, "init": run.config.init.kind, "lora": run.lora,
                "wall_time_s": time.time() - t0}
     write_summary(run.workdir, summary)
     plot_metrics(os.path.join(run.workdir, METRICS),
