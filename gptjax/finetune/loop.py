@@ -9,7 +9,8 @@ and only LoRA adapters, the task-token rows and the head train (gptjax.finetune.
 
 A work directory holds: config.json, model_config.json, finetune.json (task, head, special
 tokens, a LoRA run's settings), tokenizer/, metrics.jsonl (train records every `log_every`
-steps, dev metrics every epoch), checkpoints/ (the best epoch only), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
+steps, dev metrics every epoch), checkpoints/ (the best epoch only; a LoRA run's holds its
+frozen base too), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
 """
 
 from __future__ import annotations
