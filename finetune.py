@@ -26,7 +26,8 @@ _MODE = flags.DEFINE_enum("mode", "finetune", ["finetune", "zero_shot", "analysi
                           "What to run.")
 _NO_PROGRESS = flags.DEFINE_bool("no_progress", False, "Disable the progress bar.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile the finetuning step (no data, no weights) "
-                             "for the local devices or --topology, print its memory, then exit.")
+                             "for the local devices or --topology, print its memory (a LoRA run's "
+                             "with --config.lora.rank>0), then exit.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "With --dry_run: compile for this TPU slice "
                                 "(v5e:2x2; needs libtpu) or GPUs (h100, h100:8, l4; needs the "
                                 "CUDA plugin).")

@@ -20,6 +20,15 @@ batches, same dropout keys): the sweep's losses equal the trainer's, per seed, t
 runs with a peak learning rate of 1 (its warmup/decay shape and the ratio min_lr / learning_rate
 kept) and its update is scaled by a per-model `step_size` that `optax.inject_hyperparams` keeps
 in the state, where vmap gives each model its own.
+
+LoRA adapters share their base: `finetune_lora_sweep` trains N sets of adapters (GPT-1 task-head
+finetuning with `lora.rank > 0`, gptjax.finetune.lora) over ONE frozen decoder, with
+`jax.vmap(step, in_axes=(0, None, 0, 0))`: the adapters, task-token deltas, heads and their
+optimizer states carry the model axis, the base none (one copy in memory, never donated).
+
+    out = sweep.finetune_lora_sweep(config, workdir, seeds=[0, 1, 2],
+                                    learning_rates=[1e-4, 3e-4, 1e-3])
+    out.losses, out.dev     # [N, steps]; per model the dev metrics of its final adapters
 """
 
 from __future__ import annotations
@@ -38,6 +47,10 @@ import optax
 from gptjax import defaults
 from gptjax.config import GPTConfig
 from gptjax.data import LMBatcher, eval_batches
+from gptjax.finetune import batches as ft_batches
+from gptjax.finetune import heads
+from gptjax.finetune import lora as ft_lora
+from gptjax.finetune import loop as ft_loop
 from gptjax.nn.model import init_boxed
 from gptjax.train.experiment import model_config_from
 from gptjax.train.optim import make_optimizer
@@ -55,6 +68,7 @@ class SweepResult:
       state: the final TrainState, every leaf with a leading model axis N.
       model_config: the architecture (shared).
       wall_time_s: the training loop's wall time (compilation included).
+      dev: finetune_lora_sweep: per model, its dev splits' metrics after the last step.
     """
 
     seeds: list
@@ -64,6 +78,7 @@ class SweepResult:
     state: Any
     model_config: GPTConfig
     wall_time_s: float
+    dev: Optional[list] = None
 
 
 def sweep_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int
@@ -210,6 +225,95 @@ def train_sweep(config: ml_collections.ConfigDict, train_tokens: np.ndarray,
                              int(config.train.eval_batch_size))
     return SweepResult(seeds, [lr if lr is not None else float(config.optim.learning_rate)
                                for lr in lrs], losses, val, state, model_cfg, wall)
+
+
+# ================================================================================ LoRA adapters
+def make_adapter_sweep_step(step_fn: Callable) -> Callable:
+    """jit(vmap(step_fn, in_axes=(0, None, 0, 0))) for a LoRA step `(state, base, batch, rng)`:
+    N adapters' states (model axis 0) over one frozen base; the states are donated, the base
+    is not."""
+    return jax.jit(jax.vmap(step_fn, in_axes=(0, None, 0, 0)), donate_argnums=0)
+
+
+def init_adapter_states(run, lora_cfg, optimizer, seeds: Sequence[int],
+                        learning_rates: Optional[Sequence[float]]):
+    """(stacked TrainState of the trainable leaves, stacked train rngs) of N LoRA models.
+
+    Model i's keys are those `finetune` splits from key(seed): its head, adapters (the head's
+    key folded with 1) and dropout keys are the ones a run with --config.seed=seeds[i] uses.
+    """
+    def init_one(seed_key, lr):
+        _, _, k_head, k_train = jax.random.split(seed_key, 4)
+        head = heads.init_head(k_head, run.head_cfg, run.model_cfg.n_embd)
+        params = ft_lora.init_trainable(run.model_cfg, lora_cfg, head,
+                                        jax.random.fold_in(k_head, 1))
+        opt_state = (optimizer.init(params) if learning_rates is None
+                     else init_opt_state(optimizer, params, lr))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=opt_state), k_train
+
+    keys = jnp.stack([jax.random.key(s) for s in seeds])
+    lrs = jnp.asarray(learning_rates if learning_rates is not None else [0.0] * len(seeds),
+                      jnp.float32)
+    return jax.jit(jax.vmap(init_one))(keys, lrs)
+
+
+def finetune_lora_sweep(config: ml_collections.ConfigDict, workdir: str, *,
+                        seeds: Sequence[int] = (0,),
+                        learning_rates: Optional[Sequence[float]] = None) -> SweepResult:
+    """N LoRA finetuning runs (GPT-1's task heads) at once over one shared frozen decoder.
+
+    Args:
+      config: a finetuning config with lora.rank > 0 (gptjax.defaults.finetune_config); the
+        frozen base (pretrained decoder and the task-token rows) is drawn with its seed.
+      workdir: a new directory for the run files `finetune` writes first (tokenizer, configs).
+      seeds: per model: the head's and adapters' init, the batch order, the dropout keys.
+      learning_rates: per model peak learning rates (None: the config's).
+
+    Returns:
+      A SweepResult: losses [N, steps], the final state (model axis first), and `dev`, each
+      model's dev metrics. Model i is the LoRA run `finetune` makes with --config.seed=seeds[i]
+      given the same base and training examples (those of config.seed) and
+      train.length_bucket = the task's max_len (every sweep batch is padded to max_len):
+      tests/test_sweep.py.
+    """
+    config = defaults.complete(config, defaults.finetune_config(config.task.name))
+    lora_cfg = ft_lora.lora_config(config.lora)
+    if lora_cfg is None:
+        raise ValueError("lora.rank=0: finetune_lora_sweep trains adapters; give lora.rank >= 1")
+    seeds, lrs = _check_models(seeds, learning_rates)
+    run, params = ft_loop.prepare(config, workdir)
+    tc = config.train
+    total = int(tc.epochs) * -(-len(run.train) // int(tc.batch_size))
+    total = min(total, int(tc.max_steps)) if tc.max_steps > 0 else total
+    oc = ft_loop.schedule_optim_config(config, total)
+    optimizer, schedule = (make_optimizer(oc, total) if learning_rates is None
+                           else sweep_optimizer(oc, total))
+    state, rngs = init_adapter_states(run, lora_cfg, optimizer, seeds,
+                                      None if learning_rates is None else lrs)
+    step = make_adapter_sweep_step(ft_loop.make_train_step(
+        run.model_cfg, run.head_cfg, optimizer, schedule, frozen=True))
+    base, losses, t0 = params["decoder"], [], time.time()
+    for epoch in range(int(tc.epochs)):
+        streams = [ft_batches.epoch_batches(run.train, tc.batch_size, s, epoch, run.max_len,
+                                            run.max_len) for s in seeds]
+        for per_model in zip(*streams):
+            if len(losses) >= total:
+                break
+            batch = {k: np.stack([pm[k] for pm in per_model]) for k in per_model[0]}
+            state, metrics = step(state, base, batch, rngs)
+            losses.append(metrics["loss"])
+    losses = np.stack([np.asarray(x) for x in losses], axis=1)
+    dev = []
+    for i in range(len(seeds)):
+        p = jax.tree.map(lambda x, i=i: x[i], state.params)
+        dev.append({f"{s}_{k}": v for s, enc in run.dev.items() for k, v in ft_loop.split_metrics(
+            run.spec, enc, ft_loop.predict(run.model_cfg, run.head_cfg, dict(p, decoder=base),
+                                           enc, tc.eval_batch_size, run.max_len,
+                                           run.max_len)[1]).items()})
+    return SweepResult(seeds, [lr if lr is not None else float(config.optim.learning_rate)
+                               for lr in lrs], losses, None, state, run.model_cfg,
+                       time.time() - t0, dev)
 
 
 # ================================================================================ power law

@@ -179,3 +179,28 @@ def test_finetune_dry_run_for_an_8_gpu_node(tmp_path):
     assert "data parallel over 8 gpu device(s)" in out[0], out[0]
     assert any("8 NVIDIA A100-SXM4-40GB devices" in ln for ln in out), out
     assert re.fullmatch(r"fits: yes \(\d+\.\d\d GiB of 29\.57 GiB per device\)", out[-1]), out[-1]
+
+
+def test_finetune_dry_run_lora_needs_less_than_full(tmp_path):
+    """finetune.py --dry_run --topology rtx4090 for full finetuning and for LoRA: the LoRA state
+    (frozen base + adapters, task-token deltas, head and their Adam moments) is smaller."""
+    import json  # local: only the finetuning dry-run tests write a config.json
+    from gptjax.defaults import finetune_config  # local: finetuning configs only here
+    from gptjax.finetune import finetune_dry_run  # local: finetuning configs only here
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "vocab_size": 500, "n_positions": 64, "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "activation_function": "gelu_new"}))
+    args = {}
+    for rank in (0, 8):
+        c = finetune_config("sst2", "")
+        c.init.kind, c.init.path = "hf", str(tmp_path)
+        c.train.batch_size, c.lora.rank, c.lora.base_weights = 8, rank, "bf16"
+        out = finetune_dry_run(c, "rtx4090").splitlines()
+        assert out[1].startswith("LoRA rank 8" if rank else "full finetuning"), out[1]
+        assert out[-1].startswith("fits: yes"), out[-1]
+        (m,) = [re.search(r"arguments \(params \+ optimizer state \+ batch\) ([\d.]+) MiB", ln)
+                for ln in out if "arguments (" in ln]
+        args[rank] = float(m.group(1))
+    # Full: 136,514 fp32 parameters + 2 moments (1.56 MiB); LoRA: a bf16 base (0.26 MiB) and
+    # 4,418 trainable numbers with their moments.
+    assert args[8] < 0.5 * args[0] and args[0] > 1.5, args

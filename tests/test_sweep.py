@@ -1,5 +1,7 @@
 """gptjax.sweep: N models trained at once with vmap equal each model trained alone."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -114,3 +116,46 @@ def test_power_law_fit_recovers_known_law_and_matches_scipy():
                                          p0=(0.1, 30.0))
     assert fit["alpha"] == pytest.approx(a, rel=1e-5)
     assert np.log(fit["n_c"]) == pytest.approx(log_nc, rel=1e-5)
+
+
+def test_vmap_over_lora_adapters_equals_each_adapter_alone(tmp_path):
+    """Three LoRA adapters (seeds and learning rates) over ONE frozen decoder in one vmapped step
+    train as each does alone in finetune's own Trainer (same base, examples, keys, batches)."""
+    import dataclasses  # local: only the LoRA sweep test rebuilds a run per seed
+    from gptjax.finetune import loop as ft
+    from gptjax.finetune import lora as ft_lora
+    from test_finetune_lora import lora_config  # the tiny scratch SST-2 LoRA run
+    from test_finetune import write_tasks
+
+    c = lora_config(write_tasks(tmp_path / "tasks")["sst2"], epochs=1, predict_test=False)
+    c.task.train_examples, c.train.log_every = 80, 1   # 5 steps
+    seeds, lrs = [0, 1, 2], [1e-2, 1e-2, 3e-2]  # two rates: two compilations of the alone step
+    out = sweep.finetune_lora_sweep(c, str(tmp_path / "sweep"), seeds=seeds, learning_rates=lrs)
+    assert out.losses.shape == (3, 5) and len(out.dev) == 3
+    run, params = ft.prepare(c, str(tmp_path / "base"))
+    base = jax.device_get(params["decoder"])
+    for i, (s, lr) in enumerate(zip(seeds, lrs)):
+        ci = c.copy_and_resolve_references()
+        ci.seed, ci.optim.learning_rate = s, lr
+        k_head, k_train = jax.random.split(jax.random.key(s), 4)[2:]
+        trainable = ft_lora.init_trainable(run.model_cfg, ft_lora.lora_config(c.lora),
+                                           ft.heads.init_head(k_head, run.head_cfg, 32),
+                                           jax.random.fold_in(k_head, 1))
+        wd = tmp_path / f"alone{i}"
+        wd.mkdir()
+        alone = ft.Trainer(dataclasses.replace(run, config=ci, rng=k_train, workdir=str(wd)),
+                           dict(trainable, decoder=params["decoder"]), progress=False)
+        alone.fit()
+        losses = [r["loss"] for r in map(json.loads, open(wd / "metrics.jsonl")) if "loss" in r]
+        print(f"adapter {i}: sweep {out.losses[i]} alone {losses}")
+        np.testing.assert_allclose(out.losses[i], losses, rtol=2e-5, atol=2e-6)
+        got = jax.tree_util.tree_map(lambda x, i=i: np.asarray(x[i]), out.state.params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got),
+                                jax.tree_util.tree_leaves(alone.state.params)):
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-4, atol=1e-5,
+                                       err_msg=jax.tree_util.keystr(path))
+        assert out.dev[i]["dev_accuracy"] == alone.history[-1]["dev_accuracy"]
+        # The base stayed one shared, unchanged copy.
+        assert all(np.array_equal(x, y) for x, y in zip(
+            jax.tree_util.tree_leaves(base), jax.tree_util.tree_leaves(alone.base)))
+    assert min(np.abs(out.losses[i] - out.losses[j]).max() for i, j in [(0, 1), (1, 2)]) > 1e-3

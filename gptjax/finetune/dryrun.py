@@ -6,8 +6,11 @@ config.json, a train.py work directory's model_config.json, or the config's own 
 L2 + lambda * L1) is compiled for the longest batch the task can make: `train.batch_size`
 examples of K sequences of `max_len` tokens. Finetuning is data parallel: the batch is split
 over every device and the parameters and optimizer state are replicated on each, as one GPU
-(or each chip of a small slice) holds them. With `topology` the devices are a TPU slice's
-(libtpu, no TPU) or deviceless NVIDIA GPUs' (the CUDA plugin, no GPU) and the report ends with
+(or each chip of a small slice) holds them. With `lora.rank > 0` the step is the LoRA one
+(gptjax.finetune.lora): the state is the adapters, task-token deltas and head with their Adam
+moments, beside the frozen decoder at `lora.base_weights` (fp32, bf16 or int8); run the dry run
+with and without it to compare. With `topology` the devices are a TPU slice's (libtpu, no TPU)
+or deviceless NVIDIA GPUs' (the CUDA plugin, no GPU) and the report ends with
 gptjax.train.topology's `fits:` line.
 """
 
@@ -27,6 +30,7 @@ from gptjax.config import GPTConfig, parse_execution
 from gptjax.data.tasks import get_task
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS, build_tokenizer
 from gptjax.finetune import heads
+from gptjax.finetune import lora as ft_lora
 from gptjax.finetune.decoder import INIT_KINDS
 from gptjax.finetune.loop import head_config_for, make_train_step, schedule_optim_config
 from gptjax.nn.convert import config_from_hf
@@ -94,6 +98,40 @@ def _abstract_batch(batch: int, k: int, t: int, regression: bool, sharding) -> d
             "weights": leaf((batch,), np.float32)}
 
 
+def _abstract_step(config: ml_collections.ConfigDict, model_cfg: GPTConfig,
+                   head_cfg: heads.HeadConfig, mesh, repl, rows):
+    """(jitted step, its abstract leading arguments, a line naming what trains) for full
+    finetuning (the state: parameters + Adam's moments of all of them) or LoRA (the state:
+    adapters, task-token deltas and head with their moments; beside it the frozen decoder at
+    lora.base_weights, an argument that is not donated)."""
+    optimizer, schedule = make_optimizer(schedule_optim_config(config, 1000), 1000)
+    lora_cfg = ft_lora.lora_config(config.lora)
+    weights = ft_lora.base_weights(config.lora)
+
+    def init_state(rng):
+        head = heads.init_head(rng, head_cfg, model_cfg.n_embd)
+        if lora_cfg is None:
+            params, base = {"decoder": init_params(model_cfg, rng), "head": head}, None
+        else:
+            params = ft_lora.init_trainable(model_cfg, lora_cfg, head, rng)
+            base = ft_lora.frozen_base(model_cfg, init_params(model_cfg, rng), weights)
+        state = TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
+        return state, base
+
+    with mesh:
+        state, base = jax.eval_shape(init_state, jax.random.key(0))
+    state, base = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), (state, base))
+    step_fn = make_train_step(model_cfg, head_cfg, optimizer, schedule, lora_cfg is not None)
+    if lora_cfg is None:
+        step = jax.jit(step_fn, in_shardings=(repl, rows, repl), out_shardings=(repl, repl),
+                       donate_argnums=(0,))
+        return step, (state,), "full finetuning: every parameter trained (fp32 + Adam)"
+    step = jax.jit(step_fn, in_shardings=(repl, repl, rows, repl), out_shardings=(repl, repl),
+                   donate_argnums=(0,))
+    return step, (state, base), ft_lora.describe(lora_cfg, weights, base, state.params)
+
+
 def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = None,
                      num_slices: int = 1) -> str:
     """The finetuning step compiled for the local devices or a TPU slice, as report lines.
@@ -126,30 +164,18 @@ def finetune_dry_run(config: ml_collections.ConfigDict, topology: str | None = N
     head_cfg = head_config_for(config, spec)
     max_len = min(config.task.max_len or model_cfg.n_ctx, model_cfg.n_ctx)
     k = _sequences_per_example(spec.task_type, spec.num_choices, max_len)
-    optimizer, schedule = make_optimizer(schedule_optim_config(config, 1000), 1000)
     mesh = Mesh(np.asarray(devices), ("data",))
     repl, rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-
-    def init_state(rng):
-        params = {"decoder": init_params(model_cfg, rng),
-                  "head": heads.init_head(rng, head_cfg, model_cfg.n_embd)}
-        return TrainState(step=np.int32(0), params=params, opt_state=optimizer.init(params))
-
-    with mesh:
-        state = jax.eval_shape(init_state, jax.random.key(0))
-    state = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl), state)
+    step, args, mode = _abstract_step(config, model_cfg, head_cfg, mesh, repl, rows)
     batch = _abstract_batch(tc.batch_size, k, max_len, head_cfg.regression, rows)
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=repl)
-    step = jax.jit(make_train_step(model_cfg, head_cfg, optimizer, schedule),
-                   in_shardings=(repl, rows, repl), out_shardings=(repl, repl),
-                   donate_argnums=(0,))
     n_params = model_cfg.num_params() + head_cfg.n_out * (model_cfg.n_embd + 1)
     lines = [f"finetune {spec.name} ({spec.task_type}): decoder {model_cfg.n_layer} x "
              f"{model_cfg.n_embd}, vocab {base.vocab_size} + 3 task tokens, {n_params:,} "
              f"parameters (decoder + head); batch {tc.batch_size} examples x {k} sequence(s) x "
              f"{max_len} tokens, data parallel over {len(devices)} {devices[0].platform} "
-             "device(s), parameters and optimizer state replicated"]
-    res = compile_lowered(lambda: step.lower(state, batch, rng), mesh)
+             "device(s), parameters and optimizer state replicated", mode]
+    res = compile_lowered(lambda: step.lower(*args, batch, rng), mesh)
     tokens = tc.batch_size * k * max_len
     flops = model_cfg.flops_per_token(max_len) * tokens
     if topology:

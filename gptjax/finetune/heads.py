@@ -38,6 +38,8 @@ import optax
 from gptjax.checks import check_int
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import check_task_type
+from gptjax.nn import quant
+from gptjax.nn.adapter import COLLECTION, Adapter
 from gptjax.nn.model import GPT
 from gptjax.nn.losses import lm_loss
 
@@ -277,7 +279,9 @@ def forward(model_cfg: GPTConfig, params: dict, tokens_BxKxT: jax.Array, lengths
 
     Args:
       model_cfg: the decoder's architecture (vocabulary including the task tokens).
-      params: {'decoder': GPT params, 'head': head params}.
+      params: {'decoder': GPT params, 'head': head params}; a LoRA run's also hold 'lora' (the
+        adapters, read by the decoder's Linears) and 'tokens' (the task-token rows' deltas, see
+        `task_token_embeds`), and its 'decoder' may be weight-only bf16/int8.
       tokens_BxKxT, lengths_BxK: from `pack`.
       head_cfg: the head.
       deterministic: no dropout anywhere (evaluation).
@@ -291,16 +295,74 @@ def forward(model_cfg: GPTConfig, params: dict, tokens_BxKxT: jax.Array, lengths
         raise ValueError("forward(deterministic=False) needs a dropout rng")
     k_dec, k_head = jax.random.split(rng) if rng is not None else (None, None)
     use_dropout = not deterministic and max(model_cfg.embd_pdrop, model_cfg.attn_pdrop,
-                                            model_cfg.resid_pdrop) > 0
+                                            model_cfg.resid_pdrop, _lora_dropout(params)) > 0
+    variables = {"params": params["decoder"]}
+    if LORA in params:
+        variables[COLLECTION] = params[LORA]
+    tokens_NxT = tokens_BxKxT.reshape(B * K, T)
+    embeds_NxTxC = None
+    if TOKENS in params:
+        embeds_NxTxC = task_token_embeds(model_cfg, params["decoder"], params[TOKENS], tokens_NxT)
     logits_NxTxV, hidden_NxTxC = GPT(model_cfg).apply(
-        {"params": params["decoder"]}, tokens_BxKxT.reshape(B * K, T),
-        deterministic=not use_dropout, rngs={"dropout": k_dec} if use_dropout else None,
-        return_hidden=True)
+        variables, tokens_NxT, deterministic=not use_dropout,
+        rngs={"dropout": k_dec} if use_dropout else None, return_hidden=True,
+        inputs_embeds_BxTxC=embeds_NxTxC)
+    if TOKENS in params:
+        logits_NxTxV = task_token_logits(model_cfg, params[TOKENS], logits_NxTxV, hidden_NxTxC)
     hidden_BxKxTxC = hidden_NxTxC.reshape(B, K, T, -1)
     feats_BxKxC = gather_extract(hidden_BxKxTxC, lengths_BxK)
     out = head_outputs(params["head"], feats_BxKxC, head_cfg, deterministic=deterministic,
                        rng=k_head)
     return out, logits_NxTxV.reshape(B, K, T, -1)
+
+
+# ============================================================================ LoRA's task tokens
+# A LoRA run freezes the decoder, but GPT-1's three task tokens are new rows of it, drawn at
+# random: frozen, the model could only route around them. Their deltas are trained instead: a
+# [3, C] leaf added to the (frozen) rows of the new ids where they are read, at the input and in
+# the tied output head (an untied head gets its own [C, 3] delta). They start at zero, so a new
+# LoRA run computes exactly what a full finetuning run starts from.
+LORA, TOKENS = "lora", "tokens"  # the params keys of a LoRA run's adapters and token deltas
+
+
+def init_task_tokens(model_cfg: GPTConfig) -> dict:
+    """Zero deltas for the three task-token rows: {'wte': [3, C]} (+ {'lm_head': [C, 3]} for an
+    untied output head)."""
+    out = {"wte": jnp.zeros((3, model_cfg.n_embd), jnp.float32)}
+    if not model_cfg.tie_embeddings:
+        out["lm_head"] = jnp.zeros((model_cfg.n_embd, 3), jnp.float32)
+    return out
+
+
+def task_token_embeds(model_cfg: GPTConfig, decoder: dict, deltas: dict,
+                      tokens_NxT: jax.Array) -> jax.Array:
+    """The token embeddings [N, T, C] of `tokens_NxT`, with the task tokens' deltas added: the
+    frozen table's rows (fp32, or a weight-only bf16/int8 table's rows dequantized) plus
+    deltas['wte'][id - V0] for the last three ids V0..V0+2."""
+    dt = jnp.dtype(model_cfg.dtype)
+    table = decoder["wte"]
+    if "embedding_q" in table:
+        rows_NxTxC = quant.take(table["embedding_q"], tokens_NxT, dt)
+    else:
+        rows_NxTxC = jnp.take(table["embedding"], tokens_NxT, axis=0).astype(dt)
+    idx_NxT = tokens_NxT - (model_cfg.vocab_size - 3)
+    extra_NxTxC = jnp.take(deltas["wte"], jnp.clip(idx_NxT, 0, 2), axis=0)
+    return rows_NxTxC + jnp.where((idx_NxT >= 0)[..., None], extra_NxTxC, 0).astype(dt)
+
+
+def task_token_logits(model_cfg: GPTConfig, deltas: dict, logits_NxTxV: jax.Array,
+                      hidden_NxTxC: jax.Array) -> jax.Array:
+    """The LM logits with the task tokens' output rows moved by their deltas (the last three
+    columns get hidden @ delta)."""
+    d_CxK = deltas["wte"].T if model_cfg.tie_embeddings else deltas["lm_head"]
+    extra_NxTxK = jnp.einsum("NTC,CK->NTK", hidden_NxTxC.astype(jnp.float32), d_CxK)
+    return logits_NxTxV.at[..., model_cfg.vocab_size - 3:].add(extra_NxTxK)
+
+
+def _lora_dropout(params: dict) -> float:
+    ads = jax.tree_util.tree_leaves(params.get(LORA, {}),
+                                    is_leaf=lambda x: isinstance(x, Adapter))
+    return max([a.dropout for a in ads if isinstance(a, Adapter)], default=0.0)
 
 
 # ================================================================================ losses

@@ -4,11 +4,13 @@
 evaluates the dev split(s) after every epoch, keeps the best checkpoint and writes the test
 predictions in the GLUE submission format. Its steps: `prepare` (data, decoder, run files) ->
 `Trainer.fit` (epochs, dev metrics, best checkpoint) -> test predictions -> summary. The decoder
-comes from gptjax.finetune.decoder (`config.init`).
+comes from gptjax.finetune.decoder (`config.init`). With `lora.rank > 0` the decoder is frozen
+and only LoRA adapters, the task-token rows and the head train (gptjax.finetune.lora).
 
 A work directory holds: config.json, model_config.json, finetune.json (task, head, special
-tokens), tokenizer/, metrics.jsonl (train records every `log_every` steps, dev metrics every
-epoch), checkpoints/ (the best epoch only), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
+tokens, a LoRA run's settings), tokenizer/, metrics.jsonl (train records every `log_every`
+steps, dev metrics every epoch), checkpoints/ (the best epoch only; a LoRA run's holds its
+frozen base too), predictions/ (e.g. SST-2.tsv), summary.json, loss.png.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import json
 import math
 import os
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -33,14 +35,14 @@ from gptjax import defaults
 from gptjax.checks import check_int
 from gptjax.config import GPTConfig
 from gptjax.data.tasks import TaskData, TaskSpec, get_task, load_task, write_predictions
-from gptjax.data.tokenizers import load_tokenizer
 from gptjax.finetune import heads
+from gptjax.finetune import lora as ft_lora
 from gptjax.finetune.batches import EncodedSplit, encode_examples, epoch_batches, make_batch
 from gptjax.finetune.decoder import init_decoder
 from gptjax.finetune.metrics import compute_metrics
-from gptjax.nn.model import abstract_params
+from gptjax.finetune.saved import Finetuned, load_finetuned  # noqa: F401  (this module's API)
 from gptjax.plotting import plot_metrics
-from gptjax.runs.checkpoint import Checkpointer, CheckpointError
+from gptjax.runs.checkpoint import Checkpointer
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState
 from gptjax.runs.workdir import METRICS, SUMMARY, MetricsWriter, write_run_config, write_summary
@@ -48,7 +50,7 @@ from gptjax.runs.workdir import METRICS, SUMMARY, MetricsWriter, write_run_confi
 
 # ================================================================================ steps
 def make_train_step(model_cfg: GPTConfig, head_cfg: heads.HeadConfig,
-                    optimizer: optax.GradientTransformation, schedule):
+                    optimizer: optax.GradientTransformation, schedule, frozen: bool = False):
     """A pure step `(state, batch, rng) -> (state, metrics)`; dropout key fold_in(rng, step).
 
     Args:
@@ -56,37 +58,44 @@ def make_train_step(model_cfg: GPTConfig, head_cfg: heads.HeadConfig,
       head_cfg: the task head.
       optimizer: the optax transformation.
       schedule: step -> learning rate (logged as 'lr').
+      frozen: a LoRA step `(state, base, batch, rng)`: state.params holds the trainable leaves
+        (gptjax.finetune.lora), `base` the frozen decoder, neither differentiated nor returned.
 
     Returns:
       The step function (not jitted).
     """
 
-    def loss_fn(params, batch, rng):
+    def loss_fn(params, base, batch, rng):
+        params = params if base is None else dict(params, decoder=base)
         return heads.finetune_loss(model_cfg, params, batch, head_cfg, deterministic=False,
                                    rng=rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+    def lora_step(state: TrainState, base, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
-        (loss, aux), grads = grad_fn(state.params, batch, rng)
+        (loss, aux), grads = grad_fn(state.params, base, batch, rng)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "task_loss": aux["task_loss"], "lm_loss": aux["lm_loss"],
                    "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-    return train_step
+    def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        return lora_step(state, None, batch, rng)
+
+    return lora_step if frozen else train_step
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_train_step(model_cfg: GPTConfig, head_cfg: heads.HeadConfig, optim_json: str,
-                       total_steps: int):
+                       total_steps: int, frozen: bool = False):
     """(optimizer, schedule, jitted step), cached by value: the runs of an analysis (and tests)
-    that share architecture, head and schedule compile their step once."""
+    that share architecture, head and schedule compile their step once. A LoRA step's frozen
+    base is not donated."""
     oc = ml_collections.ConfigDict(json.loads(optim_json))
     optimizer, schedule = make_optimizer(oc, total_steps)
-    step = jax.jit(make_train_step(model_cfg, head_cfg, optimizer, schedule),
+    step = jax.jit(make_train_step(model_cfg, head_cfg, optimizer, schedule, frozen),
                    donate_argnums=(0,))
     return optimizer, schedule, step
 
@@ -211,6 +220,7 @@ class FinetuneRun:
     train: EncodedSplit
     dev: dict                 # dev split name -> EncodedSplit
     rng: jax.Array            # the train steps' dropout key
+    lora: Optional[dict] = None  # a LoRA run's settings (gptjax.finetune.lora.to_dict)
 
     @property
     def main_key(self) -> str:
@@ -250,6 +260,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
     tc = config.train
     check_int("train.epochs", tc.epochs)
     check_int("train.batch_size", tc.batch_size)
+    lora_cfg = ft_lora.lora_config(config.lora)
     data, train_ex, dev_ex = _load_splits(config, spec)
 
     k_dec, k_tok, k_head, k_train = jax.random.split(jax.random.key(config.seed), 4)
@@ -257,8 +268,13 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
     model_cfg, dec_params, tokenizer = init_decoder(config, k_dec, workdir, texts)
     model_cfg, dec_params, special = heads.add_special_tokens(model_cfg, dec_params, k_tok)
     head_cfg = head_config_for(config, spec)
-    params = {"decoder": dec_params,
-              "head": heads.init_head(k_head, head_cfg, model_cfg.n_embd)}
+    head = heads.init_head(k_head, head_cfg, model_cfg.n_embd)
+    params = {"decoder": dec_params, "head": head}
+    if lora_cfg is not None:  # the adapters' key: one the full run does not use
+        weights = ft_lora.base_weights(config.lora)
+        params = dict(ft_lora.init_trainable(model_cfg, lora_cfg, head,
+                                             jax.random.fold_in(k_head, 1)),
+                      decoder=ft_lora.frozen_base(model_cfg, dec_params, weights))
     max_len = min(config.task.max_len or model_cfg.n_ctx, model_cfg.n_ctx)
 
     try:  # e.g. a character-level model's alphabet lacks the task's characters
@@ -269,7 +285,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[FinetuneRu
         raise ValueError(f"task {spec.name!r}, decoder from {config.init.kind} "
                          f"{config.init.path or '(scratch)'}: {e}") from None
     run = FinetuneRun(config, workdir, spec, data, model_cfg, head_cfg, special, tokenizer,
-                      max_len, train=train, dev=dev, rng=k_train)
+                      max_len, train=train, dev=dev, rng=k_train,
+                      lora=lora_cfg and ft_lora.to_dict(lora_cfg, weights))
     _write_run_files(run)
     return run, params
 
@@ -280,7 +297,8 @@ def _write_run_files(run: FinetuneRun) -> None:
     write_run_config(run.workdir, run.config, run.model_cfg)
     with open(os.path.join(run.workdir, "finetune.json"), "w") as fh:
         json.dump({"task": run.spec.name, "head": dataclasses.asdict(run.head_cfg),
-                   "special_tokens": run.special.to_dict(), "max_len": run.max_len}, fh,
+                   "special_tokens": run.special.to_dict(), "max_len": run.max_len,
+                   "lora": run.lora}, fh,
                   indent=2)
 
 
@@ -292,7 +310,8 @@ class Trainer:
 
         Args:
           run: what `prepare` built.
-          params: the initial parameters (donated to the first step).
+          params: the initial parameters (donated to the first step; a LoRA run's 'decoder' is
+            its frozen base, kept apart from the state and never donated).
           progress: show a progress bar.
         """
         tc, mc = run.config.train, run.model_cfg
@@ -301,16 +320,24 @@ class Trainer:
         self.total_steps = tc.epochs * steps_per_epoch
         if tc.max_steps > 0:
             self.total_steps = min(self.total_steps, tc.max_steps)
-        optimizer, _, self.train_step = _jitted_train_step(
+        frozen = run.lora is not None
+        self.base = params["decoder"] if frozen else None
+        trainable = {k: v for k, v in params.items() if k != "decoder"} if frozen else params
+        optimizer, _, step = _jitted_train_step(
             mc, run.head_cfg,
             schedule_optim_config(run.config, self.total_steps).to_json(sort_keys=True),
-            self.total_steps)
-        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=optimizer.init(params))
+            self.total_steps, frozen)
+        self.train_step = step if not frozen else (
+            lambda state, batch, rng: step(state, self.base, batch, rng))
+        self.state = TrainState(step=jnp.zeros((), jnp.int32), params=trainable,
+                                opt_state=optimizer.init(trainable))
         print(f"finetune {run.spec.name} ({run.spec.task_type}): {len(run.train)} train "
               f"examples, {steps_per_epoch} steps/epoch, {self.total_steps} steps; decoder "
               f"{mc.n_layer} x {mc.n_embd}, vocab {mc.vocab_size} (+3 task tokens), max_len "
               f"{run.max_len}; init {run.config.init.kind}", flush=True)
+        if frozen:
+            print(ft_lora.describe(*ft_lora.from_dict(run.lora), self.base, trainable),
+                  flush=True)
         self.writer = MetricsWriter(run.workdir)
         self.ckpt = Checkpointer(os.path.join(run.workdir, "checkpoints"), save_every=1, keep=1,
                                  async_save=False)
@@ -320,6 +347,13 @@ class Trainer:
         self.best: dict | None = None
         self.best_params = None
         self.history: list = []
+
+    @property
+    def params(self) -> dict:
+        """The model's parameters now: the state's, with a LoRA run's frozen base as 'decoder'."""
+        if self.base is None:
+            return self.state.params
+        return dict(self.state.params, decoder=self.base)
 
     def fit(self) -> None:
         """Every epoch until the last step: train, score the dev splits, keep the best."""
@@ -363,7 +397,7 @@ class Trainer:
         run, tc = self.run, self.run.config.train
         rec = {"step": self.step, "epoch": epoch + 1}
         for s, enc in run.dev.items():
-            _, preds = predict(run.model_cfg, run.head_cfg, self.state.params, enc,
+            _, preds = predict(run.model_cfg, run.head_cfg, self.params, enc,
                                tc.eval_batch_size, tc.length_bucket, run.max_len)
             rec.update({f"{s}_{k}": v for k, v in split_metrics(run.spec, enc, preds).items()})
         self.writer.write(rec)
@@ -373,8 +407,8 @@ class Trainer:
         key = run.main_key
         if self.best is None or _finite(rec[key]) > _finite(self.best[key]):
             self.best = rec
-            self.best_params = jax.device_get(self.state.params)
-            self.ckpt.save(self.step, {"params": self.state.params},
+            self.best_params = jax.device_get(self.params)
+            self.ckpt.save(self.step, {"params": self.params},
                            {"epoch": epoch + 1, "step": self.step, "metrics": rec}, force=True)
 
 
@@ -401,7 +435,7 @@ def _finish(run: FinetuneRun, trainer: Trainer, pred_files: list, t0: float) -> 
     summary = {"task": run.spec.name, "main_metric": key, "best_epoch": best["epoch"],
                "best_step": best["step"], "best": best, "history": trainer.history,
                "train_examples": len(run.train), "steps": trainer.step,
-               "predictions": pred_files, "init": run.config.init.kind,
+               "predictions": pred_files, "init": run.config.init.kind, "lora": run.lora,
                "wall_time_s": time.time() - t0}
     write_summary(run.workdir, summary)
     plot_metrics(os.path.join(run.workdir, METRICS),
@@ -432,54 +466,3 @@ def finetune(config: ml_collections.ConfigDict, workdir: str, progress: bool = T
     summary = _finish(run, trainer, _predict_test(run, trainer.best_params), t0)
     return dict(summary, params=trainer.best_params, model_config=run.model_cfg,
                 head_config=run.head_cfg, tokenizer=run.tokenizer, special=run.special)
-
-
-# ================================================================================ loading back
-@dataclasses.dataclass
-class Finetuned:
-    """A finetuned model loaded back from its work directory."""
-
-    model_config: GPTConfig
-    head_config: heads.HeadConfig
-    params: dict
-    tokenizer: Any
-    special: heads.SpecialTokens
-    spec: TaskSpec
-    max_len: int
-    meta: dict
-
-
-def load_finetuned(workdir: str) -> Finetuned:
-    """The best checkpoint of a `finetune` work directory, with what it needs to predict.
-
-    Args:
-      workdir: a directory `finetune` wrote.
-
-    Returns:
-      The Finetuned model.
-
-    Raises:
-      CheckpointError: `workdir` is not a finetuning run.
-    """
-    workdir = os.path.abspath(workdir)
-    info_path = os.path.join(workdir, "finetune.json")
-    if not os.path.isfile(info_path):
-        raise CheckpointError(f"{workdir} is not a finetuning work directory (no finetune.json)")
-    with open(info_path) as fh:
-        info = json.load(fh)
-    with open(os.path.join(workdir, "model_config.json")) as fh:
-        model_cfg = GPTConfig.from_dict(json.load(fh))
-    head_cfg = heads.HeadConfig(**info["head"])
-    abstract = {"params": {
-        "decoder": abstract_params(model_cfg),
-        "head": jax.eval_shape(lambda: heads.init_head(jax.random.key(0), head_cfg,
-                                                       model_cfg.n_embd))}}
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
-    try:
-        state, meta = ckpt.restore(abstract)
-    finally:
-        ckpt.close()
-    return Finetuned(model_cfg, head_cfg, state["params"],
-                     load_tokenizer(os.path.join(workdir, "tokenizer")),
-                     heads.SpecialTokens(**info["special_tokens"]), get_task(info["task"]),
-                     info["max_len"], meta)
