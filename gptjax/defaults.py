@@ -244,7 +244,9 @@ def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.
     c.head.lm_coef = 0.5                 # lambda in L3 = L2 + lambda * L1
     c.head.dropout = 0.1                 # on the extracted features
 
-    c.lora = _finetune_lora()
+    # rank > 0 freezes the decoder and trains LoRA adapters, the three task-token rows and the
+    # head (gptjax.finetune.lora); the same fields as train.py's.
+    c.lora = lora_config()
 
     c.optim = optim_config(learning_rate=6.25e-5, warmup_steps=0, schedule="linear", min_lr=0.0,
                            b2=0.999, weight_decay=0.01)
@@ -305,20 +307,6 @@ def _finetune_init() -> ml_collections.ConfigDict:
     i.execution = ""                     # workdir/hf: execution overrides of the pretrained
                                          # decoder, e.g. 'attention_impl=xla,remat=full'
     return i
-
-
-def _finetune_lora() -> ml_collections.ConfigDict:
-    """The `lora` block of a finetuning config (the same fields as train.py's): rank 0 trains the
-    whole decoder as GPT-1 did; rank > 0 freezes it and trains LoRA adapters (gptjax.nn.lora),
-    the three task-token rows and the head (gptjax.finetune.lora)."""
-    lo = ml_collections.ConfigDict()
-    lo.rank = 0                          # 0 = off (full finetuning)
-    lo.alpha = 16.0                      # the branch is scaled by alpha / rank
-    lo.dropout = 0.0                     # on the adapters' input while training
-    lo.targets = "attn.c_attn"           # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc,
-                                         # mlp.c_proj (or PEFT's c_attn, c_proj, c_fc; all)
-    lo.base_weights = "fp32"             # the frozen decoder as stored: fp32, bf16 or int8
-    return lo
 
 
 def complete(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigDict
