@@ -262,3 +262,62 @@ def test_dry_run_states_lora_and_full_memory_without_weights(tmp_path, hf_dir):
     assert full["params"] / 4.2 < lora_plan["base"] < full["params"] / 3
     assert lora_plan["params"] == lora_plan["base"] + lora_plan["adapters"]
     assert not os.path.exists(tmp_path / "wd" / "tokenizer")  # nothing built or read
+
+
+def test_prompt_completion_first_loss_equals_transformers_labels_minus_100(tmp_path, hf_dir):
+    """Prompt/completion rows from a transformers GPT-2 directory: the first logged loss is
+    transformers' loss on the run's step-0 batch with labels=-100 on prompt and padding."""
+    import torch  # the reference library, only here
+    import transformers
+
+    rows = [{"prompt": f"Q: what is {i} plus {i}?\nA:", "completion": f" {2 * i}."}
+            for i in range(40)]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = _config(tmp_path, hf_dir, train__steps=1)
+    c.data.dataset, c.data.path, c.data.pc_layout = "prompt_completion", str(path), "pad"
+    wd = str(tmp_path / "run")
+    loop.train_and_evaluate(c, wd, progress=False)
+    run = loop.prepare(complete(c, base_config()), wd)
+    b = run.batcher.batch(0)
+    run.batcher.close()
+    assert 0 < b["weights"].sum() < b["weights"].size  # prompts and padding are left out
+    ids = np.concatenate([b["inputs"], b["targets"][:, -1:]], 1)
+    labels = np.full_like(ids, -100)
+    labels[:, 1:] = np.where(b["weights"] > 0, b["targets"], -100)
+    with torch.no_grad():
+        ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()(
+            torch.tensor(ids, dtype=torch.long),
+            labels=torch.tensor(labels, dtype=torch.long)).loss.item()
+    got = _losses(wd)[1]
+    assert abs(got - ref) <= 1e-5 * abs(ref), (got, ref)
+
+
+def test_export_peft_and_merged_hf_of_a_lora_run(tmp_path, hf_dir, lora_ref):
+    """train.py --export_peft / --export_hf (gptjax.runs.export.export_run) of a LoRA run: peft
+    loads the adapter over transformers' GPT-2 and equals gptjax's adapters over the fp32 base;
+    the merged directory equals the run's merged model."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from gptjax.runs.export import export_run
+    _, _, wd = lora_ref
+    out = export_run(str(wd), hf_dir=str(tmp_path / "hf"), peft_dir=str(tmp_path / "peft"))
+    assert "PEFT adapter" in out and "transformers model" in out
+    mc, _, adapters, _, _ = load_lora_run(str(wd))
+    _, base32, _ = load_pretrained(hf_dir=str(hf_dir))
+    x = np.arange(3, 19, dtype=np.int32)[None]
+    ours = np.asarray(lora.apply(mc, base32, adapters, x))
+    model = PeftModel.from_pretrained(
+        transformers.GPT2LMHeadModel.from_pretrained(hf_dir), str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(x, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-5, atol=1e-5 * np.abs(ours).max())
+    mc2, merged, _ = load_pretrained(workdir=str(wd))
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        exported = hf(torch.tensor(x, dtype=torch.long)).logits.numpy()
+    want = np.asarray(GPT(mc2).apply({"params": merged}, x))
+    np.testing.assert_allclose(exported, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    assert (tmp_path / "hf" / "vocab.json").exists()

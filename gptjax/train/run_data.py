@@ -27,6 +27,7 @@ from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
 from gptjax.train.experiment import build_source, model_config_from, run_tokenizer
 from gptjax.multihost import main_process_first
+from gptjax.train.start import init_architecture
 
 PIPELINES = ("single", "sharded")
 
@@ -69,8 +70,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
 def pc_seq_len(config: ml_collections.ConfigDict, tokenizer: Any) -> int:
     """The sequence length prompt/completion rows are checked against: data.seq_len, else the
-    model's n_ctx (as `loop.prepare` takes it)."""
-    return config.data.seq_len or model_config_from(config, tokenizer.vocab_size).n_ctx
+    model's n_ctx (the pretrained model's with init.kind hf/workdir, as `loop.prepare` takes it)."""
+    if config.data.seq_len:
+        return config.data.seq_len
+    return (init_architecture(config) or model_config_from(config, tokenizer.vocab_size)).n_ctx
 
 
 def load_prompt_completion(config: ml_collections.ConfigDict, workdir: str) -> tuple:
