@@ -271,7 +271,7 @@ def sample_after_training(config: ml_collections.ConfigDict, result: TrainResult
     prompt = sc.prompt or "\n"
     ids = tok.encode(prompt) or [tok.eos_id or 0]
     max_new = min(sc.max_new_tokens, mc.n_ctx - len(ids))
-    out = sampling.generate(mc, result.state.params, [ids], max_new_tokens=max_new,
+    out = sampling.generate(mc, result.model_params(), [ids], max_new_tokens=max_new,
                             temperature=sc.temperature, top_k=sc.top_k,
                             eos_id=tok.eos_id, rng=jax.random.key(config.seed))
     new_ids = [int(t) for t in out.tokens[0][: int(out.lengths[0])]]

@@ -58,8 +58,13 @@ def base_config() -> ml_collections.ConfigDict:
     """The pretraining experiment (train.py): every field a config may override, with its default."""
     c = ml_collections.ConfigDict()
     c.seed = 0
+    # Where the first step starts from (train_init). With kind 'hf' or 'workdir' the architecture
+    # and the tokenizer are the pretrained model's: `model` (but its execution, see
+    # init.execution) and `tokenizer` are then not used.
+    c.init = train_init()
     c.model = model_config("tiny", vocab_size=0)
     c.model_vocab_multiple = 1
+    c.lora = lora_config()
 
     c.data = ml_collections.ConfigDict()
     c.data.dataset = "python_stdlib"     # or 'local_text' (with path) or any tfds name (data_dir)
@@ -129,6 +134,43 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.temperature = 0.8
     c.sample.top_k = 40
     return c
+
+
+def train_init() -> ml_collections.ConfigDict:
+    """The `init` block of a train.py config: the weights the first step starts from.
+
+    kind 'scratch' (random init of `model`, a tokenizer built as `tokenizer` says), 'hf' (a local
+    transformers GPT-2 / OpenAI-GPT directory at `path`) or 'workdir' (a train.py work directory
+    at `path`). With 'hf'/'workdir' the run's architecture and tokenizer are the pretrained
+    model's (saved into the run's tokenizer/ and model_config.json; `model` and `tokenizer` are
+    not used); a resumed run continues from its own checkpoint (gptjax.train.start).
+    """
+    i = ml_collections.ConfigDict()
+    i.kind = "scratch"
+    i.path = ""
+    i.step = -1                          # workdir: its checkpoint step; <= 0 = the latest
+    i.tokenizer_path = ""                # hf: GPT-2 BPE files (default: init.path) or a gptjax
+                                         # tokenizer directory
+    i.execution = ""                     # hf/workdir: the execution to train with, e.g.
+                                         # 'remat=full,attn_pdrop=0.0' (gptjax.config
+                                         # .parse_execution); '' = the pretrained model's
+    return i
+
+
+def lora_config() -> ml_collections.ConfigDict:
+    """The `lora` block of a train.py config (gptjax.nn.lora): rank 0 trains every parameter.
+
+    rank > 0 trains only the adapters of `targets` over the frozen pretrained base (init.kind
+    'hf' or 'workdir'), held in `base_weights` ('fp32', or weight-only 'bf16'/'int8': QLoRA-style).
+    """
+    lo = ml_collections.ConfigDict()
+    lo.rank = 0                          # 0 = off (full finetuning)
+    lo.alpha = 16.0                      # the branch is scaled by alpha / rank
+    lo.dropout = 0.0                     # on the branch's input, while training
+    lo.targets = "attn.c_attn"           # comma-separated: attn.c_attn, attn.c_proj, mlp.c_fc,
+                                         # mlp.c_proj (or PEFT's c_attn, c_proj, c_fc; all)
+    lo.base_weights = "fp32"             # the frozen base: fp32, bf16 or int8 (gptjax.nn.quant)
+    return lo
 
 
 def finetune_config(task: str, path: str = "", **task_fields) -> ml_collections.ConfigDict:

@@ -12,18 +12,22 @@ line (a `scan_layers` change moves the parameters to the other layout).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
 from typing import Optional, Union
 
 import jax
+import numpy as np
 
 from gptjax.config import EXECUTION_FIELDS, GPTConfig, describe_changes, parse_execution
 from gptjax.data.tokenizers import from_hf_files, load_tokenizer, tokenizer_info
+from gptjax.nn import lora as lora_lib
 from gptjax.nn.convert import from_hf
 from gptjax.nn.model import abstract_params
-from gptjax.nn.param_layout import convert_layout
+from gptjax.nn.param_layout import convert_layout, unstack_layers
+from gptjax.nn.quant import quantize_params
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
 
 
@@ -92,7 +96,8 @@ def load_pretrained(*, workdir: Optional[str] = None, hf_dir: Optional[str] = No
     outputs (arrays placed on the trainer's mesh would make each compile twice).
 
     Args:
-      workdir: a train.py work directory (its latest checkpoint, or `step`, and its tokenizer).
+      workdir: a train.py work directory (its latest checkpoint, or `step`, and its tokenizer);
+        of a LoRA run (lora.rank > 0), the base with its adapters merged (`lora.merge`).
       hf_dir: a local transformers GPT-2 / OpenAI-GPT directory (or OpenAI's TF checkpoint).
       tokenizer_path: with hf_dir, where its tokenizer is (default: hf_dir): a gptjax tokenizer
         directory (tokenizer.json, no vocab.json), or GPT-2's / OpenAI GPT's BPE files.
@@ -143,6 +148,13 @@ def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
     workdir = os.path.abspath(workdir)
     if not os.path.exists(os.path.join(workdir, "config.json")):
         raise CheckpointError(f"{workdir} is not a gptjax work directory (no config.json)")
+    if is_lora_run(workdir):
+        model_cfg, base, adapters, _, tokenizer = load_lora_run(workdir, step, overrides)
+        params = jax.device_get(lora_lib.merge(model_cfg, base, adapters))
+        want = model_cfg.with_execution(**overrides)  # (the run's layout, unless asked)
+        if want.scan_layers != model_cfg.scan_layers:
+            params = convert_layout(want, params, want.scan_layers)
+        return want, jax.device_put(params), tokenizer
     with open(os.path.join(workdir, "model_config.json")) as fh:
         model_cfg = GPTConfig.from_dict(json.load(fh)).with_execution(**overrides)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
@@ -177,3 +189,86 @@ def _load_hf(hf_dir: str, tok_path: str):
         raise ValueError(f"tokenizer in {tok_path!r} has {tokenizer.vocab_size} ids but the model "
                          f"in {hf_dir!r} only {model_cfg.vocab_size} embeddings")
     return model_cfg, jax.device_put(params), tokenizer
+
+
+# ================================================================================ LoRA runs
+def params_fingerprint(model_cfg: GPTConfig, params) -> str:
+    """A short hash of a parameter tree: its paths, shapes and an evenly strided sample of up to
+    ~64K values of each array, in the per-layer layout (the same for either `scan_layers`)."""
+    if "h" in params:
+        params = unstack_layers(model_cfg, params)
+    h = hashlib.sha256()
+    for path, x in sorted(jax.tree_util.tree_leaves_with_path(params),
+                          key=lambda kv: jax.tree_util.keystr(kv[0])):
+        flat = np.asarray(x).reshape(-1)
+        h.update(f"{jax.tree_util.keystr(path)}{np.shape(x)}".encode())
+        h.update(np.ascontiguousarray(flat[::max(1, flat.size // 65536)], np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def is_lora_run(workdir: str) -> bool:
+    """Whether `workdir` is a train.py run of LoRA adapters (its config.json's lora.rank > 0)."""
+    try:
+        with open(os.path.join(workdir, "config.json")) as fh:
+            return int((json.load(fh).get("lora") or {}).get("rank", 0)) > 0
+    except (OSError, ValueError):
+        return False
+
+
+def load_lora_run(workdir: str, step: Optional[int] = None,
+                  execution: Union[dict, str, None] = None):
+    """The parts of a LoRA train.py run (lora.rank > 0), for merging and export.
+
+    The base is loaded again from where the run's checkpoint says it came from (its init kind,
+    path and step) and must have the fingerprint recorded there; it comes back as the run trained
+    over it: fp32, or weight-only bf16/int8 (`lora.base_weights`; `lora.merge` dequantizes).
+
+    Args:
+      workdir: the LoRA run's work directory.
+      step: its checkpoint step; None = the latest.
+      execution: execution overrides, as for `load_pretrained` (the layout stays the run's).
+
+    Returns:
+      (GPTConfig, base params, adapters (gptjax.nn.lora's tree), LoraConfig, tokenizer).
+
+    Raises:
+      CheckpointError: not a LoRA run, a checkpoint that does not match the run, or a base that
+        changed since the run trained on it.
+    """
+    overrides = parse_execution(execution) if isinstance(execution, str) else dict(execution or {})
+    workdir = os.path.abspath(workdir)
+    if not is_lora_run(workdir):
+        raise CheckpointError(f"{workdir} is not a LoRA run (its config.json has no lora.rank > 0)")
+    with open(os.path.join(workdir, "model_config.json")) as fh:
+        model_cfg = GPTConfig.from_dict(json.load(fh))
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
+    try:
+        meta = ckpt.restore_meta(step)
+        step = ckpt.latest_step() if step is None else step
+        check_checkpoint_meta(step, meta, model_cfg=model_cfg,
+                              tokenizer=tokenizer_info(tokenizer))
+        lo, src = meta["lora"], meta["base"]
+        lora_cfg = lora_lib.LoraConfig(rank=lo["rank"], alpha=lo["alpha"], dropout=lo["dropout"],
+                                       targets=tuple(lo["targets"]))
+        overrides["scan_layers"] = saved_execution(meta, model_cfg)["scan_layers"]
+        model_cfg = model_cfg.with_execution(**overrides)
+        adapters = ckpt.restore_params(lora_lib.abstract_lora(
+            model_cfg.with_execution(attention_impl="xla"), lora_cfg), step)
+    finally:
+        ckpt.close()
+    if src["kind"] == "hf":
+        base_cfg, base, _ = load_pretrained(hf_dir=src["path"], execution=overrides,
+                                            tokenizer_path=src.get("tokenizer_path") or None)
+    else:
+        base_cfg, base, _ = load_pretrained(workdir=src["path"], step=src["step"],
+                                            execution=overrides)
+    found = params_fingerprint(base_cfg, base)
+    if base_cfg.architecture() != model_cfg.architecture() or found != src["fingerprint"]:
+        raise CheckpointError(f"the base of LoRA run {workdir} ({src['kind']} {src['path']} step "
+                              f"{src['step']}) changed: fingerprint {found}, the run trained on "
+                              f"{src['fingerprint']}; put that base back")
+    if lo["base_weights"] != "fp32":
+        base = quantize_params(model_cfg, base, lo["base_weights"])
+    return model_cfg, base, jax.tree_util.tree_map(jax.numpy.asarray, adapters), lora_cfg, \
+        tokenizer

@@ -22,7 +22,9 @@ from gptjax.config import ConfigError, GPTConfig, check_scan_config
 from gptjax.data import TextSource, get_source
 from gptjax.data.lm import MODES as SAMPLING
 from gptjax.data.tokenizers import KINDS as TOKENIZER_KINDS
-from gptjax.data.tokenizers import Tokenizer, build_tokenizer, load_tokenizer
+from gptjax.data.tokenizers import Tokenizer, build_tokenizer, fingerprint, load_tokenizer
+from gptjax.runs.checkpoint import CheckpointError
+from gptjax.train.start import check_init_config, init_architecture, init_tokenizer
 from gptjax.train.optim import SCHEDULES
 
 NONFINITE = ("skip", "halt")
@@ -57,8 +59,11 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     _check_data(config.data)
     _choice("tokenizer.kind", config.tokenizer.kind, tuple(TOKENIZER_KINDS))
 
-    # The architecture, with a stand-in vocabulary when it comes from the tokenizer.
-    model_cfg = model_config_from(config, vocab_size=256)
+    check_init_config(config)
+
+    # The architecture (a pretrained model's, from its config file), with a stand-in vocabulary
+    # when it comes from the tokenizer.
+    model_cfg = init_architecture(config) or model_config_from(config, vocab_size=256)
     seq_len = config.data.seq_len or model_cfg.n_ctx
     if seq_len > model_cfg.n_ctx:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the position table "
@@ -174,7 +179,8 @@ def build_source(config: ml_collections.ConfigDict) -> TextSource:
 
 def run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: TextSource
                   ) -> Tokenizer:
-    """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built.
+    """The run's tokenizer: loaded from `workdir/tokenizer` if the run has one, else built (or,
+    with init.kind 'hf'/'workdir', the pretrained model's: gptjax.train.start.init_tokenizer).
 
     A built one is saved there. A character tokenizer learns the character set of every split
     (as nanoGPT's prepare.py does), so no validation character is unknown; a SentencePiece one
@@ -186,6 +192,16 @@ def run_tokenizer(config: ml_collections.ConfigDict, workdir: str, source: TextS
       source: the run's text dataset.
     """
     tok_dir = os.path.join(workdir, "tokenizer")
+    if config.init.kind != "scratch":  # the pretrained model's, saved with the run
+        tok = init_tokenizer(config)
+        if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
+            saved = load_tokenizer(tok_dir)
+            if fingerprint(saved) != fingerprint(tok):
+                raise CheckpointError(f"{workdir} holds another tokenizer than init.path="
+                                      f"{config.init.path!r}'s; use another --workdir")
+            return saved
+        tok.save(tok_dir)
+        return tok
     if os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         return load_tokenizer(tok_dir)
     tc = config.tokenizer

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import ml_collections
@@ -30,7 +30,7 @@ from gptjax.plotting import plot_metrics
 from gptjax.runs import faults
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
 from gptjax.nn.param_layout import convert_layout
-from gptjax.runs.pretrained import check_checkpoint_meta, execution_change, saved_execution
+from gptjax.runs.pretrained import execution_change, saved_execution
 from gptjax.runs.workdir import (
     METRICS,
     MetricsWriter,
@@ -42,10 +42,12 @@ from gptjax.runs.workdir import (
     write_summary,
 )
 from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
+from gptjax.train.lora_setup import LoraSetup, load_base, make_setup, new_state
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
 from gptjax.train.run_data import load_data, make_batcher, train_size
 from gptjax.train.setup import Setup
+from gptjax.train.start import check_run_meta, init_architecture
 from gptjax.train.step import TrainState
 
 
@@ -79,6 +81,11 @@ class TrainResult:
     state: Optional[TrainState] = dataclasses.field(default=None, repr=False)
     tokenizer: Optional[Tokenizer] = dataclasses.field(default=None, repr=False)
     model_config: Optional[GPTConfig] = dataclasses.field(default=None, repr=False)
+    merge: Optional[Callable] = dataclasses.field(default=None, repr=False)
+
+    def model_params(self):
+        """The state's parameters (a LoRA run's: its base with the adapters merged)."""
+        return self.state.params if self.merge is None else self.merge(self.state.params)
 
     def summary(self) -> dict:
         """The JSON summary (summary.json): every field but the live objects and `preempted`."""
@@ -104,6 +111,7 @@ class Run:
     ckpt: Checkpointer
     init_rng: jax.Array
     train_rng: jax.Array
+    init_meta: dict  # what checkpoints record of a LoRA run: its `lora` settings and `base`
 
     @property
     def is_main(self) -> bool:
@@ -153,10 +161,11 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     os.makedirs(workdir, exist_ok=True)
     dc = config.data
     source, tokenizer, train_tokens, val_tokens = load_data(config, workdir)
-    if config.tokenizer.kind != tokenizer.kind:
+    pretrained = init_architecture(config)  # (init.kind hf/workdir: its tokenizer is the run's)
+    if pretrained is None and config.tokenizer.kind != tokenizer.kind:
         raise CheckpointError(f"tokenizer.kind={config.tokenizer.kind!r} but {workdir} holds a "
                               f"{tokenizer.kind!r} tokenizer; use another --workdir")
-    model_cfg = model_config_from(config, tokenizer.vocab_size)
+    model_cfg = pretrained or model_config_from(config, tokenizer.vocab_size)
     seq_len = dc.seq_len or model_cfg.n_ctx
     if len(val_tokens) < seq_len + 1:  # found now, not at the first evaluation
         raise ValueError(f"the {dc.val_split!r} split has {len(val_tokens)} tokens, shorter than "
@@ -170,8 +179,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                         keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
     # (init, train, sample): gptjax.sweep splits each model's key the same way.
     init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
+    setup = make_setup(config, model_cfg, tc.steps)
     return Run(config, workdir, t_start, tokenizer, train_tokens, val_tokens, model_cfg, seq_len,
-               Setup(config, model_cfg, tc.steps), batcher, ckpt, init_rng, train_rng)
+               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup))
 
 
 def _saved_layout_setup(run: Run, meta: dict) -> Setup:
@@ -180,8 +190,11 @@ def _saved_layout_setup(run: Run, meta: dict) -> Setup:
     saved_scan = saved_execution(meta, run.model_cfg)["scan_layers"]
     if saved_scan == run.model_cfg.scan_layers:
         return run.setup
+    if isinstance(run.setup, LoraSetup):  # (its base is in the run's layout)
+        raise CheckpointError(f"a LoRA run resumes in its layout: scan_layers={saved_scan}")
     return Setup(run.config, run.model_cfg.with_execution(scan_layers=saved_scan),
                  run.config.train.steps)
+
 
 
 def restore_or_init(run: Run) -> tuple[TrainState, dict]:
@@ -197,8 +210,8 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     with run.setup.mesh:
         resumed = run.ckpt.restore_latest(
             lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(),
-            functools.partial(check_checkpoint_meta, model_cfg=run.model_cfg,
-                              tokenizer=run.tok_info))
+            functools.partial(check_run_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info,
+                              init_meta=run.init_meta))
     carried = {"skipped_steps": 0, "train_loss": float("nan")}
     if resumed is not None:
         latest, state, meta = resumed
@@ -223,7 +236,7 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                 print(f"resuming step {latest} with another execution: {execution}", flush=True)
             print(f"resumed from step {latest} ({run.ckpt.directory})", flush=True)
     else:
-        state = run.setup.init_state(run.init_rng)
+        state = new_state(run.config, run.setup, run.init_rng)  # init.kind's weights
         truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
     if run.is_main:  # only now: a run refused above must not overwrite the work directory's files
         write_run_config(run.workdir, run.config, run.model_cfg)
@@ -267,7 +280,7 @@ class Trainer:
         return {"model_config": self.run.model_cfg.to_dict(),
                 "data": dict(self.run.batcher.state(), step=step),
                 "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped,
-                "train_loss": self.last_train_loss}
+                "train_loss": self.last_train_loss, **self.run.init_meta}
 
     @property
     def stopped(self) -> bool:
@@ -396,7 +409,8 @@ class Trainer:
             val_loss=val_loss, skipped_steps=self.n_skipped,
             wall_time_s=time.time() - run.t_start, params=run.model_cfg.num_params(),
             peak_flops=self.peak, peak_source=self.peak_source, preempted=self.preempted,
-            state=state, tokenizer=run.tokenizer, model_config=run.model_cfg)
+            state=state, tokenizer=run.tokenizer, model_config=run.model_cfg,
+            merge=getattr(run.setup, "merged", None))
 
 
 # ================================================================================ finish

@@ -44,7 +44,11 @@ class Setup:
         self.rules = shd.rules_from_config(config.mesh.rules)
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
         self._shard_state()
-        repl = self.repl
+        self._build_steps()
+
+    def _build_steps(self) -> None:
+        """The jitted train and eval steps on the mesh."""
+        config, model_cfg, repl = self.config, self.model_cfg, self.repl
         step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
                                   accum_steps=config.train.accum_steps,
                                   nonfinite=config.train.nonfinite)
@@ -68,7 +72,7 @@ class Setup:
         with self.mesh:
             boxed = jax.eval_shape(lambda: init_boxed(self.model_cfg, jax.random.key(0)))
             self.abstract_state = jax.eval_shape(self._init_fn, jax.random.key(0))
-        self.logical_specs = nn.get_partition_spec(boxed)
+        self.logical_specs = self._trained_logical_specs(nn.get_partition_spec(boxed))
         shd.check_rules_cover(self.logical_specs, self.rules)
         param_sh = shd.logical_to_shardings(self.logical_specs, self.mesh, self.rules)
         shd.check_divisible(self.abstract_state.params, param_sh)
@@ -83,6 +87,10 @@ class Setup:
         self._init_jit = jax.jit(self._with_rules(self._init_fn),
                                  out_shardings=self.state_shardings)
 
+    def _trained_logical_specs(self, model_specs):
+        """The logical axes of the trained parameters (`state.params`): the model's."""
+        return model_specs
+
     def _with_rules(self, fn):
         """Trace `fn` with the logical axis rules active, so activation constraints apply."""
         @functools.wraps(fn)
@@ -95,6 +103,16 @@ class Setup:
         """Initialise straight into the sharded layout (no full copy on one device)."""
         with self.mesh:
             return self._init_jit(rng)
+
+    def state_from_params(self, params) -> TrainState:
+        """A step-0 state of given (pretrained) parameters, sharded, with a new optimizer state."""
+        def make(p):
+            return TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                              opt_state=self.optimizer.init(p))
+        with self.mesh:
+            params = jax.device_put(params, self.state_shardings.params)
+            return jax.jit(self._with_rules(make), out_shardings=self.state_shardings,
+                           donate_argnums=(0,))(params)
 
     def abstract_sharded_state(self):
         """The state's ShapeDtypeStructs with their target shardings (to restore into)."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from gptjax.config import GPTConfig
+from gptjax.nn.adapter import COLLECTION
 from gptjax.nn.losses import lm_loss
 from gptjax.nn.model import GPT
 
@@ -53,9 +54,47 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
                              rngs={"dropout": rng} if use_dropout else None)
         return lm_loss(logits, targets, weights)
 
-    grad_fn = jax.value_and_grad(loss_fn)
+    update = _make_update(optimizer, schedule, accum_steps, nonfinite)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
+        return update(jax.value_and_grad(loss_fn), state, batch, rng)
+
+    return train_step
+
+
+def make_lora_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
+                         schedule: Callable, *, lora_dropout: float = 0.0, accum_steps: int = 1,
+                         nonfinite: str = "skip") -> Callable:
+    """The LoRA train step: `train_step(state, base, batch, rng) -> (state, metrics)`.
+
+    `state.params` (and the optimizer state) are the adapters only (gptjax.nn.lora); the frozen
+    `base` parameters are an argument (fp32 or weight-only bf16/int8), never differentiated or
+    updated. Otherwise as `make_train_step` (accumulation, the non-finite policy, the dropout key
+    `fold_in(rng, step)`, which also drives the adapters' dropout when `lora_dropout` > 0).
+    """
+    model = GPT(model_cfg)
+    use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop,
+                      lora_dropout) > 0
+    update = _make_update(optimizer, schedule, accum_steps, nonfinite)
+
+    def train_step(state: TrainState, base: Any, batch: dict, rng: jax.Array):
+        def loss_fn(adapters, inputs, targets, weights, rng):
+            logits = model.apply({"params": base, COLLECTION: adapters}, inputs,
+                                 deterministic=not use_dropout,
+                                 rngs={"dropout": rng} if use_dropout else None)
+            return lm_loss(logits, targets, weights)
+        return update(jax.value_and_grad(loss_fn), state, batch, rng)
+
+    return train_step
+
+
+def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int,
+                 nonfinite: str) -> Callable:
+    """`update(grad_fn, state, batch, rng) -> (state, metrics)`: the gradients of `grad_fn`
+    (value_and_grad of a loss of (params, inputs, targets, weights, rng)) over the batch, one
+    optimizer update and the non-finite policy (see `make_train_step`)."""
+
+    def update(grad_fn: Callable, state: TrainState, batch: dict, rng: jax.Array):
         rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
             loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"],
@@ -88,7 +127,7 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
                    "update_norm": update_norm, "skipped": (~ok).astype(jnp.int32)}
         return new_state, metrics
 
-    return train_step
+    return update
 
 
 def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
@@ -112,14 +151,21 @@ def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
     return loss, jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
 
 
-def make_eval_step(model_cfg: GPTConfig) -> Callable:
-    """`eval_step(params, batch) -> (sum of weighted nll, sum of weights)`, no dropout."""
+def make_eval_step(model_cfg: GPTConfig, lora: bool = False) -> Callable:
+    """`eval_step(params, batch) -> (sum of weighted nll, sum of weights)`, no dropout; with
+    `lora`, `eval_step(base, adapters, batch)`."""
     model = GPT(model_cfg)
 
-    def eval_step(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
+    def weighted_nll(variables, batch):
+        logits = model.apply(variables, batch["inputs"])
         w = batch["weights"].astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         return jnp.sum(nll * w), jnp.sum(w)
 
-    return eval_step
+    def lora_eval_step(base, adapters, batch):
+        return weighted_nll({"params": base, COLLECTION: adapters}, batch)
+
+    def eval_step(params, batch):
+        return weighted_nll({"params": params}, batch)
+
+    return lora_eval_step if lora else eval_step
