@@ -188,3 +188,44 @@ def test_mesh_errors_are_one_line():
     c.mesh.rules = [["batch", ["data", "fsdp"]], ["embed", "fsdp"]]
     with pytest.raises(shd.ShardingError, match="has no rule"):
         Setup(c, model_config_from(c), 10)
+
+
+# ================================================================================ LoRA
+@functools.lru_cache(maxsize=None)
+def _lora_setup(mesh, weights):
+    """A LoraSetup (rank 4, the four matrices) over the fp32 init of `_config`'s model, held as
+    `weights`, on `mesh`."""
+    from gptjax.nn.model import init_params
+    from gptjax.train.lora_setup import LoraSetup
+    from gptjax.train.start import lora_settings
+    c = _config(mesh)
+    c.lora.rank, c.lora.targets, c.lora.base_weights = 4, "all", weights
+    c.init.kind = "hf"
+    mc = model_config_from(c)
+    setup = LoraSetup(c, mc, 10, lora_settings(c),
+                      devices=jax.devices()[:1] if mesh == (1, 1, 1) else None)
+    setup.set_base(init_params(mc, jax.random.key(0)))
+    return setup
+
+
+@pytest.mark.parametrize("mesh, weights", [((1, 8, 1), "fp32"), ((1, 2, 4), "int8")])
+def test_lora_steps_on_a_sharded_base_equal_one_device(mesh, weights):
+    ref_setup, setup = _lora_setup((1, 1, 1), weights), _lora_setup(mesh, weights)
+    base_before = jax.device_get(setup.base)
+    ref_state, ref_losses = _two_steps(ref_setup)
+    state, losses = _two_steps(setup)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(jax.device_get(state.params)),
+                            jax.tree_util.tree_leaves(jax.device_get(ref_state.params))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+    # The base is sharded (the fsdp/tensor axes of its kernels), not donated, never changed.
+    for (path, x0), x1 in zip(jax.tree_util.tree_leaves_with_path(base_before),
+                              jax.tree_util.tree_leaves(setup.base)):
+        np.testing.assert_array_equal(x0, jax.device_get(x1), err_msg=jax.tree_util.keystr(path))
+    fc = setup.base["h_0"]["mlp"]["c_fc"]
+    fc = fc["kernel"] if weights == "fp32" else fc["kernel_q"].values
+    assert shd.shard_count(fc.sharding, fc.ndim) == 8, fc.sharding  # (embed, mlp) over all 8
+    # The adapters follow their kernels' axes (A: input, B: output; rank never split).
+    ad = state.params["h_0"]["mlp"]["c_fc"]["adapter"]
+    want = {(1, 8, 1): (8, 1), (1, 2, 4): (2, 4)}[mesh]
+    assert (shd.shard_count(ad.a.sharding, 2), shd.shard_count(ad.b.sharding, 2)) == want

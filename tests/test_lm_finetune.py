@@ -24,7 +24,7 @@ from gptjax.runs.pretrained import load_lora_run, load_pretrained
 from gptjax.train import loop
 from gptjax.train.experiment import check_train_config
 from gptjax.train.lora_setup import LoraSetup
-from gptjax.train.start import lora_settings
+from gptjax.train.start import check_run_meta, lora_settings
 
 TEXT = "".join(f"Line {i}: Now is the winter of our discontent, made glorious summer.\n"
                for i in range(120))
@@ -44,22 +44,24 @@ def hf_dir(tmp_path_factory):
     return conftest.hf_gpt2_dir(tmp_path_factory.mktemp("hf"), 64)
 
 
+def _settings(tmp, hf, changes) -> dict:
+    """configs/finetune_shakespeare.py's changes for a tiny run from `hf`: 16-token windows,
+    batch 4, no accumulation, 3 steps (unless `changes` say otherwise: 'train__steps' is
+    train.steps); data a small text file under `tmp`."""
+    return dict({
+        "init.path": str(hf), "data.path": str(conftest.tiny_corpus(tmp, TEXT)),
+        "data.cache_dir": str(tmp / "cache"), "data.data_dir": str(tmp / "tfds"),
+        "data.seq_len": 16, "train.batch_size": 4, "train.accum_steps": 1, "train.steps": 3,
+        "train.eval_every": 0, "train.eval_batches": 1, "train.eval_batch_size": 4,
+        "train.save_every": 2, "train.async_checkpointing": False, "sample.max_new_tokens": 0,
+        "optim.learning_rate": 1e-2},  # (a tiny random model: steps that move)
+        **{k.replace("__", "."): v for k, v in changes.items()})
+
+
 def _config(tmp, hf, **changes):
-    """configs/finetune_shakespeare.py from `hf`, made tiny: 16-token windows, batch 4, no
-    accumulation, steps as `changes` say; data a small text file under `tmp`."""
     c = _shakespeare_config()
-    c.init.path = str(hf)
-    c.data.path = str(conftest.tiny_corpus(tmp, TEXT))
-    c.data.cache_dir = str(tmp / "cache")
-    c.data.seq_len = 16
-    c.train.batch_size, c.train.accum_steps, c.train.steps = 4, 1, 3
-    c.train.eval_every, c.train.eval_batches, c.train.eval_batch_size = 0, 1, 4
-    c.train.save_every = 2
-    c.train.async_checkpointing = False
-    c.sample.max_new_tokens = 0
-    c.optim.learning_rate = 1e-2  # (tiny random model: steps that move)
-    for k, v in changes.items():
-        section, name = k.split("__")
+    for k, v in _settings(tmp, hf, changes).items():
+        section, name = k.split(".")
         c[section][name] = v
     return c
 
@@ -75,46 +77,40 @@ def test_hf_init_first_loss_equals_transformers_then_resume(tmp_path, hf_dir):
 
     hf = tmp_path / "hf"
     shutil.copytree(hf_dir, hf)
-    c = _config(tmp_path, hf, train__steps=4)
-    full = loop.train_and_evaluate(c, str(tmp_path / "full"), progress=False)
+    wd = str(tmp_path / "run")
+    loop.train_and_evaluate(_config(tmp_path, hf, train__steps=2), wd, progress=False)
     # The first logged loss is transformers' loss on the run's batch of step 0.
-    run = loop.prepare(complete(_config(tmp_path, hf, train__steps=4), base_config()),
-                       str(tmp_path / "full"))
+    run = loop.prepare(complete(_config(tmp_path, hf), base_config()), wd)
     b = run.batcher.batch(0)
     run.batcher.close()
     ids = torch.tensor(np.concatenate([b["inputs"], b["targets"][:, -1:]], 1), dtype=torch.long)
     with torch.no_grad():
         ref = transformers.GPT2LMHeadModel.from_pretrained(hf).eval()(ids, labels=ids).loss.item()
-    first = _losses(tmp_path / "full")[1]
-    assert abs(first - ref) <= 1e-5 * abs(ref), (first, ref)
+    losses = _losses(wd)
+    assert abs(losses[1] - ref) <= 1e-5 * abs(ref), (losses[1], ref)
     # The run holds the pretrained model's tokenizer and architecture, not config.model's.
-    saved = json.load(open(tmp_path / "full" / "model_config.json"))
+    saved = json.load(open(os.path.join(wd, "model_config.json")))
     assert (saved["n_layer"], saved["n_embd"], saved["vocab_size"], saved["n_ctx"]) == (
         2, 32, 50257, 64)
     assert run.tokenizer.kind == "gpt2_bpe" and run.tokenizer.vocab_size == 50257
-    # Stopped after 2 steps, then resumed from its own checkpoint (the weights file is gone):
-    # the same losses as the uninterrupted run, bit for bit.
-    loop.train_and_evaluate(_config(tmp_path, hf, train__steps=2), str(tmp_path / "res"),
-                            progress=False)
+    # Resumed, it continues from its own checkpoint of step 2 (the weights file is gone).
     os.remove(hf / "model.safetensors")
-    resumed = loop.train_and_evaluate(c, str(tmp_path / "res"), progress=False)
-    assert _losses(tmp_path / "res") == _losses(tmp_path / "full")
-    assert resumed.val_loss == full.val_loss and _losses(tmp_path / "full")[4] < first
+    res = loop.train_and_evaluate(_config(tmp_path, hf, train__steps=3), wd, progress=False)
+    after = _losses(wd)
+    assert res.step == 3 and sorted(after) == [1, 2, 3] and after[2] == losses[2]
+    assert after[3] < losses[1]
 
 
-def test_workdir_init_starts_from_the_runs_weights(tmp_path):
-    corpus = conftest.tiny_corpus(tmp_path)
-    pre = conftest.tiny_run_config(corpus, tmp_path, {
-        "train.steps": 2, "train.save_every": 2, "train.async_checkpointing": False})
-    loop.train_and_evaluate(pre, str(tmp_path / "pre"), progress=False)
-    c = conftest.tiny_run_config(corpus, tmp_path, {
-        "train.steps": 1, "train.async_checkpointing": False})
-    c.init.kind, c.init.path = "workdir", str(tmp_path / "pre")
+def test_workdir_init_starts_from_the_runs_weights(tmp_path, tiny_run):
+    """init.kind=workdir from conftest's tiny train.py run (its step-8 checkpoint)."""
+    c = conftest.tiny_run_config(conftest.tiny_corpus(tmp_path), tmp_path, {
+        "train.steps": 1, "train.async_checkpointing": False, "train.eval_batch_size": 64})
+    c.init.kind, c.init.path, c.init.step = "workdir", str(tiny_run[0]), 8
     c.init.execution = "embd_pdrop=0,attn_pdrop=0,resid_pdrop=0"
     c.model.n_embd = 64  # not used: the architecture is the run's
     c.tokenizer.kind = "sentencepiece"  # not used either
     res = loop.train_and_evaluate(c, str(tmp_path / "ft"), progress=False)
-    mc, params, tok = load_pretrained(workdir=str(tmp_path / "pre"))
+    mc, params, tok = load_pretrained(workdir=str(tiny_run[0]), step=8)
     assert res.model_config.architecture() == mc.architecture() and res.tokenizer.kind == "char"
     run = loop.prepare(complete(c, base_config()), str(tmp_path / "ft"))
     b = run.batcher.batch(0)
@@ -122,6 +118,8 @@ def test_workdir_init_starts_from_the_runs_weights(tmp_path):
     logits = GPT(mc).apply({"params": params}, b["inputs"])
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), b["targets"][..., None], -1)
     np.testing.assert_allclose(_losses(tmp_path / "ft")[1], float(nll.mean()), rtol=1e-6)
+    meta = json.load(open(tmp_path / "ft" / "checkpoints" / "1" / "meta" / "metadata"))
+    assert "lora" not in meta and meta["model_config"]["n_embd"] == 32
 
 
 def _lora_setup(weights, devices=None, fsdp=1):
@@ -143,8 +141,9 @@ def _lora_setup(weights, devices=None, fsdp=1):
     return setup
 
 
-@pytest.mark.parametrize("weights", ["fp32", "int8"])
-def test_lora_steps_move_only_adapters(weights):
+def test_lora_steps_move_only_adapters_over_an_int8_base():
+    """(An fp32 base, sharded and not: tests/multidevice_sharding.py.)"""
+    weights = "int8"
     setup = _lora_setup(weights)
     base_before = jax.device_get(setup.base)
     x = np.random.RandomState(0).randint(0, 256, (8, 17)).astype(np.int32)
@@ -159,8 +158,7 @@ def test_lora_steps_move_only_adapters(weights):
     for x0, x1 in zip(jax.tree_util.tree_leaves(base_before),
                       jax.tree_util.tree_leaves(jax.device_get(setup.base))):
         assert x0.dtype == x1.dtype and np.array_equal(x0, x1)  # bitwise
-    if weights == "int8":
-        assert any(x.dtype == np.int8 for x in jax.tree_util.tree_leaves(base_before))
+    assert any(x.dtype == np.int8 for x in jax.tree_util.tree_leaves(base_before))
     # Every adapter's B moved from zero; optimizer state only for adapters.
     for (_, ad0), (_, ad1) in zip(lora.adapters(a0), lora.adapters(jax.device_get(state.params))):
         assert not ad0.b.any() and ad1.b.any()
@@ -170,36 +168,58 @@ def test_lora_steps_move_only_adapters(weights):
     assert n_opt == 2 * n_ad  # Adam's two moments of the adapters, nothing of the base
 
 
-def test_lora_run_merges_refuses_another_base_and_resumes(tmp_path, hf_dir):
-    hf = tmp_path / "hf"
-    shutil.copytree(hf_dir, hf)
-    c = _config(tmp_path, hf, train__steps=2, lora__rank=4, lora__targets="c_attn,mlp.c_fc")
-    loop.train_and_evaluate(c, str(tmp_path / "lora"), progress=False)
-    wd = str(tmp_path / "lora")
-    mc, base, adapters, lcfg, tok = load_lora_run(wd)
-    assert lcfg.rank == 4 and lcfg.targets == ("attn.c_attn", "mlp.c_fc")
-    assert tok.kind == "gpt2_bpe" and any(ad.b.any() for _, ad in lora.adapters(adapters))
-    ckpt_files = os.listdir(tmp_path / "lora" / "checkpoints" / "2" / "state")
-    assert ckpt_files  # adapters + their optimizer state only: far smaller than the base
+# A LoRA run over the tiny GPT-2 (bf16 base, adapter dropout on, all four matrices), 8 steps.
+LORA = {"train__steps": 8, "lora__rank": 4, "lora__targets": "c_attn,c_proj,mlp.c_fc",
+        "lora__dropout": 0.1, "lora__base_weights": "bf16", "train__eval_every": 4}
+
+
+@pytest.fixture(scope="module")
+def lora_ref(tmp_path_factory, hf_dir):
+    """(folder, the LoRA run's result, its work directory), trained in-process once."""
+    tmp = tmp_path_factory.mktemp("lora")
+    res = loop.train_and_evaluate(_config(tmp, hf_dir, **LORA), str(tmp / "ref"), progress=False)
+    return tmp, res, tmp / "ref"
+
+
+def test_lora_run_merges_and_refuses_another_base(tmp_path, hf_dir, lora_ref):
+    _, res, wd = lora_ref
+    mc, base, adapters, lcfg, tok = load_lora_run(str(wd))
+    assert (lcfg.rank, lcfg.alpha, lcfg.dropout) == (4, 16.0, 0.1)
+    assert lcfg.targets == ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    assert tok.kind == "gpt2_bpe" and all(ad.b.any() for _, ad in lora.adapters(adapters))
+    assert base["h_0"]["attn"]["c_attn"]["kernel_q"].values.dtype == jnp.bfloat16
+    # A checkpoint holds the adapters and their optimizer state only: far less than the base.
     size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in
-               os.walk(tmp_path / "lora" / "checkpoints" / "2") for f in fs)
-    assert size < os.path.getsize(hf / "model.safetensors") / 4, size
+               os.walk(wd / "checkpoints" / "8" / "state") for f in fs)
+    assert size < os.path.getsize(hf_dir / "model.safetensors") / 4, size
+    meta = json.load(open(wd / "checkpoints" / "8" / "meta" / "metadata"))
+    assert meta["lora"]["base_weights"] == "bf16" and meta["base"]["kind"] == "hf"
+    assert len(meta["base"]["fingerprint"]) == 16
     # load_pretrained(workdir=<LoRA run>) is the merged model: sample/eval/serve read it as is.
-    mc2, merged, _ = load_pretrained(workdir=wd)
+    mc2, merged, _ = load_pretrained(workdir=str(wd))
     x = np.arange(16, dtype=np.int32)[None]
     np.testing.assert_allclose(GPT(mc2).apply({"params": merged}, x),
-                               lora.apply(mc, base, adapters, x), rtol=1e-5, atol=1e-6)
-    # Resuming with another rank, or over another base, is refused in one line.
-    with pytest.raises(CheckpointError, match="lora.rank=4"):
-        loop.train_and_evaluate(_config(tmp_path, hf, train__steps=3, lora__rank=8,
-                                        lora__targets="c_attn,mlp.c_fc"), wd, progress=False)
+                               lora.apply(mc, base, adapters, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(jax.device_get(res.model_params()["wpe"]["embedding"]),
+                                  merged["wpe"]["embedding"])
+    # Resuming with other LoRA settings, without LoRA, or over another base is refused in one
+    # line (the last through a run).
+    here = {"lora": dict(meta["lora"], rank=8), "base": meta["base"]}
+    with pytest.raises(CheckpointError, match="has lora.rank=4, this config 8"):
+        check_run_meta(8, meta, model_cfg=mc, tokenizer=meta["tokenizer"], init_meta=here)
+    with pytest.raises(CheckpointError, match="holds a LoRA adapters training state but this "
+                       "config trains full"):
+        check_run_meta(8, meta, model_cfg=mc, tokenizer=meta["tokenizer"], init_meta={})
+    shutil.copytree(wd, tmp_path / "run")
     from transformers import GPT2LMHeadModel
-    m = GPT2LMHeadModel.from_pretrained(hf)
+    m = GPT2LMHeadModel.from_pretrained(hf_dir)
     m.transformer.h[0].mlp.c_fc.weight.data += 1.0
-    m.save_pretrained(hf)
-    c3 = _config(tmp_path, hf, train__steps=3, lora__rank=4, lora__targets="c_attn,mlp.c_fc")
+    m.save_pretrained(tmp_path / "hf2")
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(hf_dir / f, tmp_path / "hf2" / f)
     with pytest.raises(CheckpointError, match="another base") as e:
-        loop.train_and_evaluate(c3, wd, progress=False)
+        loop.train_and_evaluate(_config(lora_ref[0], tmp_path / "hf2", **LORA),
+                                str(tmp_path / "run"), progress=False)
     assert "\n" not in str(e.value)
 
 
@@ -221,3 +241,62 @@ def test_bad_init_and_lora_config_is_one_line(tmp_path, hf_dir, change, fragment
     with pytest.raises(ConfigError) as e:
         check_train_config(complete(c, base_config()))
     assert fragment in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_lora_run_sigterm_then_same_command_is_bit_exact(tmp_path, hf_dir, lora_ref):
+    """A LoRA run (adapter dropout on) stopped by SIGTERM, then the same command: the losses and
+    the final validation loss of an uninterrupted run (in-process), bit for bit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    tmp, ref, _ = lora_ref
+    wd = tmp_path / "run"
+    cmd = [sys.executable, "train.py", "--config=configs/finetune_shakespeare.py",
+           f"--workdir={wd}", "--no_progress",
+           *(f"--config.{k}={v}" for k, v in _settings(tmp, hf_dir, LORA).items())]
+    env = conftest.subprocess_env()
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=dict(env, GPTJAX_FAULT_STEP_SLEEP_S="0.5"))
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None and not (
+            (wd / "metrics.jsonl").exists() and len(_losses(wd)) >= 3):
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
+    stopped = int(out.split("SIGTERM: stopped after step ")[1].split()[0])
+    assert 3 <= stopped < 8 and not (wd / "summary.json").exists()
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"resumed from step {stopped}" in r.stdout and f"steps {stopped}->8" in r.stdout
+    assert _losses(wd) == _losses(lora_ref[2]) and len(_losses(wd)) == 8
+    assert json.load(open(wd / "summary.json"))["val_loss"] == ref.val_loss
+
+
+def test_dry_run_states_lora_and_full_memory_without_weights(tmp_path, hf_dir):
+    """train.py --dry_run with lora.rank > 0 reads only init.path's config.json: the LoRA plan
+    (frozen int8 base + adapters; optimizer state and gradients of the adapters only) and the
+    full-finetuning plan of the same model."""
+    from gptjax.train.lora_setup import make_setup
+    from gptjax.train.memory import dry_run, memory_plan
+    from gptjax.train.start import init_architecture
+    (tmp_path / "cfg").mkdir()
+    shutil.copy(hf_dir / "config.json", tmp_path / "cfg" / "config.json")  # no weights
+    c = complete(_config(tmp_path, tmp_path / "cfg", lora__rank=8, lora__targets="all",
+                         lora__base_weights="int8"), base_config())
+    text = dry_run(c, str(tmp_path / "wd"), compile_step=False)
+    assert "full finetuning (lora.rank=0), memory plan" in text and "in int8, adapters" in text
+    mc = init_architecture(c)
+    lora_plan = memory_plan(make_setup(c, mc, 3), 4, 16)
+    c.lora.rank, c.lora.base_weights = 0, "fp32"
+    full = memory_plan(make_setup(c, mc, 3), 4, 16)
+    # 2 layers x rank 8 x (in + out) of c_attn, attn.c_proj, c_fc, mlp.c_proj
+    n_ad = 2 * 8 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert lora_plan["adapters"] == lora_plan["gradients"] == 4 * n_ad
+    assert 2 * 4 * n_ad <= lora_plan["optimizer_state"] < 2 * 4 * n_ad + 64
+    assert full["params"] == 4 * mc.num_params() and full["gradients"] == full["params"]
+    # int8 kernels and embedding (fp32 scales, biases, norms, positions): about a quarter.
+    assert full["params"] / 4.2 < lora_plan["base"] < full["params"] / 3
+    assert lora_plan["params"] == lora_plan["base"] + lora_plan["adapters"]
+    assert not os.path.exists(tmp_path / "wd" / "tokenizer")  # nothing built or read

@@ -14,6 +14,7 @@ The output layer adds the fp32 logits and their gradient, 2 x 4 bytes x s*b*V/t.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -23,13 +24,16 @@ import numpy as np
 
 from gptjax import defaults
 from gptjax import sharding as shd
+from gptjax.nn.lora import num_lora_params
 from gptjax.train.experiment import (
     build_source,
     check_train_config,
     model_config_from,
     run_tokenizer,
 )
+from gptjax.train.lora_setup import LoraSetup, make_setup
 from gptjax.train.setup import Setup
+from gptjax.train.start import init_architecture
 from gptjax.train.topology import (
     INSTALL_HINT,
     dcn_for_slices,
@@ -66,18 +70,26 @@ def activation_bytes(model_cfg, micro_batch_per_device: int, seq_len: int, tenso
 
 
 def memory_plan(setup, batch_size: int, seq_len: int, accum_steps: int = 1) -> dict:
-    """Per-device bytes of a train step on `setup`'s mesh; nothing is allocated."""
+    """Per-device bytes of a train step on `setup`'s mesh; nothing is allocated.
+
+    Of a LoRA setup (gptjax.train.lora_setup): `params` is the frozen base as it is held
+    (`base`: fp32, bf16 or int8 with its scales) plus the adapters (`adapters`); the optimizer
+    state and the gradients are the adapters' only.
+    """
     st, sh = setup.abstract_state, setup.state_shardings
     mesh = setup.mesh
     dp = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = max(1, batch_size // (dp * accum_steps))
-    params = _nbytes_per_device(st.params, sh.params)
+    trained = _nbytes_per_device(st.params, sh.params)
+    base = (_nbytes_per_device(setup.abstract_base, setup.base_shardings)
+            if isinstance(setup, LoraSetup) else 0)
     opt = _nbytes_per_device(st.opt_state, sh.opt_state)
-    grads = params  # one gradient per parameter, same layout (fp32 accumulators under accum>1)
+    grads = trained  # one gradient per trained parameter, same layout (fp32 under accum>1)
     acts = activation_bytes(setup.model_cfg, micro, seq_len, mesh.shape["tensor"])
-    return dict(params=params, optimizer_state=opt, gradients=grads, activations=acts,
-                total=params + opt + grads + acts, micro_batch_per_device=micro,
-                devices=mesh.size)
+    params = base + trained
+    return dict(params=params, base=base, adapters=trained if base else 0, optimizer_state=opt,
+                gradients=grads, activations=acts, total=params + opt + grads + acts,
+                micro_batch_per_device=micro, devices=mesh.size)
 
 
 def compiled_memory(setup, batch_size: int, seq_len: int) -> dict | None:
@@ -111,6 +123,28 @@ def sharding_table(setup) -> list:
         rows.append((jax.tree_util.keystr(path), tuple(shp.shape), tuple(logical),
                      tuple(sh.spec), n // shd.shard_count(sh, len(shp.shape))))
     return rows
+
+
+def plan_lines(setup, config: ml_collections.ConfigDict, seq_len: int, what: str = "") -> list:
+    """The memory plan of `setup`'s train step as report lines (`what` names the plan)."""
+    tc, mc = config.train, setup.model_cfg
+    plan = memory_plan(setup, tc.batch_size, seq_len, tc.accum_steps)
+    lines = [f"{what}memory plan per device (batch {tc.batch_size}, seq {seq_len}, "
+             f"micro-batch/device {plan['micro_batch_per_device']}, remat {mc.remat}, "
+             f"compute {mc.dtype}, params {mc.param_dtype}):"]
+    if isinstance(setup, LoraSetup):
+        lc = setup.lora_cfg
+        lines[0] = (f"LoRA (rank {lc.rank}, alpha {lc.alpha:g}, targets {', '.join(lc.targets)}; "
+                    f"{num_lora_params(setup.abstract_state.params):,} trained parameters) "
+                    f"{lines[0][:-2]}, base {setup.base_weights}):")
+        lines += [f"  {'params':16s} {format_bytes(plan['params'])} (frozen base "
+                  f"{format_bytes(plan['base'])} in {setup.base_weights}, adapters "
+                  f"{format_bytes(plan['adapters'])})"]
+    else:
+        lines += [f"  {'params':16s} {format_bytes(plan['params'])}"]
+    for k in ("optimizer_state", "gradients", "activations", "total"):
+        lines.append(f"  {k:16s} {format_bytes(plan[k])}")
+    return lines
 
 
 def format_bytes(n: float) -> str:
@@ -154,12 +188,14 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
             dcn_for_slices(config, num_slices)
         devices = target_devices(topology, num_slices)
     check_train_config(config, None if devices is None else len(devices) // num_slices)
-    vocab = None
-    if config.model.vocab_size <= 0:
-        vocab = run_tokenizer(config, workdir, build_source(config)).vocab_size
-    model_cfg = model_config_from(config, vocab)
+    model_cfg = init_architecture(config)  # a pretrained model's: read from its config file
+    if model_cfg is None:
+        vocab = None
+        if config.model.vocab_size <= 0:
+            vocab = run_tokenizer(config, workdir, build_source(config)).vocab_size
+        model_cfg = model_config_from(config, vocab)
     seq_len = config.data.seq_len or model_cfg.n_ctx
-    setup = Setup(config, model_cfg, config.train.steps, devices=devices)
+    setup = make_setup(config, model_cfg, config.train.steps, devices=devices)
     lines = [f"model: {model_cfg.num_params():,} parameters; mesh {dict(setup.mesh.shape)} on "
              f"{setup.mesh.size} {setup.mesh.devices.flat[0].platform} devices; "
              f"rules {setup.rules}", "",
@@ -167,12 +203,12 @@ def dry_run(config: ml_collections.ConfigDict, workdir: str, compile_step: bool 
     for path, shape, logical, spec, nbytes in sharding_table(setup):
         lines.append(f"{path:56s} {str(shape):22s} {str(logical):44s} {str(spec):28s} "
                      f"{format_bytes(nbytes)}")
-    plan = memory_plan(setup, config.train.batch_size, seq_len, config.train.accum_steps)
-    lines += ["", f"memory plan per device (batch {config.train.batch_size}, seq {seq_len}, "
-              f"micro-batch/device {plan['micro_batch_per_device']}, remat {model_cfg.remat}, "
-              f"compute {model_cfg.dtype}, params {model_cfg.param_dtype}):"]
-    for k in ("params", "optimizer_state", "gradients", "activations", "total"):
-        lines.append(f"  {k:16s} {format_bytes(plan[k])}")
+    if isinstance(setup, LoraSetup):  # full finetuning of the same model, for comparison
+        full = copy.deepcopy(config)
+        full.lora.rank, full.lora.base_weights = 0, "fp32"
+        lines += [""] + plan_lines(Setup(full, model_cfg, config.train.steps, devices=devices),
+                                   full, seq_len, "full finetuning (lora.rank=0), ")
+    lines += [""] + plan_lines(setup, config, seq_len)
     if topology:
         lines += [""] + topology_report(setup, topology, num_slices, config.train.batch_size,
                                         seq_len)
