@@ -45,12 +45,14 @@ sys.path.insert(0, REPO)
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "tinyshakespeare", "input.txt")
 
 # --smoke: the defaults it replaces (explicit flags still win): a 1 x 32 GPT with context 32
-# pretrained for 2 steps on 200 kB of the stdlib, 3 finetuning steps per arm, one round.
-SMOKE = dict(steps=3, batch_size=4, eval_every=2, log_every=1, ranks="2,4", rounds=1)
+# pretrained for 2 steps on 200 kB of the stdlib, 3 finetuning steps per arm on the first 64 kB
+# of --data, one round.
+SMOKE = dict(steps=3, batch_size=4, eval_every=2, log_every=1, ranks="2,4", rounds=1,
+             data_bytes=65536)
 SMOKE_MODEL = {"model.n_layer": 1, "model.n_head": 2, "model.n_embd": 32, "model.n_ctx": 32,
                "tokenizer.vocab_size": 512, "data.max_train_bytes": 200_000,
                "train.steps": 2, "train.batch_size": 4, "train.eval_every": 0,
-               "train.save_every": 2, "sample.max_new_tokens": 0}
+               "train.save_every": 2, "optim.warmup_steps": 1, "sample.max_new_tokens": 0}
 
 
 def _set(config, dotted: str, value) -> None:
@@ -87,10 +89,10 @@ def arm_config(args, name: str, pre_dir: str, arm_dir: str):
     kind, rank, lr = arms(args)[name]
     c = default_config(args.smoke)
     c.data.dataset = "local_text"
-    c.data.path = os.path.abspath(args.data)
+    c.data.path = data_path(args)
     c.data.validation_fraction = 0.1
     c.data.max_train_bytes = 0
-    c.data.cache_dir = os.path.join(arm_dir, "cache")
+    c.data.cache_dir = os.path.join(os.path.abspath(args.workdir), "cache")  # every arm's tokens
     c.init.kind = kind
     c.init.path = pre_dir if kind == "workdir" else ""
     c.lora.rank = rank
@@ -108,6 +110,19 @@ def arm_config(args, name: str, pre_dir: str, arm_dir: str):
     c.train.save_every = args.steps
     c.sample.max_new_tokens = 0
     return c
+
+
+def data_path(args) -> str:
+    """--data, or (--data_bytes) a copy of its first bytes in the work directory."""
+    if not args.data_bytes:
+        return os.path.abspath(args.data)
+    path = os.path.join(os.path.abspath(args.workdir), f"data_head_{args.data_bytes}.txt")
+    if not os.path.exists(path):
+        with open(args.data, "rb") as fh:
+            head = fh.read(args.data_bytes)
+        with open(path, "wb") as fh:
+            fh.write(head.decode("utf-8", errors="ignore").encode("utf-8"))
+    return path
 
 
 def _tree_bytes(tree) -> int:
@@ -128,10 +143,12 @@ def run_arm(args, name: str, rnd: int) -> dict:
     """Train one arm in this process; returns (and writes) its row."""
     import jax  # heavy: only the arm's own process uses JAX
     from gptjax.cli import quiet_libraries
+    from gptjax.train.compile_cache import enable_compilation_cache
     from gptjax.train.hostmem import prepare_host_for_training
     from gptjax.train.loop import train_and_evaluate
 
-    prepare_host_for_training()  # the process edge, as train.py sets it up
+    prepare_host_for_training()  # the process edge and the compilation cache, as in train.py
+    enable_compilation_cache()
     quiet_libraries()
     wd = os.path.abspath(args.workdir)
     pre_dir = pretrained_dir(args)
@@ -175,9 +192,16 @@ def pretrain(args) -> float:
                  "allowed: a train.py work directory of configs/default.py's architecture")
     flags = [f"--config.{k}={v}" for k, v in (SMOKE_MODEL.items() if args.smoke else ())]
     t0 = time.time()
-    subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--workdir", pre_dir,
-                    "--no_progress", *flags], check=True)
+    _run([sys.executable, os.path.join(REPO, "train.py"), "--workdir", pre_dir, "--no_progress",
+          *flags])
     return time.time() - t0
+
+
+def _run(cmd: list) -> None:
+    """Runs `cmd` (its output goes to this process's); exits with one line if it fails."""
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        sys.exit(f"error: {' '.join(cmd[1:3])} ... exited with status {rc} (its output above)")
 
 
 def run_rounds(args) -> list:
@@ -188,8 +212,8 @@ def run_rounds(args) -> list:
         for name in order:
             path = os.path.join(os.path.abspath(args.workdir), f"round{rnd}", name, "arm.json")
             if not os.path.exists(path):
-                subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:],
-                                "--arm", name, "--round", str(rnd)], check=True)
+                _run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--arm", name,
+                      "--round", str(rnd)])
             rows.append(json.load(open(path)))
             print(f"round {rnd} {name}: val_loss {rows[-1]['val_loss']:.4f}, "
                   f"{rows[-1]['tok_s']:,.0f} tok/s, load {os.getloadavg()[0]:.1f}", flush=True)
@@ -264,18 +288,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", default="runs/bench_finetune_lm")
     p.add_argument("--data", default=DEFAULT_DATA, help="the text to finetune on")
+    p.add_argument("--data_bytes", type=int, default=0,
+                   help="finetune on the first N bytes of --data only (0: all of it)")
     p.add_argument("--pretrained_workdir", default="",
                    help="a finished train.py run of configs/default.py (default: run one into "
                         "WORKDIR/pretrain)")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--eval_every", type=int, default=25)
+    p.add_argument("--eval_every", type=int, default=40)
     p.add_argument("--log_every", type=int, default=10)
     p.add_argument("--ranks", default="4,16", help="the two LoRA ranks")
     p.add_argument("--lora_targets", default="all",
                    help="LoRA targets (gptjax.nn.lora: attn.c_attn, attn.c_proj, mlp.c_fc, "
                         "mlp.c_proj, all)")
-    p.add_argument("--lr_full", type=float, default=5e-4)
+    p.add_argument("--lr_full", type=float, default=1e-3)
     p.add_argument("--lr_lora", type=float, default=3e-3)
     p.add_argument("--lr_scratch", type=float, default=2e-3,
                    help="from scratch: the pretraining run's own peak rate")
@@ -298,6 +324,8 @@ def main() -> None:
         run_arm(args, args.arm, args.round)
         return
     load_before = os.getloadavg()[0]
+    os.makedirs(os.path.abspath(args.workdir), exist_ok=True)
+    data_path(args)  # (written once, before the arms run)
     pre_wall = pretrain(args)
     rows = run_rounds(args)
     results = summarise(args, rows, pre_wall, (load_before, os.getloadavg()[0]))

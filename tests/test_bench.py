@@ -146,6 +146,20 @@ def _check_gpu_fits(proc, out):
     fp32, bf16 = rows
     assert bf16["gib_per_sequence"] < fp32["gib_per_sequence"], rows  # bf16 activations
     assert "| gpt2 | bf16 | 128 |" in proc.stdout, proc.stdout
+    # --finetune's rows (train.py --dry_run --topology rtx4090 over a 2 x 64 GPT-2 directory):
+    # full finetuning trains every parameter, LoRA rank 16 on c_attn and the attention's c_proj
+    # 16 x ((64 + 192) + (64 + 64)) per layer, 2 layers.
+    ft = json.loads((out / "fits.json").read_text())["finetune"]
+    assert [(r["kind"], r["base_weights"]) for r in ft] == [
+        ("full", "fp32"), ("lora", "fp32"), ("lora", "bf16"), ("lora", "int8")], ft
+    assert ft[0]["trained_params"] == ft[0]["params"] > 3_000_000, ft[0]
+    for r in ft:
+        assert (r["batch"], r["micro_batch"], r["seq_len"], r["gpu"]) == (32, 1, 1024, "rtx4090")
+        assert r["fits"].startswith("yes (") and 0 < r["gib"] < r["usable_gib"], r
+    for r in ft[1:]:
+        assert r["trained_params"] == 2 * 16 * (256 + 128) and r["gib"] <= ft[0]["gib"], r
+    assert "| gpt2 2x64 | LoRA rank 16 (attn.c_attn,attn.c_proj) | int8 | 12,288 |" in \
+        proc.stdout, proc.stdout
 
 
 def _check_pod_compile(proc, out):
