@@ -1,8 +1,9 @@
 """Finetune a pretrained GPT on new text: full, LoRA at two ranks, and from scratch, at CPU scale.
 
   python bench/finetune_lm.py --workdir runs/bench_finetune_lm \
-      --data ../shared/data/tinyshakespeare/input.txt          # ~15 min on a 2-core CPU
-  python bench/finetune_lm.py --smoke --workdir /tmp/ft_lm --data some.txt   # end to end, ~30 s
+      --data ../shared/data/tinyshakespeare/input.txt          # 16 min on a busy 2-core CPU
+  python bench/finetune_lm.py --smoke --workdir /tmp/ft_lm \
+      --data ../shared/data/tinyshakespeare/input.txt          # end to end, ~40 s
 
 1. The pretrained model is train.py's default run (configs/default.py: a 4 x 128 GPT, context
    128, a 1,024-piece SentencePiece BPE, 600 steps on the Python standard library's source),
@@ -24,8 +25,15 @@
    and tokens/s (the median of the loop's logged windows after the first, which holds the
    compilation). Writes results.json and results.md to --workdir.
 
-The pretraining run is reused when its directory holds summary.json; an arm is rerun only when
-its directory lacks one.
+The pretraining run is reused when its directory holds summary.json; an arm runs only when its
+directory lacks arm.json.
+
+Measured 2026-12-06 (2-core CPU, load 4.5-6.4 from other jobs; 400 steps x 16 x 128 tokens, two
+rounds), validation loss on the whole split / optimizer state / tokens/s:
+  full finetuning (lr 1e-3)   3.3955   7.526 MB   14,147 / 13,355
+  LoRA rank 4 (lr 3e-3)       3.9812   0.262 MB    7,522 /  6,999
+  LoRA rank 16 (lr 3e-3)      3.8237   1.049 MB    6,167 /  6,547
+  from scratch (lr 2e-3)      3.5686   7.526 MB   15,041 / 13,084
 """
 
 from __future__ import annotations
@@ -241,7 +249,7 @@ def plot(results: dict, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     for name, r in results["arms"].items():
         steps, losses = zip(*r["val"])
-        ax.plot(steps, losses, marker="o", markersize=3, label=_label(name, r))
+        ax.plot(steps, losses, marker="o", markersize=3, label=_label(name))
     ax.set_xlabel(f"step ({results['args']['batch_size']} sequences each)")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title("Finetuning on Tiny Shakespeare from a model pretrained on Python source",
@@ -254,7 +262,7 @@ def plot(results: dict, path: str) -> None:
     plt.close(fig)
 
 
-def _label(name: str, r: dict) -> str:
+def _label(name: str) -> str:
     if name == "full":
         return "full finetuning"
     if name == "scratch":
@@ -272,7 +280,7 @@ def markdown(results: dict) -> str:
         trained = ("all weights" if name in ("full", "scratch") else
                    f"adapters ({a['lora_targets']}), base frozen")
         rates = " / ".join(f"{t:,.0f}" for t in r["tok_s_rounds"])
-        md.append(f"| {_label(name, r)} | {start} | {trained} | {r['val_loss']:.4f} | "
+        md.append(f"| {_label(name)} | {start} | {trained} | {r['val_loss']:.4f} | "
                   f"{r['opt_state_bytes'] / 1e6:.3f} MB | {r['trainable_params']:,} | "
                   f"{rates} |")
     r0 = next(iter(results["arms"].values()))
@@ -316,8 +324,9 @@ def main() -> None:
     if args.smoke:
         p.set_defaults(**SMOKE)
         args = p.parse_args()
-    if len(args.ranks.split(",")) != 2:
-        sys.exit(f"error: --ranks {args.ranks!r}: allowed: two ranks, e.g. 4,16")
+    if len(args.ranks.split(",")) != 2 or not all(r.strip().isdigit() and int(r) > 0
+                                                  for r in args.ranks.split(",")):
+        sys.exit(f"error: --ranks {args.ranks!r}: allowed: two positive ranks, e.g. 4,16")
     if not os.path.isfile(args.data):
         sys.exit(f"error: --data {args.data}: no such file; allowed: a text file")
     if args.arm:

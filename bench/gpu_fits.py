@@ -18,7 +18,7 @@ fit. Precisions: 'fp32' (fp32 compute, XLA attention) and 'bf16' (bf16 compute
 with fp32 master weights, cuDNN attention). remat='full' (the most that fits), no dropout.
 Writes the markdown table to stdout and, with --out, the rows as JSON.
 
-  python bench/gpu_fits.py --finetune             # GPT-2 XL LM finetuning on an RTX 4090: ~2 min
+  python bench/gpu_fits.py --finetune             # GPT-2 XL LM finetuning on an RTX 4090: ~6 min
 
 --finetune answers "does finetuning GPT-2 XL fit my 24 GB GPU" with the dry run users run,
 `train.py --dry_run --topology rtx4090` (gptjax.train.memory.dry_run), over a GPT-2 XL
