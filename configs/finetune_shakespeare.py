@@ -50,7 +50,7 @@ def get_config():
     c.data.path = "../shared/data/tinyshakespeare/input.txt"
     c.data.validation_fraction = 0.1
     c.data.sampling = "random_offset"
-    c.data.seq_len = 1024                # nanoGPT's block_size
+    c.data.seq_len = 0                   # the model's context: GPT-2's 1024 (nanoGPT's block_size)
     c.optim.learning_rate = 3e-5
     c.optim.schedule = "constant"
     c.optim.warmup_steps = 0

@@ -225,6 +225,7 @@ def test_checkpoint_of_another_run_is_refused(env, reference):
      ["train.batch_size=6", "multiples of 4"]),
     (["--config.mesh.data=4"], ["needs 4 devices", "1 are available"]),
     (["--config.data.seq_len=64"], ["data.seq_len=64", "position table"]),
+    (["--config.lora.rank=4"], ["lora.rank=4", "init.kind to 'hf' or 'workdir'"]),
 ])
 def test_bad_config_is_one_line_before_any_work(env, flags, fragments):
     tmp = env[0]

@@ -3,7 +3,10 @@
 A train.py work directory holds `config.json` (the experiment), `model_config.json` (the
 GPTConfig), `tokenizer/`, `checkpoints/` (Orbax steps whose metadata records the model config,
 architecture and execution, and the tokenizer's fingerprint), `metrics.jsonl` (+ `tensorboard/`), `loss.png` and
-`summary.json`. `gptjax.runs.pretrained` reads a decoder back from such a directory.
+`summary.json`. `gptjax.runs.pretrained` reads a decoder back from such a directory. A LoRA run
+(config.json's lora.rank > 0) has the same files; its checkpoints hold the step, the adapters and
+their optimizer state, and their metadata also its `lora` settings and the `base` it trained over
+(init kind, path, step, tokenizer_path and a fingerprint of the base's values).
 """
 
 from __future__ import annotations
@@ -133,8 +136,12 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int =
     except (OSError, ValueError):
         return None
     here = _flatten(json.loads(config.to_json_best_effort()))
+    # A block the saved config predates (e.g. `init`, `lora` of a run started before they
+    # existed) is not a change: the run was made with what its defaults do.
+    blocks = {k.split(".")[0] for k in saved}
     diff = sorted(k for k in set(saved) | set(here)
-                  if not k.startswith("model.") and saved.get(k) != here.get(k))
+                  if not k.startswith("model.") and saved.get(k) != here.get(k)
+                  and k.split(".")[0] in blocks)
     if not diff:
         return None
     text = ", ".join(f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in diff[:limit])

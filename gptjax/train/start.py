@@ -179,9 +179,10 @@ def check_base_meta(step: int, meta: dict, *, lora: Optional[dict], base: Option
     """
     saved = meta.get("lora")
     if (saved is None) != (lora is None):
-        there, here = ("LoRA adapters", "full") if lora is None else ("full", "LoRA")
-        raise CheckpointError(f"checkpoint step {step} holds a {there} training state but this "
-                              f"config trains {here} (lora.rank); use another --workdir")
+        there, here = (("LoRA adapters", "the full model (lora.rank=0)") if lora is None else
+                       ("the full model", f"LoRA adapters (lora.rank={lora['rank']})"))
+        raise CheckpointError(f"checkpoint step {step} holds {there} but this config trains "
+                              f"{here}; use another --workdir")
     if lora is None:
         return
     for k in ("rank", "alpha", "targets", "base_weights"):
