@@ -111,6 +111,27 @@ def _check_finetune_sst2(proc, out):
     assert "| finetuned from pretraining, best epoch |" in (out / "results.md").read_text()
 
 
+def _check_finetune_lm(proc, out):
+    r = json.loads((out / "results.json").read_text())
+    a = r["arms"]
+    assert list(a) == ["full", "lora_r2", "lora_r4", "scratch"], a.keys()
+    for name, row in a.items():
+        assert _positive(row["val_loss"]) and _positive(row["tok_s"]), (name, row)
+        assert [s for s, _ in row["val"]] == [2, 3], row["val"]  # every 2 steps, then the end
+        assert row["tokens"] == 3 * 4 * 32, row  # the same steps and tokens in every arm
+    # LoRA on the four matrices of the smoke's one 32-wide block: r x (in + out) each,
+    # r x (32 + 96) + r x (32 + 32) + r x (32 + 128) + r x (128 + 32) = 512 r; Adam holds two
+    # moments per trainable parameter, so the adapters' state is a small fraction of full's.
+    assert (a["lora_r2"]["trainable_params"], a["lora_r4"]["trainable_params"]) == (1024, 2048)
+    assert a["full"]["trainable_params"] == a["scratch"]["trainable_params"] > 10 * 2048
+    for name in ("lora_r2", "lora_r4"):
+        assert 8 * a[name]["trainable_params"] <= a[name]["opt_state_bytes"] \
+            < 8 * a[name]["trainable_params"] + 1024, a[name]
+    assert a["full"]["opt_state_bytes"] >= 8 * a["full"]["trainable_params"]
+    assert (out / "finetune_lm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| LoRA rank 4 | pretrained |" in (out / "results.md").read_text()
+
+
 def _check_gpu_fits(proc, out):
     rows = json.loads((out / "fits.json").read_text())["rows"]
     assert [(r["model"], r["precision"]) for r in rows] == [("gpt2", "fp32"), ("gpt2", "bf16")]
@@ -125,6 +146,20 @@ def _check_gpu_fits(proc, out):
     fp32, bf16 = rows
     assert bf16["gib_per_sequence"] < fp32["gib_per_sequence"], rows  # bf16 activations
     assert "| gpt2 | bf16 | 128 |" in proc.stdout, proc.stdout
+    # --finetune's rows (train.py --dry_run --topology rtx4090 over a 2 x 64 GPT-2 directory):
+    # full finetuning trains every parameter, LoRA rank 16 on c_attn and the attention's c_proj
+    # 16 x ((64 + 192) + (64 + 64)) per layer, 2 layers.
+    ft = json.loads((out / "fits.json").read_text())["finetune"]
+    assert [(r["kind"], r["base_weights"]) for r in ft] == [
+        ("full", "fp32"), ("lora", "fp32"), ("lora", "bf16"), ("lora", "int8")], ft
+    assert ft[0]["trained_params"] == ft[0]["params"] > 3_000_000, ft[0]
+    for r in ft:
+        assert (r["batch"], r["micro_batch"], r["seq_len"], r["gpu"]) == (32, 1, 1024, "rtx4090")
+        assert r["fits"].startswith("yes (") and 0 < r["gib"] < r["usable_gib"], r
+    for r in ft[1:]:
+        assert r["trained_params"] == 2 * 16 * (256 + 128) and r["gib"] <= ft[0]["gib"], r
+    assert "| gpt2 2x64 | LoRA rank 16 (attn.c_attn,attn.c_proj) | int8 | 12,288 |" in \
+        proc.stdout, proc.stdout
 
 
 def _check_pod_compile(proc, out):
@@ -205,6 +240,10 @@ SMOKE_RUNS = {
     "decode.py": (lambda out, data: ["--json", str(out / "decode.json")], _check_decode),
     "finetune_sst2.py": (lambda out, data: ["--workdir", str(out), "--shared", str(data)],
                          _check_finetune_sst2),
+    # (data is None in test_readme_commands' check of the flags' names)
+    "finetune_lm.py": (lambda out, data: ["--workdir", str(out), "--data", str(
+                           data / "tinyshakespeare" / "input.txt") if data else ""],
+                       _check_finetune_lm),
     "gpu_fits.py": (lambda out, data: ["--out", str(out / "fits.json")], _check_gpu_fits),
     "pod_compile.py": (lambda out, data: ["--out", str(out / "pods.json")], _check_pod_compile),
     "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),
@@ -220,7 +259,7 @@ SMOKE_RUNS = {
     "train_throughput.py": (lambda out, data: ["--json", str(out / "train_throughput.json")],
                             _check_train_throughput),
 }
-NEEDS_SHARED_DATA = {"data_throughput.py", "finetune_sst2.py", "recipe_e2e.py",
+NEEDS_SHARED_DATA = {"data_throughput.py", "finetune_lm.py", "finetune_sst2.py", "recipe_e2e.py",
                      "scaling_sweep.py"}
 
 

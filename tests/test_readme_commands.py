@@ -9,7 +9,8 @@ pointing at the shared data), so `runs/...` and `path/to/gpt2` are the test's ow
 - long runs get the quick variants the README itself shows next to them (`QUICK`; a test checks
   that each one appears in README.md), appended so they override the command's own values;
 - placeholder inputs are made first: `path/to/gpt2` is a small transformers GPT-2 directory with
-  GPT-2's real BPE files, `prompts.txt` a two-line prompt file;
+  GPT-2's real BPE files, `prompts.txt` a two-line prompt file, `qa.jsonl` 40 prompt/completion
+  rows;
 - optional flags written `[--flag ...]` are left out (the README's notation, not shell syntax);
 - `python serve.py ...` is started in the background, probed with the README's own httpx client
   example, and stopped with Ctrl-C (SIGINT); its port is a free one, not 8000;
@@ -21,6 +22,7 @@ pointing at the shared data), so `runs/...` and `path/to/gpt2` are the test's ow
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -67,6 +69,9 @@ QUICK = [
     (r"^python eval\.py --mode=zeroshot", "--num_examples 16"),
     (r"^python bench/", "--smoke"),
     (r"^python train\.py .*--dry_run", "--config.model.n_layer=2"),
+    # nanoGPT's finetuning recipe accumulates 32 x 1024 tokens per step: 4 steps of 4 x 1024
+    (r"^python train\.py --config configs/finetune_shakespeare\.py (?!.*--dry_run)",
+     "--config.train.steps=4 --config.train.batch_size=4 --config.train.accum_steps=4"),
 ]
 
 # README commands that tests/test_bench.py's test_bench_script_smoke runs as written (the same
@@ -75,6 +80,8 @@ QUICK = [
 BENCH_RUNS = {
     "python bench/attention.py --out attn.json": "attention.py",
     "python bench/pod_compile.py --out pods.json": "pod_compile.py",
+    "python bench/finetune_lm.py --workdir runs/bench_finetune_lm "
+    "--data ../shared/data/tinyshakespeare/input.txt": "finetune_lm.py",
 }
 
 CLIENT_MARKER = 'httpx.Client(base_url="http://127.0.0.1:8000"'
@@ -182,6 +189,9 @@ def _make_root(tmp_path):
     (shared / "tfds").symlink_to(shared_tfds_dir())
     hf_gpt2_dir(root / "path" / "to" / "gpt2", 1024)
     (root / "prompts.txt").write_text("Hello, my name is\nThe meaning of life is\n")
+    (root / "qa.jsonl").write_text("".join(  # prompt/completion rows (data.dataset)
+        json.dumps({"prompt": f"Q: what is {a} plus {b}?\nA:", "completion": f" {a + b}"}) + "\n"
+        for a in range(8) for b in range(5)))
     return root
 
 
