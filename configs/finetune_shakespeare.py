@@ -15,12 +15,15 @@ Where it differs from nanoGPT:
     way) and tokenized with the BPE files of the model directory (init.path, or
     init.tokenizer_path) instead of tiktoken's copy of the same GPT-2 vocabulary;
   - checkpoints: every 5 iterations and at the end, the last 3 kept (nanoGPT saves only when
-    the validation loss improves, always_save_checkpoint=False); the final evaluation reads the
-    whole validation split, not 40 random windows;
+    the validation loss improves, always_save_checkpoint=False); the evaluation every 5
+    iterations reads the first 40 windows of the validation split (nanoGPT: 40 random batches)
+    and the final one the whole split;
   - precision: fp32 parameters and compute by default (nanoGPT autocasts to bfloat16 where the
     GPU has it): add dtype=bfloat16 to init.execution for that;
   - the weights come from a local directory (nothing is downloaded), e.g. one written by
-    `transformers.GPT2LMHeadModel.from_pretrained("gpt2-xl").save_pretrained(DIR)` elsewhere;
+    `transformers.GPT2LMHeadModel.from_pretrained("gpt2-xl").save_pretrained(DIR)` and
+    `transformers.AutoTokenizer.from_pretrained("gpt2-xl").save_pretrained(DIR)` elsewhere (the
+    tokenizer as vocab.json + merges.txt, or transformers' tokenizer.json);
     any GPT-2 size works (the architecture is read from DIR/config.json).
 
 Run:

@@ -45,6 +45,8 @@ def _leaves(tree):
 
 
 def _same(a, b):
+    if jax.tree_util.tree_structure(a) != jax.tree_util.tree_structure(b):
+        return False
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
         jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 

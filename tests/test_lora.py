@@ -78,3 +78,21 @@ def test_bad_config_is_one_line(bad, msg):
     with pytest.raises(ValueError) as e:
         lora.init_lora(_cfg(), lora.LoraConfig(**bad), jax.random.key(0))
     assert str(e.value).startswith(msg) and "\n" not in str(e.value)
+
+
+def test_adapter_of_another_model_is_one_line():
+    small, big = _cfg(), GPTConfig.preset("tiny", vocab_size=64, n_layer=2, n_head=2, n_embd=48,
+                                          n_ctx=16)
+    ad = lora.init_lora(big, lora.LoraConfig(rank=4), jax.random.key(0))
+    base = init_params(small, jax.random.key(0))
+    for fn in (lambda: lora.merge(small, base, ad), lambda: lora.apply(small, base, ad, TOKENS)):
+        with pytest.raises(ValueError) as e:
+            fn()
+        msg = str(e.value)
+        assert msg.startswith("adapter h_0.attn.c_attn has A (48, 4) and B (4, 3, 2, 24); this "
+                              "model's kernel (32, 3, 2, 16) takes A (32, 4)"), msg
+        assert "\n" not in msg
+    stacked = lora.init_lora(_cfg(scan=True), lora.LoraConfig(rank=4), jax.random.key(0))
+    with pytest.raises(ValueError, match=r"adapter h.block_0.attn.c_attn: this model has no "
+                       r"Linear there to adapt"):
+        lora.merge(small, base, stacked)

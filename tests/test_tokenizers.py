@@ -436,3 +436,35 @@ def test_errors_name_the_bad_value(tmp_path):
     assert "'chars'" in one_line_error(ValueError, tk.load_tokenizer, tmp_path)
     message = one_line_error(FileNotFoundError, tk.GPT2BPETokenizer.from_files, missing)
     assert str(missing) in message
+
+
+def test_a_transformers_tokenizer_json_alone_reads_as_gpt2_bpe(tmp_path, monkeypatch):
+    """transformers 5 saves GPT-2's tokenizer as tokenizer.json only (no vocab.json/merges.txt):
+    a model directory holding just that reads as the same GPT-2 BPE, the same ids."""
+    import shutil
+
+    import transformers
+
+    from conftest import shared_data_dir
+    from gptjax.data.tokenizers import from_hf_files, from_model_dir
+
+    bpe = shared_data_dir() / "gpt2_bpe"
+    if not (bpe / "encoder.json").is_file() and not (bpe / "vocab.json").is_file():
+        pytest.skip("GPT-2's BPE files are not in ../shared/data")
+    src = tmp_path / "src"
+    src.mkdir()
+    for a, b in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copy(bpe / a if (bpe / a).is_file() else bpe / b, src / b)
+    merges = [tuple(x.split(" ")) for x in (src / "merges.txt").read_text(
+        encoding="utf-8").split("\n")[1:] if x]
+    fast = transformers.GPT2Tokenizer(vocab=json.loads((src / "vocab.json").read_text(
+        encoding="utf-8")), merges=merges)
+    model_dir = tmp_path / "model"
+    fast.save_pretrained(model_dir)
+    assert (model_dir / "tokenizer.json").is_file() and not (model_dir / "vocab.json").exists()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    got, want = from_model_dir(model_dir), from_hf_files(src)
+    text = "Hello world, it's 2026! ünïcödé  spaces\n"
+    assert got.kind == "gpt2_bpe" and got.vocab_size == want.vocab_size == 50257
+    assert got.encode(text) == want.encode(text) == fast.encode(text)
+    assert got.eos_id == want.eos_id == 50256

@@ -28,6 +28,7 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -284,6 +285,11 @@ def tokenize_rows(rows: Sequence[Row], tokenizer: Tokenizer, seq_len: int,
     if not rows:
         raise ValueError("no prompt/completion rows; allowed: at least one")
     eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    if not eos:
+        warnings.warn(f"the {tokenizer.kind!r} tokenizer has no end-of-text token: completions "
+                      "end without one, so the model does not learn where they stop (and with "
+                      "data.pc_layout='pack' a completion runs into the next row's prompt)",
+                      stacklevel=2)
     toks, masks, lengths = [], [], []
     for r in rows:
         p, c = tokenizer.encode(r.prompt), tokenizer.encode(r.completion) + eos

@@ -14,7 +14,8 @@ adapter leaves the model's outputs as they were. The adapter tree mirrors the pa
 given to the model as the `lora` variable collection; each leaf is an `Adapter` whose scale and
 dropout rate are static, so `jax.grad`, optax and Orbax see only A and B. The base may be fp32,
 or weight-only bf16/int8 (gptjax.nn.quant.quantize_params, QLoRA-style): the Linear multiplies
-by the stored kernel either way and adds the adapter's branch in fp32.
+by the stored kernel either way and adds the adapter's branch (computed in the compute dtype with
+fp32 accumulation, added in the layer's output dtype).
 
 Targets are the four matrices of a block: `attn.c_attn` (the q/k/v projection), `attn.c_proj`,
 `mlp.c_fc`, `mlp.c_proj`; PEFT's GPT-2 names are accepted too (`c_attn`, `c_fc`, and `c_proj`,
@@ -195,9 +196,35 @@ def apply(model_cfg: GPTConfig, base: Any, lora: Any, tokens: Array, *args, **kw
     Takes every argument of GPT's call (positions, deterministic, cache, return_hidden, ...);
     give `rngs={'dropout': key}` with `deterministic=False` when lora.dropout > 0.
     """
+    check_adapters(model_cfg, lora)
     rngs = kwargs.pop("rngs", None)
     return GPT(model_cfg).apply({"params": base, COLLECTION: lora}, tokens, *args, rngs=rngs,
                                 **kwargs)
+
+
+def check_adapters(model_cfg: GPTConfig, lora: Any) -> None:
+    """A one-line ValueError for an adapter tree that does not fit `model_cfg`: an adapter at no
+    targetable Linear, or A/B of other shapes than the kernel's inputs and outputs (an adapter of
+    another model, rank mismatched between A and B)."""
+    kernels = {path: (name, shape) for path, name, shape, _ in _kernels(model_cfg)}
+    for path, ad in adapters(lora):
+        where = ".".join(path)
+        if path not in kernels:
+            raise ValueError(f"adapter {where}: this model has no Linear there to adapt; allowed: "
+                             f"{', '.join(TARGETS)} of its layers ({_layout(model_cfg)})")
+        name, shape = kernels[path]
+        lead, d_in, d_out = _split(model_cfg, name, shape)
+        r = ad.a.shape[-1]
+        want_a, want_b = lead + d_in + (r,), lead + (r,) + d_out
+        if tuple(ad.a.shape) != want_a or tuple(ad.b.shape) != want_b:
+            raise ValueError(f"adapter {where} has A {tuple(ad.a.shape)} and B "
+                             f"{tuple(ad.b.shape)}; this model's kernel {tuple(shape)} takes A "
+                             f"{want_a} and B {want_b} (an adapter of another model or layout)")
+
+
+def _layout(model_cfg: GPTConfig) -> str:
+    return ("h.block_j stacked over layers (scan_layers)" if model_cfg.scan_layers
+            else "h_0 .. h_{n_layer - 1}")
 
 
 def delta(model_cfg: GPTConfig, adapter: Adapter) -> Array:
@@ -214,6 +241,7 @@ def delta(model_cfg: GPTConfig, adapter: Adapter) -> Array:
 def merge(model_cfg: GPTConfig, base: Any, lora: Any) -> dict:
     """Plain fp32 parameters W + (alpha / r) A B for every adapted kernel: the same model with no
     adapter (export, serving). A weight-only bf16/int8 base is dequantized first."""
+    check_adapters(model_cfg, lora)
     params = base
     if _has_weight_only(base):
         params = quant.dequantize_params(model_cfg, base)

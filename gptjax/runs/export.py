@@ -19,6 +19,7 @@ from gptjax.data.tokenizers import (GPT2BPETokenizer, OpenAIGPTTokenizer, Tokeni
 from gptjax.nn import lora
 from gptjax.nn.convert import ConversionError, config_to_hf, to_hf
 from gptjax.nn.peft import export_peft, from_peft
+from gptjax.runs.checkpoint import Checkpointer
 from gptjax.runs.pretrained import is_lora_run, load_lora_run, load_pretrained
 
 __all__ = ["export_merged_hf", "export_peft", "export_run", "from_peft", "write_hf_tokenizer"]
@@ -107,11 +108,11 @@ def export_run(workdir: str, *, hf_dir: Optional[str] = None, peft_dir: Optional
     lines = []
     if is_lora_run(workdir):
         model_cfg, base, adapters, _, tokenizer = load_lora_run(workdir, step)
-        with open(os.path.join(workdir, "config.json")) as fh:
-            base_path = json.load(fh)["init"]["path"]
         if peft_dir:
+            base_path = _peft_base(workdir, step)
             export_peft(model_cfg, adapters, peft_dir, base_model_name_or_path=base_path)
-            lines.append(f"PEFT adapter of {workdir} -> {peft_dir} (base: {base_path})")
+            lines.append(f"PEFT adapter of {workdir} -> {peft_dir} (base: "
+                         f"{base_path or 'a gptjax run: export it with --export_hf first'})")
     elif peft_dir:
         raise ValueError(f"--export_peft: {workdir} is not a LoRA run (config lora.rank is 0); "
                          "allowed: --export_hf for its full weights")
@@ -125,3 +126,14 @@ def export_run(workdir: str, *, hf_dir: Optional[str] = None, peft_dir: Optional
                      + ("" if tok else f" (no tokenizer files: its {tokenizer.kind!r} tokenizer "
                                        "has no transformers equivalent)"))
     return "\n".join(lines)
+
+
+def _peft_base(workdir: str, step: Optional[int]) -> Optional[str]:
+    """The base model a LoRA run's PEFT adapter names: the absolute transformers directory its
+    checkpoint records, or None when the base is a gptjax run (PEFT cannot load one as is)."""
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+    try:
+        src = ckpt.restore_meta(step)["base"]
+    finally:
+        ckpt.close()
+    return src["path"] if src["kind"] == "hf" else None

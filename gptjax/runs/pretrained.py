@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from gptjax.config import EXECUTION_FIELDS, GPTConfig, describe_changes, parse_execution
-from gptjax.data.tokenizers import from_hf_files, load_tokenizer, tokenizer_info
+from gptjax.data.tokenizers import from_model_dir, load_tokenizer, tokenizer_info
 from gptjax.nn import lora as lora_lib
 from gptjax.nn.convert import from_hf
 from gptjax.nn.model import abstract_params
@@ -187,11 +187,8 @@ def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
 def _load_hf(hf_dir: str, tok_path: str):
     """An imported transformers / OpenAI model and its tokenizer."""
     model_cfg, params = from_hf(hf_dir)
-    if os.path.isfile(os.path.join(tok_path, "tokenizer.json")) and not os.path.isfile(
-            os.path.join(tok_path, "vocab.json")):
-        tokenizer = load_tokenizer(tok_path)  # a gptjax tokenizer saved with .save()
-    else:
-        tokenizer = from_hf_files(tok_path)  # GPT-2's byte BPE or GPT-1's BPE
+    # A gptjax tokenizer, GPT-2's / GPT-1's BPE files, or transformers' tokenizer.json.
+    tokenizer = from_model_dir(tok_path)
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(f"tokenizer in {tok_path!r} has {tokenizer.vocab_size} ids but the model "
                          f"in {hf_dir!r} only {model_cfg.vocab_size} embeddings")

@@ -155,7 +155,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
     setup = make_setup(config, model_cfg, tc.steps)
     return Run(config, workdir, t_start, tokenizer, train_tokens, val_tokens, model_cfg, seq_len,
-               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup))
+               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup, ckpt))
 
 
 def _saved_layout_setup(run: Run, meta: dict) -> Setup:

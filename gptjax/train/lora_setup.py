@@ -28,7 +28,7 @@ from gptjax.config import GPTConfig
 from gptjax.nn.lora import LoraConfig, init_lora, lora_logical_axes, merge
 from gptjax.nn.model import abstract_params
 from gptjax.nn.quant import WeightOnly, quantize_params
-from gptjax.runs.checkpoint import abstract_with_shardings
+from gptjax.runs.checkpoint import Checkpointer, abstract_with_shardings
 from gptjax.train.setup import Setup
 from gptjax.train.start import announce, load_init, lora_meta, lora_settings
 from gptjax.train.step import TrainState, make_eval_step, make_lora_train_step
@@ -158,12 +158,20 @@ def make_setup(config: ml_collections.ConfigDict, model_cfg: GPTConfig, total_st
     return LoraSetup(config, model_cfg, total_steps, lora_cfg, devices=devices)
 
 
-def load_base(config: ml_collections.ConfigDict, setup: Setup) -> dict:
+def load_base(config: ml_collections.ConfigDict, setup: Setup, ckpt: Checkpointer) -> dict:
     """A LoRA run's frozen base, loaded into `setup` (at every start, resumed or not); returns
-    what its checkpoints record: {'lora': settings, 'base': where it came from}; {} otherwise."""
+    what its checkpoints record: {'lora': settings, 'base': where it came from}; {} otherwise.
+
+    A resumed run over a gptjax run (init.kind 'workdir', init.step <= 0: the latest) reads the
+    base step its own checkpoint recorded, not that run's latest: the base run may have saved
+    again since."""
     if not isinstance(setup, LoraSetup):
         return {}
-    params, source = load_init(config, setup.model_cfg)
+    step = None
+    latest = ckpt.latest_step()
+    if latest is not None and config.init.kind == "workdir" and config.init.step <= 0:
+        step = (ckpt.restore_meta(latest).get("base") or {}).get("step")
+    params, source = load_init(config, setup.model_cfg, step)
     setup.set_base(params)
     announce(config, source)
     return {"lora": lora_meta(config), "base": source}

@@ -29,7 +29,7 @@ import ml_collections
 
 from gptjax.checks import check_choice, check_int
 from gptjax.config import ConfigError, GPTConfig, parse_execution
-from gptjax.data.tokenizers import Tokenizer, from_hf_files, load_tokenizer
+from gptjax.data.tokenizers import Tokenizer, from_model_dir, load_tokenizer
 from gptjax.nn.convert import config_from_hf
 from gptjax.nn.lora import LoraConfig, check_lora_config, resolve_targets
 from gptjax.nn.quant import WEIGHT_FORMATS
@@ -101,11 +101,7 @@ def init_tokenizer(config: ml_collections.ConfigDict) -> Tokenizer:
     init = config.init
     if init.kind == "workdir":
         return load_tokenizer(os.path.join(init.path, "tokenizer"))
-    path = init.tokenizer_path or init.path
-    if os.path.isfile(os.path.join(path, "tokenizer.json")) and not os.path.isfile(
-            os.path.join(path, "vocab.json")):
-        return load_tokenizer(path)
-    return from_hf_files(path)
+    return from_model_dir(init.tokenizer_path or init.path)
 
 
 def _resolved_step(config: ml_collections.ConfigDict) -> Optional[int]:
@@ -125,19 +121,22 @@ def _resolved_step(config: ml_collections.ConfigDict) -> Optional[int]:
     return int(step)
 
 
-def load_init(config: ml_collections.ConfigDict, model_cfg: GPTConfig) -> tuple:
+def load_init(config: ml_collections.ConfigDict, model_cfg: GPTConfig,
+              step: Optional[int] = None) -> tuple:
     """(params, base source) of the pretrained weights `config.init` names.
 
     Args:
       config: the run's complete config (init.kind 'hf' or 'workdir').
       model_cfg: the run's GPTConfig (its architecture is checked, its layout used).
+      step: init.kind 'workdir': the checkpoint to read (a resumed run's recorded base step);
+        None = the one `init.step` names.
 
     Returns:
       (parameters as single-device arrays in `model_cfg`'s layout, `base_source`'s dict).
     """
     init = config.init
     execution = dict(parse_execution(init.execution), scan_layers=model_cfg.scan_layers)
-    step = _resolved_step(config)
+    step = _resolved_step(config) if step is None or init.kind != "workdir" else step
     if init.kind == "hf":
         cfg, params, _ = load_pretrained(hf_dir=init.path, execution=execution,
                                          tokenizer_path=init.tokenizer_path or None)
@@ -185,7 +184,7 @@ def check_base_meta(step: int, meta: dict, *, lora: Optional[dict], base: Option
                               f"{here}; use another --workdir")
     if lora is None:
         return
-    for k in ("rank", "alpha", "targets", "base_weights"):
+    for k in ("rank", "alpha", "dropout", "targets", "base_weights"):
         if saved.get(k) != lora[k]:
             raise CheckpointError(f"checkpoint step {step} has lora.{k}={saved.get(k)!r}, this "
                                   f"config {lora[k]!r}; use the run's own or another --workdir")

@@ -290,6 +290,53 @@ def from_hf_files(path: PathLike) -> Tokenizer:
     return KINDS["gpt2_bpe"].from_files(directory)
 
 
+def from_model_dir(path: PathLike) -> Tokenizer:
+    """The tokenizer of a pretrained model's directory, whichever way it was saved: a gptjax
+    tokenizer (`tokenizer.json` with its kind), GPT-2's / GPT-1's BPE files (`vocab.json` +
+    `merges.txt`, or OpenAI's `encoder.json` + `vocab.bpe`), or only transformers' fast-tokenizer
+    `tokenizer.json` (what transformers 5's `save_pretrained` writes), whose BPE vocabulary and
+    merges are written out once as `vocab.json` + `merges.txt` in a cache directory keyed by its
+    hash and read from there."""
+    directory = pathlib.Path(path)
+    tok_json = directory / "tokenizer.json"
+    has_bpe_files = (directory / "vocab.json").is_file() or (directory / "encoder.json").is_file()
+    if tok_json.is_file() and not has_bpe_files:
+        d = read_json(tok_json)
+        if isinstance(d, dict) and "kind" in d:
+            return load_tokenizer(directory)  # a gptjax tokenizer saved with .save()
+        if isinstance(d, dict) and isinstance(d.get("model"), dict):
+            return from_hf_files(_bpe_files_of(tok_json, d["model"]))
+    return from_hf_files(directory)
+
+
+def _bpe_files_of(tok_json: pathlib.Path, model: dict) -> pathlib.Path:
+    """A directory holding `vocab.json` + `merges.txt` written from transformers' tokenizer.json
+    `model` (a BPE model; anything else is a one-line ValueError)."""
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise ValueError(f"{tok_json}: a {model.get('type')!r} tokenizer model; allowed: a BPE "
+                         "tokenizer (GPT-2's or GPT-1's), or vocab.json + merges.txt beside it")
+    digest = hashlib.sha256(tok_json.read_bytes()).hexdigest()[:16]
+    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    out = cache / "gptjax" / "hf_tokenizers" / digest
+    if not (out / "merges.txt").is_file():
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f"{digest}.", dir=_mkdir(out.parent)))
+        (tmp / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False),
+                                        encoding="utf-8")
+        (tmp / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                        encoding="utf-8")
+        try:
+            os.replace(tmp, out)  # atomic: a concurrent writer's copy is the same files
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mkdir(path: pathlib.Path) -> pathlib.Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------
 # Identity.
 # ------------------------------------------------------------------------------------------------
