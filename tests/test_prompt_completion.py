@@ -251,7 +251,8 @@ def test_accumulated_loss_is_the_whole_batch_s_weighted_mean():
     from gptjax import GPTConfig, init_params
     from gptjax.train.step import TrainState, make_train_step
 
-    cfg = GPTConfig.preset("tiny", vocab_size=64, n_layer=1, n_head=2, n_embd=16, n_ctx=8)
+    cfg = GPTConfig.preset("tiny", vocab_size=64, n_layer=1, n_head=2, n_embd=16, n_ctx=8,
+                           embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
     params = init_params(cfg, jax.random.key(0))
     rs = np.random.RandomState(0)
     batch = {"inputs": rs.randint(0, 64, (4, 8)).astype(np.int32),
