@@ -300,14 +300,22 @@ def _load_state_dict(path: str) -> dict:
     A file that is not what its name says (damaged, truncated, another format) is named in a
     one-line ConversionError instead of its reader's traceback.
     """
-    st = os.path.join(path, "model.safetensors")
+    return read_weight_files(path, "model.safetensors", "pytorch_model.bin")
+
+
+def read_weight_files(directory: str, safetensors_name: str, torch_name: str,
+                      load_safetensors: Any = load_file) -> dict:
+    """The tensors of `directory/safetensors_name` (preferred, read by `load_safetensors`) or of
+    `directory/torch_name` (PyTorch weights, fp32 numpy): a model's or a PEFT adapter's files.
+    An unreadable file, or neither file, is a one-line ConversionError."""
+    st = os.path.join(directory, safetensors_name)
     if os.path.exists(st):
         try:
-            return load_file(st)
+            return load_safetensors(st)
         except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ... all mean unreadable
             raise ConversionError(f"{st} is not a readable safetensors file "
                                   f"({type(e).__name__}: {_gist(e)})") from e
-    pt = os.path.join(path, "pytorch_model.bin")
+    pt = os.path.join(directory, torch_name)
     if os.path.exists(pt):
         torch = _torch_for_weights(pt)
         try:
@@ -316,7 +324,7 @@ def _load_state_dict(path: str) -> dict:
         except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
             raise ConversionError(f"{pt} is not a readable PyTorch weights file "
                                   f"({type(e).__name__}: {_gist(e)})") from e
-    raise ConversionError(f"{path!r} has neither model.safetensors nor pytorch_model.bin")
+    raise ConversionError(f"{directory!r} has neither {safetensors_name} nor {torch_name}")
 
 
 def _gist(e: BaseException, limit: int = 200) -> str:

@@ -34,7 +34,7 @@ from safetensors.numpy import save_file
 from gptjax.config import GPTConfig
 from gptjax.nn import lora
 from gptjax.nn.adapter import LEAF, Adapter
-from gptjax.nn.convert import ConversionError, _gist, _torch_for_weights, config_to_hf
+from gptjax.nn.convert import ConversionError, _gist, config_to_hf, read_weight_files
 from gptjax.nn.model import abstract_params
 from gptjax.nn.param_layout import stack_layers, unstack_layers
 
@@ -215,22 +215,9 @@ def read_peft_config(peft_dir) -> dict:
 
 def _load_tensors(peft_dir: str) -> dict:
     """The adapter's tensors (fp32 numpy) from adapter_model.safetensors or adapter_model.bin."""
-    st, pt = (os.path.join(peft_dir, n) for n in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
-    if os.path.isfile(st):
-        try:
-            return {k: np.asarray(v, np.float32) for k, v in load_file(st).items()}
-        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...: all unreadable
-            raise ConversionError(f"{st} is not a readable safetensors file "
-                                  f"({type(e).__name__}: {_gist(e)})") from e
-    if os.path.isfile(pt):
-        torch = _torch_for_weights(pt)
-        try:
-            sd = torch.load(pt, map_location="cpu", weights_only=True)
-            return {k: v.float().numpy() for k, v in sd.items()}
-        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError, EOFError, ...
-            raise ConversionError(f"{pt} is not a readable PyTorch weights file "
-                                  f"({type(e).__name__}: {_gist(e)})") from e
-    raise ConversionError(f"{peft_dir!r} has neither {WEIGHTS_NAME} nor {LEGACY_WEIGHTS_NAME}")
+    tensors = read_weight_files(peft_dir, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME,
+                                load_safetensors=load_file)
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
 def _pairs(model_cfg: GPTConfig, tensors: dict, rank: int, where: str) -> dict:
