@@ -11,6 +11,7 @@ line (a `scan_layers` change moves the parameters to the other layout).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -162,26 +163,36 @@ def _load_workdir(workdir: str, step: Optional[int], overrides: dict):
         if want.scan_layers != model_cfg.scan_layers:
             params = convert_layout(want, params, want.scan_layers)
         return want, jax.device_put(params), tokenizer
-    with open(os.path.join(workdir, "model_config.json")) as fh:
-        model_cfg = GPTConfig.from_dict(json.load(fh)).with_execution(**overrides)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
-    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    try:
-        meta = ckpt.restore_meta(step)
-        step = ckpt.latest_step() if step is None else step
-        check_checkpoint_meta(step, meta, model_cfg=model_cfg,
-                              tokenizer=tokenizer_info(tokenizer))
+    with _checked_checkpoint(workdir, step, overrides) as (model_cfg, ckpt, tokenizer, meta,
+                                                           step):
         # Read in the saved layout. The shapes do not depend on the kernel, so they are traced
         # with xla (a run's own may not trace on this host, e.g. cudnn on a CPU).
         saved_scan = saved_execution(meta, model_cfg)["scan_layers"]
         params = ckpt.restore_params(abstract_params(model_cfg.with_execution(
             scan_layers=saved_scan, attention_impl="xla")), step)
-    finally:
-        ckpt.close()
     if saved_scan != model_cfg.scan_layers:
         params = convert_layout(model_cfg, params, model_cfg.scan_layers)
     _note(f"loading step {step}", execution_change(meta, model_cfg))
     return model_cfg, jax.device_put(params), tokenizer
+
+
+@contextlib.contextmanager
+def _checked_checkpoint(workdir: str, step: Optional[int], overrides: dict):
+    """(model_cfg, checkpointer, tokenizer, metadata, step) of a run's checkpoint `step` (None =
+    the latest), its metadata checked against the run's model_config.json (under `overrides`)
+    and tokenizer/; the checkpointer is closed when the block ends."""
+    with open(os.path.join(workdir, "model_config.json")) as fh:
+        model_cfg = GPTConfig.from_dict(json.load(fh)).with_execution(**overrides)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
+    try:
+        tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
+        meta = ckpt.restore_meta(step)
+        step = ckpt.latest_step() if step is None else step
+        check_checkpoint_meta(step, meta, model_cfg=model_cfg,
+                              tokenizer=tokenizer_info(tokenizer))
+        yield model_cfg, ckpt, tokenizer, meta, step
+    finally:
+        ckpt.close()
 
 
 def _load_hf(hf_dir: str, tok_path: str):
@@ -243,15 +254,7 @@ def load_lora_run(workdir: str, step: Optional[int] = None,
     workdir = os.path.abspath(workdir)
     if not is_lora_run(workdir):
         raise CheckpointError(f"{workdir} is not a LoRA run (its config.json has no lora.rank > 0)")
-    with open(os.path.join(workdir, "model_config.json")) as fh:
-        model_cfg = GPTConfig.from_dict(json.load(fh))
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False, read_only=True)
-    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    try:
-        meta = ckpt.restore_meta(step)
-        step = ckpt.latest_step() if step is None else step
-        check_checkpoint_meta(step, meta, model_cfg=model_cfg,
-                              tokenizer=tokenizer_info(tokenizer))
+    with _checked_checkpoint(workdir, step, {}) as (model_cfg, ckpt, tokenizer, meta, step):
         lo, src = meta["lora"], meta["base"]
         lora_cfg = lora_lib.LoraConfig(rank=lo["rank"], alpha=lo["alpha"], dropout=lo["dropout"],
                                        targets=tuple(lo["targets"]))
@@ -259,8 +262,6 @@ def load_lora_run(workdir: str, step: Optional[int] = None,
         model_cfg = model_cfg.with_execution(**overrides)
         adapters = ckpt.restore_params(lora_lib.abstract_lora(
             model_cfg.with_execution(attention_impl="xla"), lora_cfg), step)
-    finally:
-        ckpt.close()
     if src["kind"] == "hf":
         base_cfg, base, _ = load_pretrained(hf_dir=src["path"], execution=overrides,
                                             tokenizer_path=src.get("tokenizer_path") or None)
