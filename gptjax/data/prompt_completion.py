@@ -24,7 +24,6 @@ stream. A batch is `dict(inputs=int32[B, T], targets=int32[B, T], weights=float3
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -35,6 +34,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from gptjax.checks import check_choice, check_int
+from gptjax.data.corpora import local_text
 from gptjax.data.lm import MODES, LMBatcher, eval_batches
 from gptjax.data.tokenizers import Tokenizer
 
@@ -57,18 +57,7 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
         paths = [p.strip() for p in paths.split(",") if p.strip()]
     if not paths:
         raise ValueError("prompt/completion data needs a JSONL file or glob (data.path)")
-    files = set()
-    for pattern in map(os.path.expanduser, paths):
-        if glob.has_magic(pattern):
-            matches = [p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p)]
-            if not matches:
-                raise FileNotFoundError(f"no files match the glob pattern {pattern!r}")
-            files.update(os.path.abspath(p) for p in matches)
-        elif os.path.isfile(pattern):
-            files.add(os.path.abspath(pattern))
-        else:
-            raise FileNotFoundError(f"JSONL file not found: {pattern!r}")
-    return sorted(files)
+    return local_text.expand_paths(paths, kind="JSONL", suffix="*.jsonl")
 
 
 def _row(line: str, where: str, keys: tuple[str, str]) -> Row:

@@ -46,8 +46,11 @@ class LocalTextConfig(tfds.core.BuilderConfig):
     encoding: str = "utf-8"
 
 
-def _expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Expands files and glob patterns into sorted absolute file paths."""
+def expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike], kind: str = "text",
+                 suffix: str = "*.txt") -> list[str]:
+    """Expands files and glob patterns into sorted absolute file paths; a pattern matching no
+    file, a directory (the error suggests `dir/**/<suffix>`) or a missing `kind` file is a
+    one-line error."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     if not paths:
@@ -63,12 +66,12 @@ def _expand_paths(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> lis
         elif os.path.isdir(pattern):
             raise ValueError(
                 f"{pattern!r} is a directory; pass files or a glob such as "
-                f"{os.path.join(pattern, '**', '*.txt')!r}"
+                f"{os.path.join(pattern, '**', suffix)!r}"
             )
         elif os.path.isfile(pattern):
             files.add(os.path.abspath(pattern))
         else:
-            raise FileNotFoundError(f"text file not found: {pattern!r}")
+            raise FileNotFoundError(f"{kind} file not found: {pattern!r}")
     return sorted(files)
 
 
@@ -113,7 +116,7 @@ def local_text_config(
     except LookupError:
         raise ValueError(f"encoding={encoding!r} is not a Python codec; allowed: a codec name "
                          "such as 'utf-8' or 'latin-1'") from None
-    files = _expand_paths(paths)
+    files = expand_paths(paths)
     stats = [os.stat(f) for f in files]
     if sum(s.st_size for s in stats) == 0:
         raise ValueError(f"empty corpus: every file is empty ({', '.join(files[:5])})")
