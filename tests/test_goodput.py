@@ -117,20 +117,23 @@ def test_attempts_down_time_and_recomputed_steps(tmp_path):
         goodput.load(str(tmp_path / "nope"))
 
 
-class SlowAndStopping(faults.Hooks):
-    """A slow data source, blocking saves, and (first attempt) SIGTERM after step `stop_at`."""
+class SlowAndStopping(faults.EnvFaults):
+    """GPTJAX_FAULT_DATA_SLEEP_S and _SAVE_SLEEP_S's faults (a slow data source, blocking
+    saves), counted, and (first attempt) a SIGTERM after step `stop_at`."""
 
     def __init__(self, data_s, save_s, stop_at=None):
-        self.data_s, self.save_s, self.stop_at = data_s, save_s, stop_at
+        super().__init__({faults.PREFIX + "DATA_SLEEP_S": str(data_s),
+                          faults.PREFIX + "SAVE_SLEEP_S": str(save_s)})
+        self.stop_at = stop_at
         self.fetches = self.saves = self.steps = 0
 
     def before_batch(self, step):
         self.fetches += 1
-        time.sleep(self.data_s)
+        super().before_batch(step)
 
     def after_save_started(self, step, directory):
         self.saves += 1
-        time.sleep(self.save_s)
+        super().after_save_started(step, directory)
 
     def after_step(self):
         self.steps += 1
@@ -152,7 +155,7 @@ def test_faults_land_in_their_buckets_over_sigterm_and_resume(tmp_path, capsys):
             walls.append((t0, time.time()))
         finally:
             faults.install(None)
-    assert result.step == 12 and hooks[0].steps == 6
+    assert result.step == 12 and hooks[0].steps == 6 and hooks[0].data_sleep_s == 0.05
     out = capsys.readouterr().out
     doc = json.load(open(os.path.join(wd, "goodput.json")))
     assert [a["status"] for a in doc["attempts"]] == ["preempted", "done"]

@@ -407,8 +407,9 @@ def plot(doc: dict, out_png: str, title: str = "") -> str:
     rows = [(f"attempt {a['attempt']} ({a['status']})", dict(a["buckets"], down=a["down_s"]))
             for a in attempts] + [("run", run["buckets"])]
     keys = ("step",) + tuple(k for k in BUCKETS if k != "step") + ("down",)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.5 * len(rows)), dpi=110)
+    fig, ax = plt.subplots(figsize=(9, 1.4 + 0.45 * len(rows)), dpi=110)
     colors = plt.get_cmap("tab20").colors
+    colors = colors[::2] + colors[1::2]  # ten distinct colours first, then their light shades
     for i, key in enumerate(keys):
         left = [sum(b.get(k, 0.0) for k in keys[:i]) for _, b in rows]
         ax.barh([r for r, _ in rows], [b.get(key, 0.0) for _, b in rows], left=left,
@@ -416,8 +417,7 @@ def plot(doc: dict, out_png: str, title: str = "") -> str:
     ax.invert_yaxis()
     ax.set_xlabel("seconds")
     ax.set_title(title or summary_line(run), fontsize=9)
-    ax.legend(ncol=6, fontsize=7, loc="upper center",
-              bbox_to_anchor=(0.5, -0.25 - 0.05 * len(rows)))
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(out_png, bbox_inches="tight")
     plt.close(fig)
