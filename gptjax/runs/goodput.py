@@ -342,6 +342,7 @@ def ledger_doc(attempts: list) -> dict:
     wall = attempts[-1]["end"] - attempts[0]["start"]
     run = dict(wall_s=wall, attempts=len(attempts), goodput=buckets["step"] / max(wall, 1e-9),
                recomputed_steps=sum(a["recomputed_steps"] for a in attempts),
+               compiles=sum(a["compiles"] for a in attempts),
                cache_hits=sum(a["cache_hits"] for a in attempts), buckets=buckets)
     return dict(version=1, attempts=attempts, run=run)
 
@@ -385,7 +386,8 @@ def report(doc: dict, name: str = "") -> str:
     width = max(11, *map(len, cols))
     lines = [f"goodput ledger {name}".rstrip() + f": {run['attempts']} attempt(s), steps "
              + ", ".join(f"{a['first_step']}->{a['reached']}" for a in attempts)
-             + f", {run['recomputed_steps']} recomputed, {run['cache_hits']} cache hits",
+             + f", {run['recomputed_steps']} recomputed; {run['compiles']} compilations, "
+             f"{run['cache_hits']} from the persistent cache",
              f"{'seconds':<11}" + "".join(f"{c:>{width}}" for c in cols)]
     wall = max(run["wall_s"], 1e-9)
     for k in ("down",) + BUCKETS + ("wall",):
