@@ -366,16 +366,17 @@ def metrics_record(run: dict) -> dict:
 
 
 def load(workdir: str) -> dict:
-    """The goodput.json of run directory `workdir` (a one-line error when it has none)."""
+    """The goodput ledger of run directory `workdir` (see `ledger_doc`; the run's totals are
+    recomputed from its attempts); a one-line error when it has none."""
     path = os.path.join(workdir, GOODPUT)
     try:
         with open(path) as fh:
-            return json.load(fh)
+            return ledger_doc(json.load(fh)["attempts"])
     except OSError:
         raise FileNotFoundError(f"no {GOODPUT} in {workdir}; allowed: a train.py run "
                                 "directory (runs started before the ledger existed have none)")
-    except ValueError as e:
-        raise ValueError(f"{path} is not a goodput ledger ({e})")
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"{path} is not a goodput ledger ({type(e).__name__}: {e})")
 
 
 def report(doc: dict, name: str = "") -> str:
