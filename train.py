@@ -8,7 +8,8 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
+from gptjax.cli import (define_config_file, exit_without_teardown, parse_flags, run_cli,
+                        sample_after_training)
 from gptjax.runs.export import export_run
 from gptjax.runs.goodput import process_start
 from gptjax.train.compile_cache import enable_compilation_cache
@@ -49,6 +50,7 @@ def main(argv):
     prepare_host_for_training()
     enable_compilation_cache()  # a second run loads its compiled functions from disk
     run_cli(lambda: _train(_CONFIG.value, _WORKDIR.value))
+    exit_without_teardown()  # (seconds the goodput ledger cannot see; errors exited above)
 
 
 def _train(config, workdir):

@@ -384,7 +384,7 @@ def report(doc: dict, name: str = "") -> str:
     share, and the one-line summary."""
     attempts, run = doc["attempts"], doc["run"]
     cols = [f"#{a['attempt']} {a['status']}" for a in attempts] + ["run", "%"]
-    width = max(11, *map(len, cols))
+    width = 2 + max(9, *map(len, cols))
     lines = [f"goodput ledger {name}".rstrip() + f": {run['attempts']} attempt(s), steps "
              + ", ".join(f"{a['first_step']}->{a['reached']}" for a in attempts)
              + f", {run['recomputed_steps']} recomputed; {run['compiles']} compilations, "
