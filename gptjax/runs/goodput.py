@@ -8,8 +8,9 @@ goes to exactly one bucket, so the buckets add up to the attempt's wall time by 
 no timer runs beside another. What no phase claims is `other`, and it is reported.
 
 Buckets (seconds):
-  startup     from the process's start (train.py) or the call: imports, the distributed
-              runtime, reading or preparing the data and tokenizer, the mesh.
+  startup     from the process's start (train.py) or the call until the first batch (less the
+              phases below): imports, the distributed runtime, the data and tokenizer, the
+              mesh, setting up the loop.
   init        restoring the latest checkpoint, or initialising a new state.
   compile     tracing, lowering and compiling, wherever it happens (a persistent-cache hit is
               its load time; `cache_hits` counts them).
@@ -17,15 +18,16 @@ Buckets (seconds):
   recompute   the same for steps an earlier attempt had already run (lost with it).
   data        waiting for the next batch.
   checkpoint  the checkpoint time that blocks the loop (an async save's copy, the final wait).
-  eval        periodic and final evaluation.
+  eval        periodic and final evaluation, and what the caller runs last (train.py: the sample).
   log         metrics.jsonl/TensorBoard writes, the plot, the summary, this ledger's writes.
-  other       the rest (setting up the loop, messages).
+  other       the rest (after the loop: messages between the phases).
   down        (the run only) from an attempt's last heartbeat to the next attempt's start.
 
 The run directory keeps `goodput.json` (written by process 0; process N > 0 writes
 `goodput.process_N.json`): one record per attempt, rewritten atomically (a temporary file, then
-a rename) when the attempt opens, at least every HEARTBEAT_S seconds, before each checkpoint and
-when it ends. A killed attempt's record is its last heartbeat; the next one marks it `killed`.
+a rename) when the attempt opens, at least every HEARTBEAT_S seconds while the loop runs, before
+each checkpoint and when it ends. A killed attempt's record is its last heartbeat; the next
+attempt marks it `killed`.
 """
 
 from __future__ import annotations
