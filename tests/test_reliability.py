@@ -66,7 +66,7 @@ def reference(tiny_run):
 
 
 # Seconds between a train.py process's last ledger record and its exit as this test sees it, at
-# most: its atexit functions and the exit itself (0.12-0.16 s measured on the 2-core host; train.py
+# most: its atexit functions and the exit itself (0.12-0.31 s measured on the 2-core host; train.py
 # skips the interpreter's 1.1-1.5 s teardown of its modules, gptjax.cli.exit_without_teardown).
 # The ledger cannot see them; the next attempt counts them as down time.
 TEARDOWN_S = 1.0
@@ -75,17 +75,18 @@ TEARDOWN_S = 1.0
 def assert_ledger(workdir, walls, statuses):
     """goodput.json of `workdir`: one attempt per process run, each inside the wall time this
     test measured around it (`walls`: (t0, t1)), and its buckets (and the run's) adding up to
-    its wall time within 1%. Returns the attempts."""
+    its wall time within 1%. Returns the ledger."""
     doc = json.load(open(pathlib.Path(workdir) / "goodput.json"))
     attempts, run = doc["attempts"], doc["run"]
     assert [a["status"] for a in attempts] == statuses
     for a, (t0, t1) in zip(attempts, walls):
         assert abs(sum(a["buckets"].values()) - a["wall_s"]) <= 0.01 * a["wall_s"], a
-        assert abs(a["start"] - t0) <= 0.1 and a["end"] <= t1, (a, t0, t1)  # the process's start
+        # It starts when the process does (not when gptjax is imported, 1-2 s later).
+        assert abs(a["start"] - t0) <= 0.5 and a["end"] <= t1, (a, t0, t1)
         if a["status"] != "killed":  # (a killed one ends at its last heartbeat)
             assert t1 - a["end"] <= TEARDOWN_S, (a, t1)
     assert abs(sum(run["buckets"].values()) - run["wall_s"]) <= 0.01 * run["wall_s"], run
-    assert -0.1 <= walls[-1][1] - walls[0][0] - run["wall_s"] <= TEARDOWN_S + 0.1
+    assert -0.5 <= walls[-1][1] - walls[0][0] - run["wall_s"] <= TEARDOWN_S + 0.5
     return doc
 
 
