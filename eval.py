@@ -1,9 +1,9 @@
-"""Evaluate models: perplexity (--text, --tfds), GPT-3 few-shot, GPT-1/2 zero-shot, or lm-eval.
+"""Evaluate models (perplexity, GPT-3 few-shot, GPT-1/2 zero-shot, lm-eval), or a run's goodput.
 
   python eval.py --mode=fewshot --workdir runs/a --tasks 2D+,1DC --shots 0,1,4 --out runs/eval
   python eval.py --mode=zeroshot --workdir runs/a --steps all --tasks lambada=l.jsonl --out runs/zs
   python eval.py --mode=lm_eval --hf_dir path/to/gpt2 --tasks hellaswag --include_path my_tasks
-Intentionally thin: gptjax.eval does the work.
+  python eval.py --mode=goodput --workdir runs/a   (where its time went; gptjax.eval does the work)
 """
 
 import os
@@ -14,8 +14,8 @@ from absl import app, flags
 from gptjax.cli import define_execution_flag, define_peft_flag, run_cli
 from gptjax.eval import run
 
-_MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval"],
-                          "What to evaluate.")
+_MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval",
+                                                 "goodput"], "What to evaluate.")
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
@@ -46,11 +46,11 @@ _INCLUDE = flags.DEFINE_string("include_path", "", "lm_eval: a folder of extra t
 
 
 def _run():
+    if _MODE.value == "goodput":  # no model: the run directories' time ledgers
+        return run.run_goodput(_WORKDIR.value, _OUT.value)
     steps = (run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value not in ("", "all")
              else _STEPS.value or [])
-    specs = [s for v in _TASKS.value for s in v.split(",") if s]
-    if _MODE.value != "perplexity" and not specs:
-        raise ValueError(f"--mode={_MODE.value} needs --tasks (e.g. --tasks 2D+,1DC)")
+    specs = run.task_specs(_TASKS.value, _MODE.value)
     models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps,
                              execution=_EXECUTION.value, peft_dir=_PEFT.value)
     kw = dict(seed=_SEED.value, batch_size=_BATCH.value, out=_OUT.value)

@@ -8,8 +8,10 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_config_file, parse_flags, run_cli, sample_after_training
+from gptjax.cli import (define_config_file, exit_without_teardown, parse_flags, run_cli,
+                        sample_after_training)
 from gptjax.runs.export import export_run
+from gptjax.runs.goodput import process_start
 from gptjax.train.compile_cache import enable_compilation_cache
 from gptjax.train.hostmem import prepare_host_for_training
 from gptjax.train.loop import train_and_evaluate
@@ -48,6 +50,7 @@ def main(argv):
     prepare_host_for_training()
     enable_compilation_cache()  # a second run loads its compiled functions from disk
     run_cli(lambda: _train(_CONFIG.value, _WORKDIR.value))
+    exit_without_teardown()  # (seconds the goodput ledger cannot see; errors exited above)
 
 
 def _train(config, workdir):
@@ -61,8 +64,9 @@ def _train(config, workdir):
     if _PREPARE.value:
         print(prepare_data(config, workdir))
         return
-    result = train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value)
-    sample_after_training(config, result)
+    # The process's start and the sample are in the run's goodput ledger.
+    train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value, started=process_start(),
+                       after=lambda result: sample_after_training(config, result))
 
 
 if __name__ == "__main__":

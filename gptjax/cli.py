@@ -8,10 +8,12 @@ The scripts that load a trained model share its flags (`ModelFlags`, `define_exe
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
 import re
 import sys
+import threading
 from typing import TYPE_CHECKING, Any, Callable, NoReturn, Optional
 
 import jax
@@ -99,6 +101,21 @@ def run_cli(fn: Callable[[], None]) -> None:
         if os.environ.get("GPTJAX_DEBUG"):
             raise
         fail("interrupted", status=130)
+
+
+def exit_without_teardown() -> None:
+    """Ends a finished entry script now, with status 0: runs the atexit functions (JAX's
+    distributed shutdown, logging's flush), flushes stdout/stderr, then `os._exit`, skipping the
+    interpreter's teardown of its modules: about 1.1-1.5 s of freeing jax, Orbax, tensorboardX
+    and matplotlib on a 2-core host, after the run's goodput ledger closed. Returns (a normal
+    exit follows) while a thread that the normal exit would wait for still runs."""
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread()
+           for t in threading.enumerate()):
+        return
+    atexit._run_exitfuncs()  # (CPython's own call at exit; os._exit skips it)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------- flags

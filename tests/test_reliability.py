@@ -20,6 +20,7 @@ import pytest
 
 from conftest import REPO, TINY_RUN, train_flags
 from gptjax.data.tasks import load_task
+from gptjax.runs import goodput
 
 STEPS = TINY_RUN["train.steps"]
 
@@ -64,6 +65,31 @@ def reference(tiny_run):
     return wd
 
 
+# Seconds between a train.py process's last ledger record and its exit as this test sees it, at
+# most: its atexit functions and the exit itself (0.12-0.31 s measured on the 2-core host; train.py
+# skips the interpreter's 1.1-1.5 s teardown of its modules, gptjax.cli.exit_without_teardown).
+# The ledger cannot see them; the next attempt counts them as down time.
+TEARDOWN_S = 1.0
+
+
+def assert_ledger(workdir, walls, statuses):
+    """goodput.json of `workdir`: one attempt per process run, each inside the wall time this
+    test measured around it (`walls`: (t0, t1)), and its buckets (and the run's) adding up to
+    its wall time within 1%. Returns the ledger."""
+    doc = json.load(open(pathlib.Path(workdir) / "goodput.json"))
+    attempts, run = doc["attempts"], doc["run"]
+    assert [a["status"] for a in attempts] == statuses
+    for a, (t0, t1) in zip(attempts, walls):
+        assert abs(sum(a["buckets"].values()) - a["wall_s"]) <= 0.01 * a["wall_s"], a
+        # It starts when the process does (not when gptjax is imported, 1-2 s later).
+        assert abs(a["start"] - t0) <= 0.5 and a["end"] <= t1, (a, t0, t1)
+        if a["status"] != "killed":  # (a killed one ends at its last heartbeat)
+            assert t1 - a["end"] <= TEARDOWN_S, (a, t1)
+    assert abs(sum(run["buckets"].values()) - run["wall_s"]) <= 0.01 * run["wall_s"], run
+    assert -0.5 <= walls[-1][1] - walls[0][0] - run["wall_s"] <= TEARDOWN_S + 0.5
+    return doc
+
+
 def assert_same_run(workdir, reference, from_step=1):
     a, b = losses(reference), losses(workdir)
     assert sorted(b) == list(range(1, STEPS + 1))
@@ -77,8 +103,10 @@ def assert_same_run(workdir, reference, from_step=1):
 # ============================================================================ faults mid-run
 def test_kill9_mid_save_then_sigterm_then_resume_bit_exact(env, reference):
     wd = env[0] / "chain"
+    walls = [[time.time()]]  # (start, end) of each process, for the goodput ledger
     # 1. SIGKILL while the checkpoint of step 8 is being written (async, not yet finalized).
     r = run(env, "train.py", train_flags(env[0], wd), {"GPTJAX_FAULT_KILL_IN_SAVE": "8"})
+    walls[-1].append(time.time())
     assert r.returncode == -signal.SIGKILL
     ckpts = wd / "checkpoints"
     assert (ckpts / "8.orbax-checkpoint-tmp").is_dir() and 8 not in steps(wd), os.listdir(ckpts)
@@ -86,6 +114,7 @@ def test_kill9_mid_save_then_sigterm_then_resume_bit_exact(env, reference):
 
     # 2. Restart (it resumes from step 4, the last complete one); SIGTERM it mid-training.
     out = open(env[0] / "chain.out", "w+")
+    walls.append([time.time()])
     p = subprocess.Popen([sys.executable, "train.py", *train_flags(env[0], wd)], cwd=REPO,
                          stdout=out, stderr=subprocess.PIPE, text=True,
                          env=dict(env[1], GPTJAX_FAULT_STEP_SLEEP_S="0.4"))
@@ -98,6 +127,7 @@ def test_kill9_mid_save_then_sigterm_then_resume_bit_exact(env, reference):
         time.sleep(0.1)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=300)
+    walls[-1].append(time.time())
     out.seek(0)
     text = out.read()
     assert p.returncode == 0 and "Traceback" not in err, err[-3000:]
@@ -108,10 +138,45 @@ def test_kill9_mid_save_then_sigterm_then_resume_bit_exact(env, reference):
     assert not (wd / "summary.json").exists()  # it stopped; no final evaluation
 
     # 3. The same command again finishes the run exactly as the uninterrupted one did.
+    walls.append([time.time()])
     r = run(env, "train.py", train_flags(env[0], wd))
+    walls[-1].append(time.time())
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert f"steps {stopped}->12" in r.stdout
     assert_same_run(wd, reference)
+
+    # The goodput ledger: the killed attempt's last record was written before the save of step
+    # 8; the next one, after some down time, ran again the steps from 4 that the first had run;
+    # the third one those beyond the second's save: steps 4-7 recomputed in all.
+    doc = assert_ledger(wd, walls, ["killed", "preempted", "done"])
+    killed, stopped_one, last = doc["attempts"]
+    assert (killed["first_step"], killed["reached"]) == (0, 8)
+    assert (stopped_one["first_step"], stopped_one["reached"]) == (4, stopped)
+    assert stopped_one["recomputed_steps"] == min(stopped, 8) - 4
+    assert stopped_one["buckets"]["recompute"] > 0
+    assert stopped_one["down_s"] >= walls[1][0] - walls[0][1] - 0.1 and stopped_one["down_s"] > 0
+    assert last["recomputed_steps"] == max(0, 8 - stopped) and last["first_step"] == stopped
+    assert goodput.summary_line(doc["run"]) in r.stdout.splitlines()
+    assert doc["run"]["buckets"]["down"] > 0 and doc["run"]["recomputed_steps"] == 4
+
+
+def test_ledger_of_a_plain_run(tiny_run):
+    """The uninterrupted train.py run's goodput ledger: one attempt whose buckets add up to its
+    wall time, each phase in its bucket, the one-line summary printed and logged."""
+    wd, stdout = tiny_run
+    doc = json.load(open(wd / "goodput.json"))
+    (a,) = doc["attempts"]
+    assert a["status"] == "done" and (a["first_step"], a["reached"]) == (0, STEPS)
+    assert abs(sum(a["buckets"].values()) - a["wall_s"]) <= 0.01 * a["wall_s"], a
+    b = a["buckets"]
+    for k in ("startup", "compile", "step", "data", "checkpoint", "eval", "log"):
+        assert b[k] > 0, (k, b)
+    assert b["recompute"] == 0 and a["down_s"] == 0 and a["compiles"] >= 3
+    assert b["other"] <= 0.05 * a["wall_s"], b  # the phases claim nearly everything
+    line = [x for x in stdout.splitlines() if x.startswith("goodput ")]
+    assert line == [goodput.summary_line(doc["run"])]
+    last = json.loads(open(wd / "metrics.jsonl").readlines()[-1])
+    assert last["step"] == STEPS and last["goodput"] > 0
 
 
 def test_nonfinite_halt_keeps_last_good_checkpoint_then_skip(env, reference):

@@ -1,5 +1,5 @@
 """What eval.py runs: load one or several models, then perplexity, few-shot, zero-shot or
-lm-evaluation-harness evaluation."""
+lm-evaluation-harness evaluation; or print and plot run directories' goodput ledgers."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 from gptjax.checks import check_choice
 from gptjax.eval import fewshot, zeroshot_run
 from gptjax.eval import perplexity as ppl
+from gptjax.runs import goodput
 from gptjax.runs.pretrained import load_pretrained
 
 
@@ -22,6 +23,15 @@ def parse_ints(value: str, name: str, minimum: int = 0) -> list:
     if not out or min(out) < minimum:
         raise ValueError(f"--{name}={value!r}: expected integers >= {minimum}")
     return out
+
+
+def task_specs(values: Sequence[str], mode: str) -> list:
+    """The task specs of repeated comma-separated --tasks values; every mode but perplexity
+    needs one (a one-line error)."""
+    specs = [s for v in values for s in v.split(",") if s]
+    if mode != "perplexity" and not specs:
+        raise ValueError(f"--mode={mode} needs --tasks (e.g. --tasks 2D+,1DC)")
+    return specs
 
 
 def checkpoint_steps(workdir: str) -> list:
@@ -157,3 +167,25 @@ def run_lm_eval(models: list, tasks: Sequence[str], *, include_path: str = "",
         with open(os.path.join(out, "lm_eval.json"), "w") as fh:
             json.dump(results[0] if len(results) == 1 else results, fh, indent=2, default=str)
     return results
+
+
+def run_goodput(workdirs: Sequence[str], out: str = "") -> list:
+    """Prints the goodput ledger of each train.py run directory (gptjax.runs.goodput) and plots
+    it: `<out>/goodput_<run>.png`, or `<workdir>/goodput.png` without `out`.
+
+    Returns:
+      The plots' paths.
+    """
+    if not workdirs:
+        raise ValueError("--mode=goodput needs --workdir (a train.py run directory; repeatable)")
+    if out:
+        os.makedirs(out, exist_ok=True)
+    plots = []
+    for wd in workdirs:
+        doc = goodput.load(wd)
+        name = os.path.basename(os.path.abspath(wd))
+        png = os.path.join(out, f"goodput_{name}.png") if out else os.path.join(wd, "goodput.png")
+        print(goodput.report(doc, name))
+        plots.append(goodput.plot(doc, png, title=f"{name}: {goodput.summary_line(doc['run'])}"))
+        print(f"plot: {png}")
+    return plots

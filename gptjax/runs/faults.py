@@ -15,6 +15,8 @@ reads once, the first time it is called, and only then installs `EnvFaults`:
                                   signal while the run is in the middle of training).
   GPTJAX_FAULT_KILL_IN_SAVE=N     SIGKILL this process right after the (async) save of the
                                   checkpoint of step N has started, before Orbax finalizes it.
+  GPTJAX_FAULT_DATA_SLEEP_S=X     every batch takes X seconds longer to arrive (a slow data source).
+  GPTJAX_FAULT_SAVE_SLEEP_S=X     every checkpoint save blocks the loop X seconds longer.
 
 An in-process test can `install()` a `Hooks` subclass of its own instead.
 """
@@ -44,6 +46,9 @@ class Hooks:
         """The train state as step `step` gets it."""
         return state
 
+    def before_batch(self, step: int) -> None:
+        """Called as step `step` waits for its batch (inside the loop's data wait)."""
+
     def after_step(self) -> None:
         """Called after every train step."""
 
@@ -63,8 +68,9 @@ class EnvFaults(Hooks):
         self.nan_step = _int(environ, PREFIX + "NAN_STEP")
         self.nan_opt_state = _int(environ, PREFIX + "NAN_OPT_STATE")
         self.kill_in_save = _int(environ, PREFIX + "KILL_IN_SAVE")
-        sleep = environ.get(PREFIX + "STEP_SLEEP_S")
-        self.step_sleep_s = float(sleep) if sleep else 0.0
+        self.step_sleep_s, self.data_sleep_s, self.save_sleep_s = (
+            float(environ.get(PREFIX + k) or 0.0) for k in ("STEP_SLEEP_S", "DATA_SLEEP_S",
+                                                            "SAVE_SLEEP_S"))
 
     def corrupt_batch(self, step: int, batch: dict) -> dict:
         """The batch of `step`, with NaN weights when GPTJAX_FAULT_NAN_STEP names this step."""
@@ -86,16 +92,24 @@ class EnvFaults(Hooks):
 
         return state.replace(opt_state=jax.tree_util.tree_map(poison, state.opt_state))
 
+    def before_batch(self, step: int) -> None:
+        """Sleep GPTJAX_FAULT_DATA_SLEEP_S seconds (unset: return at once)."""
+        if self.data_sleep_s:
+            time.sleep(self.data_sleep_s)
+
     def after_step(self) -> None:
         """Sleep GPTJAX_FAULT_STEP_SLEEP_S seconds (unset: return at once)."""
         if self.step_sleep_s:
             time.sleep(self.step_sleep_s)
 
     def after_save_started(self, step: int, directory: str) -> None:
-        """SIGKILL this process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight).
+        """Sleep GPTJAX_FAULT_SAVE_SLEEP_S seconds (a slow, blocking save); then SIGKILL this
+        process when GPTJAX_FAULT_KILL_IN_SAVE names `step` (a save in flight).
 
         Orbax creates the step's temporary directory on a background thread, so the kill waits
         (up to 10 s) until `<directory>/<step>.orbax-checkpoint-tmp` exists: a save in flight."""
+        if self.save_sleep_s:
+            time.sleep(self.save_sleep_s)
         if self.kill_in_save == step:
             tmp = os.path.join(directory, f"{step}.orbax-checkpoint-tmp")
             end = time.monotonic() + 10

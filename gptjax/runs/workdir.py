@@ -2,8 +2,9 @@
 
 A train.py work directory holds `config.json` (the experiment), `model_config.json` (the
 GPTConfig), `tokenizer/`, `checkpoints/` (Orbax steps whose metadata records the model config,
-architecture and execution, and the tokenizer's fingerprint), `metrics.jsonl` (+ `tensorboard/`), `loss.png` and
-`summary.json`. `gptjax.runs.pretrained` reads a decoder back from such a directory. A LoRA run
+architecture and execution, and the tokenizer's fingerprint), `metrics.jsonl` (+ `tensorboard/`),
+`loss.png`, `summary.json` and `goodput.json` (gptjax.runs.goodput: where each attempt's wall
+time went). `gptjax.runs.pretrained` reads a decoder back from such a directory. A LoRA run
 (config.json's lora.rank > 0) has the same files; its checkpoints hold the step, the adapters and
 their optimizer state, and their metadata also its `lora` settings and the `base` it trained over
 (init kind, path, step, tokenizer_path and a fingerprint of the base's values).

@@ -26,7 +26,7 @@ from gptjax.config import GPTConfig
 from gptjax.data.batcher import Batcher
 from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.plotting import plot_metrics
-from gptjax.runs import faults
+from gptjax.runs import faults, goodput
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
 from gptjax.nn.param_layout import convert_layout
 from gptjax.runs.pretrained import execution_change, saved_execution
@@ -111,6 +111,7 @@ class Run:
     init_rng: jax.Array
     train_rng: jax.Array
     init_meta: dict  # what checkpoints record of a LoRA run: its `lora` settings and `base`
+    ledger: goodput.Ledger = dataclasses.field(default_factory=goodput.Ledger)  # where time went
 
     @property
     def is_main(self) -> bool:
@@ -335,7 +336,9 @@ class Trainer:
         """Dispatch step `step`, then fetch the previous step's metrics (dispatch runs ahead)."""
         run = self.run
         t = time.perf_counter()
-        host_batch = run.batcher.batch(step)
+        with run.ledger.waiting_for_data(step):
+            self.hooks.before_batch(step)
+            host_batch = run.batcher.batch(step)
         self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
         self.data_waits += 1
         batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
@@ -367,8 +370,9 @@ class Trainer:
             self.preempted = guard.signal_name
             return False
         if tc.eval_every > 0 and done % tc.eval_every == 0 and done != self.total_steps:
-            vl = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                          tc.eval_batch_size, tc.eval_batches)
+            with run.ledger.phase("eval"):
+                vl = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
+                              tc.eval_batch_size, tc.eval_batches)
             self.writer.write(dict(step=done, val_loss=vl, val_ppl=math.exp(min(vl, 50))))
             if self.pbar is not None:
                 self.pbar.write(f"step {done}: val_loss {vl:.4f}")
@@ -417,8 +421,9 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     final_step = int(jax.device_get(state.step))
     if final_step not in ckpt.all_steps():
         ckpt.save(final_step, state, trainer.meta_for(final_step), force=True)
-    val_loss = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                        run.config.train.eval_batch_size, -1)
+    with run.ledger.phase("eval"):
+        val_loss = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
+                            run.config.train.eval_batch_size, -1)
     trainer.writer.write(dict(step=final_step, val_loss=val_loss,
                               val_ppl=math.exp(min(val_loss, 50)), final=True))
     ckpt.close()
@@ -426,21 +431,25 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     result = trainer.result(state, val_loss)
     if run.is_main:
         plot_path = os.path.join(run.workdir, "loss.png")
-        plot_metrics(run.metrics_path, plot_path)
-        write_summary(run.workdir, result.summary())
+        with run.ledger.phase("log"):
+            plot_metrics(run.metrics_path, plot_path)
+            write_summary(run.workdir, result.summary())
         print(f"done: step {final_step}, val_loss {val_loss:.4f} (whole split), "
               f"wall {result.wall_time_s:.0f}s; plot {plot_path}", flush=True)
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       progress: bool = True) -> TrainResult:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
+                       started: Optional[float] = None,
+                       after: Optional[Callable[[TrainResult], None]] = None) -> TrainResult:
     """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
 
     Args:
       config: a train.py experiment config (missing fields take gptjax.defaults' values).
       workdir: the run directory (created if needed).
       progress: show a progress bar (process 0).
+      started, after: when this attempt began (default now; train.py: the process's start) and
+        what it does last, with the result (train.py: the sample), for its goodput ledger.
 
     Returns:
       A TrainResult (`.summary()` is what summary.json holds).
@@ -451,17 +460,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       FloatingPointError: at a non-finite step under train.nonfinite='halt', or after
         train.max_consecutive_skips skipped steps in a row.
     """
+    ledger = goodput.Ledger(started)  # the attempt's wall time, in buckets (goodput.json)
     config = defaults.complete(config, defaults.base_config())
     check_train_config(config)  # one-line errors before any data is read or anything compiles
     created = not os.path.exists(workdir)
     try:
         run = prepare(config, workdir)
-        state, carried = restore_or_init(run)
+        with ledger.phase("init"):
+            state, carried = restore_or_init(run)
     except BaseException:
         if created and jax.process_index() == 0:
             remove_empty_dirs(os.path.abspath(workdir))
         raise
     start = int(jax.device_get(state.step))
+    run.ledger = ledger.open(run.workdir, start, restored=start > 0)
     mc = run.model_cfg
     if run.is_main:
         print(f"gptjax: {mc.num_params() / 1e6:.2f}M parameters, {mc.n_layer} layers x "
@@ -470,4 +482,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               f"val tokens; mesh "
               f"{dict(run.setup.mesh.shape)}; steps {start}->{config.train.steps}", flush=True)
     trainer = Trainer(run, start, carried, progress)
-    return finish(trainer, trainer.loop(state))
+    run.ckpt, trainer.writer = ledger.watch(run.ckpt, trainer.writer)
+    with ledger.attempt(announce=run.is_main) as ended:
+        state = trainer.loop(state)
+        ledger.base("other")
+        result = finish(trainer, state)
+        if after is not None:
+            with ledger.phase("eval"):
+                after(result)
+        ended("preempted" if result.preempted else "done", result.step)
+    return result
