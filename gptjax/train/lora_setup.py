@@ -121,9 +121,11 @@ class LoraSetup(Setup):
         step_fn = make_lora_train_step(self.model_cfg, self.optimizer, self.schedule,
                                        lora_dropout=self.lora_cfg.dropout,
                                        accum_steps=config.train.accum_steps,
-                                       nonfinite=config.train.nonfinite)
+                                       nonfinite=config.train.nonfinite,
+                                       spike_guard=bool(self.guard_args))
         train = jax.jit(self._with_rules(step_fn),
-                        in_shardings=(sh, self.base_shardings, self.batch_sharding, repl),
+                        in_shardings=(sh, self.base_shardings, self.batch_sharding, repl)
+                        + self.guard_args,
                         out_shardings=(sh, repl), donate_argnames=("state",))
         evaluate = jax.jit(self._with_rules(make_eval_step(self.model_cfg, lora=True)),
                            in_shardings=(self.base_shardings, sh.params, self.batch_sharding),

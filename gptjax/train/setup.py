@@ -21,6 +21,7 @@ from gptjax.config import GPTConfig
 from gptjax.nn.model import init_boxed
 from gptjax.runs.checkpoint import abstract_with_shardings
 from gptjax.train.experiment import mesh_shape
+from gptjax.train import spikes
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -44,6 +45,8 @@ class Setup:
         self.rules = shd.rules_from_config(config.mesh.rules)
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
         self._shard_state()
+        # train.spike_guard: the train step's trailing float32 limit (gptjax.train.spikes).
+        self.guard_args = (self.repl,) if spikes.enabled(config.train) else ()
         self._build_steps()
 
     def _build_steps(self) -> None:
@@ -51,10 +54,11 @@ class Setup:
         config, model_cfg, repl = self.config, self.model_cfg, self.repl
         step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
                                   accum_steps=config.train.accum_steps,
-                                  nonfinite=config.train.nonfinite)
+                                  nonfinite=config.train.nonfinite,
+                                  spike_guard=bool(self.guard_args))
         self.train_step = jax.jit(
             self._with_rules(step_fn),
-            in_shardings=(self.state_shardings, self.batch_sharding, repl),
+            in_shardings=(self.state_shardings, self.batch_sharding, repl) + self.guard_args,
             out_shardings=(self.state_shardings, repl), donate_argnames=("state",))
         self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
                                  in_shardings=(self.state_shardings.params, self.batch_sharding),
@@ -113,6 +117,11 @@ class Setup:
             params = jax.device_put(params, self.state_shardings.params)
             return jax.jit(self._with_rules(make), out_shardings=self.state_shardings,
                            donate_argnums=(0,))(params)
+
+    def abstract_guard_args(self) -> tuple:
+        """The train step's arguments after (state, batch, rng), abstract: () or the spike
+        guard's limit."""
+        return tuple(jax.ShapeDtypeStruct((), jnp.float32, sharding=s) for s in self.guard_args)
 
     def abstract_sharded_state(self):
         """The state's ShapeDtypeStructs with their target shardings (to restore into)."""
