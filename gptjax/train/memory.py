@@ -102,8 +102,7 @@ def compiled_memory(setup, batch_size: int, seq_len: int) -> dict | None:
              for k in ("inputs", "targets")}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
     with setup.mesh:
-        compiled = setup.train_step.lower(abstract_state, batch, rng,
-                                          *setup.abstract_guard_args()).compile()
+        compiled = setup.train_step.lower(abstract_state, batch, rng).compile()
     ma = compiled.memory_analysis()
     if ma is None:
         return None

@@ -56,10 +56,10 @@ class Setup:
                                   accum_steps=config.train.accum_steps,
                                   nonfinite=config.train.nonfinite,
                                   spike_guard=bool(self.guard_args))
-        self.train_step = jax.jit(
+        self.train_step = with_default_limit(jax.jit(
             self._with_rules(step_fn),
             in_shardings=(self.state_shardings, self.batch_sharding, repl) + self.guard_args,
-            out_shardings=(self.state_shardings, repl), donate_argnames=("state",))
+            out_shardings=(self.state_shardings, repl), donate_argnames=("state",)), self)
         self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
                                  in_shardings=(self.state_shardings.params, self.batch_sharding),
                                  out_shardings=(repl, repl))
@@ -118,11 +118,6 @@ class Setup:
             return jax.jit(self._with_rules(make), out_shardings=self.state_shardings,
                            donate_argnums=(0,))(params)
 
-    def abstract_guard_args(self) -> tuple:
-        """The train step's arguments after (state, batch, rng), abstract: () or the spike
-        guard's limit."""
-        return tuple(jax.ShapeDtypeStruct((), jnp.float32, sharding=s) for s in self.guard_args)
-
     def abstract_sharded_state(self):
         """The state's ShapeDtypeStructs with their target shardings (to restore into)."""
         return abstract_with_shardings(self.abstract_state, self.state_shardings)
@@ -131,3 +126,27 @@ class Setup:
         """Host-local numpy rows -> one global array sharded over the batch axis."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local_batch.items()}
+
+
+class _DefaultLimit:
+    """A jitted guarded train step that may be called (or lowered) without its trailing spike
+    limit: +inf then, nothing is skipped (what code written for the unguarded step gets)."""
+
+    def __init__(self, fn, n_args: int, sharding):
+        self.fn, self.n_args, self.sharding = fn, n_args, sharding
+
+    def __call__(self, *args):
+        if len(args) == self.n_args:
+            args += (np.float32(np.inf),)
+        return self.fn(*args)
+
+    def lower(self, *args):
+        if len(args) == self.n_args:
+            args += (jax.ShapeDtypeStruct((), jnp.float32, sharding=self.sharding),)
+        return self.fn.lower(*args)
+
+
+def with_default_limit(jitted, setup: Setup, n_args: int = 3):
+    """`jitted` as is without the spike guard; with it, a `_DefaultLimit` over its `n_args`
+    arguments before the limit."""
+    return _DefaultLimit(jitted, n_args, setup.repl) if setup.guard_args else jitted

@@ -119,7 +119,7 @@ def _abstract_args(setup: Setup, batch_size: int, seq_len: int) -> tuple:
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=setup.batch_sharding)
              for k in ("inputs", "targets")}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
-    return (setup.abstract_sharded_state(), batch, rng, *setup.abstract_guard_args())
+    return setup.abstract_sharded_state(), batch, rng
 
 
 def compile_lowered(lower: Callable[[], Any], mesh) -> dict:
