@@ -184,7 +184,7 @@ def test_too_many_spikes_halt_then_the_same_command_skips_them(env):
     tmp = env[0]
     wd = tmp / "spike_halt"
     c = tiny_run_config(tmp / "corpus.txt", tmp, {
-        "train.spike_guard": "median", "train.spike_threshold": 1.05, "train.spike_window": 3,
+        "train.spike_guard": "zscore", "train.spike_threshold": 2.0, "train.spike_window": 3,
         "train.spike_max": 2})
     faults.install(faults.EnvFaults({"GPTJAX_FAULT_SPIKE_STEP": "5,6"}))
     try:

@@ -159,7 +159,7 @@ class SpikeGuard(NoGuard):
             return
         if step in self.recorded:
             return  # skipped again: recorded and counted by the attempt that found it
-        limit = self.limit(step)
+        limit = float(np.float32(self.limit(step)))  # as the step compared it
         self.counted = [s for s in self.counted if s > step - self.window] + [step]
         if self.write and self.path:
             print(f"warning: step {step + 1}: loss {m['loss']:.4g} above the spike limit "
@@ -183,7 +183,7 @@ class SpikeGuard(NoGuard):
                            "spikes": list(self.counted)}}
 
     def log_fields(self, m: dict) -> dict:
-        """metrics.jsonl's fields: whether the step was a spike, and the spikes so far."""
+        """metrics.jsonl's field: whether the step was skipped as a spike."""
         return {"spike": int(m["spike"])}
 
 
