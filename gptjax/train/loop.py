@@ -457,8 +457,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     Raises:
       ConfigError: for an impossible config value, before any data is read.
       CheckpointError: when the work directory holds another run.
-      FloatingPointError: at a non-finite step under train.nonfinite='halt', or after
-        train.max_consecutive_skips skipped steps in a row.
+      FloatingPointError: at a non-finite step under train.nonfinite='halt', after
+        train.max_consecutive_skips skipped steps in a row, or after train.spike_max loss spikes
+        within train.spike_window steps.
     """
     config = defaults.complete(config, defaults.base_config())
     check_train_config(config)  # one-line errors before any data is read or anything compiles

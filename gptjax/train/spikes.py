@@ -112,6 +112,7 @@ class SpikeGuard(NoGuard):
         self.history = [(int(s), float(v)) for s, v in saved.get("window", [])]  # (step, loss)
         self.counted = [int(s) for s in saved.get("spikes", [])]  # 0-based steps of spikes
         self.halt = None
+        self.found = 0  # spikes found by this process's run (warnings: the first 10, then 1%)
         self.recorded = self._recorded(start)  # 0-based steps skipped whatever their loss
 
     def _recorded(self, start: int) -> set:
@@ -161,10 +162,12 @@ class SpikeGuard(NoGuard):
             return  # skipped again: recorded and counted by the attempt that found it
         limit = float(np.float32(self.limit(step)))  # as the step compared it
         self.counted = [s for s in self.counted if s > step - self.window] + [step]
+        self.found += 1
         if self.write and self.path:
-            print(f"warning: step {step + 1}: loss {m['loss']:.4g} above the spike limit "
-                  f"{limit:.4g} (train.spike_guard={self.mode!r}), update skipped; recorded in "
-                  f"{self.path}", file=sys.stderr, flush=True)
+            if self.found <= 10 or self.found % 100 == 0:  # (spike_max=0 may skip many)
+                print(f"warning: step {step + 1}: loss {m['loss']:.4g} above the spike limit "
+                      f"{limit:.4g} (train.spike_guard={self.mode!r}), update skipped; recorded "
+                      f"in {self.path}", file=sys.stderr, flush=True)
             rec = dict(step=step + 1, loss=m["loss"], limit=limit, mode=self.mode,
                        data=dict(self.data_state, step=step))
             with open(self.path, "a") as fh:
