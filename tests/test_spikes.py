@@ -138,7 +138,10 @@ def test_bad_guard_config_is_one_line(key, value, fragment):
     c = base_config()
     c.data.path = "x.txt"
     c.train.spike_guard, c.train.spike_threshold = "median", 1.0
-    with pytest.raises(ConfigError, match="a multiple > 1"):
+    with pytest.raises(ConfigError, match=r"spike_threshold=1.0 would skip .*allowed: > 1"):
+        check_train_config(c, num_devices=1)
+    c.train.spike_guard, c.train.spike_threshold = "zscore", 0.0
+    with pytest.raises(ConfigError, match=r"spike_threshold=0.0 would skip .*allowed: > 0"):
         check_train_config(c, num_devices=1)
 
 

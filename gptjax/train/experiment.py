@@ -90,9 +90,10 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
     _choice("train.nonfinite", tc.nonfinite, NONFINITE)
     _choice("train.spike_guard", tc.spike_guard, SPIKE_MODES)
     _num("train.spike_threshold", tc.spike_threshold, 0.0)
-    if tc.spike_guard == "median" and tc.spike_threshold <= 1:
-        raise ConfigError(f"train.spike_threshold={tc.spike_threshold!r} with train.spike_guard="
-                          "'median' would skip ordinary steps; allowed: a multiple > 1")
+    low = 1.0 if tc.spike_guard == "median" else 0.0  # a multiple of the median, or sigmas
+    if tc.spike_guard != "off" and tc.spike_threshold <= low:
+        raise ConfigError(f"train.spike_threshold={tc.spike_threshold!r} would skip ordinary "
+                          f"steps (train.spike_guard={tc.spike_guard!r}); allowed: > {low:g}")
     _int("train.spike_window", tc.spike_window, 1)
     _int("train.spike_max", tc.spike_max, 0)
 
