@@ -141,6 +141,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.nonfinite = "skip"           # 'skip' the update or 'halt' the run
     c.train.max_consecutive_skips = 20   # 'skip': so many skipped steps in a row stop the run
                                          # (a state that no longer updates); 0 = never stop
+    # The loss-spike guard (gptjax.train.spikes): 'median' skips a step whose loss is above
+    # spike_threshold x the median of the last spike_window trained steps' losses, 'zscore' one
+    # above their mean + spike_threshold standard deviations; each spike is recorded in
+    # spikes.jsonl (skipped again on resume); spike_max of them within spike_window steps stop
+    # the run (0 = never stop). 'off': the train step's program is main's; 'zscore' with these
+    # defaults leaves `python train.py`'s metrics bit for bit as they were (README, Reliability).
+    c.train.spike_guard = "zscore"
+    c.train.spike_threshold = 6.0
+    c.train.spike_window = 128
+    c.train.spike_max = 4
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1

@@ -8,6 +8,11 @@ reads once, the first time it is called, and only then installs `EnvFaults`:
 
   GPTJAX_FAULT_NAN_STEP=N         the batch of 0-based step N gets NaN loss weights, so that
                                   step's loss and gradients are non-finite.
+  GPTJAX_FAULT_SPIKE_STEP=N[,M..]  the batches of these 0-based steps get every target replaced by
+                                  the batch's rarest target token: a finite loss above its
+                                  neighbours' once the model has learned token frequencies (a
+                                  loss spike for train.spike_guard; ~10% above in the tests'
+                                  12-step tiny run, more in a longer one).
   GPTJAX_FAULT_NAN_OPT_STATE=N   before 0-based step N, a few entries of every optimizer-state
                                   array become NaN (loss and gradients stay finite; the update
                                   does not).
@@ -66,6 +71,8 @@ class EnvFaults(Hooks):
 
     def __init__(self, environ: Mapping[str, str]):
         self.nan_step = _int(environ, PREFIX + "NAN_STEP")
+        spikes = environ.get(PREFIX + "SPIKE_STEP") or ""
+        self.spike_steps = {int(v) for v in spikes.split(",") if v.strip()}
         self.nan_opt_state = _int(environ, PREFIX + "NAN_OPT_STATE")
         self.kill_in_save = _int(environ, PREFIX + "KILL_IN_SAVE")
         self.step_sleep_s, self.data_sleep_s, self.save_sleep_s = (
@@ -73,7 +80,10 @@ class EnvFaults(Hooks):
                                                             "SAVE_SLEEP_S"))
 
     def corrupt_batch(self, step: int, batch: dict) -> dict:
-        """The batch of `step`, with NaN weights when GPTJAX_FAULT_NAN_STEP names this step."""
+        """The batch of `step`, with NaN weights when GPTJAX_FAULT_NAN_STEP names this step, or
+        its rarest target everywhere when GPTJAX_FAULT_SPIKE_STEP does."""
+        if step in self.spike_steps:
+            return spike_batch(batch)
         if self.nan_step != step:
             return batch
         weights = batch.get("weights", np.ones(batch["targets"].shape, np.float32))
@@ -116,6 +126,15 @@ class EnvFaults(Hooks):
             while not os.path.isdir(tmp) and time.monotonic() < end:
                 time.sleep(0.001)
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def spike_batch(batch: dict) -> dict:
+    """`batch` with every target replaced by its least frequent target token (the smallest id
+    among ties): a model that has learned the token frequencies gives it a loss above the
+    data's."""
+    ids, counts = np.unique(batch["targets"], return_counts=True)
+    rare = ids[np.argmin(counts)]
+    return dict(batch, targets=np.full_like(batch["targets"], rare))
 
 
 def from_env(environ: Mapping[str, str]) -> Hooks:

@@ -30,6 +30,7 @@ from gptjax.data.tokenizers import Tokenizer, build_tokenizer, fingerprint, load
 from gptjax.runs.checkpoint import CheckpointError
 from gptjax.train.start import check_init_config, init_architecture, init_tokenizer
 from gptjax.train.optim import SCHEDULES
+from gptjax.train.spikes import MODES as SPIKE_MODES
 
 NONFINITE = ("skip", "halt")
 
@@ -87,6 +88,14 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
     _int("train.save_every", tc.save_every, 1)
     _int("train.keep_checkpoints", tc.keep_checkpoints, 1)
     _choice("train.nonfinite", tc.nonfinite, NONFINITE)
+    _choice("train.spike_guard", tc.spike_guard, SPIKE_MODES)
+    _num("train.spike_threshold", tc.spike_threshold, 0.0)
+    low = 1.0 if tc.spike_guard == "median" else 0.0  # a multiple of the median, or sigmas
+    if tc.spike_guard != "off" and tc.spike_threshold <= low:
+        raise ConfigError(f"train.spike_threshold={tc.spike_threshold!r} would skip ordinary "
+                          f"steps (train.spike_guard={tc.spike_guard!r}); allowed: > {low:g}")
+    _int("train.spike_window", tc.spike_window, 1)
+    _int("train.spike_max", tc.spike_max, 0)
 
 
 def _check_optim(oc: ml_collections.ConfigDict) -> None:

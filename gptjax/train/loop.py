@@ -46,6 +46,7 @@ from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
 from gptjax.train.run_data import evaluate, load_data, make_batcher, train_size
 from gptjax.train.setup import Setup
+from gptjax.train.spikes import META_KEY as SPIKES_META, make_guard
 from gptjax.train.start import check_run_meta, init_architecture
 from gptjax.train.step import TrainState
 
@@ -187,7 +188,7 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
             lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(),
             functools.partial(check_run_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info,
                               init_meta=run.init_meta))
-    carried = {"skipped_steps": 0, "train_loss": float("nan")}
+    carried = {"skipped_steps": 0, "train_loss": float("nan"), "spikes": None}
     if resumed is not None:
         latest, state, meta = resumed
         if saved_execution(meta, run.model_cfg)["scan_layers"] != run.model_cfg.scan_layers:
@@ -201,6 +202,7 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
         carried["skipped_steps"] = int(meta.get("skipped_steps", 0))
         loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
         carried["train_loss"] = float("nan") if loss is None else float(loss)
+        carried["spikes"] = meta.get(SPIKES_META)  # the spike guard's window and count
         changes = config_changes(run.workdir, run.config)
         execution = execution_change(meta, run.model_cfg)
         if run.is_main:
@@ -245,6 +247,8 @@ class Trainer:
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype, quick=True)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
+        self.spikes = make_guard(tc, run.workdir, run.batcher.state(), start, carried["spikes"],
+                                 run.is_main)  # train.spike_guard (gptjax.train.spikes)
         self.pbar = None
         if progress and run.is_main:
             self.pbar = tqdm(total=self.total_steps, initial=start, unit="step",
@@ -255,12 +259,14 @@ class Trainer:
         return {"model_config": self.run.model_cfg.to_dict(),
                 "data": dict(self.run.batcher.state(), step=step),
                 "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped,
-                "train_loss": self.last_train_loss, **self.run.init_meta}
+                "train_loss": self.last_train_loss, **self.run.init_meta, **self.spikes.meta()}
 
     @property
     def stopped(self) -> bool:
-        """Whether a non-finite step ('halt') or too many skipped steps in a row stop the run."""
-        return self.halted is not None or self.stalled is not None
+        """Whether a non-finite step ('halt'), too many skipped steps in a row or too many loss
+        spikes stop the run."""
+        return (self.halted is not None or self.stalled is not None
+                or self.spikes.halt is not None)
 
     def handle(self, step: int, m: dict, completed: Optional[int] = None) -> None:
         """Fetch step `step`'s metrics: count a skipped update, log every `log_every` steps.
@@ -273,6 +279,7 @@ class Trainer:
         """
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         self.last_train_loss = m["loss"]
+        self.spikes.observe(step, m)
         self.consecutive = self.consecutive + 1 if m["skipped"] else 0
         if m["skipped"]:  # a non-finite loss, gradient norm or update
             self.n_skipped += 1
@@ -300,7 +307,7 @@ class Trainer:
             step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
             data_wait_ms=1e3 * self.data_wait_s / max(self.data_waits, 1),
             tokens_per_sec=tps, mfu=mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
-            skipped=int(m["skipped"]), skipped_steps=self.n_skipped))
+            skipped=int(m["skipped"]), skipped_steps=self.n_skipped, **self.spikes.log_fields(m)))
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         self.t_last, self.done_mark, self.last_tps = time.time(), completed, tps
@@ -343,7 +350,7 @@ class Trainer:
         self.data_waits += 1
         batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
         state, metrics = run.setup.train_step(self.hooks.corrupt_state(step, state), batch,
-                                              run.train_rng)
+                                              run.train_rng, *self.spikes.args(step))
         if self.pending is not None:
             # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
             completed = step + 1 if metrics["loss"].is_ready() else step
@@ -402,6 +409,8 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
         good = ckpt.latest_step()
         good = (f"the last good checkpoint is step {good}" if good is not None
                 else "no checkpoint was written before it")
+        if trainer.spikes.halt is not None:
+            raise FloatingPointError(f"{trainer.spikes.halt}; {good}")
         if trainer.halted is not None:
             raise FloatingPointError(f"non-finite {trainer.halt_what} at step "
                                      f"{trainer.halted + 1} (train.nonfinite='halt'); {good}")
@@ -457,8 +466,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     Raises:
       ConfigError: for an impossible config value, before any data is read.
       CheckpointError: when the work directory holds another run.
-      FloatingPointError: at a non-finite step under train.nonfinite='halt', or after
-        train.max_consecutive_skips skipped steps in a row.
+      FloatingPointError: at a non-finite step under train.nonfinite='halt', after
+        train.max_consecutive_skips skipped steps in a row, or after train.spike_max loss spikes
+        within train.spike_window steps.
     """
     ledger = goodput.Ledger(started)  # the attempt's wall time, in buckets (goodput.json)
     config = defaults.complete(config, defaults.base_config())

@@ -29,7 +29,7 @@ from gptjax.nn.lora import LoraConfig, init_lora, lora_logical_axes, merge
 from gptjax.nn.model import abstract_params
 from gptjax.nn.quant import WeightOnly, quantize_params
 from gptjax.runs.checkpoint import Checkpointer, abstract_with_shardings
-from gptjax.train.setup import Setup
+from gptjax.train.setup import Setup, with_default_limit
 from gptjax.train.start import announce, load_init, lora_meta, lora_settings
 from gptjax.train.step import TrainState, make_eval_step, make_lora_train_step
 
@@ -121,14 +121,16 @@ class LoraSetup(Setup):
         step_fn = make_lora_train_step(self.model_cfg, self.optimizer, self.schedule,
                                        lora_dropout=self.lora_cfg.dropout,
                                        accum_steps=config.train.accum_steps,
-                                       nonfinite=config.train.nonfinite)
+                                       nonfinite=config.train.nonfinite,
+                                       spike_guard=bool(self.guard_args))
         train = jax.jit(self._with_rules(step_fn),
-                        in_shardings=(sh, self.base_shardings, self.batch_sharding, repl),
+                        in_shardings=(sh, self.base_shardings, self.batch_sharding, repl)
+                        + self.guard_args,
                         out_shardings=(sh, repl), donate_argnames=("state",))
         evaluate = jax.jit(self._with_rules(make_eval_step(self.model_cfg, lora=True)),
                            in_shardings=(self.base_shardings, sh.params, self.batch_sharding),
                            out_shardings=(repl, repl))
-        self.train_step = _WithBase(train, self, 1)
+        self.train_step = _WithBase(with_default_limit(train, self, 4), self, 1)
         self.eval_step = _WithBase(evaluate, self, 0)
 
     def set_base(self, params: Any) -> None:

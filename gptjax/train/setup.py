@@ -21,6 +21,7 @@ from gptjax.config import GPTConfig
 from gptjax.nn.model import init_boxed
 from gptjax.runs.checkpoint import abstract_with_shardings
 from gptjax.train.experiment import mesh_shape
+from gptjax.train import spikes
 from gptjax.train.optim import make_optimizer
 from gptjax.train.step import TrainState, make_eval_step, make_train_step
 
@@ -44,6 +45,8 @@ class Setup:
         self.rules = shd.rules_from_config(config.mesh.rules)
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
         self._shard_state()
+        # train.spike_guard: the train step's trailing float32 limit (gptjax.train.spikes).
+        self.guard_args = (self.repl,) if spikes.enabled(config.train) else ()
         self._build_steps()
 
     def _build_steps(self) -> None:
@@ -51,11 +54,12 @@ class Setup:
         config, model_cfg, repl = self.config, self.model_cfg, self.repl
         step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
                                   accum_steps=config.train.accum_steps,
-                                  nonfinite=config.train.nonfinite)
-        self.train_step = jax.jit(
+                                  nonfinite=config.train.nonfinite,
+                                  spike_guard=bool(self.guard_args))
+        self.train_step = with_default_limit(jax.jit(
             self._with_rules(step_fn),
-            in_shardings=(self.state_shardings, self.batch_sharding, repl),
-            out_shardings=(self.state_shardings, repl), donate_argnames=("state",))
+            in_shardings=(self.state_shardings, self.batch_sharding, repl) + self.guard_args,
+            out_shardings=(self.state_shardings, repl), donate_argnames=("state",)), self)
         self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
                                  in_shardings=(self.state_shardings.params, self.batch_sharding),
                                  out_shardings=(repl, repl))
@@ -122,3 +126,27 @@ class Setup:
         """Host-local numpy rows -> one global array sharded over the batch axis."""
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(v))
                 for k, v in local_batch.items()}
+
+
+class _DefaultLimit:
+    """A jitted guarded train step that may be called (or lowered) without its trailing spike
+    limit: +inf then, nothing is skipped (what code written for the unguarded step gets)."""
+
+    def __init__(self, fn, n_args: int, sharding):
+        self.fn, self.n_args, self.sharding = fn, n_args, sharding
+
+    def __call__(self, *args):
+        if len(args) == self.n_args:
+            args += (np.float32(np.inf),)
+        return self.fn(*args)
+
+    def lower(self, *args):
+        if len(args) == self.n_args:
+            args += (jax.ShapeDtypeStruct((), jnp.float32, sharding=self.sharding),)
+        return self.fn.lower(*args)
+
+
+def with_default_limit(jitted, setup: Setup, n_args: int = 3):
+    """`jitted` as is without the spike guard; with it, a `_DefaultLimit` over its `n_args`
+    arguments before the limit."""
+    return _DefaultLimit(jitted, n_args, setup.repl) if setup.guard_args else jitted

@@ -6,7 +6,7 @@ the trainer runs can be built and benchmarked on a machine with just the numeric
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -31,7 +31,7 @@ class TrainState:
 
 def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable, *, accum_steps: int = 1,
-                    nonfinite: str = "skip") -> Callable:
+                    nonfinite: str = "skip", spike_guard: bool = False) -> Callable:
     """A pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
 
     Args:
@@ -43,6 +43,10 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
       nonfinite: 'skip' (a step with a non-finite loss, gradient or update leaves params and
         optimizer state unchanged and reports skipped=1) or 'halt' (the update is applied as is
         and reported the same way; the host loop stops on it).
+      spike_guard: the step is `train_step(state, batch, rng, spike_limit)`: a finite loss
+        above the float32 `spike_limit` keeps params and optimizer state too (whatever
+        `nonfinite` says) and reports spike=1 (gptjax.train.spikes computes the limit). Off, the
+        step and its program are as without the guard.
 
     The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
     """
@@ -59,42 +63,56 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         return update(jax.value_and_grad(loss_fn), state, batch, rng)
 
-    return train_step
+    def guarded_train_step(state: TrainState, batch: dict, rng: jax.Array,
+                           spike_limit: jax.Array):
+        return update(jax.value_and_grad(loss_fn), state, batch, rng, spike_limit)
+
+    return guarded_train_step if spike_guard else train_step
 
 
 def make_lora_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
                          schedule: Callable, *, lora_dropout: float = 0.0, accum_steps: int = 1,
-                         nonfinite: str = "skip") -> Callable:
+                         nonfinite: str = "skip", spike_guard: bool = False) -> Callable:
     """The LoRA train step: `train_step(state, base, batch, rng) -> (state, metrics)`.
 
     `state.params` (and the optimizer state) are the adapters only (gptjax.nn.lora); the frozen
     `base` parameters are an argument (fp32 or weight-only bf16/int8), never differentiated or
-    updated. Otherwise as `make_train_step` (accumulation, the non-finite policy, the dropout key
-    `fold_in(rng, step)`, which also drives the adapters' dropout when `lora_dropout` > 0).
+    updated. Otherwise as `make_train_step` (accumulation, the non-finite policy, the spike guard's
+    trailing `spike_limit`, the dropout key `fold_in(rng, step)`, which also drives the adapters'
+    dropout when `lora_dropout` > 0).
     """
     model = GPT(model_cfg)
     use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop,
                       lora_dropout) > 0
     update = _make_update(optimizer, schedule, accum_steps, nonfinite)
 
-    def train_step(state: TrainState, base: Any, batch: dict, rng: jax.Array):
+    def step(state, base, batch, rng, spike_limit=None):
         def loss_fn(adapters, inputs, targets, weights, rng):
             logits = model.apply({"params": base, COLLECTION: adapters}, inputs,
                                  deterministic=not use_dropout,
                                  rngs={"dropout": rng} if use_dropout else None)
             return lm_loss(logits, targets, weights)
-        return update(jax.value_and_grad(loss_fn), state, batch, rng)
+        return update(jax.value_and_grad(loss_fn), state, batch, rng, spike_limit)
 
-    return train_step
+    def train_step(state: TrainState, base: Any, batch: dict, rng: jax.Array):
+        return step(state, base, batch, rng)
+
+    def guarded_train_step(state: TrainState, base: Any, batch: dict, rng: jax.Array,
+                           spike_limit: jax.Array):
+        return step(state, base, batch, rng, spike_limit)
+
+    return guarded_train_step if spike_guard else train_step
 
 
 def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int,
                  nonfinite: str) -> Callable:
     """`update(grad_fn, state, batch, rng) -> (state, metrics)`: the gradients of `grad_fn`
     (value_and_grad of a loss of (params, inputs, targets, weights, rng)) over the batch, one
-    optimizer update and the non-finite policy (see `make_train_step`)."""
+    optimizer update, the non-finite policy and, given `spike_limit`, the spike guard (see
+    `make_train_step`)."""
 
-    def update(grad_fn: Callable, state: TrainState, batch: dict, rng: jax.Array):
+    def update(grad_fn: Callable, state: TrainState, batch: dict, rng: jax.Array,
+               spike_limit: Optional[jax.Array] = None):
         rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
             loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"],
@@ -111,7 +129,11 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
         update_norm = optax.global_norm(updates).astype(jnp.float32)
         ok = finite & jnp.isfinite(update_norm)
         params = optax.apply_updates(state.params, updates)
-        if nonfinite == "skip":
+        keep_new = ok if nonfinite == "skip" else None
+        if spike_limit is not None:  # a finite step whose loss is above the limit: a spike
+            spike = ok & (loss > spike_limit)
+            keep_new = ~spike if keep_new is None else keep_new & ~spike
+        if keep_new is not None:
             # A select per element, not lax.cond: XLA fuses it into the update, which then writes
             # the donated parameter and optimizer buffers in place. A lax.cond's branches return
             # fresh buffers, so the updates, the new parameters and both Adam moments were held
@@ -119,12 +141,14 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
             # (GPT-2 XL, 8 x 1024, bf16, H100: 29.0 GiB of temporaries with remat=full, 10.1
             # GiB with this select; BENCHMARKS.md "Remat and the update's temporaries").
             def keep(new, old):
-                return jnp.where(ok, new, old)
+                return jnp.where(keep_new, new, old)
             params = jax.tree.map(keep, params, state.params)
             opt_state = jax.tree.map(keep, opt_state, state.opt_state)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step),
                    "update_norm": update_norm, "skipped": (~ok).astype(jnp.int32)}
+        if spike_limit is not None:
+            metrics["spike"] = spike.astype(jnp.int32)
         return new_state, metrics
 
     return update
