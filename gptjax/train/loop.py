@@ -1,4 +1,4 @@
-"""Pretraining: prepare -> restore-or-init -> loop -> finish, as `train_and_evaluate`.
+"""Pretraining: prepare and restore-or-init (gptjax.train.run), loop, finish: `train_and_evaluate`.
 
 The experiment config (an ml_collections.ConfigDict, see gptjax/defaults.py and configs/) drives
 everything; the model architecture itself is a GPTConfig built from `config.model`. The run's
@@ -9,7 +9,6 @@ mutable state while it trains (pending metrics, skipped steps, throughput window
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 import sys
@@ -18,36 +17,20 @@ from typing import Callable, Optional
 
 import jax
 import ml_collections
-import numpy as np
 from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
-from gptjax.data.batcher import Batcher
-from gptjax.data.tokenizers import Tokenizer, tokenizer_info
+from gptjax.data.tokenizers import Tokenizer
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults, goodput
-from gptjax.runs.checkpoint import Checkpointer, CheckpointError
-from gptjax.nn.param_layout import convert_layout
-from gptjax.runs.pretrained import execution_change, saved_execution
-from gptjax.runs.workdir import (
-    METRICS,
-    MetricsWriter,
-    config_changes,
-    last_logged_loss,
-    remove_empty_dirs,
-    truncate_log,
-    write_run_config,
-    write_summary,
-)
-from gptjax.train.experiment import check_train_config, model_config_from, resolve_steps
-from gptjax.train.lora_setup import LoraSetup, load_base, make_setup, new_state
+from gptjax.runs.workdir import MetricsWriter, remove_empty_dirs, write_summary
+from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
-from gptjax.train.run_data import evaluate, load_data, make_batcher, train_size
-from gptjax.train.setup import Setup
-from gptjax.train.spikes import META_KEY as SPIKES_META, make_guard
-from gptjax.train.start import check_run_meta, init_architecture
+from gptjax.train.run_data import evaluate, train_size
+from gptjax.train.spikes import make_guard
+from gptjax.train.run import Run, prepare, restore_or_init  # noqa: F401 (loop.prepare: public)
 from gptjax.train.step import TrainState
 
 
@@ -92,132 +75,6 @@ class TrainResult:
         return dict(step=self.step, train_loss=self.train_loss, val_loss=self.val_loss,
                     skipped_steps=self.skipped_steps, wall_time_s=self.wall_time_s,
                     params=self.params, peak_flops=self.peak_flops, peak_source=self.peak_source)
-
-
-@dataclasses.dataclass
-class Run:
-    """What `prepare` builds for a run: its data, tokenizer, architecture, mesh and checkpoints."""
-
-    config: ml_collections.ConfigDict
-    workdir: str
-    t_start: float
-    tokenizer: Tokenizer
-    train_tokens: Optional[np.ndarray]  # None with data.pipeline='sharded' (per-process shards)
-    val_tokens: np.ndarray
-    model_cfg: GPTConfig
-    seq_len: int
-    setup: Setup
-    batcher: Batcher
-    ckpt: Checkpointer
-    init_rng: jax.Array
-    train_rng: jax.Array
-    init_meta: dict  # what checkpoints record of a LoRA run: its `lora` settings and `base`
-    ledger: goodput.Ledger = dataclasses.field(default_factory=goodput.Ledger)  # where time went
-
-    @property
-    def is_main(self) -> bool:
-        """Whether this is process 0, the one that writes the run directory's files."""
-        return jax.process_index() == 0
-
-    @property
-    def metrics_path(self) -> str:
-        return os.path.join(self.workdir, METRICS)
-
-    @functools.cached_property
-    def tok_info(self) -> dict:
-        """The tokenizer's kind, size and fingerprint, as checkpoints record them."""
-        return tokenizer_info(self.tokenizer)
-
-
-# ================================================================================ prepare
-def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
-    """Data, tokenizer, architecture, mesh, batcher and checkpointer of a complete config."""
-    t_start = time.time()
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    dc = config.data
-    source, tokenizer, train_tokens, val_tokens = load_data(config, workdir)
-    pretrained = init_architecture(config)  # (init.kind hf/workdir: its tokenizer is the run's)
-    if pretrained is None and config.tokenizer.kind != tokenizer.kind:
-        raise CheckpointError(f"tokenizer.kind={config.tokenizer.kind!r} but {workdir} holds a "
-                              f"{tokenizer.kind!r} tokenizer; use another --workdir")
-    model_cfg = pretrained or model_config_from(config, tokenizer.vocab_size)
-    seq_len = dc.seq_len or model_cfg.n_ctx
-    if len(val_tokens) < seq_len + 1:  # found now, not at the first evaluation
-        raise ValueError(f"the {dc.val_split!r} split has {len(val_tokens)} tokens, shorter than "
-                         f"one sequence (data.seq_len {seq_len} + 1); allowed: more validation "
-                         "text (data.validation_fraction) or a shorter data.seq_len")
-    tc = config.train
-    if train_tokens is not None:
-        tc.steps = resolve_steps(config, len(train_tokens), seq_len)  # train.epochs, if set
-    batcher = make_batcher(config, source, tokenizer, train_tokens, seq_len)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=tc.save_every,
-                        keep=tc.keep_checkpoints, async_save=tc.async_checkpointing)
-    # (init, train, sample): gptjax.sweep splits each model's key the same way.
-    init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
-    setup = make_setup(config, model_cfg, tc.steps)
-    return Run(config, workdir, t_start, tokenizer, train_tokens, val_tokens, model_cfg, seq_len,
-               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup, ckpt))
-
-
-def _saved_layout_setup(run: Run, meta: dict) -> Setup:
-    """The run's Setup, or one for the parameter layout checkpoint `meta` was saved in (its
-    `scan_layers`; the rest of the execution does not change the state's tree)."""
-    saved_scan = saved_execution(meta, run.model_cfg)["scan_layers"]
-    if saved_scan == run.model_cfg.scan_layers:
-        return run.setup
-    if isinstance(run.setup, LoraSetup):  # (its base is in the run's layout)
-        raise CheckpointError(f"a LoRA run resumes in its layout: scan_layers={saved_scan}")
-    return Setup(run.config, run.model_cfg.with_execution(scan_layers=saved_scan),
-                 run.config.train.steps)
-
-
-
-def restore_or_init(run: Run) -> tuple[TrainState, dict]:
-    """The latest intact checkpoint of the run (and the data position it saved), or a new state.
-
-    A checkpoint of this architecture resumes under this config's execution, whatever it was
-    saved with (one line names the change); one saved with the other `scan_layers` is read in
-    its layout, then its parameters and optimizer moments are moved to this run's.
-
-    Returns:
-      (state, what the loop carries over: `skipped_steps` so far and the last `train_loss`).
-    """
-    with run.setup.mesh:
-        resumed = run.ckpt.restore_latest(
-            lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(),
-            functools.partial(check_run_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info,
-                              init_meta=run.init_meta))
-    carried = {"skipped_steps": 0, "train_loss": float("nan"), "spikes": None}
-    if resumed is not None:
-        latest, state, meta = resumed
-        if saved_execution(meta, run.model_cfg)["scan_layers"] != run.model_cfg.scan_layers:
-            with run.setup.mesh:
-                state = jax.device_put(convert_layout(run.model_cfg, state,
-                                                      run.model_cfg.scan_layers),
-                                       run.setup.state_shardings)
-        run.batcher.restore(meta["data"])
-        truncate_log(run.metrics_path, latest)
-        # (JSON metadata; older runs lack these, their log has the loss)
-        carried["skipped_steps"] = int(meta.get("skipped_steps", 0))
-        loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
-        carried["train_loss"] = float("nan") if loss is None else float(loss)
-        carried["spikes"] = meta.get(SPIKES_META)  # the spike guard's window and count
-        changes = config_changes(run.workdir, run.config)
-        execution = execution_change(meta, run.model_cfg)
-        if run.is_main:
-            if changes:
-                print(f"warning: this config differs from the one {run.workdir} was run with: "
-                      f"{changes}", file=sys.stderr, flush=True)
-            if execution:
-                print(f"resuming step {latest} with another execution: {execution}", flush=True)
-            print(f"resumed from step {latest} ({run.ckpt.directory})", flush=True)
-    else:
-        state = new_state(run.config, run.setup, run.init_rng)  # init.kind's weights
-        truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
-    if run.is_main:  # only now: a run refused above must not overwrite the work directory's files
-        write_run_config(run.workdir, run.config, run.model_cfg)
-    return state, carried
 
 
 # ================================================================================ the loop
