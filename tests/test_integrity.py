@@ -373,6 +373,20 @@ def test_changed_config_is_reported_and_resume_says_so(env, base, tmp_path):
     assert "differs from the one" not in r.stderr
 
 
+def test_config_changes_ignores_fields_the_saved_config_predates(tmp_path):
+    from gptjax import defaults
+    from gptjax.runs.workdir import config_changes
+    config = defaults.base_config()
+    saved = json.loads(config.to_json_best_effort())
+    del saved["train"]["spike_guard"], saved["lora"]  # a run started before they existed
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert config_changes(str(tmp_path), config) is None
+    config.optim.learning_rate = 0.5
+    config.train.spike_guard = "off"  # (not in the saved config: its default was in force)
+    assert config_changes(str(tmp_path), config) == (
+        f"optim.learning_rate {saved['optim']['learning_rate']!r} -> 0.5")
+
+
 def test_failed_run_leaves_no_empty_workdir(env, tmp_path):
     (tmp_path / "empty.txt").write_bytes(b"")
     wd = tmp_path / "never"

@@ -137,12 +137,11 @@ def config_changes(workdir: str, config: ml_collections.ConfigDict, limit: int =
     except (OSError, ValueError):
         return None
     here = _flatten(json.loads(config.to_json_best_effort()))
-    # A block the saved config predates (e.g. `init`, `lora` of a run started before they
-    # existed) is not a change: the run was made with what its defaults do.
-    blocks = {k.split(".")[0] for k in saved}
-    diff = sorted(k for k in set(saved) | set(here)
-                  if not k.startswith("model.") and saved.get(k) != here.get(k)
-                  and k.split(".")[0] in blocks)
+    # A field the saved config predates (a block such as `init` or `lora`, or a key such as
+    # `train.spike_guard`, added after the run started) is not a change: the run was made with
+    # what its default does.
+    diff = sorted(k for k in saved
+                  if not k.startswith("model.") and saved.get(k) != here.get(k))
     if not diff:
         return None
     text = ", ".join(f"{k} {saved.get(k)!r} -> {here.get(k)!r}" for k in diff[:limit])
