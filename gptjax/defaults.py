@@ -138,6 +138,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.save_every = 500
     c.train.keep_checkpoints = 3
     c.train.async_checkpointing = True
+    # The local checkpoint tier (gptjax.runs.local_tier): every local_save_every steps each
+    # process also saves the shards it holds under local_dir (a host's own disk: node-local SSD),
+    # in <local_dir>/<run name>-<run id>/process_<i>/, keeping the last local_keep; a restart takes
+    # the newest intact step of both tiers (a local one only if every process has it, on the same
+    # layout). '' = off: checkpoints go to the run directory only (train.save_every).
+    c.train.local_dir = ""
+    c.train.local_save_every = 100
+    c.train.local_keep = 2
     c.train.nonfinite = "skip"           # 'skip' the update or 'halt' the run
     c.train.max_consecutive_skips = 20   # 'skip': so many skipped steps in a row stop the run
                                          # (a state that no longer updates); 0 = never stop

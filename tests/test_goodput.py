@@ -59,7 +59,7 @@ def test_one_clock_charges_each_interval_once():
     led.close("done", 3)
     b = led.record()["buckets"]
     expect = dict(startup=2.0, init=0.75, compile=0.25, step=3.0, recompute=0.0, data=0.3,
-                  checkpoint=0.6, eval=0.0, log=0.15, other=0.3)
+                  checkpoint=0.6, local_checkpoint=0.0, eval=0.0, log=0.15, other=0.3)
     assert b == pytest.approx(expect, abs=1e-9)
     rec = led.record()
     assert rec["wall_s"] == pytest.approx(7.35) and rec["reached"] == 3

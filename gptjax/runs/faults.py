@@ -20,6 +20,8 @@ reads once, the first time it is called, and only then installs `EnvFaults`:
                                   signal while the run is in the middle of training).
   GPTJAX_FAULT_KILL_IN_SAVE=N     SIGKILL this process right after the (async) save of the
                                   checkpoint of step N has started, before Orbax finalizes it.
+  GPTJAX_FAULT_KILL_AFTER_LOCAL_SAVE=N  SIGKILL this process right after its local-tier save of
+                                  the checkpoint of step N is complete (gptjax.runs.local_tier).
   GPTJAX_FAULT_DATA_SLEEP_S=X     every batch takes X seconds longer to arrive (a slow data source).
   GPTJAX_FAULT_SAVE_SLEEP_S=X     every checkpoint save blocks the loop X seconds longer.
 
@@ -60,6 +62,9 @@ class Hooks:
     def after_save_started(self, step: int, directory: str) -> None:
         """Called once the (async) save of `step` into `directory` has started."""
 
+    def after_local_save(self, step: int, step_dir: str) -> None:
+        """Called once the local-tier save of `step` into `step_dir` is complete."""
+
 
 def _int(environ: Mapping[str, str], name: str) -> Optional[int]:
     v = environ.get(name)
@@ -75,6 +80,7 @@ class EnvFaults(Hooks):
         self.spike_steps = {int(v) for v in spikes.split(",") if v.strip()}
         self.nan_opt_state = _int(environ, PREFIX + "NAN_OPT_STATE")
         self.kill_in_save = _int(environ, PREFIX + "KILL_IN_SAVE")
+        self.kill_after_local_save = _int(environ, PREFIX + "KILL_AFTER_LOCAL_SAVE")
         self.step_sleep_s, self.data_sleep_s, self.save_sleep_s = (
             float(environ.get(PREFIX + k) or 0.0) for k in ("STEP_SLEEP_S", "DATA_SLEEP_S",
                                                             "SAVE_SLEEP_S"))
@@ -125,6 +131,11 @@ class EnvFaults(Hooks):
             end = time.monotonic() + 10
             while not os.path.isdir(tmp) and time.monotonic() < end:
                 time.sleep(0.001)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_local_save(self, step: int, step_dir: str) -> None:
+        """SIGKILL this process when GPTJAX_FAULT_KILL_AFTER_LOCAL_SAVE names `step`."""
+        if self.kill_after_local_save == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -17,7 +17,9 @@ Buckets (seconds):
   step        the training loop's host time for new steps: dispatch and waiting for results.
   recompute   the same for steps an earlier attempt had already run (lost with it).
   data        waiting for the next batch.
-  checkpoint  the checkpoint time that blocks the loop (an async save's copy, the final wait).
+  checkpoint  the persistent tier's checkpoint time that blocks the loop (an async save's copy,
+              the final wait).
+  local_checkpoint  the local tier's saves (train.local_dir; synchronous: all of it blocks).
   eval        periodic and final evaluation, and what the caller runs last (train.py: the sample).
   log         metrics.jsonl/TensorBoard writes, the plot, the summary, this ledger's writes.
   other       the rest (after the loop: messages between the phases).
@@ -44,8 +46,8 @@ from typing import Callable, Optional
 import jax
 
 GOODPUT = "goodput.json"
-BUCKETS = ("startup", "init", "compile", "step", "recompute", "data", "checkpoint", "eval",
-           "log", "other")
+BUCKETS = ("startup", "init", "compile", "step", "recompute", "data", "checkpoint",
+           "local_checkpoint", "eval", "log", "other")
 HEARTBEAT_S = 5.0
 # jax.monitoring's time spans of compilation (jax._src.dispatch's event names).
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",

@@ -87,6 +87,11 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
     _int("train.eval_batch_size", tc.eval_batch_size, 1)
     _int("train.save_every", tc.save_every, 1)
     _int("train.keep_checkpoints", tc.keep_checkpoints, 1)
+    if not isinstance(tc.local_dir, str) or "://" in tc.local_dir:
+        raise ConfigError(f"train.local_dir={tc.local_dir!r}: must be a directory on this "
+                          "host's disk ('' = no local checkpoint tier)")
+    _int("train.local_save_every", tc.local_save_every, 1)
+    _int("train.local_keep", tc.local_keep, 1)
     _choice("train.nonfinite", tc.nonfinite, NONFINITE)
     _choice("train.spike_guard", tc.spike_guard, SPIKE_MODES)
     _num("train.spike_threshold", tc.spike_threshold, 0.0)

@@ -223,7 +223,8 @@ class Trainer:
         run, tc = self.run, self.run.config.train
         self.hooks.after_step()
         stop = guard.should_stop(done)  # SIGTERM/SIGINT: the same step on every host
-        if self.pending is not None and (stop or run.ckpt.should_save(done)):
+        local_due = run.local is not None and run.local.due(done) and not stop
+        if self.pending is not None and (stop or run.ckpt.should_save(done) or local_due):
             # Metrics of a step about to be saved, now: a 'halt' run never saves a non-finite
             # update, and the saved skip count is exact.
             self._flush()
@@ -241,7 +242,18 @@ class Trainer:
             if self.pbar is not None:
                 self.pbar.write(f"step {done}: val_loss {vl:.4f}")
         run.ckpt.save(done, state, self.meta_for(done))
+        if local_due:
+            self._save_local(state, done)
         return True
+
+    def _save_local(self, state: TrainState, done: int) -> None:
+        """The local tier's save after `done` steps (synchronous, on this host's disk), charged
+        to the ledger's `local_checkpoint`; the ledger is written first (the steps a kill during
+        the save throws away)."""
+        run = self.run
+        run.ledger.heartbeat(force=True, reached=done)
+        with run.ledger.phase("local_checkpoint"):
+            run.local.save(done, state, self.meta_for(done), run.setup.mesh)
 
     def result(self, state: TrainState, val_loss: Optional[float]) -> TrainResult:
         """The TrainResult of the run that ended with `state` (and `val_loss`, if evaluated)."""

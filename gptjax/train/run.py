@@ -24,6 +24,7 @@ from gptjax.data.tokenizers import Tokenizer, tokenizer_info
 from gptjax.nn.param_layout import convert_layout
 from gptjax.runs import goodput
 from gptjax.runs.checkpoint import Checkpointer, CheckpointError
+from gptjax.runs.local_tier import LocalTier
 from gptjax.runs.pretrained import execution_change, saved_execution
 from gptjax.runs.workdir import (
     METRICS,
@@ -39,6 +40,7 @@ from gptjax.train.setup import Setup
 from gptjax.train.spikes import META_KEY as SPIKES_META
 from gptjax.train.start import check_run_meta, init_architecture
 from gptjax.train.step import TrainState
+from gptjax.train.tiers import open_local, restore_local
 
 
 @dataclasses.dataclass
@@ -60,6 +62,7 @@ class Run:
     train_rng: jax.Array
     init_meta: dict  # what checkpoints record of a LoRA run: its `lora` settings and `base`
     ledger: goodput.Ledger = dataclasses.field(default_factory=goodput.Ledger)  # where time went
+    local: Optional[LocalTier] = None  # this process's local checkpoint tier (train.local_dir)
 
     @property
     def is_main(self) -> bool:
@@ -104,7 +107,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
     init_rng, train_rng, _ = jax.random.split(jax.random.key(config.seed), 3)
     setup = make_setup(config, model_cfg, tc.steps)
     return Run(config, workdir, t_start, tokenizer, train_tokens, val_tokens, model_cfg, seq_len,
-               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup, ckpt))
+               setup, batcher, ckpt, init_rng, train_rng, load_base(config, setup, ckpt),
+               local=open_local(config, workdir))
 
 
 def _saved_layout_setup(run: Run, meta: dict) -> Setup:
@@ -130,11 +134,14 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
     Returns:
       (state, what the loop carries over: `skipped_steps` so far and the last `train_loss`).
     """
+    check = functools.partial(check_run_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info,
+                              init_meta=run.init_meta)
     with run.setup.mesh:
-        resumed = run.ckpt.restore_latest(
-            lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(),
-            functools.partial(check_run_meta, model_cfg=run.model_cfg, tokenizer=run.tok_info,
-                              init_meta=run.init_meta))
+        resumed = restore_local(run, check)  # a newer local step that every process holds
+        source = run.ckpt.directory if resumed is None else f"local tier {run.local.directory}"
+        if resumed is None:
+            resumed = run.ckpt.restore_latest(
+                lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(), check)
     carried = {"skipped_steps": 0, "train_loss": float("nan"), "spikes": None}
     if resumed is not None:
         latest, state, meta = resumed
@@ -158,7 +165,7 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                       f"{changes}", file=sys.stderr, flush=True)
             if execution:
                 print(f"resuming step {latest} with another execution: {execution}", flush=True)
-            print(f"resumed from step {latest} ({run.ckpt.directory})", flush=True)
+            print(f"resumed from step {latest} ({source})", flush=True)
     else:
         state = new_state(run.config, run.setup, run.init_rng)  # init.kind's weights
         truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
