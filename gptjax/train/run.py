@@ -146,7 +146,8 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                                        run.setup.state_shardings)
         run.batcher.restore(meta["data"])
         resized = elastic.adapt(run.setup, run.config, meta)  # train.elastic: accum_steps
-        truncate_log(run.metrics_path, latest)
+        if run.is_main:  # its one writer (processes rewriting it at once lost its lines)
+            truncate_log(run.metrics_path, latest)
         # (JSON metadata; older runs lack these, their log has the loss)
         carried["skipped_steps"] = int(meta.get("skipped_steps", 0))
         loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
@@ -165,7 +166,8 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                 print(resized, flush=True)
     else:
         state = new_state(run.config, run.setup, run.init_rng)  # init.kind's weights
-        truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
+        if run.is_main:
+            truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
     if run.is_main:  # only now: a run refused above must not overwrite the work directory's files
         write_run_config(run.workdir, run.config, run.model_cfg)
     return state, carried
