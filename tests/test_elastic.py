@@ -6,7 +6,8 @@ devices keeps the config's accum_steps (the per-device batch grows), as before.
 
 Device counts are fixed when JAX starts, so the 8- and 4-device runs are train.py subprocesses
 (XLA_FLAGS); the 1-process, 1-device runs train in this process. A run stops at step s by its
-train.steps (the learning-rate schedule is fixed by optim.decay_steps), then resumes with more.
+train.steps (the learning-rate schedule is fixed by optim.decay_steps), then resumes with more;
+the 8-device chain starts from the uninterrupted run's checkpoint of step 4 (a copy).
 """
 
 import json
@@ -95,10 +96,17 @@ def reference(env):
 
 
 # ============================================================================ end to end
+def stopped_at_4(reference, wd):
+    """A copy of the 8-device run as if it had stopped after step 4 (its later checkpoints
+    removed; the resumed run drops their log records)."""
+    shutil.copytree(reference, wd)
+    for s in (8, 12):
+        shutil.rmtree(wd / "checkpoints" / str(s))
+    return wd
+
+
 def test_8_devices_then_4_then_8(env, reference):
-    wd = env[0] / "elastic_848"
-    out = train(env, wd, 4, 8, "--config.train.elastic=True")
-    assert "devices" not in out.split("gptjax:")[0]  # a new run: no notice
+    wd = stopped_at_4(reference, env[0] / "elastic_848")
     out = train(env, wd, 8, 4, "--config.train.elastic=True")
     assert [ln for ln in out.splitlines() if ln.startswith("devices ")] == [NOTICE_8_4]
     assert layout(wd, 8) == dict(devices=4, processes=1, data_parallel=4, accum_steps=2,
@@ -135,10 +143,7 @@ def test_2_processes_then_1_then_2(env, reference, capsys):
 def test_without_the_flag_other_devices_keep_the_config_accum_steps(env, reference, capsys):
     """Today's behaviour: the 8-device checkpoint of step 4 resumes on 1 device with accum_steps
     1 (16 rows on the one device), no notice; the losses are the 8-device run's."""
-    wd = env[0] / "elastic_noflag"
-    shutil.copytree(reference, wd)
-    for s in (8, 12):
-        shutil.rmtree(wd / "checkpoints" / str(s))
+    wd = stopped_at_4(reference, env[0] / "elastic_noflag")
     out = in_process(env, wd, 6, capsys)
     assert "resumed from step 4" in out and "devices " not in out
     assert layout(wd, 6) == dict(devices=1, processes=1, data_parallel=1, accum_steps=1,
