@@ -30,9 +30,9 @@ from gptjax.train.loop import train_and_evaluate
 # The tiny run, with a global batch of 16 (2 rows per device on 8) and no dropout (the dropout
 # masks are drawn per micro-batch, so they would change with accum_steps); the learning rates of
 # train.py's configs/default.py in-process too.
-CHANGES = {"optim.learning_rate": 2e-3, "optim.min_lr": 2e-4, "train.batch_size": 16, "train.eval_batch_size": 8, "train.eval_batches": 1,
-           "train.keep_checkpoints": 10, "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0,
-           "model.resid_pdrop": 0.0}
+CHANGES = {"optim.learning_rate": 2e-3, "optim.min_lr": 2e-4, "train.batch_size": 16,
+           "train.eval_batch_size": 8, "train.eval_batches": 1, "train.keep_checkpoints": 10,
+           "model.embd_pdrop": 0.0, "model.attn_pdrop": 0.0, "model.resid_pdrop": 0.0}
 NOTICE_8_4 = "devices 8 -> 4: accum_steps 1 -> 2, global batch 16 kept"
 NOTICE_4_8 = "devices 4 -> 8: accum_steps 2 -> 1, global batch 16 kept"
 

@@ -44,7 +44,7 @@ class Setup:
                                   devices=devices)
         self.rules = shd.rules_from_config(config.mesh.rules)
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
-        self.accum_steps = config.train.accum_steps  # (train.elastic may change it: set_accum_steps)
+        self.accum_steps = config.train.accum_steps  # (train.elastic: set_accum_steps)
         self._shard_state()
         # train.spike_guard: the train step's trailing float32 limit (gptjax.train.spikes).
         self.guard_args = (self.repl,) if spikes.enabled(config.train) else ()
