@@ -131,6 +131,11 @@ def base_config() -> ml_collections.ConfigDict:
                                          # (batch_size x seq_len)), experiment.resolve_steps
     c.train.batch_size = 12
     c.train.accum_steps = 1
+    # Resumed on another number of devices or processes than its checkpoint was saved on, keep
+    # the global batch and the per-device micro-batch: accum_steps becomes batch_size /
+    # (data-parallel size x the saved micro-batch), one line says so, and it goes back down when
+    # the devices return (gptjax.train.elastic). False: the config's accum_steps on any devices.
+    c.train.elastic = False
     c.train.log_every = 10
     c.train.eval_every = 250
     c.train.eval_batches = 20            # per periodic evaluation; the final one uses the whole split

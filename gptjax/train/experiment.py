@@ -81,6 +81,8 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
     _num("train.epochs", tc.epochs, 0.0)
     _int("train.batch_size", tc.batch_size, 1)
     _int("train.accum_steps", tc.accum_steps, 1)
+    if not isinstance(tc.elastic, bool):
+        raise ConfigError(f"train.elastic={tc.elastic!r}; allowed: True or False")
     _int("train.log_every", tc.log_every, 1)
     _int("train.eval_every", tc.eval_every, 0)
     _int("train.eval_batches", tc.eval_batches, -1)

@@ -25,6 +25,7 @@ from gptjax.data.tokenizers import Tokenizer
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults, goodput
 from gptjax.runs.workdir import MetricsWriter, remove_empty_dirs, write_summary
+from gptjax.train import elastic
 from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
@@ -116,7 +117,8 @@ class Trainer:
         return {"model_config": self.run.model_cfg.to_dict(),
                 "data": dict(self.run.batcher.state(), step=step),
                 "tokenizer": self.run.tok_info, "skipped_steps": self.n_skipped,
-                "train_loss": self.last_train_loss, **self.run.init_meta, **self.spikes.meta()}
+                "train_loss": self.last_train_loss, **self.run.init_meta, **self.spikes.meta(),
+                **elastic.layout_meta(self.run.setup, self.run.config.train.accum_steps)}
 
     @property
     def stopped(self) -> bool:

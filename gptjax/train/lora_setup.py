@@ -120,7 +120,7 @@ class LoraSetup(Setup):
         config, repl, sh = self.config, self.repl, self.state_shardings
         step_fn = make_lora_train_step(self.model_cfg, self.optimizer, self.schedule,
                                        lora_dropout=self.lora_cfg.dropout,
-                                       accum_steps=config.train.accum_steps,
+                                       accum_steps=self.accum_steps,
                                        nonfinite=config.train.nonfinite,
                                        spike_guard=bool(self.guard_args))
         train = jax.jit(self._with_rules(step_fn),

@@ -33,6 +33,7 @@ from gptjax.runs.workdir import (
     truncate_log,
     write_run_config,
 )
+from gptjax.train import elastic
 from gptjax.train.experiment import model_config_from, resolve_steps
 from gptjax.train.lora_setup import LoraSetup, load_base, make_setup, new_state
 from gptjax.train.run_data import load_data, make_batcher
@@ -151,7 +152,9 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                                                       run.model_cfg.scan_layers),
                                        run.setup.state_shardings)
         run.batcher.restore(meta["data"])
-        truncate_log(run.metrics_path, latest)
+        resized = elastic.adapt(run.setup, run.config, meta)  # train.elastic: accum_steps
+        if run.is_main:  # its one writer (processes rewriting it at once lost its lines)
+            truncate_log(run.metrics_path, latest)
         # (JSON metadata; older runs lack these, their log has the loss)
         carried["skipped_steps"] = int(meta.get("skipped_steps", 0))
         loss = meta.get("train_loss", last_logged_loss(run.metrics_path, latest))
@@ -166,9 +169,12 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
             if execution:
                 print(f"resuming step {latest} with another execution: {execution}", flush=True)
             print(f"resumed from step {latest} ({source})", flush=True)
+            if resized:
+                print(resized, flush=True)
     else:
         state = new_state(run.config, run.setup, run.init_rng)  # init.kind's weights
-        truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
+        if run.is_main:
+            truncate_log(run.metrics_path, 0)  # no checkpoint: a new run
     if run.is_main:  # only now: a run refused above must not overwrite the work directory's files
         write_run_config(run.workdir, run.config, run.model_cfg)
     return state, carried

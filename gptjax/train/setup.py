@@ -44,6 +44,7 @@ class Setup:
                                   devices=devices)
         self.rules = shd.rules_from_config(config.mesh.rules)
         self.optimizer, self.schedule = make_optimizer(config.optim, total_steps)
+        self.accum_steps = config.train.accum_steps  # (train.elastic: set_accum_steps)
         self._shard_state()
         # train.spike_guard: the train step's trailing float32 limit (gptjax.train.spikes).
         self.guard_args = (self.repl,) if spikes.enabled(config.train) else ()
@@ -53,7 +54,7 @@ class Setup:
         """The jitted train and eval steps on the mesh."""
         config, model_cfg, repl = self.config, self.model_cfg, self.repl
         step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
-                                  accum_steps=config.train.accum_steps,
+                                  accum_steps=self.accum_steps,
                                   nonfinite=config.train.nonfinite,
                                   spike_guard=bool(self.guard_args))
         self.train_step = with_default_limit(jax.jit(
@@ -63,6 +64,13 @@ class Setup:
         self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
                                  in_shardings=(self.state_shardings.params, self.batch_sharding),
                                  out_shardings=(repl, repl))
+
+    def set_accum_steps(self, accum_steps: int) -> None:
+        """Rebuilds the train step with `accum_steps` microbatches per update (train.elastic on
+        another device count); the state's shardings do not depend on it."""
+        if accum_steps != self.accum_steps:
+            self.accum_steps = accum_steps
+            self._build_steps()
 
     def _init_fn(self, rng: jax.Array) -> TrainState:
         params = nn.meta.unbox(init_boxed(self.model_cfg, rng))
