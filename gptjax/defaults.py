@@ -125,45 +125,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim = optim_config(learning_rate=1e-3, warmup_steps=100, schedule="cosine", min_lr=1e-4,
                            b2=0.99, weight_decay=0.1)
 
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.epochs = 0.0                 # > 0: train.steps := ceil(epochs x train-split tokens /
-                                         # (batch_size x seq_len)), experiment.resolve_steps
-    c.train.batch_size = 12
-    c.train.accum_steps = 1
-    # Resumed on another number of devices or processes than its checkpoint was saved on, keep
-    # the global batch and the per-device micro-batch: accum_steps becomes batch_size /
-    # (data-parallel size x the saved micro-batch), one line says so, and it goes back down when
-    # the devices return (gptjax.train.elastic). False: the config's accum_steps on any devices.
-    c.train.elastic = False
-    c.train.log_every = 10
-    c.train.eval_every = 250
-    c.train.eval_batches = 20            # per periodic evaluation; the final one uses the whole split
-    c.train.eval_batch_size = 64
-    c.train.save_every = 500
-    c.train.keep_checkpoints = 3
-    c.train.async_checkpointing = True
-    # The local checkpoint tier (gptjax.runs.local_tier): every local_save_every steps each
-    # process also saves the shards it holds under local_dir (a host's own disk: node-local SSD),
-    # in <local_dir>/<run name>-<run id>/process_<i>/, keeping the last local_keep; a restart takes
-    # the newest intact step of both tiers (a local one only if every process has it, on the same
-    # layout). '' = off: checkpoints go to the run directory only (train.save_every).
-    c.train.local_dir = ""
-    c.train.local_save_every = 100
-    c.train.local_keep = 2
-    c.train.nonfinite = "skip"           # 'skip' the update or 'halt' the run
-    c.train.max_consecutive_skips = 20   # 'skip': so many skipped steps in a row stop the run
-                                         # (a state that no longer updates); 0 = never stop
-    # The loss-spike guard (gptjax.train.spikes): 'median' skips a step whose loss is above
-    # spike_threshold x the median of the last spike_window trained steps' losses, 'zscore' one
-    # above their mean + spike_threshold standard deviations; each spike is recorded in
-    # spikes.jsonl (skipped again on resume); spike_max of them within spike_window steps stop
-    # the run (0 = never stop). 'off': the train step's program is main's; 'zscore' with these
-    # defaults leaves `python train.py`'s metrics bit for bit as they were (README, Reliability).
-    c.train.spike_guard = "zscore"
-    c.train.spike_threshold = 6.0
-    c.train.spike_window = 128
-    c.train.spike_max = 4
+    c.train = _train_config()
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1
@@ -181,6 +143,50 @@ def base_config() -> ml_collections.ConfigDict:
     c.sample.temperature = 0.8
     c.sample.top_k = 40
     return c
+
+
+def _train_config() -> ml_collections.ConfigDict:
+    """The `train` block of base_config: steps, batch, evaluation, checkpoints, faults."""
+    t = ml_collections.ConfigDict()
+    t.steps = 1000
+    t.epochs = 0.0                 # > 0: train.steps := ceil(epochs x train-split tokens /
+                                   # (batch_size x seq_len)), experiment.resolve_steps
+    t.batch_size = 12
+    t.accum_steps = 1
+    # Resumed on another number of devices or processes than its checkpoint was saved on, keep
+    # the global batch and the per-device micro-batch: accum_steps becomes batch_size /
+    # (data-parallel size x the saved micro-batch), one line says so, and it goes back down when
+    # the devices return (gptjax.train.elastic). False: the config's accum_steps on any devices.
+    t.elastic = False
+    t.log_every = 10
+    t.eval_every = 250
+    t.eval_batches = 20            # per periodic evaluation; the final one uses the whole split
+    t.eval_batch_size = 64
+    t.save_every = 500
+    t.keep_checkpoints = 3
+    t.async_checkpointing = True
+    # The local checkpoint tier (gptjax.runs.local_tier): every local_save_every steps each
+    # process also saves the shards it holds under local_dir (a host's own disk: node-local SSD),
+    # in <local_dir>/<run name>-<run id>/process_<i>/, keeping the last local_keep; a restart takes
+    # the newest intact step of both tiers (a local one only if every process has it, on the same
+    # layout). '' = off: checkpoints go to the run directory only (train.save_every).
+    t.local_dir = ""
+    t.local_save_every = 100
+    t.local_keep = 2
+    t.nonfinite = "skip"           # 'skip' the update or 'halt' the run
+    t.max_consecutive_skips = 20   # 'skip': so many skipped steps in a row stop the run
+                                   # (a state that no longer updates); 0 = never stop
+    # The loss-spike guard (gptjax.train.spikes): 'median' skips a step whose loss is above
+    # spike_threshold x the median of the last spike_window trained steps' losses, 'zscore' one
+    # above their mean + spike_threshold standard deviations; each spike is recorded in
+    # spikes.jsonl (skipped again on resume); spike_max of them within spike_window steps stop
+    # the run (0 = never stop). 'off': the train step's program is main's; 'zscore' with these
+    # defaults leaves `python train.py`'s metrics bit for bit as they were (README, Reliability).
+    t.spike_guard = "zscore"
+    t.spike_threshold = 6.0
+    t.spike_window = 128
+    t.spike_max = 4
+    return t
 
 
 def train_init() -> ml_collections.ConfigDict:
