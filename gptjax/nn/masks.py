@@ -45,23 +45,27 @@ def attention_mask(q_pos_BxT: jax.Array, k_pos_BxS: jax.Array, window: Optional[
     return mask
 
 
-# Segment ids ride in the Pallas kernel's position tiles as one int32: segment << SEG_SHIFT |
-# position. Along a packed window the packed value increases with the slot, so the kernel's
-# block skipping (key blocks after the last query, outside the band) stays exact.
-SEG_SHIFT = 20
-_POS_BITS = (1 << SEG_SHIFT) - 1
+# Segment ids ride in the Pallas kernel's position tiles as one int32: (segment mod 2**15) << 16 |
+# position. A visible pair (same id, key position <= query position) has its packed values in
+# the same order and distance as its positions, so the kernel's block skipping (by min/max of
+# the tiles' values) never skips one. Ids are compared modulo 2**15: exact for windows of fewer
+# than 32768 documents.
+SEG_SHIFT = 16
+MAX_PACKED_POSITION = (1 << SEG_SHIFT) - 1
+_SEG_BITS = (1 << (31 - SEG_SHIFT)) - 1
 
 
 def pack_segments(pos_BxT: jax.Array, seg_BxT: jax.Array) -> jax.Array:
-    """Positions (< 2**20; -1 stays -1) and segment ids (< 2**11) as one int32 per token."""
-    return jnp.where(pos_BxT >= 0, (seg_BxT << SEG_SHIFT) | pos_BxT, -1).astype(jnp.int32)
+    """Positions (at most MAX_PACKED_POSITION; -1 stays -1) and segment ids as one int32."""
+    return jnp.where(pos_BxT >= 0, ((seg_BxT & _SEG_BITS) << SEG_SHIFT) | pos_BxT,
+                     -1).astype(jnp.int32)
 
 
 def packed_attention_mask(q_packed: jax.Array, k_packed: jax.Array,
                           window: Optional[int]) -> jax.Array:
     """`attention_mask` of positions and segments packed by `pack_segments`."""
     def unpack(p):
-        return jnp.where(p >= 0, p & _POS_BITS, -1), p >> SEG_SHIFT
+        return jnp.where(p >= 0, p & MAX_PACKED_POSITION, -1), p >> SEG_SHIFT
     (qp, qs), (kp, ks) = unpack(q_packed), unpack(k_packed)
     return attention_mask(qp, kp, window, qs, ks)
 

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptjax.nn.masks import (MASK_VALUE, attention_mask, default_positions, pack_segments,
-                             packed_attention_mask)
+from gptjax.nn.masks import (MASK_VALUE, MAX_PACKED_POSITION, attention_mask, default_positions,
+                             pack_segments, packed_attention_mask)
 
 _LOG2E = math.log2(math.e)
 
@@ -290,6 +290,9 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
     if q_pos_BxT is None:
         q_pos_BxT = k_pos_BxS = default_positions(B, T)
     if segment_ids_BxT is not None:
+        if max(T, S) > MAX_PACKED_POSITION:
+            raise ValueError(f"flash_attention with segment_ids_BxT: T={T}, S={S}; allowed: at "
+                             f"most {MAX_PACKED_POSITION} (positions share an int32 with the ids)")
         seg = segment_ids_BxT.astype(jnp.int32)
         q_pos_BxT = pack_segments(q_pos_BxT.astype(jnp.int32), seg)
         k_pos_BxS = pack_segments(k_pos_BxS.astype(jnp.int32), seg)
