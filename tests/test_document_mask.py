@@ -22,7 +22,7 @@ from gptjax.nn.kernels import splash_attention
 from gptjax.nn.model import GPT, init_cache, init_params
 from gptjax.train import topology as topo
 from gptjax.train import run_data, step as step_mod
-from gptjax.train.experiment import model_config_from
+from gptjax.train.experiment import check_train_config, model_config_from
 from gptjax.train.setup import Setup
 
 EOS, V, T, SPLIT = 63, 64, 32, 11  # A = slots 0..10, B = the EOS at slot 11 and after
@@ -227,6 +227,13 @@ def test_one_line_errors():
     with pytest.raises(ValueError, match="document_mask=True needs an end-of-text") as e:
         document_mask(_run_config(True).data, NoEos())
     assert "'char'" in str(e.value) and "\n" not in str(e.value)
+    config = _run_config(True, "cudnn")
+    with pytest.raises(ConfigError, match="document_mask=True with model.attention_impl='cudnn'"):
+        check_train_config(config, 1)
+    config = _run_config(True)
+    config.data.position_restart = 1
+    with pytest.raises(ConfigError, match=r"data.position_restart=1; allowed: True or False"):
+        check_train_config(config, 1)
     cfg = _cfg("xla")
     params = init_params(cfg, jax.random.key(0))
     with pytest.raises(ValueError, match="cache=None only"):
