@@ -102,4 +102,6 @@ class DocumentBatcher:
         self.batcher.close()
 
     def __getattr__(self, name: str) -> Any:  # steps_per_epoch, fingerprint, ... of the windows
+        if "batcher" not in self.__dict__:  # (copy/pickle probe before __init__)
+            raise AttributeError(name)
         return getattr(self.__dict__["batcher"], name)
