@@ -79,7 +79,7 @@ def _data_config() -> ml_collections.ConfigDict:
     d.val_path = ""                 # JSONL file / glob of validation rows ('' = a fraction)
     # 'pad': one row per sequence, right-padded (weight 0); 'pack': rows concatenated in file
     # order and cut into windows like plain text (a row then attends to the earlier rows in
-    # its window: no document mask yet). data.sampling applies to both ('pad': 'packed' = each
+    # its window unless data.document_mask). data.sampling applies to both ('pad': 'packed' = each
     # row once per epoch in a permutation, 'random_offset' = rows drawn with replacement).
     d.pc_layout = "pad"
     d.max_train_bytes = 0           # python_stdlib: cap on the train split (0 = builder default)
@@ -95,6 +95,11 @@ def _data_config() -> ml_collections.ConfigDict:
     d.virtual_shards = 1024         # sharded: documents i -> shard i mod this; fixed per run
     d.workers = 2                   # sharded: grain tokenizer processes (0 = in-process)
     d.prefetch = 2                  # batches built ahead on a thread (0 = on demand)
+    # Document-masked packing (gptjax.data.documents): each token attends only within its own
+    # document of a packed window (documents are split at the end-of-text token, which opens
+    # the next one); works with every pipeline, sampling and pc_layout, and in evaluation.
+    d.document_mask = False
+    d.position_restart = True       # with document_mask: positions restart at each document
     return d
 
 

@@ -109,3 +109,18 @@ def test_train_step_with_pallas_on_a_mixed_mesh_equals_xla():
                 out.append(float(m["loss"]))
         losses[impl] = out
     np.testing.assert_allclose(losses["pallas"], losses["xla"], rtol=1e-5)
+
+
+def test_pallas_with_segment_ids_under_shard_map():
+    """Document-masked rows (each row its own boundaries): the ids are sharded with the batch."""
+    q, k, v, _ = _qkv()
+    cuts = np.arange(B)[:, None] * 5 + 3
+    seg = jnp.asarray((np.arange(T)[None, :] >= cuts).astype(np.int32)
+                      + (np.arange(T)[None, :] >= cuts + 20))
+    ref = A.attention(q, k, v, None, None, window=16, impl="xla", segment_ids_BxT=seg)
+    mesh = shd.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with mesh:
+        out = jax.jit(lambda q, k, v, s: A.attention(q, k, v, None, None, window=16,
+                                                     impl="pallas", segment_ids_BxT=s))(q, k, v,
+                                                                                        seg)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), atol=2e-5, rtol=2e-5)

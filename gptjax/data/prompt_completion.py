@@ -13,7 +13,8 @@ Layouts (`data.pc_layout`):
     without one) at weight 0. A row is at most seq_len + 1 tokens.
   * 'pack': the rows concatenated in file order into one stream, cut into windows as plain text
     is (gptjax.data.lm: inputs `s[w*T : w*T+T]`, targets one token later). A row then attends
-    to the rows before it in its window (no document mask yet: issue [5/7]); a row still fits
+    to the rows before it in its window unless `data.document_mask` (gptjax.data.documents:
+    each row then attends only to itself, its end-of-text id opening the next); a row still fits
     one context (at most seq_len + 1 tokens), the error says otherwise.
 
 Training batches are a pure function of (seed, step, process_index, process_count), like

@@ -25,6 +25,12 @@ Implementations (`GPTConfig.attention_impl`):
           for a fallback logged once.
 Attention dropout is applied by `xla` only; the fused kernels raise ConfigError when asked for it.
 
+Segment ids (`segment_ids_BxT`, document-masked packing: `data.document_mask`) confine each query
+to the keys of its own document in a packed window. `xla` masks them with the positions (the
+dense masked path), `pallas` reads them in its tiles, `splash` takes its own SegmentIds; cuDNN
+cannot (jax.nn.dot_product_attention has no segment ids) and raises ConfigError, and `auto` then
+picks splash on TPU, else xla.
+
 Under a mesh (`jax.set_mesh` or `with mesh:` while the step is traced) the fused kernels run inside
 `jax.shard_map` (gptjax.nn.kernels.sharded): batch over the mesh axes of the 'batch' rule, heads
 over those of 'heads'. The platform that decides `auto` and the kernels' checks is that of the
@@ -58,6 +64,8 @@ _SLOT_MASKED = {"cudnn": ("cuDNN", cudnn_attention, cudnn_unsupported),
                            lambda q, platform: splash_unsupported(platform))}
 
 _logged: set = set()
+_CUDNN_NO_SEGMENTS = ("cannot mask documents: jax.nn.dot_product_attention takes no segment ids; "
+                      "kernels that can: 'xla', 'pallas', 'splash' (or 'auto')")
 
 
 def _log_once(msg: str) -> None:
@@ -216,11 +224,13 @@ def _xla(q, k, v, q_pos, k_pos, window, dropout_rate, dropout_rng):
     return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
 
 
-def _choose_auto(q, q_pos, dropout) -> tuple:
+def _choose_auto(q, q_pos, dropout, segmented: bool = False) -> tuple:
     """The implementation `auto` picks, and why it is not a fused kernel (None if it is)."""
     if dropout:
         return "xla", "attention dropout is on and only 'xla' applies it"
     platform = mesh_platform()
+    if platform == "gpu" and segmented:
+        return "xla", f"cuDNN {_CUDNN_NO_SEGMENTS}"
     if platform == "gpu":
         why = cudnn_unsupported(q, platform)
         if why is None and q_pos is None:
@@ -236,7 +246,8 @@ def _choose_auto(q, q_pos, dropout) -> tuple:
 def attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
               q_pos_BxT: Optional[jax.Array], k_pos_BxS: Optional[jax.Array], *,
               window: Optional[int], impl: str = "xla", dropout_rate: float = 0.0,
-              dropout_rng: Optional[jax.Array] = None) -> jax.Array:
+              dropout_rng: Optional[jax.Array] = None,
+              segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     """Causal (optionally banded) multi-head attention; dispatches on `impl`.
 
     Args:
@@ -248,40 +259,42 @@ def attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Array,
       impl: attention implementation (GPTConfig.attention_impl).
       dropout_rate: attention-probability dropout; applied only when dropout_rng is given.
       dropout_rng: PRNG key for dropout, or None for deterministic attention.
+      segment_ids_BxT: document ids of a packed window (self-attention, S == T, positions
+        counting up by one within each document), or None: a key is then visible only to
+        queries of its own document.
 
     Returns:
       [B, T, H, D] attention output.
 
     Raises:
       ConfigError: the implementation cannot run here (platform, dtype, head width) or cannot
-        apply attention dropout.
+        apply attention dropout or segment ids.
     """
     dropout = dropout_rate > 0.0 and dropout_rng is not None
+    segmented = segment_ids_BxT is not None
     if impl == "auto":
-        impl, why = _choose_auto(q_BxTxHxD, q_pos_BxT, dropout)
+        impl, why = _choose_auto(q_BxTxHxD, q_pos_BxT, dropout, segmented)
         if why:
             _log_once(f"attention_impl='auto' uses 'xla': {why}")
     if impl in _FUSED and dropout:
         raise ConfigError(f"attention_impl={impl!r} does not apply attention dropout "
                           f"(attn_pdrop={dropout_rate}); set attn_pdrop=0 or attention_impl='xla'")
+    if segmented:
+        return _segmented(impl, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS,
+                          segment_ids_BxT, window, dropout_rate, dropout_rng)
     if impl in _SLOT_MASKED:
         out = _slot_masked(impl, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, window)
         if out is not None:
             return out
         impl = "xla"
     if impl == "pallas":
-        platform = mesh_platform()
-        if platform == "tpu":
-            raise ConfigError("attention_impl='pallas' is the Triton kernel for GPUs; "
-                              "use attention_impl='splash' on TPU")
+        platform = _pallas_platform()
 
         def pallas(q, k, v, q_pos, k_pos):
             return flash_attention(q, k, v, q_pos, k_pos, window=window,
                                    interpret=platform != "gpu")
         return shard_kernel(pallas, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS)
-    if impl != "xla":
-        raise ConfigError(f"attention_impl={impl!r}: allowed values are "
-                          "['xla', 'cudnn', 'pallas', 'splash', 'auto']")
+    _check_impl(impl)
     return _xla(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS, window, dropout_rate,
                 dropout_rng)
 
@@ -303,3 +316,48 @@ def _slot_masked(impl: str, q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHx
     def one_shard(q, k, v, q_pos, k_pos):  # slot-masked: positions are 0..T-1 (None here)
         return kernel(q, k, v, window=window, **extra)
     return shard_kernel(one_shard, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD)
+
+
+def _pallas_platform() -> str:
+    platform = mesh_platform()
+    if platform == "tpu":
+        raise ConfigError("attention_impl='pallas' is the Triton kernel for GPUs; "
+                          "use attention_impl='splash' on TPU")
+    return platform
+
+
+def _check_impl(impl: str) -> None:
+    if impl != "xla":
+        raise ConfigError(f"attention_impl={impl!r}: allowed values are "
+                          "['xla', 'cudnn', 'pallas', 'splash', 'auto']")
+
+
+def _segmented(impl: str, q, k, v, q_pos, k_pos, seg, window, dropout_rate, dropout_rng):
+    """`attention` with segment ids: each query sees only its own document's keys."""
+    if impl == "cudnn":
+        raise ConfigError(f"attention_impl='cudnn' {_CUDNN_NO_SEGMENTS}")
+    if impl == "splash":
+        platform = mesh_platform()
+        why = splash_unsupported(platform)
+        if why:
+            raise ConfigError(f"attention_impl='splash' {why}")
+        if q_pos is None:
+            def splash(q, k, v, q_pos, k_pos, s):
+                return splash_attention(q, k, v, window=window, interpret=platform != "tpu",
+                                        segment_ids_BxT=s)
+            return shard_kernel(splash, q, k, v, None, None, seg)
+        _log_once("attention_impl='splash' falls back to 'xla' for calls with explicit "
+                  "positions (KV cache, padded prompts): splash masks by slot, not position")
+        impl = "xla"
+    if impl == "pallas":
+        platform = _pallas_platform()
+
+        def pallas(q, k, v, q_pos, k_pos, s):
+            return flash_attention(q, k, v, q_pos, k_pos, window=window,
+                                   interpret=platform != "gpu", segment_ids_BxT=s)
+        return shard_kernel(pallas, q, k, v, q_pos, k_pos, seg)
+    _check_impl(impl)
+    if q_pos is None:
+        q_pos = k_pos = default_positions(*q.shape[:2])
+    mask = attention_mask(q_pos, k_pos, window, seg, seg)
+    return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

@@ -55,7 +55,7 @@ class CausalSelfAttention(_LayerPart):
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
-                 layer_cache: Optional[dict], cache_view: Any):
+                 layer_cache: Optional[dict], cache_view: Any, seg_BxT: Optional[Array] = None):
         cfg = self.config
         C, H, D = cfg.n_embd, cfg.n_head, cfg.d_head
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -72,7 +72,8 @@ class CausalSelfAttention(_LayerPart):
         if not self.deterministic and cfg.attn_pdrop > 0.0:
             dropout_rng = self.make_rng("dropout")
         attend = functools.partial(attention, window=self.window, impl=cfg.attention_impl,
-                                   dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng)
+                                   dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng,
+                                   segment_ids_BxT=seg_BxT)
         new_cache = None
         if layer_cache is None:
             out_BxTxHxD = attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, q_pos_BxT)
@@ -126,18 +127,19 @@ class Block(_LayerPart):
 
     @nn.compact
     def __call__(self, x_BxTxC: Array, q_pos_BxT: Array, k_pos_BxS: Optional[Array],
-                 layer_cache: Optional[dict], cache_view: Any):
+                 layer_cache: Optional[dict], cache_view: Any, seg_BxT: Optional[Array] = None):
         cfg = self.config
         attn = CausalSelfAttention(cfg, self.window, self.deterministic, self.decode_layout,
                                    name="attn")
         mlp = Mlp(cfg, self.deterministic, self.decode_layout, name="mlp")
         ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
         if cfg.norm_position == "pre":
-            a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_view)
+            a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_view,
+                                seg_BxT)
             x_BxTxC = x_BxTxC + a
             x_BxTxC = x_BxTxC + mlp(ln_2(x_BxTxC))
         else:
-            a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_view)
+            a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_view, seg_BxT)
             x_BxTxC = ln_1(x_BxTxC + a)
             x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
@@ -158,7 +160,7 @@ class Period(nn.Module):
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_view):
+    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_view, seg_BxT=None):
         cfg = self.config
         block_cls = Block
         if cfg.remat != "none":
@@ -169,7 +171,8 @@ class Period(nn.Module):
             name = f"block_{j}"
             c = None if period_cache is None else period_cache[name]
             x_BxTxC, c = block_cls(cfg, window, self.deterministic, self.decode_layout,
-                                   name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_view)
+                                   name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_view,
+                                               seg_BxT)
             if new_cache is not None:
                 new_cache[name] = c
         return x_BxTxC, new_cache
@@ -196,6 +199,9 @@ class GPT(nn.Module):
         soft prompts).
       last_logits_only: logits [B, 1, V] for the last position only (a prefill needs no more;
         skips a [B, T, C] x [C, V] matmul and the [B, T, V] buffer).
+      segment_ids_BxT: document ids of packed windows (data.document_mask): each token attends
+        only within its document. Positions (positions_BxT, or 0..T-1) must count up by one
+        within each document (restarting at its start or not); no cache, no padding.
 
     Returns:
       logits, or a tuple (logits, [hidden], [cache]) with the requested extras in that order.
@@ -216,7 +222,7 @@ class GPT(nn.Module):
     def __call__(self, tokens_BxT: Array, positions_BxT: Optional[Array] = None, *,
                  deterministic: bool = True, cache: Optional[Cache] = None,
                  return_hidden: bool = False, inputs_embeds_BxTxC: Optional[Array] = None,
-                 last_logits_only: bool = False):
+                 last_logits_only: bool = False, segment_ids_BxT: Optional[Array] = None):
         cfg = self.config
         B, T = (tokens_BxT if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC).shape[:2]
         dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
@@ -241,6 +247,13 @@ class GPT(nn.Module):
         # Positions as attention sees them: None states "0..T-1 in every row, no cache", which
         # lets slot-masked kernels (cuDNN, splash, the blocked banded path) run.
         attn_pos_BxT = None if default_pos else positions_BxT
+        if segment_ids_BxT is not None:
+            if cache is not None:
+                raise ValueError("segment_ids_BxT (document-masked packing) is for training "
+                                 "and evaluation windows; allowed with cache=None only")
+            # Within a document positions count up with the slot, so slot order plus the
+            # segment ids is the positions' mask: the slot-masked kernels can run.
+            attn_pos_BxT, segment_ids_BxT = None, segment_ids_BxT.astype(jnp.int32)
         k_pos_BxS, layers_cache, view = attn_pos_BxT, None, None
         if cache is not None:
             layers_cache, view = cache_view(cache, positions_BxT)
@@ -248,7 +261,8 @@ class GPT(nn.Module):
 
         blocks = _scanned_blocks if cfg.scan_layers else _looped_blocks
         x_BxTxC, new_layers = blocks(cfg, deterministic, self.decode_layout, x_BxTxC,
-                                     attn_pos_BxT, k_pos_BxS, layers_cache, view)
+                                     attn_pos_BxT, k_pos_BxS, layers_cache, view,
+                                     segment_ids_BxT)
 
         if cfg.final_norm:
             x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
@@ -273,22 +287,23 @@ class GPT(nn.Module):
 
 def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
                     q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
-                    layers_cache: Optional[dict], view: Any):
+                    layers_cache: Optional[dict], view: Any, seg_BxT: Optional[Array] = None):
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
     scanned = nn.scan(
         Period, variable_axes={"params": 0, "lora": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxTxC, new_layers = scanned(cfg, deterministic, decode_layout, name="h")(
-        x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS, view)
+        x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS, view,
+        seg_BxT)
     return x_BxTxC, None if layers_cache is None else {"h": new_layers}
 
 
 def _looped_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_BxTxC: Array,
                    q_pos_BxT: Optional[Array], k_pos_BxS: Optional[Array],
-                   layers_cache: Optional[dict], view: Any):
+                   layers_cache: Optional[dict], view: Any, seg_BxT: Optional[Array] = None):
     """The blocks one after another (submodules `h_{i}` of the calling GPT)."""
     block_cls = Block
     if cfg.remat != "none":
@@ -299,7 +314,7 @@ def _looped_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_B
         c = None if layers_cache is None else layers_cache[name]
         w = None if cfg.layer_kinds()[i] == "dense" else window
         x_BxTxC, c = block_cls(cfg, w, deterministic, decode_layout, name=name)(
-            x_BxTxC, q_pos_BxT, k_pos_BxS, c, view)
+            x_BxTxC, q_pos_BxT, k_pos_BxS, c, view, seg_BxT)
         if new_layers is not None:
             new_layers[name] = c
     return x_BxTxC, new_layers

@@ -73,6 +73,10 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     if seq_len > model_cfg.n_ctx:
         raise ConfigError(f"data.seq_len={seq_len} is longer than the position table "
                           f"(model.n_ctx={model_cfg.n_ctx}); allowed: 1..{model_cfg.n_ctx}")
+    if config.data.get("document_mask", False) and model_cfg.attention_impl == "cudnn":
+        raise ConfigError("data.document_mask=True with model.attention_impl='cudnn': cuDNN "
+                          "cannot mask documents (no segment ids); allowed: 'xla', 'pallas', "
+                          "'splash' or 'auto'")
     _check_batch_on_mesh(config, jax.device_count() if num_devices is None else num_devices)
 
 
@@ -139,6 +143,9 @@ def _check_data(dc: ml_collections.ConfigDict) -> None:
         if dc.prompt_key == dc.completion_key:
             raise ConfigError(f"data.prompt_key and data.completion_key are both "
                               f"{dc.prompt_key!r}; allowed: two different keys")
+    for key in ("document_mask", "position_restart"):
+        if not isinstance(dc.get(key, False), bool):
+            raise ConfigError(f"data.{key}={dc[key]!r}; allowed: True or False")
     if dc.validation_fraction is not None:
         _num("data.validation_fraction", dc.validation_fraction, 0.0, 1.0, hi_open=True)
 

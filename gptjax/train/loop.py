@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from gptjax import defaults
 from gptjax.config import GPTConfig
+from gptjax.data.documents import document_mask
 from gptjax.data.tokenizers import Tokenizer
 from gptjax.plotting import plot_metrics
 from gptjax.runs import faults, goodput
@@ -239,7 +240,8 @@ class Trainer:
         if tc.eval_every > 0 and done % tc.eval_every == 0 and done != self.total_steps:
             with run.ledger.phase("eval"):
                 vl = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                              tc.eval_batch_size, tc.eval_batches)
+                              tc.eval_batch_size, tc.eval_batches,
+                              document_mask(run.config.data, run.tokenizer))
             self.writer.write(dict(step=done, val_loss=vl, val_ppl=math.exp(min(vl, 50))))
             if self.pbar is not None:
                 self.pbar.write(f"step {done}: val_loss {vl:.4f}")
@@ -303,7 +305,8 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
         ckpt.save(final_step, state, trainer.meta_for(final_step), force=True)
     with run.ledger.phase("eval"):
         val_loss = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                            run.config.train.eval_batch_size, -1)
+                            run.config.train.eval_batch_size, -1,
+                            document_mask(run.config.data, run.tokenizer))
     trainer.writer.write(dict(step=final_step, val_loss=val_loss,
                               val_ppl=math.exp(min(val_loss, 50)), final=True))
     ckpt.close()

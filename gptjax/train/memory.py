@@ -24,6 +24,7 @@ import numpy as np
 
 from gptjax import defaults
 from gptjax import sharding as shd
+from gptjax.data.documents import batch_keys
 from gptjax.nn.lora import num_lora_params
 from gptjax.train.experiment import (
     build_source,
@@ -99,7 +100,7 @@ def compiled_memory(setup, batch_size: int, seq_len: int) -> dict | None:
     """
     abstract_state = setup.abstract_sharded_state()
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=setup.batch_sharding)
-             for k in ("inputs", "targets")}
+             for k in batch_keys(setup.config.data)}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
     with setup.mesh:
         compiled = setup.train_step.lower(abstract_state, batch, rng).compile()

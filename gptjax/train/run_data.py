@@ -8,6 +8,8 @@ hosts share); every process then tokenizes its own virtual shards of train into 
 `data.dataset='prompt_completion'` (JSONL rows, gptjax.data.prompt_completion) reads and tokenizes
 its rows in memory in every process (no token cache: such sets are small), 'single' pipeline only;
 its "tokens" are then `PromptCompletionSplit`s, whose batches carry the completion weights.
+`data.document_mask` (gptjax.data.documents) adds segment ids (and restarted positions) to the
+training batches of every pipeline and layout, and to the evaluation batches.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 from gptjax.data import LMBatcher, eval_batches, load_tokens, sharded
 from gptjax.data import prompt_completion as pc
 from gptjax.data.batcher import Batcher
+from gptjax.data.documents import DocumentBatcher, DocumentMask, document_mask
 from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
@@ -98,8 +101,8 @@ def load_prompt_completion(config: ml_collections.ConfigDict, workdir: str) -> t
 
 def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
                  train_tokens: Optional[np.ndarray], seq_len: int) -> Batcher:
-    """This process's training batcher (LMBatcher or sharded.ShardedBatcher), behind a
-    Prefetcher when `data.prefetch` > 0."""
+    """This process's training batcher (LMBatcher or sharded.ShardedBatcher), in a
+    DocumentBatcher with data.document_mask, behind a Prefetcher when `data.prefetch` > 0."""
     dc, tc = config.data, config.train
     if isinstance(train_tokens, pc.PromptCompletionSplit):
         if train_tokens.seq_len != seq_len:
@@ -120,6 +123,9 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
             workers=dc.workers, process_index=jax.process_index(),
             process_count=jax.process_count(),
             log=lambda m: print(f"[process {jax.process_index()}] {m}", flush=True))
+    documents = document_mask(dc, tokenizer)
+    if documents is not None:
+        batcher = DocumentBatcher(batcher, documents)
     return Prefetcher(batcher, dc.prefetch) if dc.prefetch else batcher
 
 
@@ -132,6 +138,7 @@ def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     if train_tokens is not None:
         return f"{len(train_tokens):,}"
     b = batcher.batcher if isinstance(batcher, Prefetcher) else batcher
+    b = b.batcher if isinstance(b, DocumentBatcher) else b
     assert isinstance(b, sharded.ShardedBatcher), type(b)  # no train tokens: the sharded pipeline
     return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
             f"{b.num_shards} virtual shards)")
@@ -152,7 +159,8 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 
 def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, seq_len: int,
-             batch_size: int, max_batches: int = -1) -> float:
+             batch_size: int, max_batches: int = -1,
+             documents: Optional[DocumentMask] = None) -> float:
     """Mean next-token loss over non-overlapping windows of a split; of a prompt/completion
     split, the mean over its completion tokens (its own eval batches and weights).
 
@@ -163,6 +171,7 @@ def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, 
       seq_len: the window length.
       batch_size: windows (rows) per batch (over all processes).
       max_batches: batches to read; < 0 = the whole split.
+      documents: the run's document mask (`document_mask(config.data, tokenizer)`), or None.
     """
     tot, wsum = 0.0, 0.0
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
@@ -174,6 +183,7 @@ def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, 
         for i, b in enumerate(batches):
             if 0 <= max_batches <= i:
                 break
+            b = b if documents is None else documents.apply(b)
             s, w = setup.eval_step(params, setup.put_batch(b))
             tot += float(s)
             wsum += float(w)

@@ -19,6 +19,16 @@ from gptjax.nn.losses import lm_loss
 from gptjax.nn.model import GPT
 
 
+# Batch arrays of document-masked packing (gptjax.data.documents) -> GPT call arguments.
+_DOCUMENT_ARGS = {"segment_ids": "segment_ids_BxT", "positions": "positions_BxT"}
+
+
+def document_args(batch: dict) -> dict:
+    """The batch's document arrays (segment ids, restarted positions) as GPT keyword arguments;
+    {} without them, so the step's program is then the one without document masks."""
+    return {arg: batch[k] for k, arg in _DOCUMENT_ARGS.items() if k in batch}
+
+
 @flax.struct.dataclass
 class TrainState:
     """Everything that changes during training (the data position is the step)."""
@@ -53,9 +63,9 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
     model = GPT(model_cfg)
     use_dropout = max(model_cfg.embd_pdrop, model_cfg.attn_pdrop, model_cfg.resid_pdrop) > 0
 
-    def loss_fn(params, inputs, targets, weights, rng):
+    def loss_fn(params, inputs, targets, weights, rng, docs):
         logits = model.apply({"params": params}, inputs, deterministic=not use_dropout,
-                             rngs={"dropout": rng} if use_dropout else None)
+                             rngs={"dropout": rng} if use_dropout else None, **docs)
         return lm_loss(logits, targets, weights)
 
     update = _make_update(optimizer, schedule, accum_steps, nonfinite)
@@ -87,10 +97,10 @@ def make_lora_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransfor
     update = _make_update(optimizer, schedule, accum_steps, nonfinite)
 
     def step(state, base, batch, rng, spike_limit=None):
-        def loss_fn(adapters, inputs, targets, weights, rng):
+        def loss_fn(adapters, inputs, targets, weights, rng, docs):
             logits = model.apply({"params": base, COLLECTION: adapters}, inputs,
                                  deterministic=not use_dropout,
-                                 rngs={"dropout": rng} if use_dropout else None)
+                                 rngs={"dropout": rng} if use_dropout else None, **docs)
             return lm_loss(logits, targets, weights)
         return update(jax.value_and_grad(loss_fn), state, batch, rng, spike_limit)
 
@@ -107,7 +117,8 @@ def make_lora_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransfor
 def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int,
                  nonfinite: str) -> Callable:
     """`update(grad_fn, state, batch, rng) -> (state, metrics)`: the gradients of `grad_fn`
-    (value_and_grad of a loss of (params, inputs, targets, weights, rng)) over the batch, one
+    (value_and_grad of a loss of (params, inputs, targets, weights, rng, document_args)) over
+    the batch, one
     optimizer update, the non-finite policy and, given `spike_limit`, the spike guard (see
     `make_train_step`)."""
 
@@ -116,7 +127,7 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
         rng = jax.random.fold_in(rng, state.step)
         if accum_steps == 1:
             loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"],
-                                  batch.get("weights"), rng)
+                                  batch.get("weights"), rng, document_args(batch))
         else:
             loss, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps)
         grad_norm = optax.global_norm(grads)
@@ -165,13 +176,14 @@ def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
 
     weights = batch.get("weights")
     micro = (split(batch["inputs"]), split(batch["targets"]), split(weights),
-             jax.random.split(rng, accum_steps))
+             jax.random.split(rng, accum_steps),
+             {k: split(v) for k, v in document_args(batch).items()})
     if weights is not None:
         total = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1e-8)
 
     def body(acc, mb):
-        inputs, targets, w, r = mb
-        l, g = grad_fn(params, inputs, targets, w, r)
+        inputs, targets, w, r, docs = mb
+        l, g = grad_fn(params, inputs, targets, w, r, docs)
         if w is not None:  # the microbatch's share, times accum_steps (divided out below)
             share = jnp.sum(w.astype(jnp.float32)) / total * accum_steps
             l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
@@ -190,7 +202,7 @@ def make_eval_step(model_cfg: GPTConfig, lora: bool = False) -> Callable:
     model = GPT(model_cfg)
 
     def weighted_nll(variables, batch):
-        logits = model.apply(variables, batch["inputs"])
+        logits = model.apply(variables, batch["inputs"], **document_args(batch))
         w = batch["weights"].astype(jnp.float32)
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
         return jnp.sum(nll * w), jnp.sum(w)

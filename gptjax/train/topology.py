@@ -23,6 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from gptjax.data.documents import batch_keys
 from gptjax.train import gpus
 from gptjax.train.metrics import datasheet_peak
 from gptjax.train.setup import Setup
@@ -117,7 +118,7 @@ def dcn_for_slices(config, num_slices: int) -> None:
 
 def _abstract_args(setup: Setup, batch_size: int, seq_len: int) -> tuple:
     batch = {k: jax.ShapeDtypeStruct((batch_size, seq_len), np.int32, sharding=setup.batch_sharding)
-             for k in ("inputs", "targets")}
+             for k in batch_keys(setup.config.data)}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=setup.repl)
     return setup.abstract_sharded_state(), batch, rng
 

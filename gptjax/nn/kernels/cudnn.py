@@ -1,6 +1,8 @@
 """cuDNN's fused attention through jax.nn.dot_product_attention (NVIDIA GPUs, bf16/fp16).
 
 cuDNN masks by slot, not by position: it serves self-attention over positions 0..T-1 only.
+jax.nn.dot_product_attention (jax 0.10) takes sequence lengths (padding) but no segment ids, so
+document-masked packing cannot run on it (gptjax.nn.attention raises ConfigError).
 """
 
 from __future__ import annotations

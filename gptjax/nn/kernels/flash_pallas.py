@@ -1,7 +1,8 @@
 """gptjax's flash-attention kernel in Pallas (Triton on GPU), forward and backward.
 
 Masks come from positions (gptjax.nn.masks), so the kernel serves training, left-padded prompts
-and KV-cache decoding alike; block pairs in which no query sees any key are skipped. Off-GPU it
+and KV-cache decoding alike; block pairs in which no query sees any key are skipped. Segment ids
+(document-masked packing) travel packed into the position tiles (`gptjax.nn.masks.pack_segments`). Off-GPU it
 runs in Pallas interpret mode, which is how the CPU tests check it.
 
 Einsum letters: B batch, T query length, S key length, H heads, D head width.
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from gptjax.nn.masks import MASK_VALUE, attention_mask, default_positions
+from gptjax.nn.masks import (MASK_VALUE, MAX_PACKED_POSITION, attention_mask, default_positions,
+                             pack_segments, packed_attention_mask)
 
 _LOG2E = math.log2(math.e)
 
@@ -59,7 +61,7 @@ def _block_ranges(q_pos_BxT, k_pos_BxS, window, bq, bk):
 
 
 def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref, lse_ref, *,
-                      scale, window, bk, precision):
+                      scale, window, bk, precision, mask):
     q = q_ref[...]
     qp = qp_ref[...]
     bq, d = q.shape
@@ -70,7 +72,7 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref
         k, v, kp = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
         # Base-2 scaled scores: exp2(x * log2 e) = exp(x), and exp2 is the fast instruction.
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
-        vis = attention_mask(qp, kp, window)
+        vis = mask(qp, kp, window)
         m_new = jnp.maximum(m, jnp.max(jnp.where(vis, s, MASK_VALUE), axis=-1))
         # Masked entries are zeroed explicitly, so a tile with no visible key adds nothing.
         p = jnp.where(vis, jnp.exp2(s - m_new[:, None]), 0.0)
@@ -89,7 +91,7 @@ def _flash_fwd_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, lo_ref, hi_ref, o_ref
 
 
 def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, lo_ref,
-                       hi_ref, dk_ref, dv_ref, *, scale, window, bq, precision):
+                       hi_ref, dk_ref, dv_ref, *, scale, window, bq, precision, mask):
     k, v, kp = k_ref[...], v_ref[...], kp_ref[...]
     bk, d = k.shape
 
@@ -99,7 +101,7 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, del
         q, qp, do = q_ref[sl, :], qp_ref[sl], do_ref[sl, :]
         lse, delta = lse_ref[sl], delta_ref[sl]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
-        p = jnp.where(attention_mask(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
+        p = jnp.where(mask(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
         dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True, precision=precision)
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
@@ -113,7 +115,7 @@ def _flash_dkdv_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, del
 
 
 def _flash_dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta_ref, lo_ref,
-                     hi_ref, dq_ref, *, scale, window, bk, precision):
+                     hi_ref, dq_ref, *, scale, window, bk, precision, mask):
     q, qp, do = q_ref[...], qp_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     bq, d = q.shape
@@ -122,7 +124,7 @@ def _flash_dq_kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, do_ref, lse_ref, delta
         sl = pl.ds(j * bk, bk)
         k, v, kp = k_ref[sl, :], v_ref[sl, :], kp_ref[sl]
         s = plgpu.dot(q, k, trans_b=True, precision=precision) * (scale * _LOG2E)
-        p = jnp.where(attention_mask(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
+        p = jnp.where(mask(qp, kp, window), jnp.exp2(s - lse[:, None]), 0.0)
         dp = plgpu.dot(do, v, trans_b=True, precision=precision)
         ds = p * (dp - delta[:, None])
         return dq + plgpu.dot(ds.astype(k.dtype), k, precision=precision)
@@ -143,13 +145,18 @@ def _compiler_params(d):
     return plgpu.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
 
 
-def _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret):
+def _mask_fn(segmented):
+    # Segmented tiles hold packed positions and segment ids (gptjax.nn.masks.pack_segments).
+    return packed_attention_mask if segmented else attention_mask
+
+
+def _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret, segmented):
     B, T, H, D = q.shape
     S = k.shape[1]
     bq, bk = blocks[0], blocks[1]
     lo, hi, _, _ = _block_ranges(q_pos, k_pos, window, bq, bk)
     kernel = functools.partial(_flash_fwd_kernel, scale=D ** -0.5, window=window, bk=bk,
-                               precision=_dot_precision(q.dtype))
+                               precision=_dot_precision(q.dtype), mask=_mask_fn(segmented))
     o, lse = pl.pallas_call(
         kernel,
         grid=(T // bq, B, H),
@@ -175,7 +182,7 @@ def _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret):
     return o, lse
 
 
-def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret):
+def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret, segmented):
     B, T, H, D = q.shape
     S = k.shape[1]
     bq, bk = blocks[2], blocks[3]
@@ -190,7 +197,7 @@ def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret
     blk_k = pl.BlockSpec((None, bk, None, D), lambda j, b, h: (b, j, h, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_flash_dkdv_kernel, scale=scale, window=window, bq=bq,
-                          precision=_dot_precision(q.dtype)),
+                          precision=_dot_precision(q.dtype), mask=_mask_fn(segmented)),
         grid=(S // bk, B, H),
         in_specs=[full_q, blk_k, blk_k,
                   pl.BlockSpec((None, T), lambda j, b, h: (b, 0)),
@@ -206,7 +213,7 @@ def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret
     )(q, k, v, q_pos, k_pos, do, lse, delta, k_lo, k_hi)
     dq = pl.pallas_call(
         functools.partial(_flash_dq_kernel, scale=scale, window=window, bk=bk,
-                          precision=_dot_precision(q.dtype)),
+                          precision=_dot_precision(q.dtype), mask=_mask_fn(segmented)),
         grid=(T // bq, B, H),
         in_specs=[blk_q, full_k, full_k,
                   pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
@@ -223,19 +230,20 @@ def _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _flash(q, k, v, q_pos, k_pos, window, blocks, interpret):
-    return _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _flash(q, k, v, q_pos, k_pos, window, blocks, interpret, segmented):
+    return _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret, segmented)[0]
 
 
-def _flash_vjp_fwd(q, k, v, q_pos, k_pos, window, blocks, interpret):
-    o, lse = _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret)
+def _flash_vjp_fwd(q, k, v, q_pos, k_pos, window, blocks, interpret, segmented):
+    o, lse = _flash_forward(q, k, v, q_pos, k_pos, window, blocks, interpret, segmented)
     return o, (q, k, v, q_pos, k_pos, o, lse)
 
 
-def _flash_vjp_bwd(window, blocks, interpret, res, do):
+def _flash_vjp_bwd(window, blocks, interpret, segmented, res, do):
     q, k, v, q_pos, k_pos, o, lse = res
-    dq, dk, dv = _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret)
+    dq, dk, dv = _flash_backward(q, k, v, q_pos, k_pos, o, lse, do, window, blocks, interpret,
+                                 segmented)
     return dq, dk, dv, None, None
 
 
@@ -251,7 +259,8 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
                     q_pos_BxT: Optional[jax.Array] = None, k_pos_BxS: Optional[jax.Array] = None,
                     *, window: Optional[int] = None, block_q: int = 64, block_k: int = 64,
                     block_q_bwd: int = 64, block_k_bwd: int = 64,
-                    interpret: Optional[bool] = None) -> jax.Array:
+                    interpret: Optional[bool] = None,
+                    segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     """Flash attention in Pallas with masks from positions; differentiable (Pallas backward).
 
     Softmax statistics are kept in fp32 per query block while key blocks stream past (FlashAttention
@@ -267,6 +276,9 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
       window: None (dense causal) or the band width.
       block_q, block_k: forward tile sizes; block_q_bwd, block_k_bwd: backward tile sizes.
       interpret: run the Pallas interpreter (default: on anything but a GPU).
+      segment_ids_BxT: document ids of a packed window (self-attention, S == T, positions
+        counting up by one within each document), or None: a key is then visible only to
+        queries of its own document.
 
     Returns:
       [B, T, H, D] in q's dtype.
@@ -277,6 +289,13 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
         interpret = jax.default_backend() != "gpu"
     if q_pos_BxT is None:
         q_pos_BxT = k_pos_BxS = default_positions(B, T)
+    if segment_ids_BxT is not None:
+        if max(T, S) > MAX_PACKED_POSITION:
+            raise ValueError(f"flash_attention with segment_ids_BxT: T={T}, S={S}; allowed: at "
+                             f"most {MAX_PACKED_POSITION} (positions share an int32 with the ids)")
+        seg = segment_ids_BxT.astype(jnp.int32)
+        q_pos_BxT = pack_segments(q_pos_BxT.astype(jnp.int32), seg)
+        k_pos_BxS = pack_segments(k_pos_BxS.astype(jnp.int32), seg)
     bq, bk = _pow2_block(T, block_q), _pow2_block(S, block_k)
     bqb, bkb = _pow2_block(T, block_q_bwd), _pow2_block(S, block_k_bwd)
     # Pad the lengths to whole tiles (padding has position -1: never a key, output discarded) and
@@ -297,5 +316,6 @@ def flash_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.A
         q = q * jnp.asarray(math.sqrt(Dp / D), q.dtype)
     q_pos = jnp.pad(q_pos_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
     k_pos = jnp.pad(k_pos_BxS.astype(jnp.int32), ((0, 0), (0, Sp - S)), constant_values=-1)
-    out = _flash(q, k, v, q_pos, k_pos, window, (bq, bk, bqb, bkb), bool(interpret))
+    out = _flash(q, k, v, q_pos, k_pos, window, (bq, bk, bqb, bkb), bool(interpret),
+                 segment_ids_BxT is not None)
     return out[:, :T, :, :D]

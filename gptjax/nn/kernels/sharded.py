@@ -65,8 +65,9 @@ def _mesh_axes(logical: str, rules, mesh, size: int):
 
 def shard_kernel(kernel: Callable, q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array,
                  v_BxSxHxD: jax.Array, q_pos_BxT: Optional[jax.Array] = None,
-                 k_pos_BxS: Optional[jax.Array] = None) -> jax.Array:
-    """kernel(q, k, v, q_pos, k_pos) -> [B, T, H, D], inside shard_map when a mesh is in context.
+                 k_pos_BxS: Optional[jax.Array] = None,
+                 segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
+    """kernel(q, k, v, q_pos, k_pos[, seg]) -> [B, T, H, D], inside shard_map under a mesh.
 
     Without a mesh (or on a one-device mesh) the kernel is called directly.
 
@@ -74,10 +75,15 @@ def shard_kernel(kernel: Callable, q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array,
       kernel: the attention kernel on one shard; positions are None when the caller passed None.
       q_BxTxHxD, k_BxSxHxD, v_BxSxHxD: queries, keys, values.
       q_pos_BxT, k_pos_BxS: positions or None (both None: 0..T-1).
+      segment_ids_BxT: document ids, passed to the kernel as a sixth argument (sharded over
+        the batch like positions); None: the kernel gets five.
 
     Returns:
       [B, T, H, D] attention output, sharded like q.
     """
+    if segment_ids_BxT is not None:
+        return _shard_segmented(kernel, q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS,
+                                segment_ids_BxT)
     mesh = context_mesh()
     if mesh is None or math.prod(mesh.shape.values()) == 1:
         return kernel(q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS)
@@ -96,5 +102,24 @@ def shard_kernel(kernel: Callable, q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array,
         args = (q_BxTxHxD, k_BxSxHxD, v_BxSxHxD, q_pos_BxT, k_pos_BxS)
         specs = (qkv, qkv, qkv, pos, pos)
     # check_vma=False: pallas_call has no varying-manual-axes rule; the body is per shard anyway.
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv,
+                         check_vma=False)(*args)
+
+
+def _shard_segmented(kernel, q, k, v, q_pos, k_pos, seg):
+    """`shard_kernel` with segment ids: the batch rows' ids travel with their rows."""
+    mesh = context_mesh()
+    if mesh is None or math.prod(mesh.shape.values()) == 1:
+        return kernel(q, k, v, q_pos, k_pos, seg)
+    rules = nn.get_logical_axis_rules() or DEFAULT_RULES
+    batch = _mesh_axes("batch", rules, mesh, q.shape[0])
+    heads = _mesh_axes("heads", rules, mesh, q.shape[2])
+    qkv, pos = P(batch, None, heads, None), P(batch, None)
+    if q_pos is None:
+        def body(q, k, v, s):
+            return kernel(q, k, v, None, None, s)
+        args, specs = (q, k, v, seg), (qkv, qkv, qkv, pos)
+    else:
+        body, args, specs = kernel, (q, k, v, q_pos, k_pos, seg), (qkv, qkv, qkv, pos, pos, pos)
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qkv,
                          check_vma=False)(*args)

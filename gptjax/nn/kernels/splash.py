@@ -1,7 +1,8 @@
 """TPU splash attention (Pallas Mosaic), causal or banded, over positions 0..T-1.
 
-Splash masks by slot, not by position: it serves self-attention over positions 0..T-1 only. Off
-TPU it runs in interpret mode, which is how the CPU tests check it.
+Splash masks by slot, not by position: it serves self-attention over positions 0..T-1 only, plus
+splash's own segment ids for document-masked packing. Off TPU it runs in interpret mode, which is
+how the CPU tests check it.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _splash_kernel(T: int, H: int, window: Optional[int], block: int, interpret:
 
 def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.Array, *,
                      window: Optional[int] = None, block: int = 512,
-                     interpret: Optional[bool] = None) -> jax.Array:
+                     interpret: Optional[bool] = None,
+                     segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
     """TPU splash attention, causal or banded, over positions 0..T-1 (interpret mode off-TPU).
 
     Args:
@@ -40,6 +42,8 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.
       block: tile size (capped at T rounded up to 128).
       interpret: run the Pallas interpreter (default: unless the default backend is a TPU;
         gptjax.nn.attention passes the platform of the step's mesh).
+      segment_ids_BxT: document ids of a packed window, or None: a key is then visible only to
+        queries of its own document (splash's SegmentIds).
 
     Returns:
       [B, T, H, D] attention output.
@@ -57,7 +61,13 @@ def splash_attention(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.
     q = prep(q_BxTxHxD * jnp.asarray(D ** -0.5, q_BxTxHxD.dtype))
     k, v = prep(k_BxTxHxD.astype(q.dtype)), prep(v_BxTxHxD.astype(q.dtype))
     kernel = _splash_kernel(Tp, H, window, block, bool(interpret))
-    out = jax.vmap(kernel)(q, k, v)
+    if segment_ids_BxT is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        from jax.experimental.pallas.ops.tpu import splash_attention as sa  # optional: TPU kernel
+        seg = jnp.pad(segment_ids_BxT.astype(jnp.int32), ((0, 0), (0, Tp - T)), constant_values=-1)
+        out = jax.vmap(lambda q, k, v, s: kernel(q, k, v, segment_ids=sa.SegmentIds(s, s)))(
+            q, k, v, seg)
     return out.transpose(0, 2, 1, 3)[:, :T]
 
 
