@@ -95,6 +95,15 @@ def _data_config() -> ml_collections.ConfigDict:
     d.virtual_shards = 1024         # sharded: documents i -> shard i mod this; fixed per run
     d.workers = 2                   # sharded: grain tokenizer processes (0 = in-process)
     d.prefetch = 2                  # batches built ahead on a thread (0 = on demand)
+    # Weighted corpora (gptjax.data.mixture); () = the one corpus above. One string per corpus,
+    # 'name=web;weight=0.7;dataset=local_text;path=web/*.txt': it takes the data.* fields it
+    # names (dataset, path, data_dir, encoding, text_key, validation_fraction, max_train_bytes)
+    # and the run's for the others, and keeps its own token cache / shards. A row's corpus is a
+    # pure function of (seed, step, row); weights are normalized.
+    d.mixture = ()
+    # Weight changes: 'step:name=w,name=w' entries (from that step on; corpora not named keep
+    # their weight; 1 <= step < train.steps). Changing weights retokenizes nothing.
+    d.mixture_schedule = ()
     return d
 
 

@@ -27,6 +27,7 @@ from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
 from gptjax.train.experiment import build_source, model_config_from, run_tokenizer
 from gptjax.multihost import main_process_first
+from gptjax.train import run_mixture
 from gptjax.train.start import init_architecture
 
 PIPELINES = ("single", "sharded")
@@ -43,6 +44,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
                          "per split) or 'sharded' (each process tokenizes its own share)")
     if dc.dataset == pc.DATASET:
         return load_prompt_completion(config, workdir)
+    if dc.mixture:  # several weighted corpora (gptjax.train.run_mixture)
+        return run_mixture.load_mixture(config, workdir)
 
     def source_and_tokenizer():
         source = build_source(config)
@@ -101,6 +104,8 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
     """This process's training batcher (LMBatcher or sharded.ShardedBatcher), behind a
     Prefetcher when `data.prefetch` > 0."""
     dc, tc = config.data, config.train
+    if isinstance(source, run_mixture.MixtureSource):
+        return run_mixture.make_mixture_batcher(config, source, tokenizer, train_tokens, seq_len)
     if isinstance(train_tokens, pc.PromptCompletionSplit):
         if train_tokens.seq_len != seq_len:
             raise ValueError(f"the prompt/completion rows were checked against seq_len "
@@ -125,6 +130,9 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
 
 def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     """The training tokens, as the start-up line reports them."""
+    if isinstance(train_tokens, run_mixture.MixtureSplit) or train_tokens is None and isinstance(
+            getattr(batcher, "batcher", batcher), run_mixture.mx.MixtureBatcher):
+        return run_mixture.train_size(train_tokens, batcher)
     if isinstance(train_tokens, pc.PromptCompletionSplit):
         rows = f"{train_tokens.num_rows:,} rows"
         return (f"{len(train_tokens):,} ({rows} x {train_tokens.seq_len} positions, padded)"
@@ -154,16 +162,22 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
 def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, seq_len: int,
              batch_size: int, max_batches: int = -1) -> float:
     """Mean next-token loss over non-overlapping windows of a split; of a prompt/completion
-    split, the mean over its completion tokens (its own eval batches and weights).
+    split, the mean over its completion tokens (its own eval batches and weights); of a
+    mixture's split, over every corpus' tokens (`val_metrics` gives each corpus' too).
 
     Args:
       setup: the run's setup (its mesh and jitted eval step).
       params: the parameters, sharded as the setup says.
-      tokens: the split's tokens, or its PromptCompletionSplit.
+      tokens: the split's tokens, its PromptCompletionSplit or a mixture's MixtureSplit.
       seq_len: the window length.
       batch_size: windows (rows) per batch (over all processes).
-      max_batches: batches to read; < 0 = the whole split.
+      max_batches: batches to read (of each corpus of a mixture); < 0 = the whole split.
     """
+    return val_metrics(setup, params, tokens, seq_len, batch_size, max_batches)["val_loss"]
+
+
+def _loss_sums(setup: Any, params, tokens, seq_len: int, batch_size: int,
+               max_batches: int) -> tuple[float, float]:
     tot, wsum = 0.0, 0.0
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if isinstance(tokens, pc.PromptCompletionSplit):
@@ -177,4 +191,17 @@ def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, 
             s, w = setup.eval_step(params, setup.put_batch(b))
             tot += float(s)
             wsum += float(w)
-    return tot / max(wsum, 1.0)
+    return tot, wsum
+
+
+def val_metrics(setup: Any, params, tokens, seq_len: int, batch_size: int,
+                max_batches: int = -1) -> dict:
+    """{'val_loss': loss (see `evaluate`)} and, of a mixture, {'val_loss/<name>': each
+    corpus' loss} besides."""
+    parts = run_mixture.as_parts(tokens) or {"": tokens}
+    sums = {n: _loss_sums(setup, params, t, seq_len, batch_size, max_batches)
+            for n, t in parts.items()}
+    out = {"val_loss": sum(t for t, _ in sums.values())
+           / max(sum(w for _, w in sums.values()), 1.0)}
+    out.update({f"val_loss/{n}": t / max(w, 1.0) for n, (t, w) in sums.items() if n})
+    return out
