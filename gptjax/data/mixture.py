@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gptjax.checks import check_choice, check_int
+from gptjax.data import sharded
 from gptjax.data.lm import MODES, _gather
 
 BLOCK = 1024
@@ -386,3 +387,39 @@ class MixtureBatcher:
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def build_batcher(schedule: Schedule, sources: Sequence[Any], tokenizer: Any, *,
+                  tokens: Sequence[np.ndarray] | None = None, seq_len: int,
+                  global_batch_size: int, seed: int, mode: str, num_shards: int = 0,
+                  shards_dir: str = "", workers: int = 0, process_index: int = 0,
+                  process_count: int = 1, log=print) -> MixtureBatcher:
+    """This process's MixtureBatcher: from each corpus' whole token array (`tokens`, the
+    'single' pipeline: one stream of B rows), or, without `tokens`, from this process's virtual
+    shards of each corpus' train split, tokenized where missing (`sharded.build_batcher`).
+
+    Args:
+      schedule: the weight phases; `sources` and `tokens` are in `schedule.names` order.
+      sources: each corpus' TextSource (its fingerprint identifies it).
+      tokenizer: the run's tokenizer.
+      tokens, seq_len, global_batch_size, seed, mode: see MixtureBatcher.
+      num_shards, shards_dir, workers, log: the sharded pipeline's (see sharded.build_batcher).
+      process_index, process_count: this process and the number of processes.
+    """
+    where = dict(process_index=process_index, process_count=process_count)
+    if tokens is not None:
+        parts = {(c, 0): t for c, t in enumerate(tokens)}
+        fps = [s.fingerprint for s in sources]
+        return MixtureBatcher(parts, schedule, seq_len, global_batch_size, seed, mode,
+                              sharded.Layout(global_batch_size, 1), fingerprints=fps, **where)
+    parts, fps = {}, []
+    for c, (name, source) in enumerate(zip(schedule.names, sources)):
+        b = sharded.build_batcher(source, "train", tokenizer, seq_len=seq_len,
+                                  global_batch_size=global_batch_size, seed=seed, mode=mode,
+                                  num_shards=num_shards, shards_dir=shards_dir, workers=workers,
+                                  log=lambda m, name=name: log(f"{name}: {m}"), **where)
+        parts.update({(c, k): t for k, t in b.stream_tokens.items()})
+        fps.append(b.fingerprint)
+    return MixtureBatcher(parts, schedule, seq_len, global_batch_size, seed, mode,
+                          sharded.Layout(global_batch_size, num_shards), fingerprints=fps,
+                          virtual_shards=num_shards, **where)

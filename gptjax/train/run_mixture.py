@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import jax
 import ml_collections
 
-from gptjax.data import load_tokens, sharded
+from gptjax.data import load_tokens
 from gptjax.data import mixture as mx
 from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
@@ -101,29 +101,18 @@ def load_mixture(config: ml_collections.ConfigDict, workdir: str) -> tuple:
 
 def make_mixture_batcher(config: ml_collections.ConfigDict, source: MixtureSource,
                          tokenizer: Any, train: MixtureSplit | None, seq_len: int) -> Any:
-    """This process's MixtureBatcher (behind a Prefetcher when data.prefetch > 0)."""
+    """This process's MixtureBatcher (behind a Prefetcher when data.prefetch > 0): from the
+    corpora's token caches ('single'), or from this process's shards of each ('sharded')."""
     dc, tc = config.data, config.train
-    where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     sch = schedule(config)
-    if train is not None:  # 'single': one stream of all rows per corpus
-        tokens = {(i, 0): train.parts[n] for i, n in enumerate(sch.names)}
-        layout, shards = sharded.Layout(tc.batch_size, 1), 0
-        fps = [source.sources[n].fingerprint for n in sch.names]
-    else:
-        tokens, fps = {}, []
-        layout, shards = sharded.Layout(tc.batch_size, dc.virtual_shards), dc.virtual_shards
-        for i, n in enumerate(sch.names):
-            b = sharded.build_batcher(
-                source.sources[n], "train", tokenizer, seq_len=seq_len,
-                global_batch_size=tc.batch_size, seed=config.seed, mode=dc.sampling,
-                num_shards=dc.virtual_shards,
-                shards_dir=os.path.join(dc.cache_dir or default_cache_dir(), "shards"),
-                workers=dc.workers, **where,
-                log=lambda m, n=n: print(f"[process {jax.process_index()}] {n}: {m}", flush=True))
-            tokens.update({(i, k): t for k, t in b.stream_tokens.items()})
-            fps.append(b.fingerprint)
-    batcher = mx.MixtureBatcher(tokens, sch, seq_len, tc.batch_size, config.seed, dc.sampling,
-                                layout, fingerprints=fps, virtual_shards=shards, **where)
+    batcher = mx.build_batcher(
+        sch, [source.sources[n] for n in sch.names], tokenizer,
+        tokens=None if train is None else [train.parts[n] for n in sch.names], seq_len=seq_len,
+        global_batch_size=tc.batch_size, seed=config.seed, mode=dc.sampling,
+        num_shards=dc.virtual_shards,
+        shards_dir=os.path.join(dc.cache_dir or default_cache_dir(), "shards"),
+        workers=dc.workers, process_index=jax.process_index(), process_count=jax.process_count(),
+        log=lambda m: print(f"[process {jax.process_index()}] {m}", flush=True))
     return Prefetcher(batcher, dc.prefetch) if dc.prefetch else batcher
 
 
