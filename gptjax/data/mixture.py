@@ -34,7 +34,7 @@ import numpy as np
 
 from gptjax.checks import check_choice, check_int
 from gptjax.data import sharded
-from gptjax.data.lm import MODES, _gather
+from gptjax.data.lm import MODES
 
 BLOCK = 1024
 # The data.* fields a corpus of a mixture may set (the run's are taken for the others).
@@ -223,16 +223,18 @@ class Labels:
     def rows(self, k: int, n: int, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(corpus, draw) of rows `h` (= step * n + i) of stream k, which has n rows a step."""
         h = np.asarray(h, np.int64)
-        phase = np.searchsorted(np.asarray(self.schedule.starts) * n, h, side="right") - 1
+        starts = self.schedule.starts
+        phase = (np.searchsorted(np.asarray(starts) * n, h, side="right") - 1
+                 if len(starts) > 1 else np.zeros_like(h))
         before = self._draws_before(k, n)
         corpus, draw = np.empty_like(h), np.empty_like(h)
-        for j in np.unique(phase):
-            at = phase == j
-            b, pos = np.divmod(h[at] - self.schedule.starts[j] * n, BLOCK)
+        for j in (0,) if len(starts) == 1 else np.unique(phase).tolist():
+            at = slice(None) if len(starts) == 1 else phase == j
+            b, pos = np.divmod(h[at] - starts[j] * n, BLOCK)
             c_at, d_at = np.empty_like(b), np.empty_like(b)
-            for blk in np.unique(b):
+            for blk in np.unique(b).tolist():  # (a step's rows: one or two blocks)
                 sel = b == blk
-                lab, rank = self.block(k, int(j), int(blk))
+                lab, rank = self.block(k, j, blk)
                 c = lab[pos[sel]]
                 c_at[sel] = c
                 d_at[sel] = before[j, c] + blk * self.counts[j][c] + rank[pos[sel]]
@@ -269,8 +271,9 @@ class MixtureBatcher:
         self.local_batch_size = self.global_batch_size // process_count
         self.labels = Labels(schedule, seed)
         self.streams = layout.streams_of_process(process_index, process_count)
-        self.tokens = tokens
-        for (c, k), toks in tokens.items():
+        # (plain views of memory-mapped files: slicing an np.memmap costs more)
+        self.tokens = {key: np.asarray(t) for key, t in tokens.items()}
+        for (c, k), toks in self.tokens.items():
             if k in self.streams and len(toks) < self.seq_len + 1:
                 raise ValueError(f"corpus {schedule.names[c]!r} (stream {k}) has {len(toks)} "
                                  f"tokens, fewer than one sequence (seq_len {self.seq_len} + 1)")
@@ -300,22 +303,18 @@ class MixtureBatcher:
         return self._perms[key]
 
     def _starts(self, c: int, k: int, d: np.ndarray) -> np.ndarray:
-        """Start offsets of corpus c's draws `d` in stream k."""
+        """Start offsets of corpus c's draws `d` (ascending) in stream k."""
         toks, T = self.tokens[(c, k)], self.seq_len
-        out = np.empty_like(d)
         if self.mode == "packed":
             windows = (len(toks) - 1) // T
             epoch, pos = np.divmod(d, windows)
-            for e in np.unique(epoch):
-                at = epoch == e
-                out[at] = self._permutation(c, k, int(e), windows)[pos[at]] * T
-            return out
+            if epoch[0] == epoch[-1]:
+                return self._permutation(c, k, int(epoch[0]), windows)[pos] * T
+            return np.concatenate([self._permutation(c, k, int(e), windows)[pos[epoch == e]]
+                                   for e in np.unique(epoch)]) * T
         chunk, i = np.divmod(d, BLOCK)
-        for ch in np.unique(chunk):
-            at = chunk == ch
-            out[at] = _rng(self.seed, _OFFSET_STREAM, c, k, int(ch)).integers(
-                0, len(toks) - T, size=BLOCK)[i[at]]
-        return out
+        return np.concatenate([_rng(self.seed, _OFFSET_STREAM, c, k, int(ch)).integers(
+            0, len(toks) - T, size=BLOCK)[i[chunk == ch]] for ch in np.unique(chunk)])
 
     def _sources(self, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(stream, corpus, draw) of each of this process's rows at `step`."""
@@ -335,15 +334,17 @@ class MixtureBatcher:
         if step < 0:
             raise ValueError(f"step={step}; allowed: step >= 0")
         stream, corpus, draw = self._sources(step)
-        out: dict = {}
-        for c, k in sorted(set(zip(corpus.tolist(), stream.tolist()))):
+        T1 = self.seq_len + 1
+        win_BxT1 = np.empty((self.local_batch_size, T1), np.int32)
+        for c, k in set(zip(corpus.tolist(), stream.tolist())):
             rows = np.flatnonzero((corpus == c) & (stream == k))
-            part = _gather(self.tokens[(c, k)], self._starts(c, k, draw[rows]), self.seq_len)
-            for key, value in part.items():
-                if key not in out:
-                    out[key] = np.empty((self.local_batch_size,) + value.shape[1:], value.dtype)
-                out[key][rows] = value
-        return out
+            toks = self.tokens[(c, k)]
+            # A slice per row: faster than one fancy index of B x (T + 1) positions.
+            for r, s in zip(rows.tolist(), self._starts(c, k, draw[rows]).tolist()):
+                win_BxT1[r] = toks[s:s + T1]
+        # As lm._gather cuts its windows: contiguous inputs and targets that never alias.
+        return dict(inputs=np.ascontiguousarray(win_BxT1[:, :-1]),
+                    targets=np.ascontiguousarray(win_BxT1[:, 1:]))
 
     def proportions(self, first: int, end: int) -> dict:
         """{corpus name: its share of the global batch's rows over steps [first, end)}."""
