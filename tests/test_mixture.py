@@ -244,3 +244,21 @@ def test_sigterm_before_a_weight_change_then_resume_is_exact(tmp_path):
     assert all(abs(r["mix/shake"] + r["mix/fox"] - 1) < 1e-12 for r in ref if "loss" in r)
     assert np.mean(shake[:4]) > 0.5 > 0.25 > np.mean(shake[4:])  # 0.7, then 0.1
     assert {"val_loss/shake", "val_loss/fox"} <= set(ref[-1])
+
+
+def test_train_py_prepare_data_takes_the_mixture_from_flags(tmp_path):
+    """The command-line form the README gives: tuples of strings as --config flags."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env, tiny_train_flags
+
+    a, b = _two_corpora(tmp_path)
+    flags = tiny_train_flags(a, tmp_path, tmp_path / "wd", {"train.steps": 100})
+    r = subprocess.run(
+        [sys.executable, "train.py", *flags, "--prepare_data",
+         f"--config.data.mixture=('name=shake;weight=0.7;path={a}', 'name=fox;weight=0.3;"
+         f"path={b}')", "--config.data.mixture_schedule=('50:shake=0.5,fox=0.5',)"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "data ready: 14,112 (shake 7,731, fox 6,381) train / 1,568 val tokens" in r.stdout

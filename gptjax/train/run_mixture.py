@@ -16,7 +16,7 @@ from gptjax.data import mixture as mx
 from gptjax.data.corpora import default_cache_dir
 from gptjax.data.prefetch import Prefetcher
 from gptjax.multihost import main_process_first
-from gptjax.train.experiment import build_source, run_tokenizer
+from gptjax.train.experiment import build_source, check_mixture, run_tokenizer
 
 
 class MixtureSource:
@@ -78,6 +78,7 @@ def load_mixture(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     """`run_data.load_data` of a mixture: (MixtureSource, tokenizer, train MixtureSplit or None
     with the sharded pipeline, validation MixtureSplit)."""
     dc = config.data
+    check_mixture(config)  # (train.py --prepare_data: before any data is read)
     cache_dir = dc.cache_dir or None
 
     def sources_and_tokenizer():
