@@ -270,6 +270,9 @@ class MixtureBatcher:
         self.seed, self.mode, self.virtual_shards = int(seed), mode, int(virtual_shards)
         self.local_batch_size = self.global_batch_size // process_count
         self.labels = Labels(schedule, seed)
+        # `proportions` has its own (equal) Labels: the loop logs on the main thread while a
+        # Prefetcher builds batches on another, and the two must not share the caches.
+        self._log_labels = Labels(schedule, seed)
         self.streams = layout.streams_of_process(process_index, process_count)
         # (plain views of memory-mapped files: slicing an np.memmap costs more)
         self.tokens = {key: np.asarray(t) for key, t in tokens.items()}
@@ -351,7 +354,7 @@ class MixtureBatcher:
         counts = np.zeros(len(self.schedule.names), np.int64)
         for k in range(self.layout.num_streams):
             n = len(self.layout.rows_of_stream(k))
-            c, _ = self.labels.rows(k, n, np.arange(first * n, end * n))
+            c, _ = self._log_labels.rows(k, n, np.arange(first * n, end * n))
             counts += np.bincount(c, minlength=len(counts))
         total = max(int(counts.sum()), 1)
         return {name: float(counts[i]) / total for i, name in enumerate(self.schedule.names)}
@@ -415,10 +418,14 @@ def build_batcher(schedule: Schedule, sources: Sequence[Any], tokenizer: Any, *,
                               sharded.Layout(global_batch_size, 1), fingerprints=fps, **where)
     parts, fps = {}, []
     for c, (name, source) in enumerate(zip(schedule.names, sources)):
-        b = sharded.build_batcher(source, "train", tokenizer, seq_len=seq_len,
-                                  global_batch_size=global_batch_size, seed=seed, mode=mode,
-                                  num_shards=num_shards, shards_dir=shards_dir, workers=workers,
-                                  log=lambda m, name=name: log(f"{name}: {m}"), **where)
+        try:
+            b = sharded.build_batcher(source, "train", tokenizer, seq_len=seq_len,
+                                      global_batch_size=global_batch_size, seed=seed,
+                                      mode=mode, num_shards=num_shards, shards_dir=shards_dir,
+                                      workers=workers,
+                                      log=lambda m, name=name: log(f"{name}: {m}"), **where)
+        except ValueError as e:  # (a stream too short for a window: name the corpus)
+            raise ValueError(f"data.mixture corpus {name!r}: {e}") from None
         parts.update({(c, k): t for k, t in b.stream_tokens.items()})
         fps.append(b.fingerprint)
     return MixtureBatcher(parts, schedule, seq_len, global_batch_size, seed, mode,

@@ -8,6 +8,8 @@ hosts share); every process then tokenizes its own virtual shards of train into 
 `data.dataset='prompt_completion'` (JSONL rows, gptjax.data.prompt_completion) reads and tokenizes
 its rows in memory in every process (no token cache: such sets are small), 'single' pipeline only;
 its "tokens" are then `PromptCompletionSplit`s, whose batches carry the completion weights.
+`data.mixture` (several weighted corpora, either pipeline) goes through gptjax.train.run_mixture:
+each corpus keeps its own caches or shards; its splits are `MixtureSplit`s.
 """
 
 from __future__ import annotations
@@ -42,10 +44,10 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     if dc.pipeline not in PIPELINES:
         raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
                          "per split) or 'sharded' (each process tokenizes its own share)")
-    if dc.dataset == pc.DATASET:
-        return load_prompt_completion(config, workdir)
     if dc.mixture:  # several weighted corpora (gptjax.train.run_mixture)
         return run_mixture.load_mixture(config, workdir)
+    if dc.dataset == pc.DATASET:
+        return load_prompt_completion(config, workdir)
 
     def source_and_tokenizer():
         source = build_source(config)
