@@ -199,14 +199,14 @@ def test_bad_mixture_is_a_one_line_error(tmp_path, mixture, schedule, fragment):
 
 
 class _SigtermAfter(faults.Hooks):
-    """SIGTERM to this process after step `step` completes (the loop then saves and stops)."""
+    """SIGTERM to this process after `steps` more steps (the loop then saves and stops)."""
 
-    def __init__(self, step):
-        self.step, self.done = step, 0
+    def __init__(self, steps):
+        self.steps, self.done = steps, 0
 
     def after_step(self):
         self.done += 1
-        if self.done == self.step:
+        if self.done == self.steps:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -215,10 +215,10 @@ def _log(workdir):
     return [r for r in rows if "goodput" not in r]
 
 
-def test_sigterm_before_a_weight_change_then_resume_is_exact(tmp_path):
-    """A run whose weights change at step 4 gets SIGTERM after step 3 and resumes: its logged
-    losses, shares (mix/<name>) and per-corpus validation losses equal the run that never
-    stopped, to the last digit."""
+def test_sigterm_at_k_minus_1_and_k_plus_1_of_a_weight_change_then_resume_is_exact(tmp_path):
+    """A run whose weights change at step k = 4 gets SIGTERM after step 3, resumes, gets SIGTERM
+    after step 5, and resumes to the end: its logged losses, shares (mix/<name>) and per-corpus
+    validation losses equal the run that never stopped, to the last digit."""
     from gptjax.train.loop import train_and_evaluate  # heavy: the training stack
 
     a, b = _two_corpora(tmp_path)
@@ -228,12 +228,13 @@ def test_sigterm_before_a_weight_change_then_resume_is_exact(tmp_path):
     config.data.mixture = (f"name=shake;weight=0.7;path={a}", f"name=fox;weight=0.3;path={b}")
     config.data.mixture_schedule = ("4:shake=0.1,fox=0.9",)
     train_and_evaluate(config, str(tmp_path / "ref"), progress=False)
-    try:
-        faults.install(_SigtermAfter(3))
-        first = train_and_evaluate(config, str(tmp_path / "cut"), progress=False)
-    finally:
-        faults.install(None)
-    assert first.preempted == "SIGTERM" and first.step == 3
+    for more, stop in ((3, 3), (2, 5)):
+        try:
+            faults.install(_SigtermAfter(more))
+            cut = train_and_evaluate(config, str(tmp_path / "cut"), progress=False)
+        finally:
+            faults.install(None)
+        assert cut.preempted == "SIGTERM" and cut.step == stop
     train_and_evaluate(config, str(tmp_path / "cut"), progress=False)
     ref, cut = _log(tmp_path / "ref"), _log(tmp_path / "cut")
     keys = lambda r: {k: v for k, v in r.items()  # noqa: E731 - timings differ
