@@ -100,6 +100,15 @@ def _data_config() -> ml_collections.ConfigDict:
     # the next one); works with every pipeline, sampling and pc_layout, and in evaluation.
     d.document_mask = False
     d.position_restart = True       # with document_mask: positions restart at each document
+    # Weighted corpora (gptjax.data.mixture); () = the one corpus above. One string per corpus,
+    # 'name=web;weight=0.7;dataset=local_text;path=web/*.txt': it takes the data.* fields it
+    # names (dataset, path, data_dir, encoding, text_key, validation_fraction, max_train_bytes)
+    # and the run's for the others, and keeps its own token cache / shards. A row's corpus is a
+    # pure function of (seed, step, row); weights are normalized.
+    d.mixture = ()
+    # Weight changes: 'step:name=w,name=w' entries (from that step on; corpora not named keep
+    # their weight; 1 <= step < train.steps). Changing weights retokenizes nothing.
+    d.mixture_schedule = ()
     return d
 
 

@@ -225,11 +225,16 @@ def _check_train_throughput(proc, out):
 
 def _check_data_throughput(proc, out):
     rows = json.load(open(out / "data.json"))
-    assert [r["setup"] for r in rows] == ["today", "sharded-1p-2w"], rows
+    assert [r["setup"] for r in rows] == ["today", "sharded-1p-2w", "mixture"], rows
     # Both pipelines tokenize the whole corpus: the same tokens, but for the end-of-text tokens
     # joining documents across shard boundaries (the --smoke run has 64 shards: 63 joins).
     assert rows[0]["tokens"] - rows[1]["tokens"] == 63 and rows[1]["tokens"] > 100_000, rows
+    # The mixture's two halves (even and odd documents) lack only the one join between them.
+    assert rows[0]["tokens"] - rows[2]["tokens"] == 1, rows
     assert all(_positive(r["tok_per_s"]) and r["maxrss_mb"] > 0 for r in rows), rows
+    # The single-file setups also served batches (one corpus, then the mixture of two).
+    assert _positive(rows[0]["batch_tok_per_s"]) and _positive(rows[2]["batch_tok_per_s"]), rows
+    assert rows[1]["batch_tok_per_s"] is None, rows
 
 
 # script -> (its flags beyond --smoke, given (tmp_path, shared data folder or None), its check)

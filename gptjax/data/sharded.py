@@ -382,6 +382,11 @@ class ShardedBatcher:
             self._rows.append((k, r - rows.start, len(rows)))
 
     @property
+    def stream_tokens(self) -> dict:
+        """{stream: its token ids} of this process's streams (a mixture reads them)."""
+        return self._tokens
+
+    @property
     def num_local_tokens(self) -> int:
         """Tokens in this process's streams."""
         return int(sum(len(t) for t in self._tokens.values()))

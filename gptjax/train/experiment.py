@@ -20,6 +20,7 @@ from gptjax import sharding as shd
 from gptjax.checks import check_choice, check_int
 from gptjax.config import ConfigError, GPTConfig, check_scan_config
 from gptjax.data import TextSource, get_source
+from gptjax.data import mixture as mx
 from gptjax.data.lm import MODES as SAMPLING
 from gptjax.data.prompt_completion import DATASET as PC_DATASET
 from gptjax.data.prompt_completion import LAYOUTS as PC_LAYOUTS
@@ -62,6 +63,8 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
     _check_train(config.train)
     _check_optim(config.optim)
     _check_data(config.data)
+    if config.data.mixture or config.data.mixture_schedule:
+        check_mixture(config)
     _choice("tokenizer.kind", config.tokenizer.kind, tuple(TOKENIZER_KINDS))
 
     check_init_config(config)
@@ -148,6 +151,23 @@ def _check_data(dc: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"data.{key}={dc[key]!r}; allowed: True or False")
     if dc.validation_fraction is not None:
         _num("data.validation_fraction", dc.validation_fraction, 0.0, 1.0, hi_open=True)
+
+
+def check_mixture(config: ml_collections.ConfigDict) -> None:
+    """ConfigError for a `data.mixture` / `data.mixture_schedule` that cannot run."""
+    try:
+        corpora = mx.parse_mixture(tuple(config.data.mixture))
+        mx.make_schedule(corpora, tuple(config.data.mixture_schedule), config.train.steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if config.train.epochs > 0:
+        raise ConfigError("train.epochs counts passes over one corpus; with data.mixture set "
+                          "train.steps instead")
+    for c in corpora:
+        if c.fields.get("dataset", config.data.dataset) == PC_DATASET:
+            raise ConfigError(f"data.mixture corpus {c.name!r}: dataset={PC_DATASET!r} has its "
+                              "own batches; allowed: text datasets (tfds, local_text, "
+                              "python_stdlib)")
 
 
 def _check_batch_on_mesh(config: ml_collections.ConfigDict, num_devices: int) -> None:

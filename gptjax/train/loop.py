@@ -30,7 +30,8 @@ from gptjax.train import elastic
 from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
-from gptjax.train.run_data import evaluate, train_size
+from gptjax.train.run_data import train_size, val_metrics
+from gptjax.train.run_mixture import mix_fields
 from gptjax.train.spikes import make_guard
 from gptjax.train.run import Run, prepare, restore_or_init  # noqa: F401 (loop.prepare: public)
 from gptjax.train.step import TrainState
@@ -103,6 +104,7 @@ class Trainer:
         self.t_last, self.done_mark, self.last_tps = time.time(), start, float("nan")
         self.tokens_per_step = tc.batch_size * run.seq_len
         self.data_wait_s, self.data_waits = 0.0, 0  # since the last log line
+        self.logged_to = start  # the first step of the log line's window
         self.flops_per_token = run.model_cfg.flops_per_token(run.seq_len)
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype, quick=True)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
@@ -167,7 +169,9 @@ class Trainer:
             step=step + 1, loss=m["loss"], lr=m["lr"], grad_norm=m["grad_norm"],
             data_wait_ms=1e3 * self.data_wait_s / max(self.data_waits, 1),
             tokens_per_sec=tps, mfu=mfu(tps, self.flops_per_token, jax.device_count(), self.peak),
-            skipped=int(m["skipped"]), skipped_steps=self.n_skipped, **self.spikes.log_fields(m)))
+            skipped=int(m["skipped"]), skipped_steps=self.n_skipped, **self.spikes.log_fields(m),
+            **mix_fields(self.run.batcher, self.logged_to, step + 1)))  # a mixture's shares
+        self.logged_to = step + 1
         if self.pbar is not None:
             self.pbar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tps:,.0f}", refresh=False)
         self.t_last, self.done_mark, self.last_tps = time.time(), completed, tps
@@ -239,10 +243,11 @@ class Trainer:
             return False
         if tc.eval_every > 0 and done % tc.eval_every == 0 and done != self.total_steps:
             with run.ledger.phase("eval"):
-                vl = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                              tc.eval_batch_size, tc.eval_batches,
-                              document_mask(run.config.data, run.tokenizer))
-            self.writer.write(dict(step=done, val_loss=vl, val_ppl=math.exp(min(vl, 50))))
+                vm = val_metrics(run.setup, state.params, run.val_tokens, run.seq_len,
+                                 tc.eval_batch_size, tc.eval_batches,
+                                 document_mask(run.config.data, run.tokenizer))
+            vl = vm["val_loss"]  # (and a mixture's val_loss/<corpus>)
+            self.writer.write(dict(step=done, **vm, val_ppl=math.exp(min(vl, 50))))
             if self.pbar is not None:
                 self.pbar.write(f"step {done}: val_loss {vl:.4f}")
         run.ckpt.save(done, state, self.meta_for(done))
@@ -304,11 +309,12 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
     if final_step not in ckpt.all_steps():
         ckpt.save(final_step, state, trainer.meta_for(final_step), force=True)
     with run.ledger.phase("eval"):
-        val_loss = evaluate(run.setup, state.params, run.val_tokens, run.seq_len,
-                            run.config.train.eval_batch_size, -1,
-                            document_mask(run.config.data, run.tokenizer))
-    trainer.writer.write(dict(step=final_step, val_loss=val_loss,
-                              val_ppl=math.exp(min(val_loss, 50)), final=True))
+        vm = val_metrics(run.setup, state.params, run.val_tokens, run.seq_len,
+                         run.config.train.eval_batch_size, -1,
+                         document_mask(run.config.data, run.tokenizer))
+    val_loss = vm["val_loss"]
+    trainer.writer.write(dict(step=final_step, **vm, val_ppl=math.exp(min(val_loss, 50)),
+                              final=True))
     ckpt.close()
     trainer.writer.close()
     result = trainer.result(state, val_loss)

@@ -37,6 +37,7 @@ from gptjax.train import elastic
 from gptjax.train.experiment import model_config_from, resolve_steps
 from gptjax.train.lora_setup import LoraSetup, load_base, make_setup, new_state
 from gptjax.train.run_data import load_data, make_batcher
+from gptjax.train.run_mixture import shortest
 from gptjax.train.setup import Setup
 from gptjax.train.spikes import META_KEY as SPIKES_META
 from gptjax.train.start import check_run_meta, init_architecture
@@ -94,8 +95,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> Run:
                               f"{tokenizer.kind!r} tokenizer; use another --workdir")
     model_cfg = pretrained or model_config_from(config, tokenizer.vocab_size)
     seq_len = dc.seq_len or model_cfg.n_ctx
-    if len(val_tokens) < seq_len + 1:  # found now, not at the first evaluation
-        raise ValueError(f"the {dc.val_split!r} split has {len(val_tokens)} tokens, shorter than "
+    n_val = shortest(val_tokens)  # (of a mixture: its shortest corpus')
+    if n_val < seq_len + 1:  # found now, not at the first evaluation
+        raise ValueError(f"the {dc.val_split!r} split has {n_val} tokens, shorter than "
                          f"one sequence (data.seq_len {seq_len} + 1); allowed: more validation "
                          "text (data.validation_fraction) or a shorter data.seq_len")
     tc = config.train

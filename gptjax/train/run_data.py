@@ -10,6 +10,8 @@ its rows in memory in every process (no token cache: such sets are small), 'sing
 its "tokens" are then `PromptCompletionSplit`s, whose batches carry the completion weights.
 `data.document_mask` (gptjax.data.documents) adds segment ids (and restarted positions) to the
 training batches of every pipeline and layout, and to the evaluation batches.
+`data.mixture` (several weighted corpora, either pipeline) goes through gptjax.train.run_mixture:
+each corpus keeps its own caches or shards; its splits are `MixtureSplit`s.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from gptjax.data.prefetch import Prefetcher
 from gptjax import defaults
 from gptjax.train.experiment import build_source, model_config_from, run_tokenizer
 from gptjax.multihost import main_process_first
+from gptjax.train import run_mixture
 from gptjax.train.start import init_architecture
 
 PIPELINES = ("single", "sharded")
@@ -44,6 +47,8 @@ def load_data(config: ml_collections.ConfigDict, workdir: str) -> tuple:
     if dc.pipeline not in PIPELINES:
         raise ValueError(f"data.pipeline={dc.pipeline!r}; allowed: 'single' (one cached file "
                          "per split) or 'sharded' (each process tokenizes its own share)")
+    if dc.mixture:  # several weighted corpora (gptjax.train.run_mixture)
+        return run_mixture.load_mixture(config, workdir)
     if dc.dataset == pc.DATASET:
         return load_prompt_completion(config, workdir)
 
@@ -101,10 +106,13 @@ def load_prompt_completion(config: ml_collections.ConfigDict, workdir: str) -> t
 
 def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
                  train_tokens: Optional[np.ndarray], seq_len: int) -> Batcher:
-    """This process's training batcher (LMBatcher or sharded.ShardedBatcher), in a
+    """This process's training batcher (LMBatcher, sharded.ShardedBatcher or a mixture's), in a
     DocumentBatcher with data.document_mask, behind a Prefetcher when `data.prefetch` > 0."""
     dc, tc = config.data, config.train
-    if isinstance(train_tokens, pc.PromptCompletionSplit):
+    if isinstance(source, run_mixture.MixtureSource):
+        batcher = run_mixture.make_mixture_batcher(config, source, tokenizer, train_tokens,
+                                                   seq_len)
+    elif isinstance(train_tokens, pc.PromptCompletionSplit):
         if train_tokens.seq_len != seq_len:
             raise ValueError(f"the prompt/completion rows were checked against seq_len "
                              f"{train_tokens.seq_len} but the run's is {seq_len}; allowed: set "
@@ -131,14 +139,16 @@ def make_batcher(config: ml_collections.ConfigDict, source: Any, tokenizer: Any,
 
 def train_size(batcher: Batcher, train_tokens: Optional[np.ndarray]) -> str:
     """The training tokens, as the start-up line reports them."""
+    b = run_mixture.inner_batcher(batcher)  # (out of its Prefetcher and DocumentBatcher)
+    if isinstance(train_tokens, run_mixture.MixtureSplit) or isinstance(
+            b, run_mixture.mx.MixtureBatcher):
+        return run_mixture.train_size(train_tokens, batcher)
     if isinstance(train_tokens, pc.PromptCompletionSplit):
         rows = f"{train_tokens.num_rows:,} rows"
         return (f"{len(train_tokens):,} ({rows} x {train_tokens.seq_len} positions, padded)"
                 if train_tokens.layout == "pad" else f"{len(train_tokens):,} ({rows}, packed)")
     if train_tokens is not None:
         return f"{len(train_tokens):,}"
-    b = batcher.batcher if isinstance(batcher, Prefetcher) else batcher
-    b = b.batcher if isinstance(b, DocumentBatcher) else b
     assert isinstance(b, sharded.ShardedBatcher), type(b)  # no train tokens: the sharded pipeline
     return (f"{b.num_local_tokens:,} (this process's {len(b.streams)} streams of "
             f"{b.num_shards} virtual shards)")
@@ -162,17 +172,24 @@ def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, 
              batch_size: int, max_batches: int = -1,
              documents: Optional[DocumentMask] = None) -> float:
     """Mean next-token loss over non-overlapping windows of a split; of a prompt/completion
-    split, the mean over its completion tokens (its own eval batches and weights).
+    split, the mean over its completion tokens (its own eval batches and weights); of a
+    mixture's split, over every corpus' tokens (`val_metrics` gives each corpus' too).
 
     Args:
       setup: the run's setup (its mesh and jitted eval step).
       params: the parameters, sharded as the setup says.
-      tokens: the split's tokens, or its PromptCompletionSplit.
+      tokens: the split's tokens, its PromptCompletionSplit or a mixture's MixtureSplit.
       seq_len: the window length.
       batch_size: windows (rows) per batch (over all processes).
-      max_batches: batches to read; < 0 = the whole split.
+      max_batches: batches to read (of each corpus of a mixture); < 0 = the whole split.
       documents: the run's document mask (`document_mask(config.data, tokenizer)`), or None.
     """
+    return val_metrics(setup, params, tokens, seq_len, batch_size, max_batches,
+                       documents)["val_loss"]
+
+
+def _loss_sums(setup: Any, params, tokens, seq_len: int, batch_size: int, max_batches: int,
+               documents: Optional[DocumentMask]) -> tuple[float, float]:
     tot, wsum = 0.0, 0.0
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     if isinstance(tokens, pc.PromptCompletionSplit):
@@ -187,4 +204,17 @@ def evaluate(setup: Any, params, tokens: np.ndarray | pc.PromptCompletionSplit, 
             s, w = setup.eval_step(params, setup.put_batch(b))
             tot += float(s)
             wsum += float(w)
-    return tot / max(wsum, 1.0)
+    return tot, wsum
+
+
+def val_metrics(setup: Any, params, tokens, seq_len: int, batch_size: int,
+                max_batches: int = -1, documents: Optional[DocumentMask] = None) -> dict:
+    """{'val_loss': loss (see `evaluate`)} and, of a mixture, {'val_loss/<name>': each
+    corpus' loss} besides."""
+    parts = run_mixture.as_parts(tokens) or {"": tokens}
+    sums = {n: _loss_sums(setup, params, t, seq_len, batch_size, max_batches, documents)
+            for n, t in parts.items()}
+    out = {"val_loss": sum(t for t, _ in sums.values())
+           / max(sum(w for _, w in sums.values()), 1.0)}
+    out.update({f"val_loss/{n}": t / max(w, 1.0) for n, (t, w) in sums.items() if n})
+    return out
