@@ -117,6 +117,31 @@ def test_attempts_down_time_and_recomputed_steps(tmp_path):
         goodput.load(str(tmp_path / "nope"))
 
 
+def test_a_kill_between_saves_shows_the_lost_steps_as_recomputed(tmp_path):
+    # Attempt 1 saves at step 4, trains on to step 20 (its heartbeats, at most every 5 s,
+    # record how far it got) and is killed between saves; attempt 2 resumes from step 4.
+    clock = FakeClock()
+    a1 = goodput.Ledger(clock=clock).open(str(tmp_path), 0, restored=False)
+    for step in range(20):
+        if step == 4:
+            a1.heartbeat(force=True, reached=4)  # (the checkpoint of step 4)
+        with a1.waiting_for_data(step):
+            clock.tick(0.01)
+        clock.tick(0.5)
+    reached = goodput.load(str(tmp_path))["attempts"][0]["reached"]
+    assert 10 <= reached < 20, reached  # the last heartbeat's step, not the last save's
+    clock.tick(2.0)
+    a2 = goodput.Ledger(clock=clock).open(str(tmp_path), 4, restored=True)
+    for step in range(4, 24):
+        with a2.waiting_for_data(step):
+            clock.tick(0.01)
+        clock.tick(0.5)
+    a2.close("done", 24)
+    second = goodput.load(str(tmp_path))["attempts"][1]
+    assert second["recomputed_steps"] == reached - 4
+    assert second["buckets"]["recompute"] == pytest.approx((reached - 4) * 0.51, rel=0.05)
+
+
 class SlowAndStopping(faults.EnvFaults):
     """GPTJAX_FAULT_DATA_SLEEP_S and _SAVE_SLEEP_S's faults (a slow data source, blocking
     saves), counted, and (first attempt) a SIGTERM after step `stop_at`."""

@@ -180,6 +180,7 @@ class Ledger:
         redo = step < self.redo_until
         self.recomputed += redo
         self.base("recompute" if redo else "step")
+        self.reached = max(self.reached, step)  # (steps 0..step-1 ran: a kill loses them)
         self.heartbeat()
         with self.phase("data"):
             yield
