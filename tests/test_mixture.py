@@ -176,6 +176,17 @@ def test_changing_weights_retokenizes_nothing(tmp_path, pipeline):
     assert _tree(tmp_path / "cache") == cache
 
 
+def test_schedule_entries_apply_in_step_order_whatever_their_order():
+    corpora = mx.parse_mixture(("name=a;weight=1", "name=b;weight=1"))
+    one = mx.make_schedule(corpora, ["20:a=3", "10:b=3"], steps=40)
+    two = mx.make_schedule(corpora, ["10:b=3", "20:a=3"], steps=40)
+    assert one == two and one.starts == (0, 10, 20), one
+    assert one.weights[1] == pytest.approx((0.25, 0.75)) and one.weights[2] == pytest.approx(
+        (0.5, 0.5))
+    both = mx.make_schedule(corpora, ["10:b=3", "10:a=3"], steps=40)  # one step: both apply
+    assert both.weights[1] == pytest.approx((0.5, 0.5))
+
+
 @pytest.mark.parametrize("mixture,schedule,fragment", [
     (("name=a;weight=0", "name=b;weight=0"), (), "sum to 0; allowed: weights >= 0 summing to a "
                                                   "positive number"),

@@ -124,7 +124,8 @@ def make_schedule(corpora: Sequence[Corpus], entries: Sequence[str] = (),
 
     Raises:
       ValueError: weights that do not sum to a positive number, an unknown corpus, a step
-        outside 1..steps-1 (`steps`: the run's), or a malformed entry.
+        outside 1..steps-1 (`steps`: the run's), or a malformed entry. Entries apply in
+        step order; two of one step apply in the order given.
     """
     names = tuple(c.name for c in corpora)
     if not names:
@@ -134,6 +135,7 @@ def make_schedule(corpora: Sequence[Corpus], entries: Sequence[str] = (),
     phases = {0: _normalized(current, "data.mixture")}
     if isinstance(entries, str):
         entries = (entries,)
+    changes = {}  # step -> (entry, {corpus index: weight}), applied in step order below
     for entry in entries:
         step_text, colon, rest = str(entry).partition(":")
         try:
@@ -144,14 +146,21 @@ def make_schedule(corpora: Sequence[Corpus], entries: Sequence[str] = (),
             last = "" if steps is None else f" (train.steps={steps}: 1..{steps - 1})"
             raise ValueError(f"data.mixture_schedule entry {entry!r}: allowed: "
                              f"'step:name=weight,...' with 1 <= step < train.steps{last}")
+        new = changes[step][1] if step in changes else {}  # (two entries of a step: both)
         for part in rest.split(","):
             name, eq, w = part.partition("=")
             if name.strip() not in names or not eq:
                 raise ValueError(f"data.mixture_schedule entry {entry!r}: corpus "
                                  f"{name.strip()!r} is not in data.mixture; allowed: "
                                  f"{', '.join(names)}")
-            current[names.index(name.strip())] = _weight(w, f"data.mixture_schedule {entry!r}")
-        phases[step] = _normalized(current, f"data.mixture_schedule entry {entry!r}")
+            new[names.index(name.strip())] = _weight(w, f"data.mixture_schedule {entry!r}")
+        changes[step] = (changes[step][0] + ", " + repr(entry) if step in changes
+                         else repr(entry), new)
+    for step in sorted(changes):  # (entries in any order: each keeps the weights before it)
+        entry, new = changes[step]
+        for i, w in new.items():
+            current[i] = w
+        phases[step] = _normalized(current, f"data.mixture_schedule entry {entry}")
     starts = tuple(sorted(phases))
     return Schedule(names, starts, tuple(phases[s] for s in starts))
 
