@@ -36,9 +36,11 @@ from gptjax.nn.model import init_params
 DATA = {"seed": 0, "mode": "packed", "fingerprint": "f", "seq_len": 32, "global_batch_size": 4}
 
 
-def guard(tmp_path=None, mode="zscore", threshold=3.0, window=3, max_spikes=2, **kw):
+def guard(tmp_path=None, mode="zscore", threshold=3.0, window=3, max_spikes=2, data_state=DATA,
+          **kw):
     return spikes.SpikeGuard(mode, threshold, window, max_spikes,
-                             workdir=str(tmp_path) if tmp_path else "", data_state=DATA, **kw)
+                             workdir=str(tmp_path) if tmp_path else "", data_state=data_state,
+                             **kw)
 
 
 def feed(g, losses, first=0):
@@ -86,6 +88,38 @@ def test_meta_round_trip_decides_as_the_uninterrupted_run(tmp_path):
     assert [a.limit(k) for k in range(12, 22)] == [b.limit(k) for k in range(12, 22)]
 
 
+def test_a_mixture_weight_change_starts_the_window_again():
+    """A lasting rise where data.mixture_schedule changes the weights is a new level, not a
+    spike: the window restarts there (limit +inf until it is full); elsewhere the same rise is
+    a spike at every step, as the halt's hint says."""
+    rng = np.random.default_rng(0)
+    losses = [3.0 + 0.01 * x for x in rng.standard_normal(40)] + [3.25] * 20
+    def limits(resets):
+        g = guard(window=8, threshold=6.0, max_spikes=0, resets=resets)
+        out = []
+        for k, v in enumerate(losses):
+            out.append(g.limit(k))
+            spike = int(v > out[-1])
+            g.observe(k, {"loss": v, "spike": spike, "skipped": 0})
+        return out
+    plain, reset = limits(()), limits((40,))
+    assert all(losses[k] > plain[k] for k in range(40, 60))  # every step after the rise
+    assert all(reset[k] == math.inf for k in range(40, 49))  # until 8 losses of the new phase
+    assert reset[49] < math.inf
+    assert all(losses[k] <= reset[k] for k in range(40, 60))
+    assert reset[:40] == plain[:40]
+
+
+def test_records_survive_a_mixture_phase_added_on_resume(tmp_path):
+    state = dict(DATA, mixture_schedule=[[0, [0.5, 0.5]]])
+    g = guard(tmp_path, data_state=state)
+    feed(g, [2.0, 2.1, 2.2])
+    g.observe(4, {"loss": 9.0, "spike": 1, "skipped": 0})
+    later = dict(DATA, mixture_schedule=[[0, [0.5, 0.5]], [9, [0.9, 0.1]]])
+    assert guard(tmp_path, data_state=later, start=2).recorded == {4}
+    assert guard(tmp_path, data_state=dict(later, seed=1), start=2).recorded == set()
+
+
 # ============================================================================ record and halt
 def test_spikes_are_recorded_then_halt_and_recorded_batches_are_skipped_again(tmp_path, capsys):
     g = guard(tmp_path, max_spikes=2)
@@ -94,7 +128,7 @@ def test_spikes_are_recorded_then_halt_and_recorded_batches_are_skipped_again(tm
     assert g.halt is None
     g.observe(6, {"loss": 8.0, "spike": 1, "skipped": 0})  # 2 within 3 steps
     assert g.halt.startswith("2 loss spikes within 3 steps (steps 5, 7; train.spike_max=2)")
-    assert "\n" not in g.halt
+    assert "\n" not in g.halt and "resume with a higher train.spike_threshold" in g.halt
     recs = spikes.read_records(str(tmp_path))
     assert [(r["step"], r["loss"], r["data"]) for r in recs] == [
         (5, 9.0, dict(DATA, step=4)), (7, 8.0, dict(DATA, step=6))]

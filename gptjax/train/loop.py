@@ -31,7 +31,7 @@ from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
 from gptjax.train.run_data import train_size, val_metrics
-from gptjax.train.run_mixture import mix_fields
+from gptjax.train.run_mixture import mix_fields, mixture_phases
 from gptjax.train.spikes import make_guard
 from gptjax.train.run import Run, prepare, restore_or_init  # noqa: F401 (loop.prepare: public)
 from gptjax.train.step import TrainState
@@ -109,7 +109,7 @@ class Trainer:
         self.peak, self.peak_source = peak_flops(run.model_cfg.dtype, quick=True)
         self.writer = MetricsWriter(run.workdir, enabled=run.is_main)
         self.spikes = make_guard(tc, run.workdir, run.batcher.state(), start, carried["spikes"],
-                                 run.is_main)  # train.spike_guard (gptjax.train.spikes)
+                                 run.is_main, mixture_phases(run.config))  # train.spike_guard
         self.pbar = None
         if progress and run.is_main:
             self.pbar = tqdm(total=self.total_steps, initial=start, unit="step",

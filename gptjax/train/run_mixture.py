@@ -61,6 +61,11 @@ def schedule(config: ml_collections.ConfigDict) -> mx.Schedule:
                             config.train.steps)
 
 
+def mixture_phases(config: ml_collections.ConfigDict) -> tuple:
+    """The 0-based steps where a mixture's weights change (() without a mixture)."""
+    return schedule(config).starts[1:] if config.data.mixture else ()
+
+
 def _corpus_config(config: ml_collections.ConfigDict, corpus: mx.Corpus
                    ) -> ml_collections.ConfigDict:
     """A config whose data block is the run's with the corpus' fields (typed like the run's)."""

@@ -8,7 +8,8 @@ loop fetches metrics one step late, so when step k is dispatched the loss of k-2
 and the guard costs no synchronisation. 'median' skips a loss above `spike_threshold` times the
 window's median; 'zscore' one above mean + `spike_threshold` standard deviations (taken as at
 least 1% of the mean, so a flat loss does not make every rise a spike). Until the window is full
-the limit is +inf.
+the limit is +inf. A `data.mixture_schedule` weight change starts the window again (the new
+mixture's loss is another level): until it is full again the limit is +inf.
 
 Each spike is a line of `<workdir>/spikes.jsonl` (its 1-based step, loss, limit and data
 position: the batcher's state and the batch's index, a batch being a pure function of both). A
@@ -68,6 +69,13 @@ def read_records(workdir: str) -> list:
     return records
 
 
+def _batches(data_state: dict) -> dict:
+    """The part of a batcher's state that a recorded batch must match: all of it but a
+    mixture's schedule, to which a resumed run may add phases after its first step (the batcher
+    refuses other changes on resume)."""
+    return {k: v for k, v in data_state.items() if k != "mixture_schedule"}
+
+
 class NoGuard:
     """`train.spike_guard='off'`: the step takes no limit and nothing is recorded."""
 
@@ -91,7 +99,7 @@ class SpikeGuard(NoGuard):
 
     def __init__(self, mode: str, threshold: float, window: int, max_spikes: int, *,
                  workdir: str = "", data_state: Optional[dict] = None, start: int = 0,
-                 saved: Optional[dict] = None, write: bool = True):
+                 saved: Optional[dict] = None, write: bool = True, resets: tuple = ()):
         """
         Args:
           mode: 'median' or 'zscore'.
@@ -103,11 +111,14 @@ class SpikeGuard(NoGuard):
           start: the run's first 0-based step.
           saved: what a checkpoint saved (`meta()`), when resuming.
           write: whether this process writes spikes.jsonl (process 0).
+          resets: 0-based steps from which the window starts again (a data.mixture_schedule
+            phase: a new mixture's loss is another level, not a spike).
         """
         self.mode, self.threshold, self.window, self.max_spikes = mode, threshold, window, \
             max_spikes
         self.path = os.path.join(workdir, SPIKES) if workdir else ""
         self.data_state, self.write = dict(data_state or {}), write
+        self.resets = tuple(sorted(int(r) for r in resets))
         saved = saved or {}
         self.history = [(int(s), float(v)) for s, v in saved.get("window", [])]  # (step, loss)
         self.counted = [int(s) for s in saved.get("spikes", [])]  # 0-based steps of spikes
@@ -122,7 +133,7 @@ class SpikeGuard(NoGuard):
         for rec in read_records(os.path.dirname(self.path)):
             data = dict(rec.get("data") or {})
             data.pop("step", None)
-            if data and self.data_state and data != self.data_state:
+            if data and self.data_state and _batches(data) != _batches(self.data_state):
                 other += 1
             elif rec["step"] - 1 >= start:
                 steps.add(rec["step"] - 1)
@@ -138,7 +149,8 @@ class SpikeGuard(NoGuard):
         """The loss above which 0-based `step` is skipped (+inf until the window is full)."""
         if step in self.recorded:
             return -math.inf
-        losses = [v for s, v in self.history if s <= step - 2][-self.window:]
+        since = max([r for r in self.resets if r <= step], default=0)  # (its phase's losses)
+        losses = [v for s, v in self.history if since <= s <= step - 2][-self.window:]
         if len(losses) < self.window:
             return math.inf
         x = np.asarray(losses, np.float64)
@@ -178,7 +190,9 @@ class SpikeGuard(NoGuard):
             steps = ", ".join(str(s + 1) for s in self.counted)
             self.halt = (f"{len(self.counted)} loss spikes within {self.window} steps (steps "
                          f"{steps}; train.spike_max={self.max_spikes}): the run stopped; "
-                         f"{self.path} records them and the same command skips them")
+                         f"{self.path} records them and the same command skips them (a "
+                         "loss that rose to stay halts again: resume with a higher "
+                         "train.spike_threshold or train.spike_guard='off')")
 
     def meta(self) -> dict:
         """What a checkpoint saves (JSON): the window's losses and the spikes counted."""
@@ -191,10 +205,11 @@ class SpikeGuard(NoGuard):
 
 
 def make_guard(tc: ml_collections.ConfigDict, workdir: str, data_state: dict, start: int,
-               saved: Optional[dict], write: bool) -> NoGuard:
-    """The run's guard: a SpikeGuard when `train.spike_guard` is on, else a NoGuard."""
+               saved: Optional[dict], write: bool, resets: tuple = ()) -> NoGuard:
+    """The run's guard: a SpikeGuard when `train.spike_guard` is on, else a NoGuard; `resets`:
+    the 0-based steps where its window starts again (a mixture's weight changes)."""
     if not enabled(tc):
         return NoGuard()
     return SpikeGuard(tc.spike_guard, tc.spike_threshold, tc.spike_window, tc.spike_max,
                       workdir=workdir, data_state=data_state, start=start, saved=saved,
-                      write=write)
+                      write=write, resets=resets)
