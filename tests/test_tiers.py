@@ -185,10 +185,17 @@ def test_kill9_after_local_save_resumes_there_and_damage_falls_back(env, tiny_ru
     b = bytearray(shards.read_bytes())
     b[len(b) // 2] ^= 0xFF
     shards.write_bytes(bytes(b))
+    # And a damaged persistent step 8, newer than every local step: it is set aside, and the
+    # newest intact step of both tiers (local 6, not persistent 4) is the one resumed.
+    shutil.copytree(wd / "checkpoints" / "4", wd / "checkpoints" / "8")
+    victim = max((p for p in (wd / "checkpoints" / "8").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     r = _run(env, wd)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (f"warning: local checkpoint step 7 in {proc} is damaged (its {SHARDS} does not match "
             f"its checksum (sha256)); moved it to {proc}/7.damaged") in r.stderr
+    assert "8.damaged" in r.stderr, r.stderr[-3000:]
     assert f"resumed from step 6 (local tier {proc})" in r.stdout and "steps 6->12" in r.stdout
     a, b = losses(ref), losses(wd)
     assert sorted(b) == list(range(1, STEPS + 1)) and all(a[s] == b[s] for s in a), (a, b)

@@ -143,8 +143,14 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
         resumed = restore_local(run, check)  # a newer local step that every process holds
         source = run.ckpt.directory if resumed is None else f"local tier {run.local.directory}"
         if resumed is None:
+            latest = run.ckpt.latest_step()
             resumed = run.ckpt.restore_latest(
                 lambda meta: _saved_layout_setup(run, meta).abstract_sharded_state(), check)
+            if latest is not None and (resumed is None or resumed[0] < latest):
+                # The persistent latest was damaged: a local step between may be the newest.
+                newer = restore_local(run, check, -1 if resumed is None else resumed[0])
+                if newer is not None:
+                    resumed, source = newer, f"local tier {run.local.directory}"
     carried = {"skipped_steps": 0, "train_loss": float("nan"), "spikes": None}
     if resumed is not None:
         latest, state, meta = resumed

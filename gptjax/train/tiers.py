@@ -77,14 +77,17 @@ def _intact_steps(tier: LocalTier, mesh) -> dict:
     return docs
 
 
-def restore_local(run, check_meta: Callable[[int, dict], None]
+def restore_local(run, check_meta: Callable[[int, dict], None], floor: Optional[int] = None
                   ) -> Optional[tuple[int, Any, dict]]:
     """(step, state, meta) of the newest local step every process holds, when it is newer than
-    the persistent tier's latest; None otherwise (and always without a local tier).
+    `floor` (default: the persistent tier's latest step); None otherwise (and always without a
+    local tier).
 
     Args:
       run: the gptjax.train.run.Run (its `local` tier, `ckpt`, `setup`).
       check_meta: raises CheckpointError when a step's metadata belongs to another run.
+      floor: the persistent step the local one must be newer than (-1: none); given when the
+        persistent tier's latest step turned out damaged and an older one was restored.
     """
     tier = run.local
     if tier is None:
@@ -93,7 +96,7 @@ def restore_local(run, check_meta: Callable[[int, dict], None]
     held = gather(sorted(docs))
     common = set(held[0]).intersection(*held[1:])
     best = max(common, default=None)
-    persistent = run.ckpt.latest_step()
+    persistent = run.ckpt.latest_step() if floor is None else (floor if floor >= 0 else None)
     newest = max((s for steps in held for s in steps), default=None)
     floor = -1 if persistent is None else persistent
     if best is not None and best <= floor:
