@@ -238,6 +238,16 @@ def _check_data_throughput(proc, out):
 
 
 # script -> (its flags beyond --smoke, given (tmp_path, shared data folder or None), its check)
+def _check_goodput_chain(proc, out):
+    r = json.loads((out / "chain.json").read_text())
+    assert [a["status"] for a in r["attempts"]] == ["preempted", "done"], r
+    for a in r["attempts"] + [r["run"]]:
+        assert a["buckets_s"] == pytest.approx(a["ledger_s"], rel=1e-6), a  # one clock
+        # The ledger runs inside the measured process: never longer, and most of it.
+        assert 0.85 * a["measured_s"] <= a["ledger_s"] <= a["measured_s"], a
+    assert "goodput " in proc.stdout and "covered" in proc.stdout
+
+
 SMOKE_RUNS = {
     "attention.py": (lambda out, data: ["--out", str(out / "attention.json")], _check_attention),
     "data_throughput.py": (lambda out, data: ["--json", str(out / "data.json"), "--shared",
@@ -249,6 +259,8 @@ SMOKE_RUNS = {
     "finetune_lm.py": (lambda out, data: ["--workdir", str(out), "--data", str(
                            data / "tinyshakespeare" / "input.txt") if data else ""],
                        _check_finetune_lm),
+    "goodput_chain.py": (lambda out, data: ["--json", str(out / "chain.json")],
+                         _check_goodput_chain),
     "gpu_fits.py": (lambda out, data: ["--out", str(out / "fits.json")], _check_gpu_fits),
     "pod_compile.py": (lambda out, data: ["--out", str(out / "pods.json")], _check_pod_compile),
     "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),
