@@ -274,3 +274,41 @@ def test_train_py_prepare_data_takes_the_mixture_from_flags(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert r.returncode == 0, r.stderr[-2000:]
     assert "data ready: 14,112 (shake 7,731, fox 6,381) train / 1,568 val tokens" in r.stdout
+
+
+def test_mixture_with_document_mask_carries_segment_ids_in_training_and_evaluation(tmp_path):
+    """The mixture's batcher goes behind the document mask like every pipeline's: its batches
+    and each corpus' evaluation batches carry segment ids and restarted positions."""
+    import contextlib
+
+    from gptjax.data.documents import DocumentMask
+    from gptjax.train import run_data, run_mixture  # heavy: the training stack
+
+    a, b = _two_corpora(tmp_path)
+    config = tiny_run_config(a, tmp_path, {"tokenizer.kind": "sentencepiece",
+                                           "tokenizer.vocab_size": 320, "data.prefetch": 0,
+                                           "data.document_mask": True})
+    config.data.mixture = (f"name=shake;weight=0.5;path={a}", f"name=fox;weight=0.5;path={b}")
+    config = defaults.complete(config, defaults.base_config())
+    source, tok, train, val = run_data.load_data(config, str(tmp_path / "wd"))
+    batcher = run_data.make_batcher(config, source, tok, train, 32)
+    batch = batcher.batch(0)
+    want = DocumentMask(tok.eos_id, True).arrays(batch["inputs"])
+    np.testing.assert_array_equal(batch["segment_ids"], want["segment_ids"])
+    np.testing.assert_array_equal(batch["positions"], want["positions"])
+    assert set(run_mixture.mix_fields(batcher, 0, 2)) == {"mix/shake", "mix/fox"}
+    seen = []
+
+    class FakeSetup:
+        mesh = contextlib.nullcontext()
+
+        def put_batch(self, batch):
+            return batch
+
+        def eval_step(self, params, batch):
+            seen.append(set(batch))
+            return 1.0, 1.0
+    docs = run_data.document_mask(config.data, tok)
+    got = run_data.val_metrics(FakeSetup(), None, val, 32, 4, 1, docs)
+    assert set(got) == {"val_loss", "val_loss/shake", "val_loss/fox"}
+    assert seen and all({"segment_ids", "positions"} <= s for s in seen), seen

@@ -95,19 +95,26 @@ def verify(step_dir: str, index: int = 0, count: int = 1) -> Optional[str]:
     return None
 
 
+def gather(value: Any) -> list:
+    """Every process's JSON-able `value`, in process order (through JAX's coordination service).
+
+    Every process must call this the same number of times, in the same order.
+    """
+    if jax.process_count() == 1:
+        return [value]
+    client = distributed.global_state.client
+    key = f"gptjax_gather_{next(_agreements)}"
+    client.key_value_set(f"{key}_{jax.process_index()}", json.dumps(value))
+    return [json.loads(client.blocking_key_value_get(f"{key}_{i}", 600_000))
+            for i in range(jax.process_count())]
+
+
 def agree(problem: Optional[str]) -> Optional[str]:
     """The first process's problem among all processes' (None when every process found none).
 
     Every process must call this the same number of times, in the same order.
     """
-    if jax.process_count() == 1:
-        return problem
-    client = distributed.global_state.client
-    key = f"gptjax_verify_{next(_agreements)}"
-    client.key_value_set(f"{key}_{jax.process_index()}", problem or "")
-    found = [client.blocking_key_value_get(f"{key}_{i}", 600_000)
-             for i in range(jax.process_count())]
-    return next((p for p in found if p), None)
+    return next((p for p in gather(problem) if p), None)
 
 
 @jax.jit

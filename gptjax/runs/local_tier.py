@@ -14,7 +14,6 @@ otherwise. The persistent tier (gptjax.runs.checkpoint) is the one that restores
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
@@ -23,14 +22,10 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-# The coordination service's key-value store (as in gptjax.runs.integrity): how the processes
-# tell each other which local steps they hold, without a collective.
-from jax._src import distributed
 
 from gptjax.runs import faults, integrity
 
 SHARDS, INDEX, DAMAGED = "shards.bin", "local.json", ".damaged"
-_rounds = itertools.count()
 
 
 class LocalTierError(ValueError):
@@ -182,17 +177,3 @@ class LocalTier:
             out.append(jax.make_array_from_single_device_arrays(
                 target.shape, target.sharding, arrays))
         return jax.tree_util.tree_unflatten(treedef, out)
-
-
-def gather(value: Any) -> list:
-    """Every process's JSON-able `value`, in process order (through the coordination service).
-
-    Every process must call this the same number of times, in the same order.
-    """
-    if jax.process_count() == 1:
-        return [value]
-    client = distributed.global_state.client
-    key = f"gptjax_local_tier_{next(_rounds)}"
-    client.key_value_set(f"{key}_{jax.process_index()}", json.dumps(value))
-    return [json.loads(client.blocking_key_value_get(f"{key}_{i}", 600_000))
-            for i in range(jax.process_count())]

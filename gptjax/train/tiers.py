@@ -21,7 +21,8 @@ import jax
 import ml_collections
 
 from gptjax.multihost import main_process_first
-from gptjax.runs.local_tier import LocalTier, LocalTierError, gather
+from gptjax.runs.integrity import agree, gather
+from gptjax.runs.local_tier import LocalTier, LocalTierError
 
 RUN_ID = "local_tier_id"  # in the run directory: names the run's folder under train.local_dir
 
@@ -116,10 +117,10 @@ def restore_local(run, check_meta: Callable[[int, dict], None], floor: Optional[
         state, problem = tier.read(doc, run.setup.abstract_sharded_state()), None
     except LocalTierError as e:
         state, problem = None, f"process {jax.process_index()}: {e}"
-    problems = [p for p in gather(problem) if p]
-    if problems:
+    problem = agree(problem)
+    if problem:
         if jax.process_index() == 0:
-            print(f"local checkpoint step {best} not used ({problems[0]}); resuming from the "
+            print(f"local checkpoint step {best} not used ({problem}); resuming from the "
                   "persistent tier", flush=True)
         return None
     return best, state, doc["meta"]
