@@ -74,6 +74,8 @@ def test_round_trip_rotation_and_leftovers(tmp_path, mesh):
     tier.save(6, states[2], {}, mesh)
     assert np.asarray(tier.read(tier.check(6, mesh), _abstract(states[2]))["w"]).tobytes() == \
         np.asarray(states[2]["w"]).tobytes()
+    # A resume from step 4 (another tier, another layout) drops the later steps it did not take.
+    assert tier.discard_after(4) == [6] and tier.steps() == [4]
 
 
 @pytest.mark.parametrize("damage, fragment", [

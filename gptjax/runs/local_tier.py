@@ -71,6 +71,15 @@ class LocalTier:
     def due(self, step: int) -> bool:
         return step % self.save_every == 0
 
+    def discard_after(self, step: int) -> list:
+        """Deletes the steps after `step`, the one a run resumed from: saved by an attempt
+        whose work the resume did not take (another layout, a damaged step), they are not this
+        run's past any more. Returns the steps deleted."""
+        later = [s for s in self.steps() if s > step]
+        for s in later:
+            shutil.rmtree(os.path.join(self.directory, str(s)), ignore_errors=True)
+        return later
+
     def save(self, step: int, state: Any, meta: dict, mesh) -> Optional[str]:
         """Writes this process's shards of `state` at `step` (replacing an older save of that
         step) and drops the steps beyond the last `keep`; returns the step's directory (None:

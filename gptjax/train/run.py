@@ -160,6 +160,8 @@ def restore_or_init(run: Run) -> tuple[TrainState, dict]:
                                                       run.model_cfg.scan_layers),
                                        run.setup.state_shardings)
         run.batcher.restore(meta["data"])
+        if run.local is not None:  # (local steps after it belong to a timeline not taken)
+            run.local.discard_after(latest)
         resized = elastic.adapt(run.setup, run.config, meta)  # train.elastic: accum_steps
         if run.is_main:  # its one writer (processes rewriting it at once lost its lines)
             truncate_log(run.metrics_path, latest)
