@@ -24,8 +24,12 @@ LONG = ("the quick brown fox jumps over the lazy dog " * 2)[:64]  # n_ctx charac
 
 
 def _model_logprobs(s, ids) -> np.ndarray:
-    """The in-process model's log-softmax over the prompt (training layout, no padding). [L, V]"""
-    logits = GPT(s.cfg).apply({"params": s.params}, jnp.asarray([ids], jnp.int32))[0]
+    """The in-process model's log-softmax over the prompt (training layout). [L, V]
+
+    Right-padded to n_ctx (one compiled shape): causal, so the prompt's positions see only it."""
+    tokens = np.zeros((1, s.cfg.n_ctx), np.int32)
+    tokens[0, :len(ids)] = ids
+    logits = GPT(s.cfg).apply({"params": s.params}, jnp.asarray(tokens))[0, :len(ids)]
     return np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
 
 
@@ -165,7 +169,9 @@ def gpt2_server(tmp_path_factory):
     """A tiny GPT-2 (real BPE) served, and a local multiple-choice task for lm-eval."""
     d = hf_gpt2_dir(tmp_path_factory.mktemp("hf_gpt2"), N_CTX, initializer_range=0.1)
     model = load_pretrained(hf_dir=str(d))
-    app, scheduler, _ = serving.build_server(*model, slots=4, page_size=16, max_queue=16,
+    # One prompt bucket and one page per row: few shapes to compile (4 programs).
+    app, scheduler, _ = serving.build_server(*model, slots=4, page_size=N_CTX,
+                                             prompt_buckets=(N_CTX,), max_queue=16,
                                              model_name="gpt2-tiny", log=lambda *a: None)
     srv, th, url = _start(app)
     tasks = tmp_path_factory.mktemp("tasks")
@@ -195,11 +201,11 @@ def test_lm_eval_local_completions_equals_the_in_process_model(gpt2_server):
     from gptjax.eval.lm_harness import GPTJaxLM  # optional: the eval extra
 
     s = gpt2_server
+    tasks = TaskManager(include_path=str(s.tasks))
 
     def run(model, **kw):
-        return lm_eval.simple_evaluate(
-            model=model, tasks=["t_mc_http"], task_manager=TaskManager(
-                include_path=str(s.tasks)), bootstrap_iters=0, log_samples=True, **kw)
+        return lm_eval.simple_evaluate(model=model, tasks=["t_mc_http"], task_manager=tasks,
+                                       bootstrap_iters=0, log_samples=True, **kw)
 
     rows_before = s.metrics.counts["rows"]
     http = run("local-completions", batch_size=4, model_args={
