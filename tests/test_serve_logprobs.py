@@ -217,11 +217,13 @@ def test_lm_eval_local_completions_equals_the_in_process_model(gpt2_server):
     a = sorted(http["samples"]["t_mc_http"], key=lambda x: x["doc_id"])
     b = sorted(ours["samples"]["t_mc_http"], key=lambda x: x["doc_id"])
     assert len(a) == len(b) == 6
-    lls = []
+    lls, worst = [], 0.0
     for sa, sb in zip(a, b):
         for (x,), (y,) in zip(sa["resps"], sb["resps"], strict=True):
             assert x[0] == pytest.approx(y[0], rel=1e-5) and x[1] == y[1], sa["doc_id"]
             lls.append(y[0])
+            worst = max(worst, abs(x[0] - y[0]) / abs(y[0]))
+    print(f"largest per-example relative log-likelihood difference: {worst:.2e}")
     assert len(set(np.round(lls, 3))) > 3  # the choices score differently (not at chance)
     for metric in ("acc,none", "acc_norm,none"):
         assert http["results"]["t_mc_http"][metric] == ours["results"]["t_mc_http"][metric]
