@@ -6,7 +6,9 @@ prompt log-probabilities must equal the in-process model's log-softmax; lm-eval'
 as the in-process `gptjax` lm-eval model does; the official `openai` client parses the answers.
 """
 
+import concurrent.futures
 import json
+import time
 import types
 
 import jax
@@ -101,6 +103,25 @@ def test_echo_then_completion_streaming_and_not(server):
     body = _post(server, {"prompt": "to", "echo": True, "n": 2, "max_tokens": 5, "seed": 1})
     assert all(c["text"].startswith("to") and len(c["text"]) == 7 and c["logprobs"] is None
                for c in body["choices"])
+
+
+def test_prompt_only_request_needs_no_decode_slot(server):
+    """With every slot decoding a long row, an echo request with max_tokens=0 is answered
+    before any of them ends: it is prefilled and scored, never inserted."""
+    long = {"prompt": "a", "max_tokens": 63, "seed": 0}
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        futs = [ex.submit(_post, server, long) for _ in range(4)]
+        deadline = time.time() + 60
+        while server.scheduler.running() < 4:
+            assert time.time() < deadline and not any(f.done() for f in futs)
+            time.sleep(0.005)
+        inserts = sum(e[0] == "insert" for e in server.scheduler.trace)
+        c = _post(server, {"prompt": "to be", "echo": True, "logprobs": 1,
+                           "max_tokens": 0})["choices"][0]
+        assert server.scheduler.running() == 4 and not any(f.done() for f in futs)
+        assert sum(e[0] == "insert" for e in server.scheduler.trace) == inserts
+        assert c["text"] == "to be" and c["finish_reason"] == "length"
+        assert all(len(f.result()["choices"][0]["text"]) == 63 for f in futs)
 
 
 def test_echo_compiles_nothing_after_warmup(server):
