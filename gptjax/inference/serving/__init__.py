@@ -2,14 +2,15 @@
 
 Modules, bottom up:
   * `engine`: `Engine`, the device side in JetStream's shape: `prefill` (a prompt -> its
-    keys/values and first-token logits), `insert` (into a free decode slot), `generate` (one
-    step over all slots) over one decode-state pytree with a paged KV cache (a page pool and a
-    block table per slot; gptjax.nn.kv_cache), each row with its own PRNG key, temperature and
-    top_p (a completion equals `gptjax.inference.sampling.generate` with the same seed). A
-    prefill and an insert per prompt bucket and a step per page bucket are every compiled shape.
+    keys/values and first-token logits; scored: its tokens' log-probabilities too), `insert`
+    (into a free decode slot), `generate` (one step over all slots) over one decode-state pytree
+    with a paged KV cache (a page pool and a block table per slot; gptjax.nn.kv_cache), each row
+    with its own PRNG key, temperature and top_p (a completion equals
+    `gptjax.inference.sampling.generate` with the same seed). A prefill, a scoring prefill and
+    an insert per prompt bucket and a step per page bucket are every compiled shape.
   * `requests`: `Job` (an HTTP request and its events) and `Row` (one choice and its progress).
   * `detok`: the detokenizer thread: incremental detokenization (vLLM's prefix/read offsets),
-    stop strings, logprobs, events to the request's handler.
+    stop strings, logprobs, echoed prompts, events to the request's handler.
   * `scheduler`: `Scheduler`, the one device-loop thread: FIFO admission into free slots and
     pages (a prefill cap per turn), deadlines, cancellation, QueueFull (HTTP 429).
   * `metrics`: `ServerMetrics`, the one object every server counter is reported to, and

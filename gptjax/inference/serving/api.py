@@ -1,8 +1,15 @@
 """The HTTP API: OpenAI-style completions over the engine and its scheduler (FastAPI).
 
 POST /v1/completions (prompt str or list, max_tokens, temperature, top_p, n, stop, seed, stream,
-logprobs), GET /v1/models, GET /health, GET /metrics (Prometheus text); errors are OpenAI-style
-bodies {"error": {"message", "type", "param", "code"}}.
+logprobs, echo), GET /v1/models, GET /health, GET /metrics (Prometheus text); errors are
+OpenAI-style bodies {"error": {"message", "type", "param", "code"}}.
+
+echo, as OpenAI's legacy completions: a choice's text starts with the prompt, and with logprobs
+its `logprobs` start with the prompt's tokens, each with its log-probability given the ones
+before it and the top alternatives there (the first token's are null: nothing predicts it);
+`max_tokens` may then be 0 (the prompt alone: how lm-eval's `local-completions` and other
+harnesses score a continuation). The scores come out of the prompt's prefill (a scoring variant
+of it, compiled at warm-up), batched by the scheduler like any request.
 
 Seeds: choice i of each prompt uses seed + i (mod 2**32), i.e. it equals
 `generate([prompt], rng=jax.random.key(seed + i))`; with no seed a random one is drawn.
@@ -36,6 +43,9 @@ from gptjax.inference.serving.requests import Job, make_row
 from gptjax.inference.serving.scheduler import QueueFull, Scheduler
 
 MAX_STOP = 4
+NOT_IMPLEMENTED = {k: " (this server samples or decodes greedily: it has no beam search or "
+                   "best-of; echo and logprobs score a prompt without one)"
+                   for k in ("use_beam_search", "best_of", "num_beams")}
 
 
 # ---------------------------------------------------------------------------- errors and bodies
@@ -64,7 +74,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: Optional[str] = None
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int = Field(16, ge=1, strict=True)
+    max_tokens: int = Field(16, ge=0, strict=True)  # 0: with echo only (score the prompt)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, strict=True)
@@ -72,12 +82,50 @@ class CompletionRequest(BaseModel):
     seed: Optional[int] = Field(None, ge=0, lt=2**32, strict=True)
     stream: bool = Field(False, strict=True)
     logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, strict=True)
+    echo: bool = Field(False, strict=True)
     user: Optional[str] = None
+
+
+def _prompt_ids(j: int, p, tok, cfg) -> list:
+    """The token ids of prompt[j] (a string or a list of ids), or RequestError."""
+    if isinstance(p, str):
+        try:
+            ids = tok.encode(p)
+        except ValueError as e:
+            raise RequestError(400, f"prompt[{j}]: {e}", "prompt") from None
+        if not ids:
+            if tok.eos_id is None:
+                raise RequestError(400, f"prompt[{j}] is empty and this tokenizer has no "
+                                   "end-of-text token to start from", "prompt")
+            ids = [tok.eos_id]
+        return list(ids)
+    ids = list(p)
+    if not ids:
+        raise RequestError(400, f"prompt[{j}] is an empty token list", "prompt")
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+        raise RequestError(400, f"prompt[{j}] holds token id {bad[0]}: ids must be in "
+                           f"[0, {cfg.vocab_size})", "prompt")
+    return ids
+
+
+def _check_length(j: int, ids: list, req, engine: Engine) -> None:
+    """RequestError unless prompt[j] and its completion fit the context (and a prefill)."""
+    cfg = engine.config
+    if len(ids) + req.max_tokens > cfg.n_ctx:
+        raise RequestError(
+            400, f"This model's maximum context length is {cfg.n_ctx} tokens, however you "
+            f"requested {len(ids) + req.max_tokens} tokens ({len(ids)} in prompt[{j}]; "
+            f"{req.max_tokens} for the completion). Shorten the prompt or lower max_tokens.",
+            "prompt" if len(ids) >= cfg.n_ctx else "max_tokens", "context_length_exceeded")
+    if len(ids) > engine.prompt_buckets[-1]:  # only a whole-context prompt, max_tokens=0
+        raise RequestError(400, f"prompt[{j}] has {len(ids)} tokens: this server prefills at "
+                           f"most {engine.prompt_buckets[-1]} (--prompt_buckets)", "prompt",
+                           "context_length_exceeded")
 
 
 def _build_rows(req, engine: Engine, tok) -> tuple:
     """(rows, prompt token count) for a validated request, or RequestError."""
-    cfg = engine.config
     prompts = req.prompt
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                     and isinstance(prompts[0], int)):
@@ -85,6 +133,9 @@ def _build_rows(req, engine: Engine, tok) -> tuple:
     if not prompts:
         raise RequestError(400, "prompt is an empty list: give a string or a list of strings",
                            "prompt")
+    if req.max_tokens == 0 and not req.echo:
+        raise RequestError(400, "max_tokens=0: give max_tokens >= 1, or echo=true to score "
+                           "the prompt alone", "max_tokens")
     stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stops) > MAX_STOP or any(not s for s in stops):
         raise RequestError(400, f"stop={stops!r}: give up to {MAX_STOP} non-empty strings",
@@ -95,39 +146,20 @@ def _build_rows(req, engine: Engine, tok) -> tuple:
                            "n")
     id_lists = []
     for j, p in enumerate(prompts):
-        if isinstance(p, str):
-            try:
-                ids = tok.encode(p)
-            except ValueError as e:
-                raise RequestError(400, f"prompt[{j}]: {e}", "prompt") from None
-            if not ids:
-                if tok.eos_id is None:
-                    raise RequestError(400, f"prompt[{j}] is empty and this tokenizer has no "
-                                       "end-of-text token to start from", "prompt")
-                ids = [tok.eos_id]
-        else:
-            ids = list(p)
-            if not ids:
-                raise RequestError(400, f"prompt[{j}] is an empty token list", "prompt")
-            bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-            if bad:
-                raise RequestError(400, f"prompt[{j}] holds token id {bad[0]}: ids must be in "
-                                   f"[0, {cfg.vocab_size})", "prompt")
-        if len(ids) + req.max_tokens > cfg.n_ctx:
-            raise RequestError(
-                400, f"This model's maximum context length is {cfg.n_ctx} tokens, however you "
-                f"requested {len(ids) + req.max_tokens} tokens ({len(ids)} in prompt[{j}]; "
-                f"{req.max_tokens} for the completion). Shorten the prompt or lower max_tokens.",
-                "prompt" if len(ids) >= cfg.n_ctx else "max_tokens", "context_length_exceeded")
+        ids = _prompt_ids(j, p, tok, engine.config)
+        _check_length(j, ids, req, engine)
         id_lists.append(ids)
     seed = req.seed if req.seed is not None else secrets.randbits(32)
     rows = []
     for j, ids in enumerate(id_lists):
+        # echo: the prompt as sent (a token list: its decoded text), as OpenAI's legacy API.
+        echo = None if not req.echo else (
+            prompts[j] if isinstance(prompts[j], str) else tok.decode(ids))
         for i in range(req.n):
             rows.append(make_row(ids, seed=seed + i, temperature=req.temperature,
                                  top_p=req.top_p, max_tokens=req.max_tokens,
                                  logprobs=req.logprobs, stops=tuple(stops),
-                                 index=j * req.n + i))
+                                 index=j * req.n + i, echo=echo))
     return rows, sum(len(x) for x in id_lists)
 
 
@@ -140,7 +172,6 @@ def _logprobs_body(token_strs, token_logprobs, top_logprobs, start_offset: int =
             "top_logprobs": top_logprobs, "text_offset": offsets}
 
 
-
 def _completion_body(base: dict, rows: list, prompt_tokens: int) -> dict:
     """The JSON answer of a non-streaming request whose rows have all finished."""
     choices = []
@@ -148,7 +179,7 @@ def _completion_body(base: dict, rows: list, prompt_tokens: int) -> dict:
         lp = None
         if r.logprobs is not None:
             lp = _logprobs_body(r.token_strs, r.token_logprobs, r.top_logprobs)
-        choices.append({"text": r.text, "index": r.index, "logprobs": lp,
+        choices.append({"text": (r.echo or "") + r.text, "index": r.index, "logprobs": lp,
                         "finish_reason": r.finish_reason})
     completion = sum(len(r.new_ids) for r in rows)
     return dict(base, choices=choices, usage={
@@ -178,7 +209,9 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
                                "Content-Type: application/json (curl: add -H 'Content-Type: "
                                "application/json')", None, "invalid_body")
     if e.get("type") == "extra_forbidden":
-        msg = (f"unknown field {where!r}: allowed fields are "
+        # A field of OpenAI's or vLLM's API this server does not implement.
+        why = NOT_IMPLEMENTED.get(loc[0] if loc else "", "")
+        msg = (f"unknown field {where!r}{why}: allowed fields are "
                f"{', '.join(sorted(CompletionRequest.model_fields))}")
     elif e.get("type") == "missing":
         msg = f"missing required field {where!r}"

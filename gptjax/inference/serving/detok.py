@@ -7,7 +7,8 @@ decoded, against the text of `new_ids[prefix_offset:read_offset]` decoded the sa
 what the tail adds is appended once it is complete (no trailing U+FFFD: a multi-byte character
 split over tokens waits for its last byte). The cost per token is then constant, not the length
 of the output so far. Text that may be the start of a stop string is held back until it is not;
-a stop string ends the row (`Row.done`, which the scheduler reads to free its slot).
+a stop string ends the row (`Row.done`, which the scheduler reads to free its slot). An echo=true
+row starts with its prompt's text (and, with logprobs, its tokens' log-probabilities).
 """
 
 from __future__ import annotations
@@ -54,6 +55,43 @@ def flush_text(tok: Any, row: Row) -> None:
         row.read_offset = len(row.new_ids)
 
 
+def _top(tok: Any, top_v, top_i, k: int) -> Optional[dict]:
+    """The k most likely tokens as {text: logprob} (None for logprobs=0, as OpenAI)."""
+    if k <= 0:
+        return None
+    top: dict = {}
+    for v, i in zip(top_v[:k], top_i[:k]):
+        top.setdefault(tok.decode([int(i)]), float(v))
+    return top
+
+
+def echo_prompt(tok: Any, row: Row, scores, finish: Optional[str]) -> tuple:
+    """The start of an echo=true choice: returns (the prompt's text, logprobs entry or None).
+
+    With logprobs, the entry holds every prompt token with its log-probability given the tokens
+    before it and the top alternatives there; the first token's are null (nothing predicts it),
+    as in OpenAI's legacy completions. `scores` are `_prefill_core`'s, over the prompt's bucket
+    (left-padded): position j scores token j + 1, so the prompt's tokens 1..L-1 are read at
+    P - L .. P - 2. `finish` ends the row here (max_tokens=0).
+    """
+    row.first_at = row.last_at = time.monotonic()
+    lp = None
+    if row.logprobs is not None:
+        chosen_P, top_v_PxK, top_i_PxK = scores
+        P, L = len(chosen_P), len(row.ids)
+        strs = [tok.decode([int(t)]) for t in row.ids]
+        lps = [None] + [float(x) for x in chosen_P[P - L:P - 1]]
+        tops = [None] + [_top(tok, top_v_PxK[j], top_i_PxK[j], row.logprobs)
+                         for j in range(P - L, P - 1)]
+        lp = {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops}
+        row.token_strs += strs
+        row.token_logprobs += lps
+        row.top_logprobs += tops
+    if finish is not None:
+        row.finish_reason = finish
+    return row.echo, lp
+
+
 def advance(tok: Any, eos_id: Optional[int], row: Row, token: int, logprob: float, top_v,
             top_i, finish: Optional[str]) -> tuple:
     """One token of a row: returns (text to emit, logprobs entry or None); sets
@@ -64,11 +102,7 @@ def advance(tok: Any, eos_id: Optional[int], row: Row, token: int, logprob: floa
         row.first_at = row.last_at
     if row.logprobs is not None:
         s = tok.decode([token])
-        top = None
-        if row.logprobs > 0:
-            top = {}
-            for v, i in zip(top_v[:row.logprobs], top_i[:row.logprobs]):
-                top.setdefault(tok.decode([int(i)]), float(v))
+        top = _top(tok, top_v, top_i, row.logprobs)
         lp = {"tokens": [s], "token_logprobs": [logprob], "top_logprobs": [top]}
         row.token_strs.append(s)
         row.token_logprobs.append(logprob)
@@ -112,7 +146,8 @@ class Detokenizer:
         self._thread: Optional[threading.Thread] = None
 
     def put(self, items: list) -> None:
-        """Hand over one step's tokens: [(job, row, token, logprob, top_v, top_i, finish)]."""
+        """Hand over one step's tokens: [(job, row, token, logprob, top_v, top_i, finish)]; an
+        echoed prompt comes as token None with its prompt scores (or None) in place of logprob."""
         if items:
             self._q.put(items)
 
@@ -141,7 +176,11 @@ class Detokenizer:
         for job, row, token, logprob, top_v, top_i, finish in items:
             if row.finish_reason is not None or job.finished:
                 continue  # e.g. a token decoded after a stop string ended the row
-            delta, lp = advance(self.tok, self.eos_id, row, token, logprob, top_v, top_i, finish)
+            if token is None:
+                delta, lp = echo_prompt(self.tok, row, logprob, finish)
+            else:
+                delta, lp = advance(self.tok, self.eos_id, row, token, logprob, top_v, top_i,
+                                    finish)
             evs = events.setdefault(id(job), (job, []))[1]
             if delta or lp is not None:
                 evs.append(("delta", row.index, delta, lp))

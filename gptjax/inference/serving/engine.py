@@ -2,7 +2,8 @@
 
 The shape JetStream and vLLM's model runner settled on:
   * `prefill(ids)`: one prompt, left-padded to a prompt bucket, through the model into a dense
-    cache of its own -> its keys/values and the logits of its first token.
+    cache of its own -> its keys/values and the logits of its first token (with `score`, also
+    every prompt token's log-probability and top alternatives: `echo` with `logprobs`).
   * `insert(prefix, slot, ...)`: that prompt into a free decode slot: its keys/values scattered
     into the pages the slot is given, its first token drawn, the slot's key and settings set.
   * `generate()`: one decode step over every slot holding a row, each row attending over its own
@@ -17,9 +18,9 @@ what is written there is never read. Pages are given at insert, as many as the r
 
 Every row samples from its own PRNG key folded with its own step, with its own temperature and
 top_p (`sample_rows`), so a completion equals `gptjax.inference.sampling.generate` with the same
-seed whatever else shares the step. The compiled shapes are fixed: a prefill and an insert per
-prompt bucket, a step per page bucket; `warmup` compiles them all (`compilations()` counts XLA
-compiles), so nothing compiles while serving.
+seed whatever else shares the step. The compiled shapes are fixed: a prefill, a scoring prefill
+and an insert per prompt bucket, a step per page bucket; `warmup` compiles them all
+(`compilations()` counts XLA compiles), so nothing compiles while serving.
 """
 
 from __future__ import annotations
@@ -124,11 +125,23 @@ def empty_state(config: GPTConfig, slots: int, n_pages: int, page_size: int) -> 
             "top_p": jnp.ones((slots,), jnp.float32)}
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _prefill_core(params, tokens_1xP, length_1, *, config):
-    logits_1xV, cache = prefill(config, params, tokens_1xP, length_1, tokens_1xP.shape[1],
-                                last_only=True)
-    return logits_1xV.astype(jnp.float32), cache["layers"]
+@functools.partial(jax.jit, static_argnames=("config", "score"))
+def _prefill_core(params, tokens_1xP, length_1, *, config, score=False):
+    """(last logits [1, V], keys/values, prompt scores or None) of one left-padded prompt.
+
+    With `score` (a second program, compiled per bucket: a prompt not scored pays nothing),
+    the head runs over every position and the scores are, per position j, the log-probability
+    of token j + 1 and the top MAX_LOGPROBS log-probabilities with their ids ([P], [P, K],
+    [P, K]; the last position's entry is unused): the echo of a prompt's log-probabilities."""
+    P = tokens_1xP.shape[1]
+    logits, cache = prefill(config, params, tokens_1xP, length_1, P, last_only=not score)
+    if not score:
+        return logits.astype(jnp.float32), cache["layers"], None
+    logp_PxV = jax.nn.log_softmax(logits[0].astype(jnp.float32))
+    next_P = jnp.roll(tokens_1xP[0], -1)
+    chosen_P = jnp.take_along_axis(logp_PxV, next_P[:, None], axis=-1)[:, 0]
+    top_v_PxK, top_i_PxK = jax.lax.top_k(logp_PxV, MAX_LOGPROBS)
+    return logits[:, -1].astype(jnp.float32), cache["layers"], (chosen_P, top_v_PxK, top_i_PxK)
 
 
 @functools.partial(jax.jit, donate_argnames=("state",))
@@ -269,13 +282,15 @@ class Engine:
         self.budget[slot] = 0
 
     # ------------------------------------------------------------------ device calls
-    def prefill(self, ids: list) -> tuple:
-        """(first-token logits [1, V], dense keys/values [.., H, D, P]) of one prompt."""
+    def prefill(self, ids: list, score: bool = False) -> tuple:
+        """(first-token logits [1, V], dense keys/values [.., H, D, P], prompt scores) of one
+        prompt; the scores (with `score`, else None) are the prompt's log-probabilities as
+        `_prefill_core` gives them (the detokenizer's `echo_prompt` reads them)."""
         P = self.prompt_bucket(len(ids))
         tokens = np.zeros((1, P), np.int32)
         tokens[0, P - len(ids):] = ids
         return _prefill_core(self.params, tokens, np.array([len(ids)], np.int32),
-                             config=self.config)
+                             config=self.config, score=bool(score))
 
     def insert(self, prefix: tuple, slot: int, *, length: int, max_tokens: int,
                key_data: np.ndarray, temperature: float, top_p: float) -> tuple:
@@ -325,6 +340,8 @@ class Engine:
                 self.read(self.insert(self.prefill([0] * L), 0, length=L, max_tokens=2,
                                       key_data=key, temperature=1.0, top_p=0.9))
                 self.release(0)
+            if min(P, self.config.n_ctx) > prev:  # scored prompts (echo) may fill the context
+                self.read(self.prefill([0] * min(P, self.config.n_ctx), score=True))
             prev = P
         self.reset()
         for n_flat in self.page_buckets:

@@ -28,10 +28,11 @@ class Row:
     logprobs: Optional[int]
     stops: tuple
     index: int
+    echo: Optional[str] = None  # echo=true: the prompt text the choice starts with
     sent: int = 0
     done: bool = False
     new_ids: list = dataclasses.field(default_factory=list)
-    text: str = ""
+    text: str = ""  # generated text only (stop strings look at it, not at the echoed prompt)
     emitted: int = 0
     prefix_offset: int = 0  # incremental detokenization (vLLM): new_ids[prefix:read] is the
     read_offset: int = 0    # context of the next decode, new_ids[:read] is already in `text`
@@ -42,22 +43,34 @@ class Row:
     first_at: Optional[float] = None  # time.monotonic() of the first and the latest token
     last_at: Optional[float] = None
 
+    @property
+    def scores_prompt(self) -> bool:
+        """echo with logprobs: the prompt's tokens are scored in its prefill."""
+        return self.echo is not None and self.logprobs is not None
+
+    @property
+    def needs_slot(self) -> bool:
+        """Whether the row decodes (max_tokens=0, echo only: its prefill is all it needs)."""
+        return self.max_tokens > 0
+
 
 def make_row(ids, *, seed: int, temperature: float, top_p: float, max_tokens: int,
-             logprobs: Optional[int], stops: tuple, index: int) -> Row:
+             logprobs: Optional[int], stops: tuple, index: int, echo: Optional[str] = None) -> Row:
     """A Row for one choice; its PRNG key is jax.random.key(seed mod 2**32), as `generate`'s.
 
     Args:
       ids: the prompt's token ids.
       seed, temperature, top_p, max_tokens, logprobs, stops: the choice's request settings.
       index: the choice's index in the response.
+      echo: the prompt text to start the choice with (echo=true), or None; with `logprobs` the
+        prompt's tokens and their log-probabilities come first too (`scores_prompt`).
 
     Returns:
       The Row, with nothing generated yet.
     """
     key_data = np.asarray(jax.random.key_data(jax.random.key(seed % 2**32)), np.uint32)
     return Row(list(ids), key_data, float(temperature), float(top_p), int(max_tokens),
-               logprobs, tuple(stops), index)
+               logprobs, tuple(stops), index, echo)
 
 
 class Job:

@@ -52,6 +52,7 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self._pending: collections.deque = collections.deque()  # (job, row), first come first
         self._slots: list = [None] * engine.slots  # (job, row) or None
+        self._prompt_only: dict = {}  # id(row) -> job: prompt-only rows prefilled, not yet read
         self._cv = threading.Condition()
         self._stop = False
         self._thread: Optional[threading.Thread] = None
@@ -152,12 +153,15 @@ class Scheduler:
                 self._free(b, "cancel" if job.cancelled else "timeout")
 
     def _take(self) -> list:
-        """Rows to admit now: first come first served, within free slots, pages and the cap."""
+        """Rows to admit now: first come first served, within free slots, pages and the cap.
+
+        A prompt-only row (echo with max_tokens=0) needs neither a slot nor pages: its prefill
+        is its whole answer."""
         eng = self.engine
         free, pages = len(eng.free_slots()), len(eng.free_pages)
         taken, tokens, now = [], 0, time.monotonic()
         with self._cv:
-            while self._pending and len(taken) < free:
+            while self._pending:
                 job, row = self._pending[0]
                 if job.cancelled or job.finished:
                     self._pending.popleft()
@@ -167,30 +171,37 @@ class Scheduler:
                     self._expire(job)
                     continue
                 P = eng.prompt_bucket(len(row.ids))
-                need = eng.pages_for(len(row.ids), row.max_tokens)
-                if (taken and tokens + P > self.max_prefill_tokens) or need > pages:
+                slot = int(row.needs_slot)
+                need = eng.pages_for(len(row.ids), row.max_tokens) if slot else 0
+                if (taken and tokens + P > self.max_prefill_tokens) or need > pages or slot > free:
                     break  # the head waits (FIFO): nothing overtakes it
                 self._pending.popleft()
                 taken.append((job, row))
-                tokens, pages = tokens + P, pages - need
+                tokens, pages, free = tokens + P, pages - need, free - slot
         return taken
 
     def _admit(self) -> list:
-        """Prefill and insert the rows taken; returns [(slot, item, first-token outputs)]."""
+        """Prefill and insert the rows taken; returns [(slot or None, item, first-token outputs
+        or None, prompt scores or None)] (slot None: a prompt-only row, not inserted)."""
         inserted, prefixes = [], {}  # choices of one prompt (n > 1) share its prefill
         for job, row in self._take():
-            slot = self.engine.free_slots()[0]
-            key = tuple(row.ids)
+            key = (tuple(row.ids), row.scores_prompt)
             if key not in prefixes:
-                prefixes[key] = self.engine.prefill(row.ids)
+                prefixes[key] = self.engine.prefill(row.ids, score=row.scores_prompt)
                 self.metrics.count("prefill_tokens", self.engine.prompt_bucket(len(row.ids)))
-            out = self.engine.insert(prefixes[key], slot, length=len(row.ids),
-                                     max_tokens=row.max_tokens, key_data=row.key_data,
-                                     temperature=row.temperature, top_p=row.top_p)
-            item = self._slots[slot] = (job, row)
-            self.trace.append(("insert", slot, self.steps, row.index))
+            prefix = prefixes[key]
+            item, slot, out = (job, row), None, None
+            if row.needs_slot:
+                slot = self.engine.free_slots()[0]
+                out = self.engine.insert(prefix, slot, length=len(row.ids),
+                                         max_tokens=row.max_tokens, key_data=row.key_data,
+                                         temperature=row.temperature, top_p=row.top_p)
+                self._slots[slot] = item
+                self.trace.append(("insert", slot, self.steps, row.index))
+            else:
+                self._prompt_only[id(row)] = job
             self.metrics.count("rows")
-            inserted.append((slot, item, out))
+            inserted.append((slot, item, out, prefix[2]))
         return inserted
 
     def _dispatch(self, inserted: list) -> Optional[tuple]:
@@ -203,19 +214,36 @@ class Scheduler:
         return inserted, step, list(self._slots)
 
     def _process(self, inserted: list, step: Optional[tuple], snapshot: list) -> None:
-        """Read one turn's tokens (inserts' first tokens, then the step's) and hand them over."""
-        firsts, outs = self.engine.read(([o for _, _, o in inserted],
+        """Read one turn's outputs (echoed prompts' scores and inserts' first tokens, then the
+        step's tokens) and hand them over."""
+        firsts, outs = self.engine.read(([(o, sc) for _, _, o, sc in inserted],
                                          None if step is None else step[0]))
         t0 = time.thread_time()
         items = []
-        for (slot, item, _), out in zip(inserted, firsts):
-            self._emit(items, slot, item, [x[0] for x in out])
+        for (slot, item, _, _), (out, scores) in zip(inserted, firsts):
+            if slot is None:
+                self._prompt_only.pop(id(item[1]), None)
+            if item[1].echo is not None:
+                self._emit_echo(items, slot, item, scores)
+            if slot is not None:
+                self._emit(items, slot, item, [x[0] for x in out])
         if step is not None:
             for b in np.flatnonzero(step[1]):
                 if snapshot[b] is not None:
                     self._emit(items, b, snapshot[b], [x[b] for x in outs])
         self.detok.put(items)
         self.metrics.add_host_time("scheduler", time.thread_time() - t0, len(items))
+
+    def _emit_echo(self, items: list, slot: Optional[int], item: tuple, scores) -> None:
+        """An echo=true row's prompt (with its scores); a prompt-only row ends with it."""
+        job, row = item
+        if (slot is not None and self._slots[slot] is not item) or row.done or job.cancelled \
+                or job.finished:
+            return
+        finish = None if row.needs_slot else "length"
+        if finish is not None:
+            row.done = True
+        items.append((job, row, None, scores, None, None, finish))
 
     def _emit(self, items: list, slot: int, item: tuple, out: list) -> None:
         job, row = item
@@ -236,7 +264,9 @@ class Scheduler:
     def _fail_all(self, e: Exception) -> None:
         self.metrics.count("failed_steps")
         jobs = {id(s[0]): s[0] for s in self._slots if s is not None}
+        jobs.update((id(j), j) for j in self._prompt_only.values())
         self._slots = [None] * len(self._slots)
+        self._prompt_only = {}
         self.engine.reset()  # the donated state may be gone
         for job in jobs.values():
             job.finished = True
