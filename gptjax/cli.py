@@ -27,7 +27,7 @@ from gptjax.config import EXECUTION_FIELDS, ConfigError
 from gptjax.inference import sampling
 from gptjax.multihost import maybe_init_distributed
 from gptjax.nn.convert import ConversionError
-from gptjax.sharding import ShardingError
+from gptjax.sharding import ShardingError, parse_mesh, resolve_mesh_shape
 from gptjax.runs.checkpoint import CheckpointError, is_closed_loop_error
 
 if TYPE_CHECKING:  # an annotation only: sample.py and serve.py do not load the training loop
@@ -319,6 +319,8 @@ class MeshFlags:
                              "runs on one device)")
         maybe_init_distributed(self.coordinator.value, self.num_processes.value,
                                self.process_id.value)
+        if self.mesh.value:  # (a bad mesh is one line before any model loads)
+            resolve_mesh_shape(parse_mesh(self.mesh.value), jax.device_count())
         return self.mesh.value
 
 

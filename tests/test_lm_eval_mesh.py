@@ -97,8 +97,7 @@ def test_two_processes_equal_one_device(hf_dir, task_dir, reference, tmp_path): 
 
 def test_bad_mesh_is_one_line(hf_dir):
     from gptjax.eval.lm_harness import GPTJaxLM
-    from gptjax.eval.mesh_scoring import parse_mesh
-    from gptjax.sharding import ShardingError
+    from gptjax.sharding import ShardingError, parse_mesh
 
     assert parse_mesh("fsdp=4,tensor=2") == {"data": -1, "fsdp": 4, "tensor": 2}
     assert parse_mesh({"data": 2, "fsdp": -1}) == {"data": 2, "fsdp": -1, "tensor": 1}

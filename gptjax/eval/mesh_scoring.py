@@ -31,36 +31,6 @@ from gptjax.eval.scoring import token_scores
 from gptjax.nn.model import logical_axes
 
 
-def parse_mesh(value: Union[str, Mapping[str, int]]) -> dict:
-    """'fsdp=4,tensor=2' (or a dict) -> {'data': -1, 'fsdp': 4, 'tensor': 2}.
-
-    The axes are train.py's `config.mesh` ones (data, fsdp, tensor); an axis not named is 1,
-    except `data`, which takes the rest of the devices (-1) unless another axis already does.
-
-    Raises:
-      ValueError: an unknown axis or a size that is not an integer (one line).
-    """
-    if isinstance(value, Mapping):
-        items = [(str(k), v) for k, v in value.items()]
-    else:
-        items = [item.partition("=")[::2] for item in str(value).split(",") if item.strip()]
-    shape = {}
-    for axis, size in items:
-        axis = axis.strip()
-        if axis not in shd.MESH_AXES:
-            raise ValueError(f"mesh {value!r}: unknown axis {axis!r}; the axes are "
-                             f"{', '.join(shd.MESH_AXES)} (e.g. fsdp=4,tensor=2)")
-        try:
-            shape[axis] = int(size)
-        except (TypeError, ValueError):
-            raise ValueError(f"mesh {value!r}: {axis}={size!r} is not an integer size (or -1: "
-                             "the rest of the devices)") from None
-    if not shape:
-        raise ValueError(f"mesh {value!r}: name at least one axis, e.g. fsdp=4,tensor=2")
-    rest = -1 if -1 not in shape.values() else 1
-    return {a: shape.get(a, rest if a == "data" else 1) for a in shd.MESH_AXES}
-
-
 def on_host(really: bool = True):
     """A context in which new arrays go to this process's first CPU device: a model to be
     sharded is loaded there whole, so that it need not fit one accelerator. The default device
@@ -86,7 +56,8 @@ class MeshScorer:
     Args:
       config: the decoder's architecture.
       params: its parameters, whole on every process (host or single-device arrays).
-      mesh: the mesh's axis sizes, as `parse_mesh` reads them ('fsdp=4,tensor=2', or a dict).
+      mesh: the mesh's axis sizes, as gptjax.sharding.parse_mesh reads them
+        ('fsdp=4,tensor=2', or a dict).
       rules: logical-axis rules (default: gptjax.sharding.DEFAULT_RULES, training's).
       devices: the devices of the mesh (default: all, of every process).
 
@@ -98,7 +69,7 @@ class MeshScorer:
     def __init__(self, config: GPTConfig, params: Any, mesh: Union[str, Mapping[str, int]],
                  rules: Optional[Sequence] = None, devices: Optional[Sequence] = None):
         self.config = config
-        self.mesh = shd.make_mesh(parse_mesh(mesh), devices=devices)
+        self.mesh = shd.make_mesh(shd.parse_mesh(mesh), devices=devices)
         self.rules = shd.rules_from_config(rules)
         with self.mesh:  # (the attention kernel is chosen by the mesh's platform, as training)
             specs = logical_axes(config)

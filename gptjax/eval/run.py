@@ -162,6 +162,7 @@ def run_lm_eval(models: list, tasks: Sequence[str], include_path: str = "", *,
     With `mesh` ('fsdp=4,tensor=2': gptjax.eval.mesh_scoring) the log-likelihoods are scored
     on a device mesh; with several processes every process evaluates in step and process 0
     prints and writes.
+    When every task is a plain task of `include_path`, lm-eval's built-in tasks are not indexed.
     """
     try:
         import lm_eval  # optional: the eval extra (lm-eval)
@@ -171,7 +172,12 @@ def run_lm_eval(models: list, tasks: Sequence[str], include_path: str = "", *,
         from gptjax.eval.lm_harness import GPTJaxLM  # optional: needs lm-eval
     except ImportError:
         raise ImportError("--mode=lm_eval needs lm-eval: pip install 'gptjax[eval]'") from None
-    manager = TaskManager(include_path=include_path or None)
+    manager = None
+    if include_path:  # (indexing lm-eval's own thousands of task YAMLs takes ~10 s)
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not set(tasks) <= set(manager.all_subtasks):  # (groups may name built-in tasks)
+            manager = None
+    manager = manager or TaskManager(include_path=include_path or None)
     results, samples, main = [], [], jax.process_index() == 0
     for name, config, params, tok, _ in models:
         lm = GPTJaxLM(model=(config, params, tok), batch_size=batch_size, seed=seed,
