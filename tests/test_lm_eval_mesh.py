@@ -8,6 +8,7 @@ the one-device `gptjax` model's within 1e-5 relative, and so lm-eval's `hf` back
 """
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -68,12 +69,25 @@ def _check_samples(out, reference):
     return worst
 
 
+def _per_device_share(stdout, mesh):
+    """The share of the parameters one device holds, from eval.py's mesh line (process 0)."""
+    m = re.search(re.escape(mesh) + r" process\(es\); [\d,]+ of [\d,]+ parameters per device "
+                  r"\(([\d.]+)%\)", stdout)
+    assert m, stdout[-2000:]
+    return float(m.group(1)) / 100
+
+
 def test_eight_devices_equal_one_device(hf_dir, task_dir, reference, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     r = subprocess.run(_eval_py(hf_dir, task_dir, out, "fsdp=4,tensor=2"), cwd=REPO,
                        env=subprocess_env(devices=8), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    print(f"8 devices: largest relative difference {_check_samples(out, reference):.1e}")
+    # Sharded, not replicated: a device holds an eighth (vocabulary, heads, MLP: 4 x 2 ways;
+    # position embeddings and the layer norms only 4 or 1 ways).
+    share = _per_device_share(r.stdout, "data 1 x fsdp 4 x tensor 2: 8 devices, 1")
+    assert share < 0.14
+    print(f"8 devices: {share:.1%} of the parameters per device; largest relative difference "
+          f"{_check_samples(out, reference):.1e}")
 
 
 def test_two_processes_equal_one_device(hf_dir, task_dir, reference, tmp_path):  # noqa: F811
@@ -86,13 +100,22 @@ def test_two_processes_equal_one_device(hf_dir, task_dir, reference, tmp_path): 
                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                  f"--process_id={i}"), cwd=REPO, env=subprocess_env(devices=2),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    results = [p.communicate(timeout=300) for p in procs]
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    finally:  # (a process that failed leaves the other waiting for it)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
     # Process 0 prints the table and writes the results; process 1 computed the same, silently.
     assert "t_mc" in results[0][0] and "t_mc" not in results[1][0]
     assert not outs[1].exists()
-    print(f"2 processes: largest relative difference {_check_samples(outs[0], reference):.1e}")
+    share = _per_device_share(results[0][0], "data 1 x fsdp 2 x tensor 2: 4 devices, 2")
+    assert share < 0.27
+    print(f"2 processes: {share:.1%} of the parameters per device; largest relative difference "
+          f"{_check_samples(outs[0], reference):.1e}")
 
 
 def test_bad_mesh_is_one_line(hf_dir):
@@ -110,5 +133,6 @@ def test_bad_mesh_is_one_line(hf_dir):
         GPTJaxLM(hf_dir=str(hf_dir), mesh="data=1,fsdp=2")
     lm = GPTJaxLM(hf_dir=str(hf_dir), mesh="data=1", batch_size=3)
     assert lm.batch_size == 3 and lm.scorer.data_parallel == 1
+    assert lm.scorer.summary().endswith("per device (100.0%)")
     with pytest.raises(ValueError, match="generate_until tasks do not run on a mesh"):
         lm.generate_until([])

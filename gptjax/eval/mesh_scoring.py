@@ -88,6 +88,16 @@ class MeshScorer:
         self._score = jax.jit(score, in_shardings=(param_sh,) + (self.batch_sharding,) * 3,
                               out_shardings=shd.replicated(self.mesh))
 
+    def summary(self) -> str:
+        """One line: the mesh, its devices and processes, and the parameters one device holds."""
+        leaves = jax.tree.leaves(self.params)
+        total = sum(x.size for x in leaves)
+        local = sum(x.addressable_shards[0].data.size for x in leaves)
+        shape = " x ".join(f"{a} {n}" for a, n in self.mesh.shape.items())
+        return (f"mesh {shape}: {self.mesh.devices.size} devices, {jax.process_count()} "
+                f"process(es); {local:,} of {total:,} parameters per device "
+                f"({local / total:.1%})")
+
     def __call__(self, tokens_BxT, targets_BxT, weights_BxT) -> tuple:
         """(sum of weighted NLL, sum of weights, all weighted targets greedy) per row, as numpy
         arrays on every process; every process passes the same whole batch.

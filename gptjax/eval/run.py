@@ -182,6 +182,8 @@ def run_lm_eval(models: list, tasks: Sequence[str], include_path: str = "", *,
     for name, config, params, tok, _ in models:
         lm = GPTJaxLM(model=(config, params, tok), batch_size=batch_size, seed=seed,
                       mesh=mesh or None)
+        if main and lm.scorer is not None:
+            print(f"{name}: {lm.scorer.summary()}", flush=True)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
                                       limit=limit or None, task_manager=manager,
                                       log_samples=bool(out), random_seed=seed)
