@@ -11,7 +11,7 @@ import sys
 
 from absl import app, flags
 
-from gptjax.cli import define_execution_flag, define_peft_flag, run_cli
+from gptjax.cli import MeshFlags, define_execution_flag, define_peft_flag, run_cli
 from gptjax.eval import run
 
 _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeroshot", "lm_eval",
@@ -19,7 +19,7 @@ _MODE = flags.DEFINE_enum("mode", "perplexity", ["perplexity", "fewshot", "zeros
 _WORKDIR = flags.DEFINE_multi_string("workdir", [], "A train.py run directory (repeatable).")
 _HF_DIR = flags.DEFINE_multi_string("hf_dir", [], "A transformers directory (repeatable).")
 _TOKENIZER = flags.DEFINE_string("tokenizer", None, "GPT-2 BPE files for --hf_dir.")
-_EXECUTION, _PEFT = define_execution_flag(), define_peft_flag()  # --execution, --peft_dir
+_EXECUTION, _PEFT, _MESH = define_execution_flag(), define_peft_flag(), MeshFlags()
 _STEPS = flags.DEFINE_string("steps", "", "Checkpoint steps of each --workdir (500,1000 or all).")
 _OUT = flags.DEFINE_string("out", "", "Directory for JSON/markdown results and plots.")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Sequences per forward pass.")
@@ -48,11 +48,11 @@ _INCLUDE = flags.DEFINE_string("include_path", "", "lm_eval: a folder of extra t
 def _run():
     if _MODE.value == "goodput":  # no model: the run directories' time ledgers
         return run.run_goodput(_WORKDIR.value, _OUT.value)
-    steps = (run.parse_ints(_STEPS.value, "steps", 1) if _STEPS.value not in ("", "all")
-             else _STEPS.value or [])
+    mesh = _MESH.start(_MODE.value)  # (several processes: before any device is used)
+    steps = run.parse_steps(_STEPS.value)
     specs = run.task_specs(_TASKS.value, _MODE.value)
     models = run.load_models(_WORKDIR.value, _HF_DIR.value, _TOKENIZER.value, steps,
-                             execution=_EXECUTION.value, peft_dir=_PEFT.value)
+                             execution=_EXECUTION.value, peft_dir=_PEFT.value, on_host=bool(mesh))
     kw = dict(seed=_SEED.value, batch_size=_BATCH.value, out=_OUT.value)
     if _MODE.value == "fewshot":
         run.run_fewshot(models, specs, run.parse_ints(_SHOTS.value, "shots"),
@@ -60,7 +60,7 @@ def _run():
     elif _MODE.value == "zeroshot":
         run.run_zeroshot(models, specs, num_examples=_N.value, **kw)
     elif _MODE.value == "lm_eval":
-        run.run_lm_eval(models, specs, include_path=_INCLUDE.value, limit=_N.value, **kw)
+        run.run_lm_eval(models, specs, _INCLUDE.value, limit=_N.value, mesh=mesh, **kw)
     else:
         run.run_perplexity(models, text_path=_TEXT.value, tfds_name=_TFDS.value,
                            split=_SPLIT.value, data_dir=_DATA_DIR.value,

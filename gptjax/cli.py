@@ -25,8 +25,9 @@ from ml_collections.config_flags.config_flags import is_config_flag
 
 from gptjax.config import EXECUTION_FIELDS, ConfigError
 from gptjax.inference import sampling
+from gptjax.multihost import maybe_init_distributed
 from gptjax.nn.convert import ConversionError
-from gptjax.sharding import ShardingError
+from gptjax.sharding import ShardingError, parse_mesh, resolve_mesh_shape
 from gptjax.runs.checkpoint import CheckpointError, is_closed_loop_error
 
 if TYPE_CHECKING:  # an annotation only: sample.py and serve.py do not load the training loop
@@ -289,6 +290,38 @@ class ModelFlags:
         return dict(workdir=self.workdir.value, hf_dir=self.hf_dir.value,
                     tokenizer_path=self.tokenizer.value, step=self.step.value,
                     execution=self.execution.value, peft_dir=self.peft_dir.value)
+
+
+class MeshFlags:
+    """Where eval.py --mode=lm_eval scores: --mesh (a device mesh), and train.py's multi-process
+    flags --coordinator_address, --num_processes and --process_id."""
+
+    def __init__(self):
+        self.mesh = flags.DEFINE_string(
+            "mesh", "", "lm_eval: score on a device mesh, e.g. fsdp=4,tensor=2 (axes data, fsdp, "
+            "tensor, as train.py's config.mesh; data not named takes the rest; default: one "
+            "device).")
+        self.coordinator = flags.DEFINE_string("coordinator_address", None,
+                                               "Multi-process: host:port of process 0.")
+        self.num_processes = flags.DEFINE_integer("num_processes", None,
+                                                  "Multi-process: number of processes.")
+        self.process_id = flags.DEFINE_integer("process_id", None,
+                                               "Multi-process: this process's index.")
+        for holder in (self.mesh, self.coordinator, self.num_processes, self.process_id):
+            _key_flag_of_caller(holder)
+
+    def start(self, mode: str) -> str:
+        """Starts JAX's multi-process runtime when the flags ask for it (every process runs the
+        same command with its own --process_id); returns --mesh (which only --mode=lm_eval
+        takes: a one-line error otherwise)."""
+        if self.mesh.value and mode != "lm_eval":
+            raise ValueError(f"--mesh={self.mesh.value!r} goes with --mode=lm_eval (--mode={mode} "
+                             "runs on one device)")
+        maybe_init_distributed(self.coordinator.value, self.num_processes.value,
+                               self.process_id.value)
+        if self.mesh.value:  # (a bad mesh is one line before any model loads)
+            resolve_mesh_shape(parse_mesh(self.mesh.value), jax.device_count())
+        return self.mesh.value
 
 
 def sample_after_training(config: ml_collections.ConfigDict, result: TrainResult) -> None:

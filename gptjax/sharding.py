@@ -15,7 +15,7 @@ for `jax.jit(in_shardings=..., out_shardings=...)`. The default rules give:
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -62,6 +62,36 @@ def resolve_mesh_shape(shape: Mapping[str, int], num_devices: int) -> dict:
         raise ShardingError(f"mesh {shape} needs {total} devices but {num_devices} are "
                             "available; make the product of the axis sizes equal the device count")
     return shape
+
+
+def parse_mesh(value: Union[str, Mapping[str, int]]) -> dict:
+    """'fsdp=4,tensor=2' (or a dict) -> {'data': -1, 'fsdp': 4, 'tensor': 2}.
+
+    The axes are train.py's `config.mesh` ones (data, fsdp, tensor); an axis not named is 1,
+    except `data`, which takes the rest of the devices (-1) unless another axis already does.
+
+    Raises:
+      ShardingError: an unknown axis or a size that is not an integer (one line).
+    """
+    if isinstance(value, Mapping):
+        items = [(str(k), v) for k, v in value.items()]
+    else:
+        items = [item.partition("=")[::2] for item in str(value).split(",") if item.strip()]
+    shape = {}
+    for axis, size in items:
+        axis = axis.strip()
+        if axis not in MESH_AXES:
+            raise ShardingError(f"mesh {value!r}: unknown axis {axis!r}; the axes are "
+                                f"{', '.join(MESH_AXES)} (e.g. fsdp=4,tensor=2)")
+        try:
+            shape[axis] = int(size)
+        except (TypeError, ValueError):
+            raise ShardingError(f"mesh {value!r}: {axis}={size!r} is not an integer size (or -1: "
+                                "the rest of the devices)") from None
+    if not shape:
+        raise ShardingError(f"mesh {value!r}: name at least one axis, e.g. fsdp=4,tensor=2")
+    rest = -1 if -1 not in shape.values() else 1
+    return {a: shape.get(a, rest if a == "data" else 1) for a in MESH_AXES}
 
 
 def make_mesh(shape: Mapping[str, int], dcn_shape: Optional[Mapping[str, int]] = None,

@@ -1,6 +1,7 @@
 """EleutherAI lm-evaluation-harness adapter: a gptjax decoder as the `lm_eval` model 'gptjax'.
 
     lm = GPTJaxLM(hf_dir="path/to/gpt2")            # or workdir="runs/a" (step=...)
+    lm = GPTJaxLM(workdir="runs/a", mesh="fsdp=4,tensor=2")   # sharded as training shards it
     lm_eval.simple_evaluate(model=lm, tasks=["lambada_openai"])
     python eval.py --mode=lm_eval --hf_dir path/to/gpt2 --tasks hellaswag --include_path my_tasks
 
@@ -10,6 +11,8 @@ end-of-text token, `(context + continuation)[-(n_ctx + 1):][:-1]` is what the mo
 `loglikelihood_rolling` scores disjoint windows of n_ctx tokens (`get_rolling_token_windows`),
 and `generate_until` decodes greedily (or samples) on the KV-cache decoder
 (gptjax.inference.sampling.generate), cutting the text at the first stop string.
+With `mesh`, log-likelihoods are scored on a device mesh, in one process or several
+(gptjax.eval.mesh_scoring): the same numbers as on one device, to float32 rounding.
 
 This module needs the `eval` extra (lm-eval): it subclasses lm-eval's TemplateLM, so it is
 imported only where lm-eval is wanted (gptjax.eval does not import it).
@@ -17,10 +20,11 @@ imported only where lm-eval is wanted (gptjax.eval does not import it).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import numpy as np
 
+from gptjax.eval.mesh_scoring import MeshScorer, on_host
 from gptjax.eval.scoring import round_up, score_targets
 from gptjax.inference import sampling
 from gptjax.runs.pretrained import load_pretrained
@@ -49,21 +53,33 @@ class GPTJaxLM(TemplateLM):
       bucket: padded lengths are multiples of this (fewer compilations).
       seed: the sampling seed of `generate_until` requests with do_sample.
       model: an already-loaded (config, params, tokenizer) instead of a path.
+      mesh: score on a device mesh, e.g. "fsdp=4,tensor=2" (or a dict; the axes of train.py's
+        config.mesh): the parameters sharded by training's rules, each batch (rounded up to a
+        multiple of the data-parallel size) over the data axes (gptjax.eval.mesh_scoring).
+        With several processes (jax.distributed started), every process runs the harness on
+        all requests in step and gets every result; lm-eval sees rank 0 of 1 in each.
+        Log-likelihood requests only: generate_until is refused on a mesh.
     """
 
     def __init__(self, workdir: Optional[str] = None, hf_dir: Optional[str] = None,
                  tokenizer: Optional[str] = None, step: Optional[int] = None,
                  batch_size: int = 16, bucket: int = 16, seed: int = 0,
-                 model: Optional[tuple] = None, **unused):
+                 model: Optional[tuple] = None, mesh: Union[str, dict, None] = None,
+                 **unused):
         super().__init__()
         if model is None:
-            model = load_pretrained(workdir=workdir, hf_dir=hf_dir, tokenizer_path=tokenizer,
-                                    step=None if step in (None, "") else int(step))
+            with on_host(bool(mesh)):
+                model = load_pretrained(workdir=workdir, hf_dir=hf_dir, tokenizer_path=tokenizer,
+                                        step=None if step in (None, "") else int(step))
         self.config, self.params, self.tok = model
-        self._batch_size = int(batch_size)
+        self.scorer = MeshScorer(self.config, self.params, mesh) if mesh else None
+        if self.scorer is not None:  # (the sharded copy replaces the whole one)
+            self.params = self.scorer.params
+        self._batch_size = round_up(int(batch_size), self.scorer.data_parallel if mesh else 1)
         self.bucket = int(bucket)
         self.seed = int(seed)
-        self.decode_params = sampling.prepare_for_decoding(self.config, self.params)
+        self.decode_params = (None if self.scorer is not None
+                              else sampling.prepare_for_decoding(self.config, self.params))
 
     # --------------------------------------------------------------- what TemplateLM asks for
     @property
@@ -110,7 +126,9 @@ class GPTJaxLM(TemplateLM):
                 w, n = wholes[r], len(wholes[r]) - 1
                 tokens[j, :n], targets[j, :n] = w[:-1], w[1:]
                 weights[j, max(n - len(requests[r][2]), 0): n] = 1.0
-            nll, _, greedy = score_targets(self.config, self.params, tokens, targets, weights)
+            nll, _, greedy = (self.scorer(tokens, targets, weights) if self.scorer is not None
+                              else score_targets(self.config, self.params, tokens, targets,
+                                                 weights))
             for j, r in enumerate(rows):  # (lm-eval's is_greedy)
                 out[r] = (-float(nll[j]), bool(greedy[j]))
         return out
@@ -134,6 +152,9 @@ class GPTJaxLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list:
         """Greedy (or sampled, with do_sample) continuations cut at the first stop string."""
         del disable_tqdm
+        if self.scorer is not None:
+            raise ValueError("generate_until tasks do not run on a mesh yet (log-likelihood "
+                             "and rolling tasks do): evaluate them without --mesh")
         out = [None] * len(requests)
         groups: dict = {}
         for i, req in enumerate(requests):

@@ -7,9 +7,12 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jax
+
 from gptjax.checks import check_choice
 from gptjax.eval import fewshot, zeroshot_run
 from gptjax.eval import perplexity as ppl
+from gptjax.eval.mesh_scoring import on_host as loading_on_host
 from gptjax.runs import goodput
 from gptjax.runs.pretrained import load_pretrained
 
@@ -23,6 +26,11 @@ def parse_ints(value: str, name: str, minimum: int = 0) -> list:
     if not out or min(out) < minimum:
         raise ValueError(f"--{name}={value!r}: expected integers >= {minimum}")
     return out
+
+
+def parse_steps(value: str):
+    """--steps: '' (none: the latest checkpoint), 'all', or checkpoint steps '500,1000' (>= 1)."""
+    return value if value == "all" else parse_ints(value, "steps", 1) if value else []
 
 
 def task_specs(values: Sequence[str], mode: str) -> list:
@@ -45,7 +53,8 @@ def checkpoint_steps(workdir: str) -> list:
 
 def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
                 tokenizer_path: Optional[str] = None, steps: Sequence[int] | str = (),
-                execution: Optional[str] = None, peft_dir: Optional[str] = None) -> list:
+                execution: Optional[str] = None, peft_dir: Optional[str] = None,
+                on_host: bool = False) -> list:
     """(name, config, params, tokenizer, info) for every model named.
 
     Args:
@@ -58,6 +67,9 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
       execution: execution overrides for every model (e.g. 'attention_impl=xla'; see
         gptjax.runs.pretrained.load_pretrained).
       peft_dir: a PEFT LoRA adapter merged into every `hf_dirs` model (not for workdirs).
+      on_host: keep the parameters in host memory (the CPU backend, where there is one), not on
+        the default device: a model that is then sharded over a mesh (`run_lm_eval`'s `mesh`)
+        need not fit one accelerator.
 
     Returns:
       The models, in the order named (each workdir once per step).
@@ -70,16 +82,17 @@ def load_models(workdirs: Sequence[str] = (), hf_dirs: Sequence[str] = (),
     if peft_dir and not hf_dirs:
         raise ValueError(f"--peft_dir={peft_dir!r} goes with --hf_dir (the model it adapts)")
     models = []
-    for wd in workdirs:
-        for step in (checkpoint_steps(wd) if steps == "all" else steps) or [None]:
-            config, params, tok = load_pretrained(workdir=wd, step=step, execution=execution)
-            name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
-            models.append((name, config, params, tok, {"step": step, "path": wd}))
-    for hd in hf_dirs:
-        config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path,
-                                              execution=execution, peft_dir=peft_dir)
-        models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
-                       {"path": hd}))
+    with loading_on_host(on_host):
+        for wd in workdirs:
+            for step in (checkpoint_steps(wd) if steps == "all" else steps) or [None]:
+                config, params, tok = load_pretrained(workdir=wd, step=step, execution=execution)
+                name = os.path.basename(os.path.normpath(wd)) + (f"@{step}" if step else "")
+                models.append((name, config, params, tok, {"step": step, "path": wd}))
+        for hd in hf_dirs:
+            config, params, tok = load_pretrained(hf_dir=hd, tokenizer_path=tokenizer_path,
+                                                  execution=execution, peft_dir=peft_dir)
+            models.append((os.path.basename(os.path.normpath(hd)), config, params, tok,
+                           {"path": hd}))
     return models
 
 
@@ -139,11 +152,18 @@ def run_zeroshot(models: list, task_specs: Sequence[str], *, num_examples: int =
     return rows
 
 
-def run_lm_eval(models: list, tasks: Sequence[str], *, include_path: str = "",
+def run_lm_eval(models: list, tasks: Sequence[str], include_path: str = "", *,
                 num_fewshot: Optional[int] = None, limit: int = 0, batch_size: int = 16,
-                seed: int = 0, out: str = "") -> list:
+                seed: int = 0, out: str = "", mesh: str = "") -> list:
     """Any lm-evaluation-harness task on every model (gptjax.eval.lm_harness, the `eval`
-    extra); prints lm-eval's table and writes out/lm_eval.json (a list for several models)."""
+    extra); prints lm-eval's table and writes out/lm_eval.json (a list for several models) and
+    every example's responses, out/lm_eval_samples.jsonl.
+
+    With `mesh` ('fsdp=4,tensor=2': gptjax.eval.mesh_scoring) the log-likelihoods are scored
+    on a device mesh; with several processes every process evaluates in step and process 0
+    prints and writes.
+    When every task is a plain task of `include_path`, lm-eval's built-in tasks are not indexed.
+    """
     try:
         import lm_eval  # optional: the eval extra (lm-eval)
         from lm_eval.tasks import TaskManager  # optional: the eval extra (lm-eval)
@@ -152,20 +172,34 @@ def run_lm_eval(models: list, tasks: Sequence[str], *, include_path: str = "",
         from gptjax.eval.lm_harness import GPTJaxLM  # optional: needs lm-eval
     except ImportError:
         raise ImportError("--mode=lm_eval needs lm-eval: pip install 'gptjax[eval]'") from None
-    manager = TaskManager(include_path=include_path or None)
-    results = []
+    manager = None
+    if include_path:  # (indexing lm-eval's own thousands of task YAMLs takes ~10 s)
+        manager = TaskManager(include_path=include_path, include_defaults=False)
+        if not set(tasks) <= set(manager.all_subtasks):  # (groups may name built-in tasks)
+            manager = None
+    manager = manager or TaskManager(include_path=include_path or None)
+    results, samples, main = [], [], jax.process_index() == 0
     for name, config, params, tok, _ in models:
-        lm = GPTJaxLM(model=(config, params, tok), batch_size=batch_size, seed=seed)
+        lm = GPTJaxLM(model=(config, params, tok), batch_size=batch_size, seed=seed,
+                      mesh=mesh or None)
+        if main and lm.scorer is not None:
+            print(f"{name}: {lm.scorer.summary()}", flush=True)
         res = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=num_fewshot,
                                       limit=limit or None, task_manager=manager,
-                                      log_samples=False, random_seed=seed)
-        print(f"{name}\n{make_table(res)}", flush=True)
+                                      log_samples=bool(out), random_seed=seed)
+        if main:
+            print(f"{name}\n{make_table(res)}", flush=True)
         results.append({"model": name, "results": res["results"],
                         "n_samples": res.get("n-samples"), "config": {"tasks": list(tasks)}})
-    if out:
+        samples += [{"model": name, "task": task, "doc_id": s["doc_id"], "target": s.get("target"),
+                     "resps": s["resps"]} for task, rows in res.get("samples", {}).items()
+                    for s in sorted(rows, key=lambda s: s["doc_id"])]
+    if out and main:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "lm_eval.json"), "w") as fh:
             json.dump(results[0] if len(results) == 1 else results, fh, indent=2, default=str)
+        with open(os.path.join(out, "lm_eval_samples.jsonl"), "w") as fh:
+            fh.writelines(json.dumps(s, default=str) + "\n" for s in samples)
     return results
 
 

@@ -9,7 +9,6 @@ all reduce to the one token scorer, `score_targets` (`weighted_nll` is it with n
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Sequence
 
@@ -22,9 +21,9 @@ from gptjax.nn.model import GPT
 from gptjax.nn.losses import token_nll
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def score_targets(model_cfg: GPTConfig, params, tokens_BxT, targets_BxT, weights_BxT):
-    """The token scorer: per row, the weighted NLL of the targets (position t predicts
+def token_scores(model_cfg: GPTConfig, params, tokens_BxT, targets_BxT, weights_BxT):
+    """The token scorer (`score_targets` is it jitted; gptjax.eval.mesh_scoring jits it on a
+    mesh): per row, the weighted NLL of the targets (position t predicts
     targets_BxT[:, t]), the summed weights, and whether every weighted target is the argmax.
 
     Args:
@@ -40,6 +39,9 @@ def score_targets(model_cfg: GPTConfig, params, tokens_BxT, targets_BxT, weights
     nll_BxT = token_nll(logits_BxTxV, targets_BxT)
     greedy_BxT = (jnp.argmax(logits_BxTxV, -1) == targets_BxT) | (weights_BxT == 0)
     return jnp.sum(nll_BxT * weights_BxT, -1), jnp.sum(weights_BxT, -1), jnp.all(greedy_BxT, -1)
+
+
+score_targets = jax.jit(token_scores, static_argnums=0)
 
 
 def weighted_nll(model_cfg: GPTConfig, params, tokens_BxT, weights_BxT):
