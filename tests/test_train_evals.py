@@ -218,7 +218,7 @@ def test_train_py_on_a_tensor_and_fsdp_mesh(env):
 def test_lm_eval_kind_equals_eval_py(evals_run, tmp_path):
     """The lm_eval kind: lm-eval's results through gptjax's lm-eval model, as eval.py
     --mode=lm_eval gives them (a local multiple-choice task in the run's characters)."""
-    pytest.importorskip("lm_eval")
+    lm_eval = pytest.importorskip("lm_eval")
     wd, _ = evals_run
     rows = [{"q": f"to be or not to be, line {i}", "choices": [" to be", " not", " or"],
              "label": i % 3} for i in range(6)]
@@ -230,17 +230,24 @@ def test_lm_eval_kind_equals_eval_py(evals_run, tmp_path):
         "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{label}}'\n"
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
     config = tiny_run_config(wd, wd, {"train.evals": (
-        f"lm_eval:tasks=t_tiny_mc;include_path={tmp_path}",)})
+        f"lm_eval:tasks=t_tiny_mc;include_path={tmp_path};builtin=false",)})
     (ev,) = build_evals(config)
+    assert ev.name == "lm_eval"
     models = eval_run.load_models([str(wd)], steps=[12])
     _, model_cfg, params, tok, _ = models[0]
     got = ev.fn(model_cfg, params, tok)
-    (want,) = eval_run.run_lm_eval(models, ["t_tiny_mc"], include_path=str(tmp_path),
-                                   batch_size=BATCH)
-    assert set(got) == {"t_tiny_mc/acc", "t_tiny_mc/acc_norm"}
-    assert got == {f"t_tiny_mc/{m}": want["results"]["t_tiny_mc"][f"{m},none"]
-                   for m in ("acc", "acc_norm")}
-    config.train.evals = (f"lm_eval:tasks=t_tiny_mc,nope;include_path={tmp_path}",)
+    # eval.py --mode=lm_eval's call (gptjax.eval.run.run_lm_eval), with a TaskManager of the
+    # local task alone (lm-eval's own ~15,000 take ~11 s to index)
+    from lm_eval.tasks import TaskManager
+
+    from gptjax.eval.lm_harness import GPTJaxLM
+
+    want = lm_eval.simple_evaluate(
+        model=GPTJaxLM(model=models[0][1:4], batch_size=BATCH), tasks=["t_tiny_mc"],
+        task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
+        log_samples=False, random_seed=0)["results"]["t_tiny_mc"]
+    assert got == {"t_tiny_mc/acc": want["acc,none"], "t_tiny_mc/acc_norm": want["acc_norm,none"]}
+    config.train.evals = (f"lm_eval:tasks=t_tiny_mc,nope;include_path={tmp_path};builtin=0",)
     with pytest.raises(ValueError, match=r"^train.evals entry .*: tasks \['nope'\] are not "
                                          r"lm-eval tasks"):
         build_evals(config)

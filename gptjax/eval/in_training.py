@@ -15,8 +15,9 @@ Each entry is one string, `kind:key=value;key=value`:
       max_chars, detokenize (none | wikitext), unk, prepend_eos (false), batch_size, name.
       Metrics: token_nll, token_perplexity, bits_per_byte, word_perplexity.
   lm_eval:tasks=hellaswag,piqa                   lm-evaluation-harness tasks (the `eval` extra)
-      on gptjax's lm-eval model; keys include_path, num_fewshot, limit, batch_size, seed, name.
-      Metrics: <task>/<metric> of lm-eval's results (no stderr).
+      on gptjax's lm-eval model; keys include_path, builtin (true; false: only include_path's
+      tasks, indexed in a blink instead of lm-eval's ~15,000), num_fewshot, limit, batch_size,
+      seed, name. Metrics: <task>/<metric> of lm-eval's results (no stderr, no sample_len).
 
 The defaults are eval.py's, so `eval.py --mode=<kind> --workdir RUN --steps all` with the same
 settings gives the numbers logged at the checkpoints' steps. A metric is logged as
@@ -68,14 +69,15 @@ KINDS = {
     "zeroshot": (("task", "path"), ("num_examples", "normalize") + _COMMON),
     "perplexity": (("path",), ("context", "stride", "max_chars", "detokenize", "unk",
                                "prepend_eos", "name", "batch_size")),
-    "lm_eval": (("tasks",), ("include_path", "num_fewshot", "limit") + _COMMON),
+    "lm_eval": (("tasks",), ("include_path", "builtin", "num_fewshot", "limit") + _COMMON),
 }
 _INTS = {"shots": 0, "num_examples": 0, "seed": 0, "batch_size": 1, "context": 0, "stride": 0,
          "max_chars": 0, "num_fewshot": 0, "limit": 0}  # key -> its minimum
-_BOOLS = ("prepend_eos",)
-DEFAULTS = {"path": "", "shots": 0, "num_examples": 0, "seed": 0, "batch_size": 8, "context": 0, "stride": 0,
-            "max_chars": 0, "detokenize": "none", "unk": None, "prepend_eos": False,
-            "normalize": "mean", "include_path": "", "num_fewshot": None, "limit": 0}
+_BOOLS = ("prepend_eos", "builtin")
+DEFAULTS = {"path": "", "shots": 0, "num_examples": 0, "seed": 0, "batch_size": 8, "context": 0,
+            "stride": 0, "max_chars": 0, "detokenize": "none", "unk": None, "prepend_eos": False,
+            "normalize": "mean", "include_path": "", "builtin": True, "num_fewshot": None,
+            "limit": 0}
 FEWSHOT_METRICS = ("accuracy", "accuracy_norm")
 PERPLEXITY_METRICS = ("token_nll", "token_perplexity", "bits_per_byte", "word_perplexity")
 
@@ -285,7 +287,8 @@ def _lm_eval(f: dict) -> Evaluation:
         from gptjax.eval.lm_harness import GPTJaxLM  # optional: needs lm-eval
     except ImportError:
         raise ValueError("kind 'lm_eval' needs lm-eval: pip install 'gptjax[eval]'") from None
-    manager = TaskManager(include_path=f["include_path"] or None)
+    # builtin=false: only include_path's tasks (lm-eval indexes its ~15,000 own in ~11 s).
+    manager = TaskManager(include_path=f["include_path"] or None, include_defaults=f["builtin"])
     tasks = [t.strip() for t in f["tasks"].split(",") if t.strip()]
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
@@ -305,14 +308,14 @@ def _lm_eval(f: dict) -> Evaluation:
 
 
 def lm_eval_metrics(results: dict) -> dict:
-    """{'<task>/<metric>': value} of lm-eval's `results` (the filter ',none' dropped, stderr
-    left out)."""
+    """{'<task>/<metric>': value} of lm-eval's `results` (the filter ',none' dropped; stderr and
+    the sample count left out)."""
     out = {}
     for task, metrics in results.items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if "_stderr" in metric or isinstance(value, bool) or not isinstance(
-                    value, (int, float)):
+            if "_stderr" in metric or metric == "sample_len" or isinstance(value, bool) or \
+                    not isinstance(value, (int, float)):
                 continue
             out[f"{task}/{metric}" + ("" if filt in ("", "none") else f"_{filt}")] = value
     return out

@@ -57,9 +57,9 @@ def check_evals(config: ml_collections.ConfigDict, evals: Sequence[Evaluation]) 
         raise ConfigError(f"train.evals={specs!r}: allowed: a tuple of strings "
                           "'kind:key=value;key=value' (see the README, Training)")
     if specs and not evals:
-        raise ConfigError(f"train.evals={tuple(specs)!r}: its evaluations are built a layer above the "
-                          "loop: pass train_and_evaluate(..., evals=gptjax.eval.in_training"
-                          ".build_evals(config)) (train.py does)")
+        raise ConfigError(f"train.evals={tuple(specs)!r}: its evaluations are built a layer "
+                          "above the loop: pass train_and_evaluate(..., evals=gptjax.eval"
+                          ".in_training.build_evals(config)) (train.py does)")
     names = [e.name for e in evals]
     for name in names:
         if not isinstance(name, str) or not _NAME.match(name):
