@@ -10,6 +10,7 @@ from absl import app, flags
 
 from gptjax.cli import (define_config_file, exit_without_teardown, parse_flags, run_cli,
                         sample_after_training)
+from gptjax.eval.in_training import build_evals
 from gptjax.runs.export import export_run
 from gptjax.runs.goodput import process_start
 from gptjax.train.compile_cache import enable_compilation_cache
@@ -64,9 +65,11 @@ def _train(config, workdir):
     if _PREPARE.value:
         print(prepare_data(config, workdir))
         return
-    # The process's start and the sample are in the run's goodput ledger.
+    # The process's start and the sample are in the run's goodput ledger; train.evals are built
+    # (their tasks read) before the training data.
     train_and_evaluate(config, workdir, progress=not _NO_PROGRESS.value, started=process_start(),
-                       after=lambda result: sample_after_training(config, result))
+                       after=lambda result: sample_after_training(config, result),
+                       evals=build_evals(config))
 
 
 if __name__ == "__main__":

@@ -176,6 +176,12 @@ def _train_config() -> ml_collections.ConfigDict:
     t.eval_every = 250
     t.eval_batches = 20            # per periodic evaluation; the final one uses the whole split
     t.eval_batch_size = 64
+    # In-training evaluation (gptjax.train.evals): 'kind:key=value;key=value' strings, kinds
+    # fewshot, zeroshot, perplexity, lm_eval (gptjax.eval.in_training), run every evals_every
+    # steps (0 = eval_every) and at the last on the live parameters; each number is logged as
+    # eval/<name>/<metric>, and evals.png plots them against the step.
+    t.evals = ()
+    t.evals_every = 0
     t.save_every = 500
     t.keep_checkpoints = 3
     t.async_checkpointing = True

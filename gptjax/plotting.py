@@ -44,3 +44,34 @@ def plot_metrics(metrics_path: str, out_png: str, title: str = "") -> str:
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_evals(metrics_path: str, out_png: str, prefix: str = "eval/") -> str | None:
+    """Each in-training evaluation metric (`eval/<name>/<metric>`, gptjax.train.evals) against
+    step, a panel per metric, written as a PNG; None (nothing written) when the log has none."""
+    recs = read_metrics(metrics_path)
+    keys = list(dict.fromkeys(k for r in recs for k in r if k.startswith(prefix)))
+    if not keys:
+        return None
+    import matplotlib  # heavy: matplotlib, only when a plot is written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: matplotlib
+
+    cols = min(len(keys), 3)
+    rows = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), dpi=110,
+                             squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = sorted((r["step"], r[key]) for r in recs if key in r)
+        ax.plot(*zip(*pts), "o-", lw=1.2, ms=3)
+        ax.set_title(key[len(prefix):], fontsize=8)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.set_visible(False)
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(metrics_path))), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

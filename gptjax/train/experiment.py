@@ -94,6 +94,7 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
     _int("train.eval_every", tc.eval_every, 0)
     _int("train.eval_batches", tc.eval_batches, -1)
     _int("train.eval_batch_size", tc.eval_batch_size, 1)
+    _int("train.evals_every", tc.evals_every, 0)
     _int("train.save_every", tc.save_every, 1)
     _int("train.keep_checkpoints", tc.keep_checkpoints, 1)
     if not isinstance(tc.local_dir, str) or "://" in tc.local_dir:

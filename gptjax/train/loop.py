@@ -13,7 +13,7 @@ import math
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import jax
 import ml_collections
@@ -23,10 +23,11 @@ from gptjax import defaults
 from gptjax.config import GPTConfig
 from gptjax.data.documents import document_mask
 from gptjax.data.tokenizers import Tokenizer
-from gptjax.plotting import plot_metrics
+from gptjax.plotting import plot_evals, plot_metrics
 from gptjax.runs import faults, goodput
 from gptjax.runs.workdir import MetricsWriter, remove_empty_dirs, write_summary
 from gptjax.train import elastic
+from gptjax.train.evals import Evaluation, PeriodicEvals, check_evals
 from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
 from gptjax.train.preemption import PreemptionGuard
@@ -84,6 +85,8 @@ class TrainResult:
 class Trainer:
     """The training loop and its mutable state: metrics fetched one step late, skipped steps,
     the throughput window, and whether the run halted or was preempted."""
+
+    evals: Optional[PeriodicEvals] = None  # train.evals (train_and_evaluate sets them)
 
     def __init__(self, run: Run, start: int, carried: dict, progress: bool):
         self.run, self.start = run, start
@@ -250,6 +253,8 @@ class Trainer:
             self.writer.write(dict(step=done, **vm, val_ppl=math.exp(min(vl, 50))))
             if self.pbar is not None:
                 self.pbar.write(f"step {done}: val_loss {vl:.4f}")
+        if self.evals is not None and self.evals.due(done):
+            self.evals(state.params, done)  # on the live parameters: what the save below holds
         run.ckpt.save(done, state, self.meta_for(done))
         if local_due:
             self._save_local(state, done)
@@ -322,6 +327,7 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
         plot_path = os.path.join(run.workdir, "loss.png")
         with run.ledger.phase("log"):
             plot_metrics(run.metrics_path, plot_path)
+            plot_evals(run.metrics_path, os.path.join(run.workdir, "evals.png"))  # train.evals
             write_summary(run.workdir, result.summary())
         print(f"done: step {final_step}, val_loss {val_loss:.4f} (whole split), "
               f"wall {result.wall_time_s:.0f}s; plot {plot_path}", flush=True)
@@ -330,7 +336,8 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress: bool = True,
                        started: Optional[float] = None,
-                       after: Optional[Callable[[TrainResult], None]] = None) -> TrainResult:
+                       after: Optional[Callable[[TrainResult], None]] = None,
+                       evals: Sequence[Evaluation] = ()) -> TrainResult:
     """Pretrain a GPT as `config` says, in `workdir`; resumes from the latest checkpoint there.
 
     Args:
@@ -339,6 +346,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
       progress: show a progress bar (process 0).
       started, after: when this attempt began (default now; train.py: the process's start) and
         what it does last, with the result (train.py: the sample), for its goodput ledger.
+      evals: the in-training evaluations, run every train.evals_every steps on the live
+        parameters (gptjax.train.evals; train.py: gptjax.eval.in_training.build_evals(config)).
 
     Returns:
       A TrainResult (`.summary()` is what summary.json holds).
@@ -353,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
     ledger = goodput.Ledger(started)  # the attempt's wall time, in buckets (goodput.json)
     config = defaults.complete(config, defaults.base_config())
     check_train_config(config)  # one-line errors before any data is read or anything compiles
+    check_evals(config, evals)
     created = not os.path.exists(workdir)
     try:
         run = prepare(config, workdir)
@@ -373,6 +383,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, progress
               f"{dict(run.setup.mesh.shape)}; steps {start}->{config.train.steps}", flush=True)
     trainer = Trainer(run, start, carried, progress)
     run.ckpt, trainer.writer = ledger.watch(run.ckpt, trainer.writer)
+    trainer.evals = PeriodicEvals(evals, run, trainer.writer,
+                                  None if trainer.pbar is None else trainer.pbar.write)
+    trainer.evals.check()  # (a task's characters against the tokenizer: before the first step)
     with ledger.attempt(announce=run.is_main) as ended:
         state = trainer.loop(state)
         ledger.base("other")
