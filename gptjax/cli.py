@@ -317,6 +317,10 @@ class MeshFlags:
         if self.mesh.value and mode != "lm_eval":
             raise ValueError(f"--mesh={self.mesh.value!r} goes with --mode=lm_eval (--mode={mode} "
                              "runs on one device)")
+        if self.num_processes.value not in (None, 1) and not self.mesh.value:
+            raise ValueError(f"--num_processes={self.num_processes.value} goes with "
+                             "--mode=lm_eval --mesh=...; allowed: one process for "
+                             f"--mode={mode}" + (" without --mesh" if mode == "lm_eval" else ""))
         maybe_init_distributed(self.coordinator.value, self.num_processes.value,
                                self.process_id.value)
         if self.mesh.value:  # (a bad mesh is one line before any model loads)

@@ -251,3 +251,33 @@ def test_lm_eval_kind_equals_eval_py(evals_run, tmp_path):
     with pytest.raises(ValueError, match=r"^train.evals entry .*: tasks \['nope'\] are not "
                                          r"lm-eval tasks"):
         build_evals(config)
+
+
+def test_train_evals_refuse_several_processes(monkeypatch):
+    """The evaluations score on one process's devices: a multi-process run is refused in one
+    line before anything is read (eval.py --mode=lm_eval --mesh scores across processes)."""
+    import jax
+
+    from gptjax.defaults import base_config
+    from gptjax.eval.in_training import build_evals
+    config = base_config()
+    config.train.evals = ("perplexity:path=x.txt",)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError) as e:
+        build_evals(config)
+    assert "train.evals with 2 processes: allowed: one process" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_eval_py_multi_process_flags_need_lm_eval_on_a_mesh():
+    import types
+
+    from gptjax.cli import MeshFlags
+    flags = MeshFlags.__new__(MeshFlags)
+    flags.mesh, flags.coordinator, flags.process_id = (types.SimpleNamespace(value=v)
+                                                        for v in ("", "h:1", 0))
+    flags.num_processes = types.SimpleNamespace(value=2)
+    for mode in ("perplexity", "lm_eval"):
+        with pytest.raises(ValueError, match=r"--num_processes=2 goes with --mode=lm_eval "
+                                             r"--mesh=\.\.\.; allowed: one process"):
+            flags.start(mode)

@@ -36,6 +36,7 @@ import os
 import re
 from typing import Any, Callable, Optional
 
+import jax
 import ml_collections
 
 from gptjax import defaults
@@ -201,6 +202,9 @@ def build_evals(config: ml_collections.ConfigDict) -> list:
     """
     config = defaults.complete(config, defaults.base_config())
     specs = config.train.evals
+    if specs and jax.process_count() > 1:  # (the evaluations score on this process's devices)
+        raise ValueError(f"train.evals with {jax.process_count()} processes: allowed: one "
+                         "process (evaluate the checkpoints with eval.py --mode=lm_eval --mesh)")
     if isinstance(specs, str) or not isinstance(specs, (tuple, list)):
         raise ValueError(f"train.evals={specs!r}: allowed: a tuple of strings "
                          "'kind:key=value;key=value'")
