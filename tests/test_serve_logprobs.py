@@ -106,20 +106,22 @@ def test_echo_then_completion_streaming_and_not(server):
 
 
 def test_prompt_only_request_needs_no_decode_slot(server):
-    """With every slot decoding a long row, an echo request with max_tokens=0 is answered
-    before any of them ends: it is prefilled and scored, never inserted."""
+    """An echo request with max_tokens=0 is prefilled and scored, never inserted into a decode
+    slot: the scheduler's insert count is the 4 long rows' whether or not they still decode
+    (structural, so no timing decides the test)."""
+    def inserts():
+        return sum(e[0] == "insert" for e in server.scheduler.trace)
+    before = inserts()
     long = {"prompt": "a", "max_tokens": 63, "seed": 0}
     with concurrent.futures.ThreadPoolExecutor(4) as ex:
         futs = [ex.submit(_post, server, long) for _ in range(4)]
-        deadline = time.time() + 60
-        while server.scheduler.running() < 4:
-            assert time.time() < deadline and not any(f.done() for f in futs)
+        deadline = time.time() + 120
+        while inserts() < before + 4:
+            assert time.time() < deadline, "the 4 long rows were not inserted within 120 s"
             time.sleep(0.005)
-        inserts = sum(e[0] == "insert" for e in server.scheduler.trace)
         c = _post(server, {"prompt": "to be", "echo": True, "logprobs": 1,
                            "max_tokens": 0})["choices"][0]
-        assert server.scheduler.running() == 4 and not any(f.done() for f in futs)
-        assert sum(e[0] == "insert" for e in server.scheduler.trace) == inserts
+        assert inserts() == before + 4  # the prompt-only request took no slot
         assert c["text"] == "to be" and c["finish_reason"] == "length"
         assert all(len(f.result()["choices"][0]["text"]) == 63 for f in futs)
 
