@@ -66,7 +66,8 @@ def test_default_malloc_faults_a_large_buffer_in_again():
 
 
 # A child process runs a jitted function whose temporary buffer (80 MB) is over glibc's 64 MB
-# per-thread heap limit, and prints its temp size and the minor faults per call after warm-up.
+# per-thread heap limit, and prints its temp size and the median call's minor faults after warm-up
+# (a CI run on two busy workers once saw one call of four fault the whole buffer in).
 _XLA_CHILD = r"""
 import resource, sys
 from gptjax.train import hostmem
@@ -82,10 +83,12 @@ c = f.lower(x).compile()
 print(c.memory_analysis().temp_size_in_bytes >> 20)
 for _ in range(6):
     c(x).block_until_ready()
-f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
+faults = []
+for _ in range(8):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     c(x).block_until_ready()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // 4)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(sorted(faults)[len(faults) // 2])  # the median call: one slow call under load is not it
 """
 
 
