@@ -269,6 +269,13 @@ def test_errors_are_one_line():
         inspect.forward_with_capture(_cfg(attention_impl="pallas"), params, TOKENS,
                                      "h_0.attn.probs")
     assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="with attention dropout on") as e:
+        inspect.forward_with_capture(_cfg(attn_pdrop=0.1), params, TOKENS, (),
+                                     {"h_0.attn.probs": lambda p: p}, deterministic=False,
+                                     rngs={"dropout": jax.random.key(0)})
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"interventions\['wte'\] is int; give a function"):
+        inspect.forward_with_capture(cfg, params, TOKENS, (), {"wte": 0})
     with pytest.raises(ValueError, match=r"'h_0\.mlp\.act' returned \(2, 12, 3\)") as e:
         inspect.forward_with_capture(cfg, params, TOKENS, (),
                                      {"h_0.mlp.act": lambda x: x[..., :3]})
