@@ -41,8 +41,9 @@ from gptjax import GPTConfig, init_params, load_pretrained  # noqa: E402
 from gptjax.data.tokenizers import CharTokenizer  # noqa: E402
 from gptjax.nn import inspect  # noqa: E402
 
-CLEAN = "First Citizen:\nWe are accounted poor citizens, the patricians"
-CORRUPT = "First Citizen:\nWe are accounted rich citizens, the patricians"
+# The clean prompt ends inside "speak"; the corrupted one, two characters back, inside "steal".
+CLEAN = "First Citizen:\nBefore we proceed any further, hear me spea"
+CORRUPT = "First Citizen:\nBefore we proceed any further, hear me stea"
 
 
 def logit_lens(cfg, params, tokens_1xT) -> np.ndarray:
@@ -82,6 +83,9 @@ def patching(cfg, params, clean_1xT, corrupt_1xT) -> dict:
                                                   in_axes=(None, 0)))(params, jnp.arange(T)))
                       for n in names])
     m_clean, m_corrupt = float(metric(clean_logits)), float(metric(corrupt_logits))
+    if abs(m_clean - m_corrupt) < 1e-6:
+        raise SystemExit(f"the corruption leaves logit(target) - logit(foil) at {m_clean:.4g}: "
+                         "nothing to restore; choose prompts whose next token differs")
     restored = (table - m_corrupt) / (m_clean - m_corrupt)
     return {"target": target, "foil": foil, "clean_metric": m_clean,
             "corrupt_metric": m_corrupt, "restored": restored}
