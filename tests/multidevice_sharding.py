@@ -231,3 +231,28 @@ def test_lora_steps_on_a_sharded_base_equal_one_device(mesh, weights):
     ad = state.params["h_0"]["mlp"]["c_fc"]["adapter"]
     want = {(1, 8, 1): (8, 1), (1, 2, 4): (2, 4)}[mesh]
     assert (shd.shard_count(ad.a.sharding, 2), shd.shard_count(ad.b.sharding, 2)) == want
+
+
+# ================================================================================ capture
+def _captures(setup):
+    """Activations and logits of gptjax.nn.inspect on `setup`'s mesh (an intervention too)."""
+    from gptjax.nn import inspect
+
+    pats = ["wte", "h_*.attn.probs", "h_*.attn.z", "h_*.mlp.act", "*.resid_post"]
+
+    def fn(p, tokens):
+        return inspect.forward_with_capture(setup.model_cfg, p, tokens, pats,
+                                            {"h_0.attn.z": inspect.ablate_heads(1)})
+    with setup.mesh:
+        state = setup.init_state(jax.random.key(0))
+        tokens = setup.put_batch(_batch())["inputs"]
+        return jax.device_get(jax.jit(setup._with_rules(fn), in_shardings=(
+            setup.state_shardings.params, setup.batch_sharding))(state.params, tokens))
+
+
+def test_captures_on_a_mesh_equal_one_device():
+    (ref_logits, ref), (logits, got) = _captures(_setup((1, 1, 1))), _captures(_setup((2, 2, 2)))
+    np.testing.assert_allclose(logits, ref_logits, rtol=1e-6, atol=1e-6)
+    assert sorted(got) == sorted(ref)
+    for name in ref:
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-6, err_msg=name)

@@ -51,9 +51,9 @@ from gptjax.nn.kernels import (cudnn_attention, cudnn_unsupported, flash_attenti
                                mesh_platform, shard_kernel, splash_attention, splash_unsupported)
 from gptjax.nn.masks import MASK_VALUE, attention_mask, default_positions
 
-__all__ = ["attention", "attention_mask", "causal_attention", "cudnn_attention",
-           "default_positions", "flash_attention", "local_attention_blocked", "splash_attention",
-           "xla_attention"]
+__all__ = ["attention", "attention_mask", "attention_probs", "causal_attention",
+           "cudnn_attention", "default_positions", "flash_attention", "local_attention_blocked",
+           "splash_attention", "xla_attention"]
 
 log = logging.getLogger("gptjax.nn.attention")
 
@@ -96,16 +96,36 @@ def xla_attention(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, v_BxSxHxD: jax.Arr
     Returns:
       [B, T, H, D] attention output.
     """
+    p_BxHxTxS = _softmax_probs(q_BxTxHxD, k_BxSxHxD, mask_BxTxS)
+    p_BxHxTxS = _dropout(p_BxHxTxS, dropout_rate, dropout_rng)
+    p_BxHxTxS = p_BxHxTxS.astype(v_BxSxHxD.dtype)
+    return jnp.einsum("BHTS,BSHD->BTHD", p_BxHxTxS, v_BxSxHxD)
+
+
+def _softmax_probs(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array,
+                   mask_BxTxS: jax.Array) -> jax.Array:
     d = q_BxTxHxD.shape[-1]
     q_BxTxHxD = q_BxTxHxD * jnp.asarray(d ** -0.5, q_BxTxHxD.dtype)
     # Scores accumulate in fp32 whatever the compute dtype: softmax is where bf16 hurts.
     s_BxHxTxS = jnp.einsum("BTHD,BSHD->BHTS", q_BxTxHxD, k_BxSxHxD,
                            preferred_element_type=jnp.float32)
     s_BxHxTxS = jnp.where(mask_BxTxS[:, None], s_BxHxTxS, MASK_VALUE)
-    p_BxHxTxS = jax.nn.softmax(s_BxHxTxS, axis=-1)
-    p_BxHxTxS = _dropout(p_BxHxTxS, dropout_rate, dropout_rng)
-    p_BxHxTxS = p_BxHxTxS.astype(v_BxSxHxD.dtype)
-    return jnp.einsum("BHTS,BSHD->BTHD", p_BxHxTxS, v_BxSxHxD)
+    return jax.nn.softmax(s_BxHxTxS, axis=-1)
+
+
+def attention_probs(q_BxTxHxD: jax.Array, k_BxSxHxD: jax.Array, q_pos_BxT: jax.Array,
+                    k_pos_BxS: jax.Array, window: Optional[int],
+                    segment_ids_BxT: Optional[jax.Array] = None) -> jax.Array:
+    """The attention probabilities [B, H, T, S] (fp32) of `xla_attention`, before dropout.
+
+    Args:
+      q_BxTxHxD, k_BxSxHxD: queries and keys.
+      q_pos_BxT, k_pos_BxS: their positions (-1: padding / an empty cache slot).
+      window: None (dense) or the band width of a local layer.
+      segment_ids_BxT: document ids of a packed window (self-attention), or None.
+    """
+    mask = attention_mask(q_pos_BxT, k_pos_BxS, window, segment_ids_BxT, segment_ids_BxT)
+    return _softmax_probs(q_BxTxHxD, k_BxSxHxD, mask)
 
 
 def local_attention_blocked(q_BxTxHxD: jax.Array, k_BxTxHxD: jax.Array, v_BxTxHxD: jax.Array,

@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 
 from gptjax.config import GPTConfig, check_scan_config
-from gptjax.nn.attention import attention
+from gptjax.nn import taps
+from gptjax.nn.attention import attention, attention_probs, default_positions
 from gptjax.nn.kv_cache import DenseView, PagedCache, cache_view, updated_cache
 from gptjax.nn.layers import (Embed, Linear, activation, einsum_fp32, layer_norm, normal_init,
                               param_or_weight_only, resid_std)
@@ -74,6 +75,8 @@ class CausalSelfAttention(_LayerPart):
         attend = functools.partial(attention, window=self.window, impl=cfg.attention_impl,
                                    dropout_rate=cfg.attn_pdrop, dropout_rng=dropout_rng,
                                    segment_ids_BxT=seg_BxT)
+        if taps.wants(self, "probs"):
+            attend = self._tapped_probs(attend, x_BxTxC.shape[0], H, seg_BxT)
         new_cache = None
         if layer_cache is None:
             out_BxTxHxD = attend(q_BxTxHxD, k_BxTxHxD, v_BxTxHxD, q_pos_BxT, q_pos_BxT)
@@ -85,6 +88,7 @@ class CausalSelfAttention(_LayerPart):
                                                                               k_pos_BxS)
             out_BxTxHxD, new_cache = view.attend(layer_cache, q_BxTxHxD, k_BxTxHxD, v_BxTxHxD,
                                                  q_pos_BxT, attend, self.window)
+        out_BxTxHxD = taps.tap(self, "z", out_BxTxHxD)
         # jnp.einsum contracts its summed letters in sorted order, D before H, and XLA then
         # transposes this kernel into [D, H, C] on every call; inside the decode loop that copy
         # (a second read and a write of the kernel per step) is not hoisted. Naming the head
@@ -96,7 +100,27 @@ class CausalSelfAttention(_LayerPart):
                          out_in=self.decode_layout, deterministic=self.deterministic,
                          name="c_proj")(out_BxTxHxD)
         y_BxTxC = nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
-        return y_BxTxC, new_cache
+        return taps.tap(self, "out", y_BxTxC), new_cache
+
+    def _tapped_probs(self, attend, B: int, H: int, seg_BxT: Optional[Array]):
+        """`attend` that also forms the attention probabilities [B, H, T, S] for the taps.
+
+        They are computed beside the attention (the xla_attention math, fp32), so capturing
+        them leaves the output as it was. An intervention adds (p' - p) v to the output: an
+        identity leaves it bitwise unchanged, p' = 0 removes the head's attention output.
+        """
+        def tapped(q, k, v, q_pos, k_pos):  # q may be a dense cache's [B*H, T, 1, D]
+            out = attend(q, k, v, q_pos, k_pos)
+            if q_pos is None:
+                q_pos = k_pos = default_positions(*q.shape[:2])
+            p = attention_probs(q, k, q_pos, k_pos, self.window, seg_BxT)
+            p_BxHxTxS = p.reshape((B, H) + p.shape[2:])
+            new_BxHxTxS = taps.tap(self, "probs", p_BxHxTxS)
+            if new_BxHxTxS is p_BxHxTxS:
+                return out
+            delta = (new_BxHxTxS - p_BxHxTxS).reshape(p.shape).astype(v.dtype)
+            return out + jnp.einsum("BHTS,BSHD->BTHD", delta, v).astype(out.dtype)
+        return tapped
 
 
 class Mlp(nn.Module):
@@ -114,12 +138,14 @@ class Mlp(nn.Module):
         h_BxTxF = Linear("BTC,CF->BTF", (C, F), ("embed", "mlp"), (F,), ("mlp",), cfg.init_std,
                          cfg.use_bias, dt, pdt, deterministic=self.deterministic,
                          name="c_fc")(x_BxTxC)
-        h_BxTxF = nn.with_logical_constraint(h_BxTxF, ("batch", "length", "mlp"))
-        h_BxTxF = activation(cfg.activation)(h_BxTxF)
+        h_BxTxF = taps.tap(self, "pre", nn.with_logical_constraint(h_BxTxF,
+                                                                  ("batch", "length", "mlp")))
+        h_BxTxF = taps.tap(self, "act", activation(cfg.activation)(h_BxTxF))
         y_BxTxC = Linear("BTF,FC->BTC", (F, C), ("mlp", "embed"), (C,), ("embed",),
                          resid_std(cfg), cfg.use_bias, dt, pdt, out_in=self.decode_layout,
                          deterministic=self.deterministic, name="c_proj")(h_BxTxF)
-        return nn.Dropout(cfg.resid_pdrop)(y_BxTxC, deterministic=self.deterministic)
+        return taps.tap(self, "out", nn.Dropout(cfg.resid_pdrop)(
+            y_BxTxC, deterministic=self.deterministic))
 
 
 class Block(_LayerPart):
@@ -133,17 +159,18 @@ class Block(_LayerPart):
                                    name="attn")
         mlp = Mlp(cfg, self.deterministic, self.decode_layout, name="mlp")
         ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
+        x_BxTxC = taps.tap(self, "resid_pre", x_BxTxC)
         if cfg.norm_position == "pre":
             a, new_cache = attn(ln_1(x_BxTxC), q_pos_BxT, k_pos_BxS, layer_cache, cache_view,
                                 seg_BxT)
-            x_BxTxC = x_BxTxC + a
+            x_BxTxC = taps.tap(self, "resid_mid", x_BxTxC + a)
             x_BxTxC = x_BxTxC + mlp(ln_2(x_BxTxC))
         else:
             a, new_cache = attn(x_BxTxC, q_pos_BxT, k_pos_BxS, layer_cache, cache_view, seg_BxT)
-            x_BxTxC = ln_1(x_BxTxC + a)
+            x_BxTxC = taps.tap(self, "resid_mid", ln_1(x_BxTxC + a))
             x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
-        return x_BxTxC, new_cache
+        return taps.tap(self, "resid_post", x_BxTxC), new_cache
 
 
 def _remat_policy(name: str):
@@ -160,21 +187,23 @@ class Period(nn.Module):
     decode_layout: bool = False
 
     @nn.compact
-    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_view, seg_BxT=None):
+    def __call__(self, x_BxTxC, period_cache, q_pos_BxT, k_pos_BxS, cache_view, seg_BxT=None,
+                 period_index=None):
         cfg = self.config
         block_cls = Block
         if cfg.remat != "none":
             block_cls = nn.remat(Block, policy=_remat_policy(cfg.remat), prevent_cse=False)
         new_cache = {} if period_cache is not None else None
-        for j, kind in enumerate(cfg.attention_pattern):
-            window = cfg.local_window if kind == "local" else None
-            name = f"block_{j}"
-            c = None if period_cache is None else period_cache[name]
-            x_BxTxC, c = block_cls(cfg, window, self.deterministic, self.decode_layout,
-                                   name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_view,
-                                               seg_BxT)
-            if new_cache is not None:
-                new_cache[name] = c
+        with taps.in_period(period_index):  # traced index of this period, for interventions
+            for j, kind in enumerate(cfg.attention_pattern):
+                window = cfg.local_window if kind == "local" else None
+                name = f"block_{j}"
+                c = None if period_cache is None else period_cache[name]
+                x_BxTxC, c = block_cls(cfg, window, self.deterministic, self.decode_layout,
+                                       name=name)(x_BxTxC, q_pos_BxT, k_pos_BxS, c, cache_view,
+                                                   seg_BxT)
+                if new_cache is not None:
+                    new_cache[name] = c
         return x_BxTxC, new_cache
 
 
@@ -240,7 +269,8 @@ class GPT(nn.Module):
         wpe = nn.Embed(cfg.n_ctx, cfg.n_embd, dtype=dt, param_dtype=pdt,
                        embedding_init=normal_init(cfg.init_std, ("position", "embed")), name="wpe")
         tok_BxTxC = wte(tokens_BxT) if inputs_embeds_BxTxC is None else inputs_embeds_BxTxC
-        x_BxTxC = tok_BxTxC.astype(dt) + wpe(jnp.maximum(positions_BxT, 0))
+        x_BxTxC = (taps.tap(self, "wte", tok_BxTxC.astype(dt))
+                   + taps.tap(self, "wpe", wpe(jnp.maximum(positions_BxT, 0))))
         x_BxTxC = nn.Dropout(cfg.embd_pdrop)(x_BxTxC, deterministic=deterministic)
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
 
@@ -265,7 +295,7 @@ class GPT(nn.Module):
                                      segment_ids_BxT)
 
         if cfg.final_norm:
-            x_BxTxC = layer_norm(cfg, "ln_f")(x_BxTxC)
+            x_BxTxC = taps.tap(self, "ln_f", layer_norm(cfg, "ln_f")(x_BxTxC))
 
         x_head_BxTxC = x_BxTxC[:, -1:] if last_logits_only else x_BxTxC
         if cfg.tie_embeddings:
@@ -290,14 +320,21 @@ def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_
                     layers_cache: Optional[dict], view: Any, seg_BxT: Optional[Array] = None):
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
+    variable_axes = {"params": 0, "lora": 0}
+    in_axes, extra = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), ()
+    request = taps.active()  # capture / interventions (gptjax.nn.inspect); None: the plain scan
+    if request is not None and request.scan_collection():
+        variable_axes[taps.COLLECTION] = 0  # captures stacked over periods
+    if request is not None and request.scan_period_index():
+        in_axes, extra = in_axes + (0,), (jnp.arange(n_periods, dtype=jnp.int32),)
     scanned = nn.scan(
-        Period, variable_axes={"params": 0, "lora": 0},
+        Period, variable_axes=variable_axes,
         split_rngs={"params": True, "dropout": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
+        in_axes=in_axes, length=n_periods,
         metadata_params={nn.PARTITION_NAME: "layers"})
     x_BxTxC, new_layers = scanned(cfg, deterministic, decode_layout, name="h")(
         x_BxTxC, None if layers_cache is None else layers_cache["h"], q_pos_BxT, k_pos_BxS, view,
-        seg_BxT)
+        seg_BxT, *extra)
     return x_BxTxC, None if layers_cache is None else {"h": new_layers}
 
 
