@@ -32,6 +32,10 @@ from gptjax.nn.layers import (Embed, Linear, activation, einsum_fp32, layer_norm
 
 Array = jax.Array
 Cache = dict
+# The collection each block's output mean square is sown into, only when a caller makes it
+# mutable (the train step's per-layer statistics, gptjax.train.layer_stats); otherwise no op is
+# traced and the program is the one without it.
+LAYER_STATS = "layer_stats"
 
 
 class _LayerPart(nn.Module):
@@ -143,6 +147,8 @@ class Block(_LayerPart):
             x_BxTxC = ln_1(x_BxTxC + a)
             x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
+        if self.is_mutable_collection(LAYER_STATS):
+            self.sow(LAYER_STATS, "out_ms", jnp.mean(jnp.square(x_BxTxC.astype(jnp.float32))))
         return x_BxTxC, new_cache
 
 
@@ -291,7 +297,7 @@ def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
     scanned = nn.scan(
-        Period, variable_axes={"params": 0, "lora": 0},
+        Period, variable_axes={"params": 0, "lora": 0, LAYER_STATS: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), length=n_periods,
         metadata_params={nn.PARTITION_NAME: "layers"})
