@@ -46,16 +46,20 @@ def _block_rms(cfg: GPTConfig, params, inputs) -> np.ndarray:
     looped = cfg.with_execution(scan_layers=False, remat="none")
     if cfg.scan_layers:
         params = unstack_layers(cfg, params)
-    _, inter = GPT(looped).apply({"params": params}, inputs, mutable=["intermediates"],
-                                 capture_intermediates=lambda m, _: isinstance(m, Block))
-    outs = [inter["intermediates"][f"h_{i}"]["__call__"][0][0] for i in range(cfg.n_layer)]
+
+    @jax.jit
+    def block_outputs(params):
+        _, inter = GPT(looped).apply({"params": params}, inputs, mutable=["intermediates"],
+                                     capture_intermediates=lambda m, _: isinstance(m, Block))
+        return [inter["intermediates"][f"h_{i}"]["__call__"][0][0] for i in range(cfg.n_layer)]
+    outs = block_outputs(params)
     return np.array([math.sqrt(np.mean(np.asarray(x, np.float64) ** 2)) for x in outs])
 
 
 # A GPT-3-like period of two blocks (dense, local) makes layer i period i // 2's block i % 2 when
 # scanned: the stacked leading axis is split into layers, not summed.
 CASES = {
-    "looped": dict(scan_layers=False, n_layer=3, accum=1, remat="none"),
+    "looped": dict(scan_layers=False, n_layer=2, accum=1, remat="none"),
     "scanned_accum_remat": dict(scan_layers=True, n_layer=4, accum=2, remat="full"),
 }
 
@@ -68,7 +72,7 @@ def test_step_stats_equal_norms_of_jax_grad_outside_and_the_step_is_unchanged(ca
                     attention_pattern=("dense", "local"), local_window=4,
                     scan_layers=c["scan_layers"], remat=c["remat"])
     tx, sched = make_optimizer(base_config().optim, 1000)
-    params = init_params(cfg, jax.random.key(0))
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     tokens = np.random.default_rng(1).integers(0, V, (4, T + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
     rng = jax.random.key(2)
@@ -87,12 +91,13 @@ def test_step_stats_equal_norms_of_jax_grad_outside_and_the_step_is_unchanged(ca
     assert set(layers) == set(STATS)
     assert all(v.shape == (cfg.n_layer,) and v.dtype == np.float32 for v in layers.values())
 
-    # Outside the step: jax.grad of the whole batch's loss (the microbatches' mean), the
-    # optimizer's update of those gradients, the blocks' outputs captured by flax.
+    # Outside the step (jitted on their own, for speed): jax.grad of the whole batch's loss (the
+    # microbatches' mean), the optimizer's update of those gradients, the blocks' outputs
+    # captured by flax.
     def loss_fn(p):
         return lm_loss(GPT(cfg).apply({"params": p}, batch["inputs"]), batch["targets"])
-    grads = jax.grad(loss_fn)(state.params)
-    updates, _ = tx.update(grads, state.opt_state, state.params)
+    grads = jax.jit(jax.grad(loss_fn))(state.params)
+    updates, _ = jax.jit(tx.update)(grads, state.opt_state, state.params)
     g_ref = _per_layer_norms(cfg, grads)
     np.testing.assert_allclose(layers["grad_norm"], g_ref, rtol=1e-6, atol=0)
     p_ref = _per_layer_norms(cfg, state.params)
