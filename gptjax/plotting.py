@@ -68,8 +68,9 @@ def plot_layer_stats(metrics_path: str, out_png: str, title: str = "") -> Option
         for i in range(n_layer):
             pts = [(r["step"], r[f"layers/{i}/{name}"]) for r in recs]
             ax.plot(*zip(*pts), color=colors[i], lw=1.0, label=f"layer {i}")
-        if all(y > 0 for r in recs for k, y in r.items() if k.endswith(f"/{name}")):
-            ax.set_yscale("log")  # norms and ratios span decades over a run
+        ys = [y for r in recs for k, y in r.items() if k.endswith(f"/{name}")]
+        if min(ys) > 0 and max(ys) > 10 * min(ys):
+            ax.set_yscale("log")  # gradient and update norms span decades over a run
         ax.set_ylabel(name, fontsize=8)
         ax.grid(alpha=0.3)
     axes[0, 0].set_title(title or "per-layer statistics: " + os.path.basename(
