@@ -1,4 +1,4 @@
-"""What a train step with per-layer statistics costs next to the plain step (train.layer_stats_every).
+"""The cost of a train step with per-layer statistics against the plain step (layer_stats_every).
 
   python bench/layer_stats.py                                   # the CPU shapes
   python bench/layer_stats.py --shapes gpt2_1024 --dtype bfloat16 --batch 8   # a GPU

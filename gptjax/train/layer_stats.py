@@ -19,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptjax.config import GPTConfig
-from gptjax.nn.model import LAYER_STATS
 
 # Logged per layer, in this order. param_norm is of the parameters the gradient was taken at
 # (before the update); update_norm of the optimizer's update (after clipping, the learning rate
@@ -50,8 +49,8 @@ def layer_norms(model_cfg: GPTConfig, tree: Any) -> jax.Array:
 
 
 def sown_mean_squares(model_cfg: GPTConfig, sown: dict) -> jax.Array:
-    """[n_layer] block-output mean squares from the model's `LAYER_STATS` collection (what
-    `GPT.apply(..., mutable=[LAYER_STATS])` returns under it)."""
+    """[n_layer] block-output mean squares from the model's sown collection (what
+    `GPT.apply(..., mutable=[gptjax.nn.model.LAYER_STATS])` returns under that name)."""
     return _per_layer(model_cfg, sown, lambda t, lead: t["out_ms"][0])
 
 
