@@ -89,12 +89,14 @@ def model_cfg(name: str, dtype: str, vocab: int = 0, attention_impl: str = "xla"
 
 
 # ===================================================================================== gptjax
-def jax_setup(cfg: GPTConfig, batch: int):
-    """The benchmarked gptjax train step: (jitted step, initial state, batch, rng)."""
+def jax_setup(cfg: GPTConfig, batch: int, layer_stats: bool = False):
+    """The benchmarked gptjax train step: (jitted step, initial state, batch, rng); with
+    `layer_stats`, the step that also returns per-layer statistics (bench/layer_stats.py)."""
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(3e-4, weight_decay=0.1))
     params = init_params(cfg, jax.random.key(0))
     state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-    step = jax.jit(make_train_step(cfg, tx, lambda s: 3e-4), donate_argnames=("state",))
+    step = jax.jit(make_train_step(cfg, tx, lambda s: 3e-4, layer_stats=layer_stats),
+                   donate_argnames=("state",))
     x = jax.random.randint(jax.random.key(1), (batch, cfg.n_ctx + 1), 0, cfg.vocab_size)
     return step, state, {"inputs": x[:, :-1], "targets": x[:, 1:]}, jax.random.key(2)
 

@@ -206,6 +206,11 @@ def _train_config() -> ml_collections.ConfigDict:
     t.spike_threshold = 6.0
     t.spike_window = 128
     t.spike_max = 4
+    # Per-layer statistics (gptjax.train.layer_stats): every layer_stats_every steps the step also
+    # returns each layer's parameter, gradient and update norms, update/parameter ratio and
+    # block-output RMS, logged as layers/<i>/<name> (metrics.jsonl, TensorBoard, layers.png); a
+    # second compiled step. 0 = off: the train step's program is the one without them.
+    t.layer_stats_every = 0
     return t
 
 

@@ -75,3 +75,40 @@ def plot_evals(metrics_path: str, out_png: str, prefix: str = "eval/") -> str | 
     fig.savefig(out_png)
     plt.close(fig)
     return out_png
+
+
+def plot_layer_stats(metrics_path: str, out_png: str, title: str = "") -> str | None:
+    """Per-layer statistics (`layers/<i>/<name>` records, train.layer_stats_every) against step,
+    one panel per statistic and one line per layer (dark: first layer, light: last), written as
+    a PNG; None (no file) when the log holds none."""
+    recs = [r for r in read_metrics(metrics_path) if any(k.startswith("layers/") for k in r)]
+    if not recs:
+        return None
+    import matplotlib  # heavy: matplotlib, only when a plot is written
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # heavy: matplotlib
+
+    keys = [k.split("/") for k in recs[0] if k.startswith("layers/")]
+    names = list(dict.fromkeys(name for _, _, name in keys))  # in the order logged
+    n_layer = 1 + max(int(i) for _, i, _ in keys)
+    colors = plt.get_cmap("viridis")([i / max(n_layer - 1, 1) * 0.9 for i in range(n_layer)])
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.9 * len(names) + 0.6), dpi=110,
+                             sharex=True, squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        for i in range(n_layer):
+            pts = [(r["step"], r[f"layers/{i}/{name}"]) for r in recs]
+            ax.plot(*zip(*pts), color=colors[i], lw=1.0, label=f"layer {i}")
+        ys = [y for r in recs for k, y in r.items() if k.endswith(f"/{name}")]
+        if min(ys) > 0 and max(ys) > 10 * min(ys):
+            ax.set_yscale("log")  # gradient and update norms span decades over a run
+        ax.set_ylabel(name, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_title(title or "per-layer statistics: " + os.path.basename(
+        os.path.dirname(os.path.abspath(metrics_path))))
+    if n_layer <= 12:
+        axes[0, 0].legend(fontsize=7, ncol=min(n_layer, 6))
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out_png)
+    plt.close(fig)
+    return out_png

@@ -248,6 +248,13 @@ def _check_goodput_chain(proc, out):
     assert "goodput " in proc.stdout and "covered" in proc.stdout
 
 
+def _check_layer_stats(proc, out):
+    (row,) = json.loads((out / "layer_stats.json").read_text())["rows"]
+    assert row["shape"] == "tiny_smoke" and len(row["ratios"]) == 1, row
+    assert _positive(row["plain_step_s"]) and _positive(row["stats_step_s"]), row
+    assert _positive(row["ratio"]) and "stats / plain" in proc.stdout
+
+
 SMOKE_RUNS = {
     "attention.py": (lambda out, data: ["--out", str(out / "attention.json")], _check_attention),
     "data_throughput.py": (lambda out, data: ["--json", str(out / "data.json"), "--shared",
@@ -261,6 +268,8 @@ SMOKE_RUNS = {
                        _check_finetune_lm),
     "goodput_chain.py": (lambda out, data: ["--json", str(out / "chain.json")],
                          _check_goodput_chain),
+    "layer_stats.py": (lambda out, data: ["--json", str(out / "layer_stats.json")],
+                       _check_layer_stats),
     "gpu_fits.py": (lambda out, data: ["--out", str(out / "fits.json")], _check_gpu_fits),
     "pod_compile.py": (lambda out, data: ["--out", str(out / "pods.json")], _check_pod_compile),
     "profile_step.py": (lambda out, data: ["--out", str(out / "trace")], _check_profile_step),

@@ -33,6 +33,10 @@ from gptjax.nn.layers import (Embed, Linear, activation, einsum_fp32, layer_norm
 
 Array = jax.Array
 Cache = dict
+# The collection each block's output mean square is sown into, only when a caller makes it
+# mutable (the train step's per-layer statistics, gptjax.train.layer_stats); otherwise no op is
+# traced and the program is the one without it.
+LAYER_STATS = "layer_stats"
 
 
 class _LayerPart(nn.Module):
@@ -170,6 +174,8 @@ class Block(_LayerPart):
             x_BxTxC = taps.tap(self, "resid_mid", ln_1(x_BxTxC + a))
             x_BxTxC = ln_2(x_BxTxC + mlp(x_BxTxC))
         x_BxTxC = nn.with_logical_constraint(x_BxTxC, ("batch", "length", "embed"))
+        if self.is_mutable_collection(LAYER_STATS):
+            self.sow(LAYER_STATS, "out_ms", jnp.mean(jnp.square(x_BxTxC.astype(jnp.float32))))
         return taps.tap(self, "resid_post", x_BxTxC), new_cache
 
 
@@ -320,7 +326,7 @@ def _scanned_blocks(cfg: GPTConfig, deterministic: bool, decode_layout: bool, x_
                     layers_cache: Optional[dict], view: Any, seg_BxT: Optional[Array] = None):
     """The blocks as `nn.scan` over periods (submodule `h` of the calling GPT)."""
     n_periods = cfg.n_layer // len(cfg.attention_pattern)
-    variable_axes = {"params": 0, "lora": 0}
+    variable_axes = {"params": 0, "lora": 0, LAYER_STATS: 0}
     in_axes, extra = (0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast), ()
     request = taps.active()  # capture / interventions (gptjax.nn.inspect); None: the plain scan
     if request is not None and request.scan_collection():

@@ -67,6 +67,10 @@ def check_train_config(config: ml_collections.ConfigDict, num_devices: int | Non
         check_mixture(config)
     _choice("tokenizer.kind", config.tokenizer.kind, tuple(TOKENIZER_KINDS))
 
+    if config.train.layer_stats_every and config.lora.rank:
+        raise ConfigError(f"train.layer_stats_every={config.train.layer_stats_every} with "
+                          f"lora.rank={config.lora.rank}: per-layer statistics cover full "
+                          "training only; allowed with LoRA: 0")
     check_init_config(config)
 
     # The architecture (a pretrained model's, from its config file), with a stand-in vocabulary
@@ -111,6 +115,7 @@ def _check_train(tc: ml_collections.ConfigDict) -> None:
                           f"steps (train.spike_guard={tc.spike_guard!r}); allowed: > {low:g}")
     _int("train.spike_window", tc.spike_window, 1)
     _int("train.spike_max", tc.spike_max, 0)
+    _int("train.layer_stats_every", tc.layer_stats_every, 0)
 
 
 def _check_optim(oc: ml_collections.ConfigDict) -> None:

@@ -23,10 +23,10 @@ from gptjax import defaults
 from gptjax.config import GPTConfig
 from gptjax.data.documents import document_mask
 from gptjax.data.tokenizers import Tokenizer
-from gptjax.plotting import plot_evals, plot_metrics
+from gptjax.plotting import plot_evals, plot_layer_stats, plot_metrics
 from gptjax.runs import faults, goodput
 from gptjax.runs.workdir import MetricsWriter, remove_empty_dirs, write_summary
-from gptjax.train import elastic
+from gptjax.train import elastic, layer_stats
 from gptjax.train.evals import Evaluation, PeriodicEvals, check_evals
 from gptjax.train.experiment import check_train_config
 from gptjax.train.metrics import mfu, peak_flops
@@ -95,6 +95,7 @@ class Trainer:
         self.total_steps = tc.steps
         self.halt_mode = tc.nonfinite == "halt"
         self.max_skips = tc.max_consecutive_skips
+        self.stats_every = tc.layer_stats_every  # per-layer statistics' steps (0 = none)
         self.n_skipped = carried["skipped_steps"]  # steps whose update was skipped, over the run
         self.last_train_loss = carried["train_loss"]
         self.consecutive = 0  # skipped steps in a row
@@ -142,6 +143,10 @@ class Trainer:
           completed: how many steps have completed by now (default step + 1); with
             synchronous dispatch the step dispatched after `step` has completed too.
         """
+        m = dict(m)
+        layers = m.pop("layers", None)  # a statistics step's (train.layer_stats_every)
+        if layers is not None:
+            self.writer.write(layer_stats.record(step + 1, layers))
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         self.last_train_loss = m["loss"]
         self.spikes.observe(step, m)
@@ -216,8 +221,10 @@ class Trainer:
         self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
         self.data_waits += 1
         batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
-        state, metrics = run.setup.train_step(self.hooks.corrupt_state(step, state), batch,
-                                              run.train_rng, *self.spikes.args(step))
+        train_step = (run.setup.stats_step if layer_stats.due(self.stats_every, step)
+                      else run.setup.train_step)
+        state, metrics = train_step(self.hooks.corrupt_state(step, state), batch, run.train_rng,
+                                    *self.spikes.args(step))
         if self.pending is not None:
             # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
             completed = step + 1 if metrics["loss"].is_ready() else step
@@ -328,6 +335,8 @@ def finish(trainer: Trainer, state: TrainState) -> TrainResult:
         with run.ledger.phase("log"):
             plot_metrics(run.metrics_path, plot_path)
             plot_evals(run.metrics_path, os.path.join(run.workdir, "evals.png"))  # train.evals
+            if run.config.train.layer_stats_every:  # one line per layer, one panel per metric
+                plot_layer_stats(run.metrics_path, os.path.join(run.workdir, "layers.png"))
             write_summary(run.workdir, result.summary())
         print(f"done: step {final_step}, val_loss {val_loss:.4f} (whole split), "
               f"wall {result.wall_time_s:.0f}s; plot {plot_path}", flush=True)

@@ -48,22 +48,31 @@ class Setup:
         self._shard_state()
         # train.spike_guard: the train step's trailing float32 limit (gptjax.train.spikes).
         self.guard_args = (self.repl,) if spikes.enabled(config.train) else ()
+        # train.layer_stats_every > 0: the step with per-layer statistics, run at those steps
+        # (gptjax.train.layer_stats); None otherwise (and for LoRA, which has none).
+        self.stats_step = None
         self._build_steps()
 
     def _build_steps(self) -> None:
         """The jitted train and eval steps on the mesh."""
-        config, model_cfg, repl = self.config, self.model_cfg, self.repl
-        step_fn = make_train_step(model_cfg, self.optimizer, self.schedule,
+        self.train_step = self._jit_train_step(layer_stats=False)
+        if self.config.train.layer_stats_every > 0:
+            self.stats_step = self._jit_train_step(layer_stats=True)
+        self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
+                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
+                                 out_shardings=(self.repl, self.repl))
+
+    def _jit_train_step(self, layer_stats: bool):
+        """The jitted train step, with or without per-layer statistics (each its own program)."""
+        repl = self.repl
+        step_fn = make_train_step(self.model_cfg, self.optimizer, self.schedule,
                                   accum_steps=self.accum_steps,
-                                  nonfinite=config.train.nonfinite,
-                                  spike_guard=bool(self.guard_args))
-        self.train_step = with_default_limit(jax.jit(
+                                  nonfinite=self.config.train.nonfinite,
+                                  spike_guard=bool(self.guard_args), layer_stats=layer_stats)
+        return with_default_limit(jax.jit(
             self._with_rules(step_fn),
             in_shardings=(self.state_shardings, self.batch_sharding, repl) + self.guard_args,
             out_shardings=(self.state_shardings, repl), donate_argnames=("state",)), self)
-        self.eval_step = jax.jit(self._with_rules(make_eval_step(self.model_cfg)),
-                                 in_shardings=(self.state_shardings.params, self.batch_sharding),
-                                 out_shardings=(repl, repl))
 
     def set_accum_steps(self, accum_steps: int) -> None:
         """Rebuilds the train step with `accum_steps` microbatches per update (train.elastic on

@@ -6,6 +6,7 @@ the trainer runs can be built and benchmarked on a machine with just the numeric
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import flax
@@ -16,7 +17,8 @@ import optax
 from gptjax.config import GPTConfig
 from gptjax.nn.adapter import COLLECTION
 from gptjax.nn.losses import lm_loss
-from gptjax.nn.model import GPT
+from gptjax.nn.model import GPT, LAYER_STATS
+from gptjax.train.layer_stats import sown_mean_squares, step_stats
 
 
 # Batch arrays of document-masked packing (gptjax.data.documents) -> GPT call arguments.
@@ -41,7 +43,8 @@ class TrainState:
 
 def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformation,
                     schedule: Callable, *, accum_steps: int = 1,
-                    nonfinite: str = "skip", spike_guard: bool = False) -> Callable:
+                    nonfinite: str = "skip", spike_guard: bool = False,
+                    layer_stats: bool = False) -> Callable:
     """A pure train step: `train_step(state, batch, rng) -> (state, metrics)`.
 
     Args:
@@ -57,6 +60,10 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
         above the float32 `spike_limit` keeps params and optimizer state too (whatever
         `nonfinite` says) and reports spike=1 (gptjax.train.spikes computes the limit). Off, the
         step and its program are as without the guard.
+      layer_stats: the metrics also hold `layers`, `{name: [n_layer]}` for each name of
+        gptjax.train.layer_stats.STATS (per-layer parameter, gradient and update norms, their
+        ratio, the RMS of each block's output); a program of its own, which the trainer runs every
+        `train.layer_stats_every` steps. Off, the step and its program are as without it.
 
     The dropout key is `fold_in(rng, step)`, so a resumed run draws the same masks.
     """
@@ -68,14 +75,25 @@ def make_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransformatio
                              rngs={"dropout": rng} if use_dropout else None, **docs)
         return lm_loss(logits, targets, weights)
 
-    update = _make_update(optimizer, schedule, accum_steps, nonfinite)
+    def stats_loss_fn(params, inputs, targets, weights, rng, docs):
+        # The blocks sow their outputs' mean squares only into a mutable LAYER_STATS.
+        logits, sown = model.apply({"params": params}, inputs, deterministic=not use_dropout,
+                                   rngs={"dropout": rng} if use_dropout else None,
+                                   mutable=[LAYER_STATS], **docs)
+        return (lm_loss(logits, targets, weights),
+                sown_mean_squares(model_cfg, sown[LAYER_STATS]))
+
+    stats = functools.partial(step_stats, model_cfg) if layer_stats else None
+    update = _make_update(optimizer, schedule, accum_steps, nonfinite, stats)
+    grad_fn = (jax.value_and_grad(stats_loss_fn, has_aux=True) if layer_stats
+               else jax.value_and_grad(loss_fn))
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
-        return update(jax.value_and_grad(loss_fn), state, batch, rng)
+        return update(grad_fn, state, batch, rng)
 
     def guarded_train_step(state: TrainState, batch: dict, rng: jax.Array,
                            spike_limit: jax.Array):
-        return update(jax.value_and_grad(loss_fn), state, batch, rng, spike_limit)
+        return update(grad_fn, state, batch, rng, spike_limit)
 
     return guarded_train_step if spike_guard else train_step
 
@@ -115,12 +133,14 @@ def make_lora_train_step(model_cfg: GPTConfig, optimizer: optax.GradientTransfor
 
 
 def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, accum_steps: int,
-                 nonfinite: str) -> Callable:
+                 nonfinite: str, stats: Optional[Callable] = None) -> Callable:
     """`update(grad_fn, state, batch, rng) -> (state, metrics)`: the gradients of `grad_fn`
     (value_and_grad of a loss of (params, inputs, targets, weights, rng, document_args)) over
     the batch, one
     optimizer update, the non-finite policy and, given `spike_limit`, the spike guard (see
-    `make_train_step`)."""
+    `make_train_step`). With `stats`, `grad_fn` has an aux output (the blocks' output mean
+    squares, averaged over microbatches like the loss) and metrics['layers'] is
+    `stats(params, grads, updates, aux)`."""
 
     def update(grad_fn: Callable, state: TrainState, batch: dict, rng: jax.Array,
                spike_limit: Optional[jax.Array] = None):
@@ -129,7 +149,10 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
             loss, grads = grad_fn(state.params, batch["inputs"], batch["targets"],
                                   batch.get("weights"), rng, document_args(batch))
         else:
-            loss, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps)
+            loss, grads = _accumulated(grad_fn, state.params, batch, rng, accum_steps,
+                                       stats is not None)
+        if stats is not None:
+            loss, mean_squares = loss
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -160,17 +183,20 @@ def _make_update(optimizer: optax.GradientTransformation, schedule: Callable, ac
                    "update_norm": update_norm, "skipped": (~ok).astype(jnp.int32)}
         if spike_limit is not None:
             metrics["spike"] = spike.astype(jnp.int32)
+        if stats is not None:
+            metrics["layers"] = stats(state.params, grads, updates, mean_squares)
         return new_state, metrics
 
     return update
 
 
 def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
-                 accum_steps: int) -> tuple:
+                 accum_steps: int, with_aux: bool = False) -> tuple:
     """(loss, grads) over `accum_steps` microbatches with a `lax.scan`: their mean, or, when the
     batch has `weights` (prompt/completion data), each microbatch's weighted mean counted by its
     share of the batch's weight, so the loss is the whole batch's weighted mean (as without
-    accumulation) however unevenly the completion tokens fall into microbatches."""
+    accumulation) however unevenly the completion tokens fall into microbatches. `with_aux`:
+    `grad_fn` gives ((loss, aux), grads), and the loss slot is (loss, aux), aux averaged alike."""
     def split(x):
         return None if x is None else x.reshape((accum_steps, -1) + x.shape[1:])
 
@@ -189,7 +215,11 @@ def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
             l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
         return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
 
-    zero = (jnp.zeros((), jnp.float32),
+    zero_loss = jnp.zeros((), jnp.float32)
+    if with_aux:  # zeros shaped as a microbatch's (loss, aux); traced, never run
+        (_, aux0), _ = jax.eval_shape(grad_fn, params, *jax.tree.map(lambda x: x[0], micro))
+        zero_loss = (zero_loss, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0))
+    zero = (zero_loss,
             jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
     (loss, grads), _ = jax.lax.scan(body, zero, micro)
     loss, grads = jax.tree_util.tree_map(lambda x: x / accum_steps, (loss, grads))
