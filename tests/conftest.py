@@ -1,6 +1,7 @@
 """Shared test fixtures: where the shared data lives, and small configs."""
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import pathlib
@@ -128,6 +129,24 @@ def tiny_run_config(corpus, root, changes: Optional[dict] = None):
 # the same programs (the tiny run above; sample.py on it) compile once, whichever test comes first.
 XLA_CACHE = pathlib.Path(tempfile.mkdtemp(prefix="gptjax-tests-xla-"))
 atexit.register(shutil.rmtree, XLA_CACHE, True)
+
+
+class EvalRecorder:
+    """A stand-in for a train Setup in evaluation tests (gptjax.train.run_data.evaluate /
+    val_metrics): no mesh, batches as they are, every eval_step returns `result` and records the
+    keys of the batch it was given in `seen`."""
+
+    mesh = contextlib.nullcontext()
+
+    def __init__(self, result=(1.0, 1.0)):
+        self.result, self.seen = result, []
+
+    def put_batch(self, batch):
+        return batch
+
+    def eval_step(self, params, batch):
+        self.seen.append(set(batch))
+        return self.result
 
 
 def subprocess_env(devices: Optional[int] = None) -> dict:

@@ -5,13 +5,14 @@ logits must be bitwise equal whatever A's tokens are, under every kernel that ta
 with positions restarting and without; B's loss has an exactly zero gradient at A's embeddings.
 """
 
-import contextlib
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
+from conftest import EvalRecorder
 
 from gptjax.config import ConfigError, GPTConfig
 from gptjax.data import LMBatcher
@@ -209,19 +210,9 @@ def test_make_batcher_and_evaluate_follow_the_switch():
         b = run_data.make_batcher(config, None, Tok(), tokens, T)
         assert set(b.batch(0)) == set(batch_keys(config.data)) == (
             {"inputs", "targets", "segment_ids", "positions"} if on else {"inputs", "targets"})
-        seen = []
-
-        class FakeSetup:
-            mesh = contextlib.nullcontext()
-
-            def put_batch(self, batch):
-                return batch
-
-            def eval_step(self, params, batch):
-                seen.append(set(batch))
-                return 0.0, 1.0
-        run_data.evaluate(FakeSetup(), None, tokens, T, 4, 1, document_mask(config.data, Tok()))
-        assert seen == [set(batch_keys(config.data)) | {"weights"}]
+        setup = EvalRecorder((0.0, 1.0))
+        run_data.evaluate(setup, None, tokens, T, 4, 1, document_mask(config.data, Tok()))
+        assert setup.seen == [set(batch_keys(config.data)) | {"weights"}]
 
 
 def test_mask_off_step_program_is_the_plain_one(monkeypatch):

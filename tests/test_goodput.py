@@ -75,24 +75,26 @@ def test_one_clock_charges_each_interval_once():
         led.base("steps")
 
 
+def _train(clock, ledger, steps):
+    """Steps of 0.51 s each on the fake clock: 0.01 s waiting for data, then 0.5 s of step."""
+    for step in steps:
+        with ledger.waiting_for_data(step):
+            clock.tick(0.01)
+        clock.tick(0.5)
+
+
 def test_attempts_down_time_and_recomputed_steps(tmp_path):
     # Attempt 1 runs steps 0-7, heartbeats before the checkpoint of step 8, and is killed.
     clock = FakeClock()
     a1 = goodput.Ledger(clock=clock).open(str(tmp_path), 0, restored=False)
-    for step in range(8):
-        with a1.waiting_for_data(step):
-            clock.tick(0.01)
-        clock.tick(0.5)
+    _train(clock, a1, range(8))
     a1.heartbeat(force=True, reached=8)
     killed_at = clock()
     clock.tick(3.0)  # (it dies 3 s after its last record)
     # Attempt 2 starts 10 s after that record, resumes from the checkpoint of step 4.
     clock.tick(7.0)
     a2 = goodput.Ledger(clock=clock).open(str(tmp_path), 4, restored=True)
-    for step in range(4, 12):
-        with a2.waiting_for_data(step):
-            clock.tick(0.01)
-        clock.tick(0.5)
+    _train(clock, a2, range(4, 12))
     a2.close("done", 12)
     doc = goodput.load(str(tmp_path))
     first, second = doc["attempts"]
@@ -122,20 +124,14 @@ def test_a_kill_between_saves_shows_the_lost_steps_as_recomputed(tmp_path):
     # record how far it got) and is killed between saves; attempt 2 resumes from step 4.
     clock = FakeClock()
     a1 = goodput.Ledger(clock=clock).open(str(tmp_path), 0, restored=False)
-    for step in range(20):
-        if step == 4:
-            a1.heartbeat(force=True, reached=4)  # (the checkpoint of step 4)
-        with a1.waiting_for_data(step):
-            clock.tick(0.01)
-        clock.tick(0.5)
+    _train(clock, a1, range(4))
+    a1.heartbeat(force=True, reached=4)  # (the checkpoint of step 4)
+    _train(clock, a1, range(4, 20))
     reached = goodput.load(str(tmp_path))["attempts"][0]["reached"]
     assert 10 <= reached < 20, reached  # the last heartbeat's step, not the last save's
     clock.tick(2.0)
     a2 = goodput.Ledger(clock=clock).open(str(tmp_path), 4, restored=True)
-    for step in range(4, 24):
-        with a2.waiting_for_data(step):
-            clock.tick(0.01)
-        clock.tick(0.5)
+    _train(clock, a2, range(4, 24))
     a2.close("done", 24)
     second = goodput.load(str(tmp_path))["attempts"][1]
     assert second["recomputed_steps"] == reached - 4

@@ -10,7 +10,7 @@ import signal
 import numpy as np
 import pytest
 
-from conftest import tiny_run_config
+from conftest import EvalRecorder, tiny_run_config
 from gptjax import defaults
 from gptjax.config import ConfigError
 from gptjax.data import mixture as mx
@@ -279,8 +279,6 @@ def test_train_py_prepare_data_takes_the_mixture_from_flags(tmp_path):
 def test_mixture_with_document_mask_carries_segment_ids_in_training_and_evaluation(tmp_path):
     """The mixture's batcher goes behind the document mask like every pipeline's: its batches
     and each corpus' evaluation batches carry segment ids and restarted positions."""
-    import contextlib
-
     from gptjax.data.documents import DocumentMask
     from gptjax.train import run_data, run_mixture  # heavy: the training stack
 
@@ -297,18 +295,8 @@ def test_mixture_with_document_mask_carries_segment_ids_in_training_and_evaluati
     np.testing.assert_array_equal(batch["segment_ids"], want["segment_ids"])
     np.testing.assert_array_equal(batch["positions"], want["positions"])
     assert set(run_mixture.mix_fields(batcher, 0, 2)) == {"mix/shake", "mix/fox"}
-    seen = []
-
-    class FakeSetup:
-        mesh = contextlib.nullcontext()
-
-        def put_batch(self, batch):
-            return batch
-
-        def eval_step(self, params, batch):
-            seen.append(set(batch))
-            return 1.0, 1.0
+    setup = EvalRecorder()
     docs = run_data.document_mask(config.data, tok)
-    got = run_data.val_metrics(FakeSetup(), None, val, 32, 4, 1, docs)
+    got = run_data.val_metrics(setup, None, val, 32, 4, 1, docs)
     assert set(got) == {"val_loss", "val_loss/shake", "val_loss/fox"}
-    assert seen and all({"segment_ids", "positions"} <= s for s in seen), seen
+    assert setup.seen and all({"segment_ids", "positions"} <= s for s in setup.seen), setup.seen
