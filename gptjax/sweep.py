@@ -142,6 +142,10 @@ def init_sweep(config: ml_collections.ConfigDict, model_cfg: GPTConfig, seeds: S
       learning_rates: per model peak learning rates (None: the config's optimizer as is).
     """
     config = defaults.complete(config, defaults.base_config())
+    if config.train.layer_stats_every:
+        raise ValueError(f"train.layer_stats_every={config.train.layer_stats_every}: a sweep's "
+                         "step returns no per-layer statistics; give 0 (train.py logs them), or "
+                         "capture activations with gptjax.nn.inspect under jax.vmap")
     total = config.train.steps
     if learning_rates is None:
         optimizer, schedule = make_optimizer(config.optim, total)

@@ -19,6 +19,7 @@ from gptjax import GPT, GPTConfig, init_params, sweep
 from gptjax.defaults import base_config, model_config
 from gptjax.config import ConfigError
 from gptjax.nn import inspect, taps
+from gptjax.nn.kv_cache import PagedCache, PagedView, init_pages
 from gptjax.nn.model import init_cache
 from gptjax.train.experiment import model_config_from
 from gptjax.train.step import TrainState, make_train_step
@@ -159,7 +160,10 @@ def _zero_neuron_by_hand(cfg, params, layer, neuron):
     return params
 
 
-@pytest.mark.parametrize("name, layer", [("gpt2", 1), ("gpt3_scan_remat", 2)])
+# Layer 2 of the scanned GPT-3 is a dense block; layer 3 a local one (window 4 of 12 tokens:
+# the banded path), so the probabilities of both masks are the ones the attention used.
+@pytest.mark.parametrize("name, layer", [("gpt2", 1), ("gpt3_scan_remat", 2),
+                                         ("gpt3_scan_remat", 3)])
 def test_ablations_equal_editing_the_weights(name, layer):
     cfg = _cfg(name)
     params = _params(cfg)
@@ -249,6 +253,34 @@ def test_cached_decoding_captures_what_the_full_forward_does(name):
     assert float(jnp.max(jnp.abs(got["h_0.attn.probs"][..., T:]))) == 0  # empty slots
 
 
+def test_a_paged_cache_step_captures_what_a_dense_cache_step_does():
+    """The serving engine's paged cache: one decode step of a row whose prompt sits in two
+    scattered pages captures what the same step over a dense cache does (probabilities aside:
+    a paged cache never forms them, tested in test_errors_are_one_line)."""
+    from test_model import _pages_put  # the prompt's keys/values into pool slots, as insert does
+    cfg = _cfg("gpt2")
+    params = _params(cfg)
+    pats = ["h_*.mlp.act", "h_*.resid_post", "h_*.attn.z"]
+    G, L, table = 4, 5, [3, 1]
+    (_, cache), _ = inspect.forward_with_capture(cfg, params, TOKENS[:1, :L],
+                                                 cache=init_cache(cfg, 1, 16))
+    step_tok, step_pos = TOKENS[:1, L:L + 1], jnp.array([[L]])
+    (want_logits, _), want = inspect.forward_with_capture(cfg, params, step_tok, pats,
+                                                          cache=cache, positions_BxT=step_pos)
+    slots = jnp.array([table[p // G] * G + p % G for p in range(L)])
+    pool = jax.tree_util.tree_map(lambda P, d: _pages_put(P, d, slots, L),
+                                  init_pages(cfg, 4, G), cache["layers"])
+    view = PagedView(jnp.array([[table[L // G] * G + L % G]]), jnp.array(table),
+                     jnp.array([0, 0]), jnp.array([0, G]))
+    (logits, _), got = inspect.forward_with_capture(cfg, params, step_tok, pats,
+                                                    cache=PagedCache(pool, view),
+                                                    positions_BxT=step_pos)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    assert sorted(got) == sorted(want) and len(got) == 3 * cfg.n_layer
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=1e-5, atol=1e-6, err_msg=n)
+
+
 def test_logit_lens_of_the_last_layer_is_the_logits():
     for name in ["gpt2", "gpt1"]:
         cfg = _cfg(name)
@@ -261,6 +293,14 @@ def test_logit_lens_of_the_last_layer_is_the_logits():
 def test_errors_are_one_line():
     cfg = _cfg()
     params = _params(cfg)
+    for point, fn, msg in [  # (JAX would drop an out-of-range write silently)
+            ("h_0.attn.z", inspect.ablate_heads(7),
+             r"ablate_heads\(7\): indices must be in 0\.\.1"),
+            ("h_1.mlp.act", inspect.ablate_neurons([3, 128]),
+             r"ablate_neurons\(\[3, 128\]\): indices must be in 0\.\.127")]:
+        with pytest.raises(ValueError, match=msg) as e:
+            inspect.forward_with_capture(cfg, params, TOKENS, (), {point: fn})
+        assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"'h_9\.mlp\.act' matches no point.*available: wte, "
                                          r"wpe, h_\{0\.\.1\}\.\{resid_pre, attn\.probs") as e:
         inspect.forward_with_capture(cfg, params, TOKENS, ["h_*.mlp.act", "h_9.mlp.act"])
@@ -276,6 +316,11 @@ def test_errors_are_one_line():
         inspect.forward_with_capture(_cfg(attn_pdrop=0.1), params, TOKENS, (),
                                      {"h_0.attn.probs": lambda p: p}, deterministic=False,
                                      rngs={"dropout": jax.random.key(0)})
+    assert "\n" not in str(e.value)
+    paged = PagedCache(init_pages(cfg, 4, 4), PagedView(*(jnp.zeros((2, 1), jnp.int32),) * 4))
+    with pytest.raises(ValueError, match="'h_0.attn.probs': a paged cache attends page") as e:
+        inspect.forward_with_capture(cfg, params, TOKENS[:, :1], "h_0.attn.probs", cache=paged,
+                                     positions_BxT=jnp.zeros((2, 1), jnp.int32))
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"interventions\['wte'\] is int; give a function"):
         inspect.forward_with_capture(cfg, params, TOKENS, (), {"wte": 0})

@@ -112,6 +112,28 @@ def test_step_stats_equal_norms_of_jax_grad_outside_and_the_step_is_unchanged(ca
     assert len(set(layers["grad_norm"].tolist())) == cfg.n_layer  # no layer read twice
 
 
+def test_act_rms_with_completion_weights_does_not_depend_on_accumulation():
+    """Prompt/completion weights scale each microbatch's loss and gradients by its share of the
+    completion tokens; the blocks' output RMS is a plain mean over the batch however they fall."""
+    cfg = GPTConfig(vocab_size=V, n_ctx=T, n_layer=2, n_head=2, n_embd=32, embd_pdrop=0.0,
+                    attn_pdrop=0.0, resid_pdrop=0.0)
+    tx, sched = make_optimizer(base_config().optim, 1000)
+    params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
+    tokens = np.random.default_rng(3).integers(0, V, (4, T + 1)).astype(np.int32)
+    weights = np.zeros((4, T), np.float32)
+    weights[0, 4:] = 1.0  # all completion tokens in the first microbatch of two
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params))
+    got = {accum: jax.device_get(jax.jit(make_train_step(
+        cfg, tx, sched, accum_steps=accum, layer_stats=True))(state, batch, jax.random.key(1))[1])
+        for accum in (1, 2)}
+    np.testing.assert_allclose(got[2]["loss"], got[1]["loss"], rtol=1e-6)
+    np.testing.assert_allclose(got[2]["layers"]["act_rms"], got[1]["layers"]["act_rms"],
+                               rtol=1e-6)
+    np.testing.assert_allclose(got[1]["layers"]["act_rms"],
+                               _block_rms(cfg, params, batch["inputs"]), rtol=1e-5)
+
+
 def _setup(every: int) -> Setup:
     c = base_config()
     c.model = model_config("tiny", vocab_size=V, n_layer=2, n_head=2, n_embd=32, n_ctx=T,

@@ -64,7 +64,8 @@ c.train.batch_size = 4
 c = complete(c, base_config())
 setup = Setup(c, model_config_from(c), 1000)
 with setup.mesh:
-    out["setup_train_step"] = sha(setup.train_step.lower(*topo._abstract_args(setup, 4, 16)).as_text())
+    args = topo._abstract_args(setup, 4, 16)
+    out["setup_train_step"] = sha(setup.train_step.lower(*args).as_text())
 import gptjax
 out["_source"] = gptjax.__file__
 print(json.dumps(out))

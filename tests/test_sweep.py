@@ -101,6 +101,12 @@ def test_sweep_argument_errors():
         sweep._check_models([0, 1], [1e-3, 2e-3, 3e-3])
     with pytest.raises(ValueError, match="learning_rates"):
         sweep._check_models([0], [-1.0])
+    config = _config()
+    config.train.layer_stats_every = 5
+    with pytest.raises(ValueError, match="train.layer_stats_every=5: a sweep's step returns no "
+                                         "per-layer statistics; give 0") as e:
+        sweep.init_sweep(config, model_config_from(config), [0, 1])
+    assert "\n" not in str(e.value)
 
 
 def test_power_law_fit_recovers_known_law_and_matches_scipy():

@@ -45,6 +45,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gptjax.config import ConfigError, GPTConfig
 from gptjax.nn import taps
@@ -195,14 +196,26 @@ def patch(value: Array, positions: Any = None) -> Callable[[Array], Array]:
     return fn
 
 
+def _checked_indices(what: str, idx: Any, size: int) -> Array:
+    """`idx` as an index array, refused in one line when a concrete index is outside 0..size-1
+    (JAX drops out-of-bounds scatter writes: an ablation of head 7 of 2 would change nothing)."""
+    try:
+        concrete = np.asarray(idx)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return jnp.asarray(idx)  # traced indices (vmapped over heads, say): the caller's range
+    if concrete.size and (concrete.min() < 0 or concrete.max() >= size):
+        raise ValueError(f"{what}({idx!r}): indices must be in 0..{size - 1}")
+    return jnp.asarray(idx)
+
+
 def ablate_heads(heads: Any) -> Callable[[Array], Array]:
     """For 'h_{i}.attn.z' ([B, T, H, D]): zero the outputs of `heads` (an index or a list)."""
-    return lambda z: z.at[:, :, jnp.asarray(heads)].set(0)
+    return lambda z: z.at[:, :, _checked_indices("ablate_heads", heads, z.shape[2])].set(0)
 
 
 def ablate_neurons(neurons: Any) -> Callable[[Array], Array]:
     """For 'h_{i}.mlp.act' / 'mlp.pre' ([B, T, F]): zero the `neurons` (last axis)."""
-    return lambda h: h.at[..., jnp.asarray(neurons)].set(0)
+    return lambda h: h.at[..., _checked_indices("ablate_neurons", neurons, h.shape[-1])].set(0)
 
 
 def add(vector: Array, scale: float = 1.0) -> Callable[[Array], Array]:

@@ -212,7 +212,12 @@ def _accumulated(grad_fn: Callable, params: Any, batch: dict, rng: jax.Array,
         l, g = grad_fn(params, inputs, targets, w, r, docs)
         if w is not None:  # the microbatch's share, times accum_steps (divided out below)
             share = jnp.sum(w.astype(jnp.float32)) / total * accum_steps
-            l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
+            if with_aux:  # the loss and gradients only: aux (activation statistics) is uniform
+                (l, aux) = l
+                l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
+                l = (l, aux)
+            else:
+                l, g = jax.tree_util.tree_map(lambda x: x * share, (l, g))
         return jax.tree_util.tree_map(jnp.add, acc, (l, g)), None
 
     zero_loss = jnp.zeros((), jnp.float32)
