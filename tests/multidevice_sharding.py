@@ -256,3 +256,29 @@ def test_captures_on_a_mesh_equal_one_device():
     assert sorted(got) == sorted(ref)
     for name in ref:
         np.testing.assert_allclose(got[name], ref[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+# ================================================================================ per-layer stats
+def _layer_stats(mesh):
+    """The statistics step (train.layer_stats_every) on `mesh`: per-layer statistics, loss."""
+    c = _config(mesh)
+    c.train.layer_stats_every = 1
+    setup = Setup(c, model_config_from(c), 10,
+                  devices=jax.devices()[:1] if mesh == (1, 1, 1) else None)
+    with setup.mesh:
+        state = setup.init_state(jax.random.key(0))
+        _, m = setup.stats_step(state, setup.put_batch(_batch()), jax.random.key(1))
+    return jax.device_get(m["layers"]), float(m["loss"])
+
+
+def test_layer_stats_on_a_mesh_equal_one_device():
+    (ref, ref_loss), (got, loss) = _layer_stats((1, 1, 1)), _layer_stats((1, 2, 4))
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-6)
+    assert sorted(got) == sorted(ref)
+    assert all(len(set(v.tolist())) == 2 and (v > 0).all() for v in ref.values())  # 2 layers
+    for name in ("param_norm", "grad_norm", "act_rms"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, err_msg=name)
+    # Adam's first update is about sign(g) * lr: an entry whose gradient is at rounding level
+    # (the key bias's, analytically zero) may flip with another reduction order (see above).
+    for name in ("update_norm", "update_ratio"):
+        np.testing.assert_allclose(got[name], ref[name], rtol=2e-2, err_msg=name)

@@ -22,7 +22,8 @@ def test_resolve_mesh_shape():
 @pytest.mark.slow
 def test_eight_device_suite():
     """Sharded == one device on meshes (8,1,1), (1,8,1), (2,2,2), (1,2,4); checkpoint resharding;
-    LoRA over an fsdp x tensor-sharded bf16 base; activation capture (gptjax.nn.inspect)."""
+    LoRA over an fsdp x tensor-sharded bf16 base; activation capture (gptjax.nn.inspect); per-layer
+    statistics (train.layer_stats_every)."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
                         str(REPO / "tests" / "multidevice_sharding.py")], cwd=REPO,
                        env=subprocess_env(devices=8), capture_output=True, text=True, timeout=900)

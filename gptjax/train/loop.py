@@ -96,6 +96,7 @@ class Trainer:
         self.halt_mode = tc.nonfinite == "halt"
         self.max_skips = tc.max_consecutive_skips
         self.stats_every = tc.layer_stats_every  # per-layer statistics' steps (0 = none)
+        self.stats_compiled = False  # the statistics step's first call compiles it
         self.n_skipped = carried["skipped_steps"]  # steps whose update was skipped, over the run
         self.last_train_loss = carried["train_loss"]
         self.consecutive = 0  # skipped steps in a row
@@ -221,10 +222,16 @@ class Trainer:
         self.data_wait_s += time.perf_counter() - t  # the step's wait for its data
         self.data_waits += 1
         batch = run.setup.put_batch(self.hooks.corrupt_batch(step, host_batch))
-        train_step = (run.setup.stats_step if layer_stats.due(self.stats_every, step)
-                      else run.setup.train_step)
+        stats = layer_stats.due(self.stats_every, step)
+        train_step = run.setup.stats_step if stats else run.setup.train_step
+        t = time.time()
         state, metrics = train_step(self.hooks.corrupt_state(step, state), batch, run.train_rng,
                                     *self.spikes.args(step))
+        if stats and not self.stats_compiled:  # its compilation is not throughput
+            self.stats_compiled = True
+            self.t_last += time.time() - t
+            if metrics["loss"].is_ready():  # it ran in the dispatch too (see hostmem): not timed
+                self.done_mark += 1
         if self.pending is not None:
             # Step `step` has completed too if dispatch ran it on this thread (see hostmem).
             completed = step + 1 if metrics["loss"].is_ready() else step
